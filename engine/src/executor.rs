@@ -1,0 +1,276 @@
+//! The executor: one thread per stage, bounded crossbeam channels between them (a slow
+//! consumer holds a fast producer back), a shared cancel token that the first failure or
+//! Ctrl-C sets, every thread joined and every error reported, counters per stage.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use longrl_backends::DeviceSpec;
+use longrl_stdlib::metrics::Metrics;
+use longrl_stdlib::stage::StageCounters;
+use longrl_stdlib::{CancelToken, Item, PortSpec, Registry, StageContext, StageError, StageIo};
+use serde_json::Value;
+
+use crate::plan::ValidPlan;
+
+/// How a run is set up.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Relative input paths resolve here.
+    pub base_dir: PathBuf,
+    /// Where outputs go; `None` runs without a run directory (tests, benchmarks).
+    pub run_dir: Option<PathBuf>,
+    pub seed: u64,
+    pub device: DeviceSpec,
+    /// Items each edge's queue holds before its producer waits.
+    pub channel_capacity: usize,
+    pub metrics: Metrics,
+}
+
+impl RunOptions {
+    /// Defaults for running a plan in `base_dir` with no run directory.
+    pub fn in_dir(base_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            base_dir: base_dir.into(),
+            run_dir: None,
+            seed: 0,
+            device: DeviceSpec::cpu(),
+            channel_capacity: 64,
+            metrics: Metrics::discard(),
+        }
+    }
+}
+
+/// How one stage ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageStatus {
+    Ok,
+    Failed,
+    /// Stopped because another stage failed or the run was interrupted.
+    Cancelled,
+}
+
+/// What a stage did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageReport {
+    pub node: usize,
+    pub label: String,
+    pub line: usize,
+    pub status: StageStatus,
+    pub items_in: u64,
+    pub items_out: u64,
+    pub wall_s: f64,
+    /// The stage's own figures (counts, rates, paths).
+    pub summary: serde_json::Map<String, Value>,
+    pub error: Option<String>,
+}
+
+/// The outcome of a whole run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub stages: Vec<StageReport>,
+    pub wall_s: f64,
+    pub interrupted: bool,
+}
+
+impl RunReport {
+    pub fn succeeded(&self) -> bool {
+        !self.interrupted && self.stages.iter().all(|s| s.status == StageStatus::Ok)
+    }
+
+    /// One paragraph naming every failed stage and its error.
+    pub fn failure_message(&self) -> Option<String> {
+        let failed: Vec<&StageReport> = self.stages.iter().filter(|s| s.status == StageStatus::Failed).collect();
+        let cancelled = self.stages.iter().filter(|s| s.status == StageStatus::Cancelled).count();
+        if failed.is_empty() && !self.interrupted {
+            return None;
+        }
+        let mut message = String::new();
+        if self.interrupted {
+            message.push_str("the run was interrupted");
+        }
+        for (i, stage) in failed.iter().enumerate() {
+            if i > 0 || self.interrupted {
+                message.push_str("; ");
+            }
+            message.push_str(&format!(
+                "stage {} (recipe line {}) failed: {}",
+                stage.label,
+                stage.line,
+                stage.error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+        if cancelled > 0 {
+            message.push_str(&format!(" ({cancelled} other stage{} stopped)", if cancelled == 1 { "" } else { "s" }));
+        }
+        Some(message)
+    }
+}
+
+impl fmt::Display for RunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{:<20} {:>9} {:>10} {:>10} {:>9}", "stage", "status", "items in", "items out", "wall s")?;
+        for s in &self.stages {
+            let status = match s.status {
+                StageStatus::Ok => "ok",
+                StageStatus::Failed => "FAILED",
+                StageStatus::Cancelled => "stopped",
+            };
+            writeln!(f, "{:<20} {:>9} {:>10} {:>10} {:>9.2}", s.label, status, s.items_in, s.items_out, s.wall_s)?;
+        }
+        write!(f, "total wall time {:.2} s", self.wall_s)
+    }
+}
+
+/// Why a run did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError {
+    #[error("stage `{0}` is not registered")]
+    UnknownStage(String),
+    #[error("could not start a thread for stage {label}: {source}")]
+    Spawn {
+        label: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs a validated plan to completion. Returns the report of every stage; a failed stage
+/// makes the report unsuccessful (see [`RunReport::failure_message`]).
+pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, cancel: &CancelToken) -> Result<RunReport, ExecuteError> {
+    let started = Instant::now();
+    let capacity = options.channel_capacity.max(1);
+
+    // One channel per connected input port; every edge into the port shares its sender.
+    let mut receivers: BTreeMap<(usize, &'static str), Receiver<Item>> = BTreeMap::new();
+    let mut port_senders: BTreeMap<(usize, &'static str), Sender<Item>> = BTreeMap::new();
+    for edge in &plan.edges {
+        port_senders.entry((edge.to, edge.to_port)).or_insert_with(|| {
+            let (tx, rx) = bounded(capacity);
+            receivers.insert((edge.to, edge.to_port), rx);
+            tx
+        });
+    }
+
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, StageReport)>();
+    let mut handles = Vec::new();
+    for node in &plan.nodes {
+        let factory = registry.get(&node.stage).ok_or_else(|| ExecuteError::UnknownStage(node.stage.clone()))?;
+        let inputs: Vec<(PortSpec, Option<Receiver<Item>>)> =
+            factory.inputs().iter().map(|port| (*port, receivers.remove(&(node.id, port.name)))).collect();
+        let outputs: Vec<(PortSpec, Vec<Sender<Item>>)> = factory
+            .outputs()
+            .iter()
+            .map(|port| {
+                let senders = plan
+                    .edges
+                    .iter()
+                    .filter(|e| e.from == node.id && e.from_port == port.name)
+                    .filter_map(|e| port_senders.get(&(e.to, e.to_port)).cloned())
+                    .collect();
+                (*port, senders)
+            })
+            .collect();
+        let label = node.label();
+        let ctx = StageContext {
+            base_dir: options.base_dir.clone(),
+            run_dir: options.run_dir.clone(),
+            label: format!("{label} ({}:{})", plan.recipe, node.position.line),
+            seed: options.seed,
+            node: node.id,
+            closures: Arc::clone(&plan.closures),
+            device: options.device,
+        };
+        let counters = Arc::new(StageCounters::default());
+        let io = StageIo::new(label.clone(), inputs, outputs, cancel.clone(), Arc::clone(&counters), options.metrics.clone());
+        let factory = Arc::clone(factory);
+        let stage_options = node.options.clone();
+        let done = done_tx.clone();
+        let stage_cancel = cancel.clone();
+        let (node_id, line) = (node.id, node.position.line);
+        let handle = std::thread::Builder::new()
+            .name(label.clone())
+            .spawn(move || {
+                let span = tracing::info_span!("stage", name = %label);
+                let _enter = span.enter();
+                let stage_started = Instant::now();
+                let mut io = io;
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let stage = factory.build(&stage_options, &ctx)?;
+                    stage.run(&mut io)
+                }));
+                let result = match outcome {
+                    Ok(result) => result,
+                    Err(payload) => Err(StageError::Failed(format!("internal error (panic): {}", panic_text(&payload)))),
+                };
+                let (status, error) = match result {
+                    Ok(()) => (StageStatus::Ok, None),
+                    Err(err) if err.is_cancelled() || (stage_cancel.is_cancelled() && is_echo(&err)) => {
+                        (StageStatus::Cancelled, None)
+                    }
+                    Err(err) => {
+                        stage_cancel.cancel();
+                        tracing::error!(error = %err, "stage failed");
+                        (StageStatus::Failed, Some(err.to_string()))
+                    }
+                };
+                let report = StageReport {
+                    node: node_id,
+                    label,
+                    line,
+                    status,
+                    items_in: counters.items_in.load(Ordering::Relaxed),
+                    items_out: counters.items_out.load(Ordering::Relaxed),
+                    wall_s: stage_started.elapsed().as_secs_f64(),
+                    summary: io.into_summary(),
+                    error,
+                };
+                // Dropping `io` (inside into_summary) closed this stage's outputs.
+                let _ = done.send((node_id, report));
+            })
+            .map_err(|source| {
+                cancel.cancel();
+                ExecuteError::Spawn { label: node.label(), source }
+            })?;
+        handles.push(handle);
+    }
+    drop(done_tx);
+    // The executor's own senders would keep channels open: drop them so ends propagate.
+    drop(port_senders);
+
+    let mut reports: BTreeMap<usize, StageReport> = BTreeMap::new();
+    while reports.len() < plan.nodes.len() {
+        match done_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((id, report)) => {
+                reports.insert(id, report);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for handle in handles {
+        let _ = handle.join();
+    }
+    let interrupted = cancel.is_cancelled() && reports.values().all(|r| r.status != StageStatus::Failed);
+    Ok(RunReport { stages: reports.into_values().collect(), wall_s: started.elapsed().as_secs_f64(), interrupted })
+}
+
+/// Errors a stage raises only because its neighbours stopped (a closed input mid-stream).
+fn is_echo(err: &StageError) -> bool {
+    matches!(err, StageError::Failed(msg) if msg.contains("closed before"))
+}
+
+fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}

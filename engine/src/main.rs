@@ -1,0 +1,266 @@
+//! The `longrl` binary: run, check and draw recipes, list stages, benchmark.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use longrl_backends::{BackendKind, DeviceSpec};
+use longrl_engine::executor::RunOptions;
+use longrl_engine::recipe::parse_set;
+use longrl_engine::rundir::RunDir;
+use longrl_engine::{CheckError, Params, check_recipe, execute};
+use longrl_stdlib::{CancelToken, Registry};
+
+/// longrl: teach language models to reason over long documents with reinforcement learning.
+#[derive(Parser, Debug)]
+#[command(name = "longrl", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a recipe: check it, then execute its stages into a new run directory.
+    Run(RunArgs),
+    /// Check a recipe without running it: print the plan, or every problem with its line.
+    Check(RecipeArgs),
+    /// Print a recipe's plan as text, or as Graphviz DOT with --dot.
+    Graph {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Print Graphviz DOT instead of text.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// List the stages a recipe can use, with their ports and options.
+    Stages {
+        /// Show only this stage.
+        name: Option<String>,
+    },
+    /// Measure throughput.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+struct RecipeArgs {
+    /// The recipe file (.rhai).
+    recipe: PathBuf,
+    /// Set a recipe parameter read by `param("key", default)`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// Name of the run directory (default: recipe name and time).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where run directories are created.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Compute backend.
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    backend: BackendKind,
+    /// Device index within the backend.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Seed of every random choice in the run.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Items each edge queues before its producer waits.
+    #[arg(long, default_value_t = 64)]
+    channel_capacity: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Records per second through jsonl -> filter -> write_jsonl, with and without tokenization.
+    Pipeline {
+        /// Records to generate.
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        /// Words per generated document.
+        #[arg(long, default_value_t = 300)]
+        words: usize,
+        /// tokenizer.json used by the tokenizing variant.
+        #[arg(long, default_value = "examples/tokenizers/qwen2.5/tokenizer.json")]
+        tokenizer: PathBuf,
+    },
+}
+
+fn parse_backend(text: &str) -> Result<BackendKind, String> {
+    text.parse().map_err(|e: longrl_backends::BackendError| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,longrl_engine=info,longrl_stdlib=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let registry = Registry::standard();
+    match cli.command {
+        Command::Run(args) => run(args, &registry),
+        Command::Check(args) => {
+            let Some((_, plan)) = checked(&args, &registry)? else { return Ok(ExitCode::FAILURE) };
+            println!("{} is valid: {} stages, {} edges", args.recipe.display(), plan.nodes.len(), plan.edges.len());
+            print!("{}", plan.to_text());
+            print_warnings(&plan);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Graph { recipe, dot } => {
+            let Some((_, plan)) = checked(&recipe, &registry)? else { return Ok(ExitCode::FAILURE) };
+            print!("{}", if dot { plan.to_dot() } else { plan.to_text() });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stages { name } => {
+            print_stages(&registry, name.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Pipeline { records, words, tokenizer }) => {
+            let figures = longrl_engine::bench::pipeline(records, words, &tokenizer).map_err(anyhow::Error::msg)?;
+            println!("pipeline jsonl -> filter -> write_jsonl, {records} records of {words} words");
+            println!("{:<32} {:>10} {:>9} {:>12} {:>9}", "variant", "records", "wall s", "records/s", "MB/s");
+            for f in figures {
+                println!("{:<32} {:>10} {:>9.2} {:>12.0} {:>9.1}", f.variant, f.records, f.wall_s, f.records_per_s, f.mb_per_s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn params(args: &RecipeArgs) -> Result<Params> {
+    let mut params = Params::new();
+    for item in &args.set {
+        let (key, value) = parse_set(item).map_err(anyhow::Error::msg)?;
+        params.insert(key, value);
+    }
+    Ok(params)
+}
+
+/// A valid plan, or `None` after printing every problem.
+fn checked(args: &RecipeArgs, registry: &Registry) -> Result<Option<(String, longrl_engine::ValidPlan)>> {
+    let base_dir = std::env::current_dir().context("cannot read the working directory")?;
+    match check_recipe(&args.recipe, registry, &params(args)?, &base_dir) {
+        Ok(found) => Ok(Some(found)),
+        Err(CheckError::Problems(problems)) => {
+            eprint!("error: {problems}");
+            Ok(None)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+fn print_warnings(plan: &longrl_engine::ValidPlan) {
+    for warning in &plan.warnings {
+        eprintln!("warning: {}:{}:{}: {}", plan.recipe, warning.position.line, warning.position.column, warning.message);
+    }
+}
+
+fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
+    let Some((source, plan)) = checked(&args.recipe, registry)? else { return Ok(ExitCode::FAILURE) };
+    print_warnings(&plan);
+    let device = DeviceSpec::new(args.backend, args.device);
+    longrl_backends::probe(device)?;
+    let run_dir = RunDir::create(&args.runs_dir, args.name.as_deref(), &args.recipe.recipe)?;
+    let info = serde_json::json!({
+        "recipe": args.recipe.recipe.display().to_string(),
+        "params": params(&args.recipe)?,
+        "backend": args.backend.as_str(),
+        "device": device.to_string(),
+        "seed": args.seed,
+        "longrl_version": env!("CARGO_PKG_VERSION"),
+    });
+    run_dir.record_inputs(&source, &plan, info)?;
+    eprintln!("run directory: {}", run_dir.path.display());
+
+    let cancel = CancelToken::new();
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: stopping every stage (press Ctrl-C again to kill)");
+            if cancel.is_cancelled() {
+                std::process::exit(130);
+            }
+            cancel.cancel();
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+    let options = RunOptions {
+        base_dir: std::env::current_dir().context("cannot read the working directory")?,
+        run_dir: Some(run_dir.path.clone()),
+        seed: args.seed,
+        device,
+        channel_capacity: args.channel_capacity,
+        metrics: run_dir.metrics()?,
+    };
+    let report = execute(&plan, registry, &options, &cancel)?;
+    run_dir.record_report(&report)?;
+    eprintln!("{report}");
+    for stage in &report.stages {
+        if !stage.summary.is_empty() {
+            eprintln!("  {}: {}", stage.label, serde_json::Value::Object(stage.summary.clone()));
+        }
+    }
+    match report.failure_message() {
+        None => {
+            eprintln!("done: {}", run_dir.path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(message) => bail!("{message}"),
+    }
+}
+
+fn print_stages(registry: &Registry, only: Option<&str>) -> Result<()> {
+    if let Some(name) = only {
+        if registry.get(name).is_none() {
+            bail!("no stage named `{name}` (stages: {})", registry.names().collect::<Vec<_>>().join(", "));
+        }
+    }
+    for factory in registry.iter().filter(|f| only.is_none_or(|n| n == f.name())) {
+        println!("{} - {}", factory.name(), factory.summary());
+        let ports = |label: &str, list: &[longrl_stdlib::PortSpec]| {
+            for p in list {
+                let need = if label == "input" && !p.required { " (optional)" } else { "" };
+                println!("    {label} {:<12} {:<8} {}{need}", p.name, p.kind.to_string(), p.doc);
+            }
+        };
+        ports("input", factory.inputs());
+        ports("output", factory.outputs());
+        if !factory.positional().is_empty() {
+            println!("    positional: {}", factory.positional().join(", "));
+        }
+        for option in factory.options() {
+            let default = match (&option.default, option.required) {
+                (Some(d), _) => format!(" = {d}"),
+                (None, true) => " (required)".to_string(),
+                (None, false) => String::new(),
+            };
+            println!("    option {:<18} {}{default}", option.name, option.ty);
+            if !option.doc.is_empty() {
+                println!("        {}", option.doc);
+            }
+        }
+        println!();
+    }
+    Ok(())
+}
+

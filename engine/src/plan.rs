@@ -1,0 +1,425 @@
+//! The plan a recipe declares: stage nodes with their options and recipe positions, and the
+//! edges between their ports; validation that reports every problem at once; text and DOT
+//! renderings for `longrl check` and `longrl graph`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use longrl_stdlib::script::ScriptFn;
+use longrl_stdlib::{PortKind, Registry, StageContext};
+use serde_json::Value;
+
+/// A line and column in the recipe (1-based; 0 when unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, serde::Serialize)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Position {
+    pub fn new(line: usize, column: usize) -> Self {
+        Self { line, column }
+    }
+
+    pub fn from_rhai(pos: rhai::Position) -> Self {
+        Self { line: pos.line().unwrap_or(0), column: pos.position().unwrap_or(0) }
+    }
+}
+
+/// A problem with the recipe, where it is.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub position: Position,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(position: Position, message: impl Into<String>) -> Self {
+        Self { position, message: message.into() }
+    }
+}
+
+/// Problems rendered as `recipe.rhai:LINE:COL: message`, one per line.
+#[derive(Debug, Clone)]
+pub struct Problems {
+    pub recipe: String,
+    pub list: Vec<Problem>,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.list.len();
+        writeln!(f, "{} has {count} problem{}:", self.recipe, if count == 1 { "" } else { "s" })?;
+        for problem in &self.list {
+            if problem.position.line == 0 {
+                writeln!(f, "  {}: {}", self.recipe, problem.message)?;
+            } else {
+                writeln!(f, "  {}:{}:{}: {}", self.recipe, problem.position.line, problem.position.column, problem.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// One stage instance in the plan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Node {
+    pub id: usize,
+    /// The stage's registry name.
+    pub stage: String,
+    /// Options as given (handles removed, closures as `{"$closure": n}`).
+    pub options: Value,
+    pub position: Position,
+    /// Set for calls of a name the registry does not know (already reported).
+    #[serde(skip)]
+    pub unknown: bool,
+}
+
+impl Node {
+    /// `filter#2`.
+    pub fn label(&self) -> String {
+        format!("{}#{}", self.stage, self.id)
+    }
+}
+
+/// One end of an edge as declared: a node, and a port when the recipe named one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub node: usize,
+    pub port: Option<String>,
+}
+
+/// An edge as declared; ports not named are chosen by kind at validation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Edge {
+    pub from: Endpoint,
+    pub to: Endpoint,
+    pub position: Position,
+}
+
+/// A plan as the recipe declared it, not yet validated.
+#[derive(Clone)]
+pub struct Plan {
+    /// How to name the recipe in messages (its path).
+    pub recipe: String,
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+    /// Problems found while the script ran (unknown stages, misplaced arguments).
+    pub problems: Vec<Problem>,
+    pub closures: Arc<Vec<ScriptFn>>,
+}
+
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plan").field("nodes", &self.nodes).field("edges", &self.edges).finish_non_exhaustive()
+    }
+}
+
+/// An edge with both ports known.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ResolvedEdge {
+    pub from: usize,
+    pub from_port: &'static str,
+    pub to: usize,
+    pub to_port: &'static str,
+    pub kind: PortKind,
+}
+
+/// A plan that passed validation: every node is a known stage with valid options, every
+/// edge joins ports of one kind, required inputs are connected, and there is no cycle.
+#[derive(Clone)]
+pub struct ValidPlan {
+    pub recipe: String,
+    pub nodes: Vec<Node>,
+    pub edges: Vec<ResolvedEdge>,
+    pub closures: Arc<Vec<ScriptFn>>,
+    /// Things worth saying that do not stop a run (an output nobody reads).
+    pub warnings: Vec<Problem>,
+}
+
+impl fmt::Debug for ValidPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidPlan").field("nodes", &self.nodes).field("edges", &self.edges).finish_non_exhaustive()
+    }
+}
+
+impl Plan {
+    /// Checks everything, returning every problem found, sorted by position.
+    pub fn validate(self, registry: &Registry, ctx: &StageContext) -> Result<ValidPlan, Problems> {
+        let mut problems = self.problems.clone();
+        let mut warnings = Vec::new();
+        let node_ctx = |node: &Node| StageContext {
+            label: node.label(),
+            node: node.id,
+            closures: Arc::clone(&self.closures),
+            ..ctx.clone()
+        };
+
+        for node in self.nodes.iter().filter(|n| !n.unknown) {
+            let Some(factory) = registry.get(&node.stage) else {
+                problems.push(Problem::new(node.position, format!("unknown stage `{}`", node.stage)));
+                continue;
+            };
+            for message in factory.check(&node.options, &node_ctx(node)) {
+                problems.push(Problem::new(node.position, format!("{}: {message}", node.stage)));
+            }
+        }
+
+        let mut resolved = Vec::new();
+        for edge in &self.edges {
+            let (Some(from), Some(to)) = (self.nodes.get(edge.from.node), self.nodes.get(edge.to.node)) else {
+                problems.push(Problem::new(edge.position, "edge refers to a stage that does not exist"));
+                continue;
+            };
+            if from.unknown || to.unknown {
+                continue;
+            }
+            let (Some(from_factory), Some(to_factory)) = (registry.get(&from.stage), registry.get(&to.stage)) else {
+                continue;
+            };
+            match resolve_edge(edge, from, to, from_factory.outputs(), to_factory.inputs()) {
+                Ok(r) => resolved.push(r),
+                Err(message) => problems.push(Problem::new(edge.position, message)),
+            }
+        }
+
+        for node in self.nodes.iter().filter(|n| !n.unknown) {
+            let Some(factory) = registry.get(&node.stage) else { continue };
+            for port in factory.inputs() {
+                let count = resolved.iter().filter(|e| e.to == node.id && e.to_port == port.name).count();
+                if port.required && count == 0 {
+                    problems.push(Problem::new(
+                        node.position,
+                        format!("{}: input `{}` ({}) is not connected", node.stage, port.name, port.kind),
+                    ));
+                }
+                if port.kind == PortKind::Model && count > 1 {
+                    problems.push(Problem::new(
+                        node.position,
+                        format!("{}: input `{}` takes one model but has {count} edges", node.stage, port.name),
+                    ));
+                }
+            }
+            for port in factory.outputs() {
+                let used = resolved.iter().any(|e| e.from == node.id && e.from_port == port.name);
+                if !used && factory.outputs().len() == 1 && port.kind == PortKind::Records {
+                    warnings.push(Problem::new(
+                        node.position,
+                        format!("{}: output `{}` is not used by any stage", node.stage, port.name),
+                    ));
+                }
+            }
+        }
+
+        if let Some(cycle) = find_cycle(self.nodes.len(), &resolved) {
+            let names: Vec<String> = cycle.iter().map(|&id| self.nodes[id].label()).collect();
+            let position = self.nodes[cycle[0]].position;
+            problems.push(Problem::new(position, format!("the plan has a cycle: {} -> {}", names.join(" -> "), names[0])));
+        }
+
+        if problems.is_empty() {
+            Ok(ValidPlan { recipe: self.recipe, nodes: self.nodes, edges: resolved, closures: self.closures, warnings })
+        } else {
+            problems.sort();
+            problems.dedup();
+            Err(Problems { recipe: self.recipe, list: problems })
+        }
+    }
+}
+
+/// Picks the ports of an edge: named ones must exist; unnamed ones are the only port of the
+/// edge's kind on that side.
+fn resolve_edge(
+    edge: &Edge,
+    from: &Node,
+    to: &Node,
+    outputs: &'static [longrl_stdlib::PortSpec],
+    inputs: &'static [longrl_stdlib::PortSpec],
+) -> Result<ResolvedEdge, String> {
+    let find = |ports: &'static [longrl_stdlib::PortSpec], name: &str| ports.iter().find(|p| p.name == name);
+    let names = |ports: &[longrl_stdlib::PortSpec]| ports.iter().map(|p| format!("`{}` ({})", p.name, p.kind)).collect::<Vec<_>>().join(", ");
+    if outputs.is_empty() {
+        return Err(format!("`{}` has no outputs, so it cannot feed `{}`", from.stage, to.stage));
+    }
+    if inputs.is_empty() {
+        return Err(format!("`{}` takes no inputs, but `{}` is connected to it", to.stage, from.stage));
+    }
+    // Named ports first.
+    let named_out = match &edge.from.port {
+        Some(name) => Some(find(outputs, name).ok_or_else(|| {
+            format!("`{}` has no output `{name}` (its outputs: {})", from.stage, names(outputs))
+        })?),
+        None => None,
+    };
+    let named_in = match &edge.to.port {
+        Some(name) => Some(
+            find(inputs, name)
+                .ok_or_else(|| format!("`{}` has no input `{name}` (its inputs: {})", to.stage, names(inputs)))?,
+        ),
+        None => None,
+    };
+    let (out_port, in_port) = match (named_out, named_in) {
+        (Some(o), Some(i)) => (o, i),
+        (Some(o), None) => (o, pick(inputs, o.kind).map_err(|n| no_port(to, "input", o.kind, n, inputs))?),
+        (None, Some(i)) => (pick(outputs, i.kind).map_err(|n| wrong_kind(from, to, i, n, outputs))?, i),
+        (None, None) => {
+            let o = if outputs.len() == 1 {
+                &outputs[0]
+            } else {
+                let kinds: Vec<PortKind> = inputs.iter().map(|p| p.kind).collect();
+                let candidates: Vec<_> = outputs.iter().filter(|p| kinds.contains(&p.kind)).collect();
+                match candidates.as_slice() {
+                    [one] => *one,
+                    _ => return Err(format!("`{}` has several outputs ({}); pick one with .output(\"name\")", from.stage, names(outputs))),
+                }
+            };
+            (o, pick(inputs, o.kind).map_err(|n| no_port(to, "input", o.kind, n, inputs))?)
+        }
+    };
+    if out_port.kind != in_port.kind {
+        return Err(format!(
+            "wrong kind of edge: `{}` output `{}` carries {}, but `{}` input `{}` takes {}",
+            from.stage, out_port.name, out_port.kind, to.stage, in_port.name, in_port.kind
+        ));
+    }
+    Ok(ResolvedEdge { from: from.id, from_port: out_port.name, to: to.id, to_port: in_port.name, kind: out_port.kind })
+}
+
+/// The only port of `kind`; `Err(count)` when there are none or several.
+fn pick(ports: &'static [longrl_stdlib::PortSpec], kind: PortKind) -> Result<&'static longrl_stdlib::PortSpec, usize> {
+    let matching: Vec<_> = ports.iter().filter(|p| p.kind == kind).collect();
+    match matching.as_slice() {
+        [one] => Ok(one),
+        other => Err(other.len()),
+    }
+}
+
+fn no_port(node: &Node, side: &str, kind: PortKind, count: usize, ports: &[longrl_stdlib::PortSpec]) -> String {
+    let listed = ports.iter().map(|p| format!("`{}` ({})", p.name, p.kind)).collect::<Vec<_>>().join(", ");
+    if count == 0 {
+        format!("wrong kind of edge: `{}` has no {side} that takes {kind} (its {side}s: {listed})", node.stage)
+    } else {
+        format!("`{}` has several {side}s that take {kind}; name one (its {side}s: {listed})", node.stage)
+    }
+}
+
+fn wrong_kind(from: &Node, to: &Node, input: &longrl_stdlib::PortSpec, count: usize, outputs: &[longrl_stdlib::PortSpec]) -> String {
+    let listed = outputs.iter().map(|p| format!("{}", p.kind)).collect::<Vec<_>>().join(", ");
+    if count == 0 {
+        format!(
+            "wrong kind of edge: `{}` input `{}` takes {}, but `{}` produces {listed}",
+            to.stage, input.name, input.kind, from.stage
+        )
+    } else {
+        format!("`{}` has several outputs of kind {}; pick one with .output(\"name\")", from.stage, input.kind)
+    }
+}
+
+/// A cycle among the edges, as node ids in order, if there is one.
+fn find_cycle(node_count: usize, edges: &[ResolvedEdge]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    let mut successors: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for edge in edges {
+        successors.entry(edge.from).or_default().push(edge.to);
+    }
+    let mut marks = vec![Mark::New; node_count];
+    let mut path = Vec::new();
+    fn visit(
+        node: usize,
+        successors: &BTreeMap<usize, Vec<usize>>,
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        marks[node] = Mark::Active;
+        path.push(node);
+        for &next in successors.get(&node).map(Vec::as_slice).unwrap_or(&[]) {
+            match marks[next] {
+                Mark::Active => {
+                    let start = path.iter().position(|&n| n == next).unwrap_or(0);
+                    return Some(path[start..].to_vec());
+                }
+                Mark::New => {
+                    if let Some(cycle) = visit(next, successors, marks, path) {
+                        return Some(cycle);
+                    }
+                }
+                Mark::Done => {}
+            }
+        }
+        path.pop();
+        marks[node] = Mark::Done;
+        None
+    }
+    for node in 0..node_count {
+        if marks[node] == Mark::New {
+            if let Some(cycle) = visit(node, &successors, &mut marks, &mut path) {
+                return Some(cycle);
+            }
+        }
+    }
+    None
+}
+
+impl ValidPlan {
+    /// The plan as indented text: each stage with its options and where its inputs come from.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let options = match &node.options {
+                Value::Object(map) if map.is_empty() => String::new(),
+                other => format!(" {other}"),
+            };
+            out.push_str(&format!(
+                "{:<16} line {:>3}  {}{}\n",
+                node.label(),
+                node.position.line,
+                node.stage,
+                options
+            ));
+            for edge in self.edges.iter().filter(|e| e.to == node.id) {
+                out.push_str(&format!(
+                    "    {} <- {}.{} ({})\n",
+                    edge.to_port,
+                    self.nodes[edge.from].label(),
+                    edge.from_port,
+                    edge.kind
+                ));
+            }
+        }
+        out
+    }
+
+    /// The plan in Graphviz DOT.
+    pub fn to_dot(&self) -> String {
+        let mut out = String::from("digraph plan {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+        for node in &self.nodes {
+            out.push_str(&format!("  n{} [label=\"{}\\nline {}\"];\n", node.id, node.label(), node.position.line));
+        }
+        for edge in &self.edges {
+            let style = match edge.kind {
+                PortKind::Records => "solid",
+                PortKind::Model => "bold",
+                PortKind::Reports => "dashed",
+            };
+            out.push_str(&format!(
+                "  n{} -> n{} [label=\"{}\", style={style}];\n",
+                edge.from, edge.to, edge.kind
+            ));
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// The plan as JSON (saved in the run directory).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({ "recipe": self.recipe, "nodes": self.nodes, "edges": self.edges })
+    }
+}

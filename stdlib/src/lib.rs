@@ -1,0 +1,21 @@
+//! longrl standard library: the stage contract, the standard stages (sources, filter,
+//! sinks, training and evaluation stages) and the model runtime they share.
+
+pub mod error;
+pub mod fsutil;
+pub mod metrics;
+pub mod options;
+pub mod record;
+pub mod registry;
+pub mod script;
+pub mod stage;
+pub mod stages;
+pub mod tokenizer;
+
+pub use error::StageError;
+pub use record::{AnswerKind, ChatMessage, Record};
+pub use registry::Registry;
+pub use stage::{
+    CancelToken, ClosureRef, DifficultyReport, Item, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext,
+    StageFactory, StageIo,
+};

@@ -1,0 +1,60 @@
+//! The stage registry: every stage's name, ports, option docs and factory. It is the single
+//! source of the recipe API and of `longrl stages`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::stage::{ConfigFactory, StageConfig, StageFactory};
+
+/// Stage factories by recipe name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    factories: BTreeMap<&'static str, Arc<dyn StageFactory>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.factories.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry (tests add their own stages).
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// All standard stages. Adding a stage is one line here.
+    pub fn standard() -> Self {
+        let mut registry = Self::empty();
+        registry.add::<crate::stages::jsonl::JsonlConfig>();
+        registry.add::<crate::stages::filter::FilterConfig>();
+        registry.add::<crate::stages::write_jsonl::WriteJsonlConfig>();
+        registry.add::<crate::stages::model::ModelConfig>();
+        registry
+    }
+
+    /// Registers a stage type by its config.
+    pub fn add<C: StageConfig>(&mut self) -> &mut Self {
+        self.add_factory(Arc::new(ConfigFactory::<C>::new()))
+    }
+
+    /// Registers a factory; a later one with the same name replaces the earlier.
+    pub fn add_factory(&mut self, factory: Arc<dyn StageFactory>) -> &mut Self {
+        self.factories.insert(factory.name(), factory);
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn StageFactory>> {
+        self.factories.get(name)
+    }
+
+    /// Factories in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn StageFactory>> {
+        self.factories.values()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.factories.keys().copied()
+    }
+}

@@ -1,0 +1,527 @@
+//! The stage contract: typed ports, the items that flow on edges, the I/O handle a running
+//! stage reads and writes through (with backpressure and cancellation), and the
+//! config -> build -> run lifecycle every stage follows.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::StageError;
+use crate::metrics::Metrics;
+use crate::options::{OptionDoc, describe_options, parse_options};
+use crate::record::Record;
+use crate::script::ScriptFn;
+
+/// What flows on an edge. An edge joins an output port to an input port of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortKind {
+    /// A stream of task records.
+    Records,
+    /// A model handle (a Hugging Face format directory), usually one per run of the stage.
+    Model,
+    /// Difficulty reports (per-task group rewards) from an RL phase.
+    Reports,
+}
+
+impl fmt::Display for PortKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Records => "records",
+            Self::Model => "model",
+            Self::Reports => "reports",
+        })
+    }
+}
+
+/// One input or output of a stage.
+#[derive(Debug, Clone, Copy)]
+pub struct PortSpec {
+    pub name: &'static str,
+    pub kind: PortKind,
+    /// An input that must be connected (outputs ignore this).
+    pub required: bool,
+    pub doc: &'static str,
+}
+
+impl PortSpec {
+    /// A required port.
+    pub const fn required(name: &'static str, kind: PortKind, doc: &'static str) -> Self {
+        Self { name, kind, required: true, doc }
+    }
+
+    /// An optional input port (or any output port).
+    pub const fn optional(name: &'static str, kind: PortKind, doc: &'static str) -> Self {
+        Self { name, kind, required: false, doc }
+    }
+}
+
+/// A trained or loaded model published on a model edge: a directory in Hugging Face format
+/// (config.json, model.safetensors, tokenizer.json).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelRef {
+    pub dir: PathBuf,
+}
+
+/// How hard one task was for the policy: the rewards of its group of rollouts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DifficultyReport {
+    pub record: Record,
+    /// One reward per scored rollout (unscorable ones left out).
+    pub rewards: Vec<f32>,
+    /// Fraction of rollouts judged correct.
+    pub pass_rate: f32,
+}
+
+/// An item on an edge. Its variant always matches the edge's [`PortKind`].
+#[derive(Debug, Clone)]
+pub enum Item {
+    Record(Box<Record>),
+    Model(ModelRef),
+    Report(Box<DifficultyReport>),
+}
+
+impl Item {
+    /// The kind of edge this item travels on.
+    pub fn kind(&self) -> PortKind {
+        match self {
+            Self::Record(_) => PortKind::Records,
+            Self::Model(_) => PortKind::Model,
+            Self::Report(_) => PortKind::Reports,
+        }
+    }
+}
+
+/// Shared stop flag: set by the first failing stage or by Ctrl-C; every blocking call in
+/// [`StageIo`] checks it, so all threads wind down promptly.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// `Err(Cancelled)` once cancelled: call it in long loops that do not touch channels.
+    pub fn check(&self) -> Result<(), StageError> {
+        if self.is_cancelled() { Err(StageError::Cancelled) } else { Ok(()) }
+    }
+}
+
+/// Per-stage counters, readable by the executor while the stage runs.
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    /// Items received on all input ports.
+    pub items_in: AtomicU64,
+    /// Items sent on all output ports (an item fanned out to several edges counts once).
+    pub items_out: AtomicU64,
+}
+
+/// Everything a stage needs to know about where it runs, at check time and at build time.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    /// Relative input paths resolve against this directory (the working directory).
+    pub base_dir: PathBuf,
+    /// The run directory; relative output paths resolve here. `None` while checking.
+    pub run_dir: Option<PathBuf>,
+    /// A readable name for messages: stage name, node id and recipe position.
+    pub label: String,
+    /// The run's seed; stages derive their own streams from it and their node id.
+    pub seed: u64,
+    /// Node id within the plan.
+    pub node: usize,
+    /// Closures captured from the recipe, referenced by options as `{"$closure": n}`.
+    pub closures: Arc<Vec<ScriptFn>>,
+    /// The compute device the run was started with.
+    pub device: longrl_backends::DeviceSpec,
+}
+
+impl StageContext {
+    /// A context for checking a plan, with no run directory.
+    pub fn for_check(base_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            base_dir: base_dir.into(),
+            run_dir: None,
+            label: String::new(),
+            seed: 0,
+            node: 0,
+            closures: Arc::new(Vec::new()),
+            device: longrl_backends::DeviceSpec::default(),
+        }
+    }
+
+    /// An input path: absolute as given, relative to `base_dir` otherwise.
+    pub fn input_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() { path.to_path_buf() } else { self.base_dir.join(path) }
+    }
+
+    /// An output path: absolute as given, relative to the run directory otherwise.
+    pub fn output_path(&self, path: &Path) -> PathBuf {
+        match (&self.run_dir, path.is_absolute()) {
+            (_, true) | (None, _) => path.to_path_buf(),
+            (Some(dir), false) => dir.join(path),
+        }
+    }
+
+    /// A validation problem if `path` (an input) is not an existing file.
+    pub fn require_file(&self, option: &str, path: &Path) -> Option<String> {
+        let full = self.input_path(path);
+        if full.is_file() {
+            None
+        } else if full.exists() {
+            Some(format!("option `{option}`: {} is not a file", full.display()))
+        } else {
+            Some(format!("option `{option}`: input file {} does not exist", full.display()))
+        }
+    }
+
+    /// A validation problem if `path` (an input) is not an existing directory.
+    pub fn require_dir(&self, option: &str, path: &Path) -> Option<String> {
+        let full = self.input_path(path);
+        if full.is_dir() {
+            None
+        } else {
+            Some(format!("option `{option}`: directory {} does not exist", full.display()))
+        }
+    }
+
+    /// The closure an option refers to.
+    pub fn closure(&self, reference: ClosureRef) -> Result<ScriptFn, StageError> {
+        self.closures
+            .get(reference.id)
+            .cloned()
+            .ok_or_else(|| StageError::Invalid(format!("closure #{} is not defined", reference.id)))
+    }
+}
+
+/// An option value holding a recipe closure (`|record| ...`); the recipe host stores the
+/// closure and writes `{"$closure": n}` in the options. Resolved with
+/// [`StageContext::closure`] at build time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClosureRef {
+    #[serde(rename = "$closure")]
+    pub id: usize,
+}
+
+impl schemars::JsonSchema for ClosureRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "closure".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "closure" })
+    }
+}
+
+/// A running stage's view of its edges.
+pub struct StageIo {
+    label: String,
+    inputs: Vec<(PortSpec, Option<Receiver<Item>>)>,
+    outputs: Vec<(PortSpec, Vec<Sender<Item>>)>,
+    cancel: CancelToken,
+    counters: Arc<StageCounters>,
+    metrics: Metrics,
+    summary: serde_json::Map<String, Value>,
+}
+
+/// How long a blocked send or receive waits before it looks at the cancel flag again.
+const POLL: Duration = Duration::from_millis(50);
+
+impl StageIo {
+    /// Wires a stage: one receiver per connected input port, the senders of every edge
+    /// leaving each output port.
+    pub fn new(
+        label: impl Into<String>,
+        inputs: Vec<(PortSpec, Option<Receiver<Item>>)>,
+        outputs: Vec<(PortSpec, Vec<Sender<Item>>)>,
+        cancel: CancelToken,
+        counters: Arc<StageCounters>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            label: label.into(),
+            inputs,
+            outputs,
+            cancel,
+            counters,
+            metrics,
+            summary: serde_json::Map::new(),
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    pub fn counters(&self) -> Arc<StageCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Figures the stage wants in its end-of-run summary (counts, rates, paths).
+    pub fn summary_mut(&mut self) -> &mut serde_json::Map<String, Value> {
+        &mut self.summary
+    }
+
+    pub fn into_summary(self) -> serde_json::Map<String, Value> {
+        self.summary
+    }
+
+    /// Whether an input port has an edge.
+    pub fn input_connected(&self, port: &str) -> bool {
+        self.inputs.iter().any(|(spec, rx)| spec.name == port && rx.is_some())
+    }
+
+    /// Whether an output port has at least one edge.
+    pub fn output_connected(&self, port: &str) -> bool {
+        self.outputs.iter().any(|(spec, txs)| spec.name == port && !txs.is_empty())
+    }
+
+    /// The next item on an input port; `None` once every upstream stage has finished (or
+    /// the port is not connected). Blocks, but returns `Cancelled` promptly on a stop.
+    pub fn recv(&mut self, port: &str) -> Result<Option<Item>, StageError> {
+        self.cancel.check()?;
+        let index = self.input_index(port)?;
+        let Some(rx) = &self.inputs[index].1 else { return Ok(None) };
+        loop {
+            match rx.recv_timeout(POLL) {
+                Ok(item) => {
+                    self.counters.items_in.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Some(item));
+                }
+                Err(RecvTimeoutError::Timeout) => self.cancel.check()?,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.cancel.check()?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// The next record on a records port.
+    pub fn recv_record(&mut self, port: &str) -> Result<Option<Record>, StageError> {
+        match self.recv(port)? {
+            None => Ok(None),
+            Some(Item::Record(record)) => Ok(Some(*record)),
+            Some(other) => Err(self.wrong_item(port, PortKind::Records, &other)),
+        }
+    }
+
+    /// The model published on a model port (waits for it).
+    pub fn recv_model(&mut self, port: &str) -> Result<ModelRef, StageError> {
+        match self.recv(port)? {
+            Some(Item::Model(model)) => Ok(model),
+            Some(other) => Err(self.wrong_item(port, PortKind::Model, &other)),
+            None => Err(StageError::Failed(format!(
+                "{}: input `{port}` closed before a model arrived (did the upstream stage fail?)",
+                self.label
+            ))),
+        }
+    }
+
+    /// The next report on a reports port.
+    pub fn recv_report(&mut self, port: &str) -> Result<Option<DifficultyReport>, StageError> {
+        match self.recv(port)? {
+            None => Ok(None),
+            Some(Item::Report(report)) => Ok(Some(*report)),
+            Some(other) => Err(self.wrong_item(port, PortKind::Reports, &other)),
+        }
+    }
+
+    /// Sends an item to every edge leaving an output port, waiting while a downstream
+    /// queue is full (backpressure). An edge whose consumer has finished is dropped.
+    pub fn send(&mut self, port: &str, item: Item) -> Result<(), StageError> {
+        self.cancel.check()?;
+        let index = self.output_index(port)?;
+        debug_assert_eq!(item.kind(), self.outputs[index].0.kind, "item kind must match its port");
+        self.counters.items_out.fetch_add(1, Ordering::Relaxed);
+        let senders = &mut self.outputs[index].1;
+        let mut finished = Vec::new();
+        let mut item = Some(item);
+        let count = senders.len();
+        for (i, tx) in senders.iter().enumerate() {
+            // Clone for every edge but the last, which takes the item itself.
+            let mut pending = if i + 1 == count {
+                item.take().ok_or_else(|| StageError::Failed("item already sent".into()))?
+            } else {
+                item.clone().ok_or_else(|| StageError::Failed("item already sent".into()))?
+            };
+            loop {
+                match tx.send_timeout(pending, POLL) {
+                    Ok(()) => break,
+                    Err(SendTimeoutError::Timeout(back)) => {
+                        self.cancel.check()?;
+                        pending = back;
+                    }
+                    Err(SendTimeoutError::Disconnected(_)) => {
+                        self.cancel.check()?;
+                        finished.push(i);
+                        break;
+                    }
+                }
+            }
+        }
+        for i in finished.into_iter().rev() {
+            senders.remove(i);
+        }
+        Ok(())
+    }
+
+    pub fn send_record(&mut self, port: &str, record: Record) -> Result<(), StageError> {
+        self.send(port, Item::Record(Box::new(record)))
+    }
+
+    pub fn send_model(&mut self, port: &str, model: ModelRef) -> Result<(), StageError> {
+        self.send(port, Item::Model(model))
+    }
+
+    pub fn send_report(&mut self, port: &str, report: DifficultyReport) -> Result<(), StageError> {
+        self.send(port, Item::Report(Box::new(report)))
+    }
+
+    /// Closes an output port early, so its consumers see the end of the stream.
+    pub fn close_output(&mut self, port: &str) -> Result<(), StageError> {
+        let index = self.output_index(port)?;
+        self.outputs[index].1.clear();
+        Ok(())
+    }
+
+    fn input_index(&self, port: &str) -> Result<usize, StageError> {
+        self.inputs.iter().position(|(spec, _)| spec.name == port).ok_or_else(|| {
+            StageError::Failed(format!("{}: no input port named `{port}`", self.label))
+        })
+    }
+
+    fn output_index(&self, port: &str) -> Result<usize, StageError> {
+        self.outputs.iter().position(|(spec, _)| spec.name == port).ok_or_else(|| {
+            StageError::Failed(format!("{}: no output port named `{port}`", self.label))
+        })
+    }
+
+    fn wrong_item(&self, port: &str, expected: PortKind, got: &Item) -> StageError {
+        StageError::Failed(format!(
+            "{}: input `{port}` expected {expected} but received {}",
+            self.label,
+            got.kind()
+        ))
+    }
+}
+
+/// A built stage, ready to run on its own thread.
+pub trait Stage: Send {
+    /// Runs to completion: reads inputs until they close, writes outputs, returns when done.
+    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError>;
+}
+
+/// A stage's options: deserialized from the recipe's option map (unknown fields denied),
+/// documented by their `///` comments (which `longrl stages` prints), validated, then built.
+pub trait StageConfig: DeserializeOwned + schemars::JsonSchema + Send + 'static {
+    /// The recipe function name, e.g. `jsonl`.
+    const NAME: &'static str;
+    /// One line for `longrl stages`.
+    const SUMMARY: &'static str;
+    const INPUTS: &'static [PortSpec] = &[];
+    const OUTPUTS: &'static [PortSpec] = &[];
+    /// Option names that plain positional values (strings, numbers) bind to, in order:
+    /// `jsonl("data.jsonl")` binds `path`.
+    const POSITIONAL: &'static [&'static str] = &[];
+
+    /// Problems the type system cannot see: missing files, inconsistent values.
+    fn validate(&self, _ctx: &StageContext) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Turns the options into a runnable stage (loading what it needs).
+    fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError>;
+}
+
+/// The object-safe face of a stage type, held by the registry.
+pub trait StageFactory: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn summary(&self) -> &'static str;
+    fn inputs(&self) -> &'static [PortSpec];
+    fn outputs(&self) -> &'static [PortSpec];
+    fn positional(&self) -> &'static [&'static str];
+    /// Every option with its type, default and documentation.
+    fn options(&self) -> Vec<OptionDoc>;
+    /// Every problem with these options (parse errors first, then semantic checks).
+    fn check(&self, options: &Value, ctx: &StageContext) -> Vec<String>;
+    fn build(&self, options: &Value, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError>;
+}
+
+/// The [`StageFactory`] of any [`StageConfig`].
+pub struct ConfigFactory<C>(PhantomData<fn() -> C>);
+
+impl<C> ConfigFactory<C> {
+    pub fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<C> Default for ConfigFactory<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C: StageConfig> StageFactory for ConfigFactory<C> {
+    fn name(&self) -> &'static str {
+        C::NAME
+    }
+
+    fn summary(&self) -> &'static str {
+        C::SUMMARY
+    }
+
+    fn inputs(&self) -> &'static [PortSpec] {
+        C::INPUTS
+    }
+
+    fn outputs(&self) -> &'static [PortSpec] {
+        C::OUTPUTS
+    }
+
+    fn positional(&self) -> &'static [&'static str] {
+        C::POSITIONAL
+    }
+
+    fn options(&self) -> Vec<OptionDoc> {
+        describe_options::<C>()
+    }
+
+    fn check(&self, options: &Value, ctx: &StageContext) -> Vec<String> {
+        match parse_options::<C>(options) {
+            Ok(config) => config.validate(ctx),
+            Err(problems) => problems,
+        }
+    }
+
+    fn build(&self, options: &Value, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
+        let config = parse_options::<C>(options)
+            .map_err(|problems| StageError::Invalid(problems.join("; ")))?;
+        config.build(ctx)
+    }
+}

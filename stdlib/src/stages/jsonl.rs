@@ -1,0 +1,432 @@
+//! `jsonl` source: reads a JSON Lines file into task records, with ready-made field
+//! mappings for longrl, LongBench and verl-style files; a bad line names file and line.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::StageError;
+use crate::record::{AnswerKind, ChatMessage, Record};
+use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+
+/// Which layout the file's objects have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JsonlFormat {
+    /// longrl's own record fields: id, context, question, answers, kind, data_source, prompt, metadata.
+    #[default]
+    Longrl,
+    /// LongBench: `_id`, `context`, `input` (the question), `answers`, `dataset`.
+    Longbench,
+    /// verl RL data: `prompt` (chat list), `reward_model.ground_truth`, `data_source`, `extra_info`.
+    Verl,
+}
+
+/// A record field that a mapping can point at a JSON key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordField {
+    Id,
+    Context,
+    Question,
+    Answers,
+    Kind,
+    DataSource,
+    Prompt,
+}
+
+/// What to do with a line that cannot be read as a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop the run with an error naming file and line.
+    #[default]
+    Fail,
+    /// Skip the line; skipped lines are counted, warned about and listed in the summary.
+    Skip,
+}
+
+/// Options of the `jsonl` source.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// The JSON Lines file to read (relative to the working directory).
+    pub path: PathBuf,
+    /// Layout of each line's object: `longrl`, `longbench` or `verl`.
+    #[serde(default)]
+    pub format: JsonlFormat,
+    /// Overrides where record fields come from: `#{ question: "query", answers: "gold.aliases" }`
+    /// (dotted paths reach into nested objects). A field named here must be present.
+    #[serde(default)]
+    pub fields: BTreeMap<RecordField, String>,
+    /// Answer kind for records whose data does not say (otherwise inferred from data_source).
+    #[serde(default)]
+    pub kind: Option<AnswerKind>,
+    /// data_source for records whose data does not say (default: the file name without extension).
+    #[serde(default)]
+    pub data_source: Option<String>,
+    /// What a bad line does: `fail` stops the run, `skip` counts and reports it.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Read at most this many records.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl StageConfig for JsonlConfig {
+    const NAME: &'static str = "jsonl";
+    const SUMMARY: &'static str = "Reads task records from a JSON Lines file (longrl, LongBench or verl layout).";
+    const OUTPUTS: &'static [PortSpec] = &[PortSpec::optional("records", PortKind::Records, "the records read")];
+    const POSITIONAL: &'static [&'static str] = &["path"];
+
+    fn validate(&self, ctx: &StageContext) -> Vec<String> {
+        ctx.require_file("path", &self.path).into_iter().collect()
+    }
+
+    fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
+        let path = ctx.input_path(&self.path);
+        let default_source = self
+            .data_source
+            .clone()
+            .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let mapping = Mapping::new(self.format, &self.fields);
+        Ok(Box::new(JsonlSource { path, mapping, default_kind: self.kind, default_source, on_error: self.on_error, limit: self.limit }))
+    }
+}
+
+/// Where each record field is read from, and whether it must be there.
+#[derive(Debug, Clone)]
+struct Mapping {
+    format: JsonlFormat,
+    paths: BTreeMap<RecordField, (String, bool)>,
+}
+
+impl Mapping {
+    fn new(format: JsonlFormat, overrides: &BTreeMap<RecordField, String>) -> Self {
+        use RecordField::*;
+        let defaults: &[(RecordField, &str, bool)] = match format {
+            JsonlFormat::Longrl => &[
+                (Id, "id", false),
+                (Context, "context", false),
+                (Question, "question", true),
+                (Answers, "answers", false),
+                (Kind, "kind", false),
+                (DataSource, "data_source", false),
+                (Prompt, "prompt", false),
+            ],
+            JsonlFormat::Longbench => &[
+                (Id, "_id", false),
+                (Context, "context", true),
+                (Question, "input", true),
+                (Answers, "answers", false),
+                (DataSource, "dataset", false),
+            ],
+            JsonlFormat::Verl => &[
+                (Id, "extra_info.index", false),
+                (Question, "extra_info.question", false),
+                (Answers, "reward_model.ground_truth", false),
+                (DataSource, "data_source", false),
+                (Prompt, "prompt", true),
+            ],
+        };
+        let mut paths: BTreeMap<RecordField, (String, bool)> =
+            defaults.iter().map(|(field, path, required)| (*field, ((*path).to_string(), *required))).collect();
+        for (field, path) in overrides {
+            paths.insert(*field, (path.clone(), true));
+        }
+        Self { format, paths }
+    }
+
+    /// The value at a field's path; `Ok(None)` when absent and optional.
+    fn get<'a>(&self, object: &'a Value, field: RecordField) -> Result<Option<&'a Value>, String> {
+        let Some((path, required)) = self.paths.get(&field) else { return Ok(None) };
+        let mut value = object;
+        for key in path.split('.') {
+            match value.get(key) {
+                Some(inner) => value = inner,
+                None if *required => return Err(format!("missing field `{path}`")),
+                None => return Ok(None),
+            }
+        }
+        if value.is_null() && !*required { Ok(None) } else { Ok(Some(value)) }
+    }
+
+    fn path(&self, field: RecordField) -> &str {
+        self.paths.get(&field).map_or("?", |(p, _)| p.as_str())
+    }
+
+    /// Builds a record from one parsed line.
+    fn record(&self, object: &Value, line: usize, stem: &str) -> Result<Record, String> {
+        use RecordField::*;
+        if !object.is_object() {
+            return Err(format!("expected a JSON object, found {}", crate::options::json_type(object)));
+        }
+        let text = |field: RecordField| -> Result<Option<String>, String> {
+            match self.get(object, field)? {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(format!(
+                    "field `{}` must be a string, found {}",
+                    self.path(field),
+                    crate::options::json_type(other)
+                )),
+            }
+        };
+        let id = match self.get(object, Id)? {
+            None => format!("{stem}:{line}"),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(other) => {
+                return Err(format!(
+                    "field `{}` must be a string or integer, found {}",
+                    self.path(Id),
+                    crate::options::json_type(other)
+                ));
+            }
+        };
+        let answers = match self.get(object, Answers)? {
+            None => Vec::new(),
+            Some(value) => answer_list(value).map_err(|e| format!("field `{}`: {e}", self.path(Answers)))?,
+        };
+        let prompt = match self.get(object, Prompt)? {
+            None => None,
+            Some(value) => Some(
+                serde_json::from_value::<Vec<ChatMessage>>(value.clone()).map_err(|e| {
+                    format!("field `{}` must be a list of {{role, content}} turns: {e}", self.path(Prompt))
+                })?,
+            ),
+        };
+        let mut question = text(Question)?.unwrap_or_default();
+        if question.is_empty() && self.format == JsonlFormat::Verl {
+            // verl records keep the question inside the prompt: the last user turn.
+            question = prompt
+                .as_ref()
+                .and_then(|turns| turns.iter().rev().find(|t| t.role == "user"))
+                .map(|t| t.content.clone())
+                .unwrap_or_default();
+        }
+        let kind = match text(Kind)? {
+            None => None,
+            Some(name) => Some(AnswerKind::parse(&name).ok_or_else(|| {
+                format!("field `{}`: unknown answer kind `{name}` (use text, number or choice)", self.path(Kind))
+            })?),
+        };
+        let mut record = Record::new(id, question);
+        record.context = text(Context)?.unwrap_or_default();
+        record.answers = answers;
+        record.data_source = text(DataSource)?.unwrap_or_default();
+        record.prompt = prompt;
+        if let Some(kind) = kind {
+            record.kind = kind;
+        }
+        if let Some(Value::Object(meta)) = object.get("metadata") {
+            record.metadata = meta.clone();
+        }
+        if let Some(Value::Object(extra)) = object.get("extra_info").filter(|_| self.format == JsonlFormat::Verl) {
+            record.metadata.insert("extra_info".into(), Value::Object(extra.clone()));
+        }
+        Ok(record)
+    }
+}
+
+/// Gold answers: a string, a number, or a list of those.
+fn answer_list(value: &Value) -> Result<Vec<String>, String> {
+    let one = |v: &Value| match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        other => Err(format!("answers must be strings or numbers, found {}", crate::options::json_type(other))),
+    };
+    match value {
+        Value::Array(items) => items.iter().map(one).collect(),
+        other => Ok(vec![one(other)?]),
+    }
+}
+
+/// Guesses the answer kind from a data_source name, as QwenLong-L1's reward routing does.
+pub fn infer_kind(data_source: &str) -> AnswerKind {
+    let source = data_source.to_ascii_lowercase();
+    if source.contains("docmath") || source.contains("math") || source.contains("numeric") {
+        AnswerKind::Number
+    } else if source.contains("choice") || source.contains("mcq") {
+        AnswerKind::Choice
+    } else {
+        AnswerKind::Text
+    }
+}
+
+struct JsonlSource {
+    path: PathBuf,
+    mapping: Mapping,
+    default_kind: Option<AnswerKind>,
+    default_source: String,
+    on_error: OnError,
+    limit: Option<usize>,
+}
+
+impl JsonlSource {
+    fn parse_line(&self, bytes: &[u8], line: usize) -> Result<Record, String> {
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1))?;
+        let object: Value = serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+        let mut record = self.mapping.record(&object, line, &self.default_source)?;
+        if record.data_source.is_empty() {
+            record.data_source = self.default_source.clone();
+        }
+        let has_kind = self.mapping.get(&object, RecordField::Kind).ok().flatten().is_some();
+        if !has_kind {
+            record.kind = self.default_kind.unwrap_or_else(|| infer_kind(&record.data_source));
+        }
+        Ok(record)
+    }
+}
+
+impl Stage for JsonlSource {
+    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
+        let file = File::open(&self.path).map_err(|e| StageError::io(&self.path, e))?;
+        let mut reader = BufReader::new(file);
+        let mut buffer = Vec::new();
+        let (mut line, mut emitted, mut skipped) = (0usize, 0usize, Vec::<Value>::new());
+        loop {
+            if self.limit.is_some_and(|limit| emitted >= limit) {
+                break;
+            }
+            buffer.clear();
+            let read = reader.read_until(b'\n', &mut buffer).map_err(|e| StageError::io(&self.path, e))?;
+            if read == 0 {
+                break;
+            }
+            line += 1;
+            let bytes = trim_line(&buffer);
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match self.parse_line(bytes, line) {
+                Ok(record) => {
+                    io.send_record("records", record)?;
+                    emitted += 1;
+                }
+                Err(message) => match self.on_error {
+                    OnError::Fail => return Err(StageError::BadRecord { path: self.path.clone(), line, message }),
+                    OnError::Skip => {
+                        tracing::warn!(file = %self.path.display(), line, error = %message, "skipped a bad line");
+                        skipped.push(serde_json::json!({ "line": line, "error": message }));
+                    }
+                },
+            }
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(file = %self.path.display(), count = skipped.len(), "bad lines were skipped");
+        }
+        let summary = io.summary_mut();
+        summary.insert("file".into(), self.path.display().to_string().into());
+        summary.insert("records".into(), emitted.into());
+        summary.insert("skipped_lines".into(), skipped.len().into());
+        if !skipped.is_empty() {
+            summary.insert("skipped".into(), Value::Array(skipped.into_iter().take(20).collect()));
+        }
+        Ok(())
+    }
+}
+
+/// A line without its `\n` / `\r\n` ending.
+fn trim_line(bytes: &[u8]) -> &[u8] {
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    bytes.strip_suffix(b"\r").unwrap_or(bytes)
+}
+
+/// Reads every record of a file (used by tools and tests; stages stream instead).
+pub fn read_all(path: &Path, format: JsonlFormat) -> Result<Vec<Record>, StageError> {
+    let source = JsonlSource {
+        path: path.to_path_buf(),
+        mapping: Mapping::new(format, &BTreeMap::new()),
+        default_kind: None,
+        default_source: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        on_error: OnError::Fail,
+        limit: None,
+    };
+    let text = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
+    let mut records = Vec::new();
+    for (index, line) in text.split(|b| *b == b'\n').enumerate() {
+        let line_bytes = trim_line(line);
+        if line_bytes.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let record = source
+            .parse_line(line_bytes, index + 1)
+            .map_err(|message| StageError::BadRecord { path: path.to_path_buf(), line: index + 1, message })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn source(format: JsonlFormat) -> JsonlSource {
+        JsonlSource {
+            path: "t.jsonl".into(),
+            mapping: Mapping::new(format, &BTreeMap::new()),
+            default_kind: None,
+            default_source: "t".into(),
+            on_error: OnError::Fail,
+            limit: None,
+        }
+    }
+
+    #[test]
+    fn longbench_records_map_their_fields() {
+        let line = json!({"_id": "a1", "input": "Who?", "context": "Doc.", "answers": ["Ann", "Anne"], "dataset": "hotpotqa", "length": 3});
+        let record = source(JsonlFormat::Longbench).parse_line(line.to_string().as_bytes(), 1).expect("valid");
+        assert_eq!(record.id, "a1");
+        assert_eq!(record.question, "Who?");
+        assert_eq!(record.context, "Doc.");
+        assert_eq!(record.answers, ["Ann", "Anne"]);
+        assert_eq!(record.data_source, "hotpotqa");
+        assert_eq!(record.kind, AnswerKind::Text);
+    }
+
+    #[test]
+    fn verl_records_take_the_prompt_and_ground_truth() {
+        let line = json!({
+            "data_source": "docmath",
+            "prompt": [{"role": "user", "content": "<text>..</text> What is x?"}],
+            "reward_model": {"ground_truth": 12.5, "style": "rule"},
+            "extra_info": {"index": 7}
+        });
+        let record = source(JsonlFormat::Verl).parse_line(line.to_string().as_bytes(), 4).expect("valid");
+        assert_eq!(record.id, "7");
+        assert_eq!(record.answers, ["12.5"]);
+        assert_eq!(record.kind, AnswerKind::Number);
+        assert_eq!(record.question, "<text>..</text> What is x?");
+        assert_eq!(record.prompt.as_ref().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        let s = source(JsonlFormat::Longrl);
+        let cases: [(&[u8], &str); 5] = [
+            (b"{\"question\": ", "malformed JSON"),
+            (b"{\"id\": \"x\"}", "missing field `question`"),
+            (b"{\"question\": 3}", "field `question` must be a string, found an integer"),
+            (b"{\"question\": \"q\", \"kind\": \"essay\"}", "unknown answer kind `essay`"),
+            (b"{\"question\": \"\xff\"}", "invalid UTF-8"),
+        ];
+        for (line, expected) in cases {
+            let err = s.parse_line(line, 9).expect_err("line is bad");
+            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+        }
+    }
+
+    #[test]
+    fn missing_ids_fall_back_to_file_and_line() {
+        let record = source(JsonlFormat::Longrl).parse_line(br#"{"question": "q", "answers": "a"}"#, 12).expect("valid");
+        assert_eq!(record.id, "t:12");
+        assert_eq!(record.answers, ["a"]);
+    }
+}

@@ -1,0 +1,96 @@
+//! The `longrl` binary end to end: check, run, graph, stages, exit codes and messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn longrl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_longrl"))
+        .args(args)
+        .current_dir(workspace())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("longrl runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn check_prints_the_quickstart_plan() {
+    let out = longrl(&["check", "scripts/quickstart.rhai"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("jsonl#0") && stdout.contains("filter#1") && stdout.contains("write_jsonl#2"), "{stdout}");
+}
+
+#[test]
+fn check_lists_every_problem_of_a_broken_recipe_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = dir.path().join("broken.rhai");
+    std::fs::write(&recipe, "let t = jsonl(\"nope.jsonl\");\nt.filtre(#{});\nt.filter(#{ dedupe: true });\n").expect("write");
+    let out = longrl(&["check", recipe.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("has 3 problems"), "{stderr}");
+    assert!(stderr.contains("broken.rhai:1:9: jsonl: option `path`"), "{stderr}");
+    assert!(stderr.contains("broken.rhai:2:3: unknown stage `filtre`"), "{stderr}");
+    assert!(stderr.contains("broken.rhai:3:3: filter: unknown option `dedupe` (did you mean `dedup`?)"), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+}
+
+#[test]
+fn run_writes_a_run_directory_and_never_reuses_one() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    let runs_dir = runs.path().to_str().expect("utf-8 path");
+    let out = longrl(&["run", "scripts/quickstart.rhai", "--runs-dir", runs_dir, "--name", "qs", "--set", "budget=1500"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = runs.path().join("qs");
+    for file in ["recipe.rhai", "plan.json", "run.json", "report.json", "tasks.jsonl", "stages/filter-1.json"] {
+        assert!(run.join(file).is_file(), "missing {file}");
+    }
+    let kept = std::fs::read_to_string(run.join("tasks.jsonl")).expect("output").lines().count();
+    assert!(kept > 100 && kept < 300, "kept {kept}");
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).expect("run.json")).expect("json");
+    assert_eq!(info["params"]["budget"], 1500);
+
+    let again = longrl(&["run", "scripts/quickstart.rhai", "--runs-dir", runs_dir, "--name", "qs"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
+}
+
+#[test]
+fn a_backend_that_was_not_compiled_in_is_a_clear_error() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    let out = longrl(&["run", "scripts/quickstart.rhai", "--runs-dir", runs.path().to_str().expect("path"), "--backend", "cuda"]);
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("backend `cuda` was not compiled into this binary") && stderr.contains("--features cuda"), "{stderr}");
+}
+
+#[test]
+fn stages_lists_options_with_their_docs() {
+    let out = longrl(&["stages", "filter"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("option max_input_tokens"), "{stdout}");
+    assert!(stdout.contains("Drop records whose input (document + question) has more tokens than this."), "{stdout}");
+    assert!(stdout.contains("input input        records"), "{stdout}");
+    let out = longrl(&["stages", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn graph_prints_dot() {
+    let out = longrl(&["graph", "scripts/quickstart.rhai", "--dot"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("digraph plan {") && stdout.contains("n1 -> n2"), "{stdout}");
+}
