@@ -4,6 +4,7 @@
 pub mod error;
 pub mod fsutil;
 pub mod metrics;
+pub mod model;
 pub mod options;
 pub mod record;
 pub mod registry;

@@ -1,0 +1,320 @@
+//! Grouped-query self-attention with a KV cache that may hold a prefix shared by every row
+//! (a group's common prompt, computed and stored once), and a chunked online-softmax path
+//! whose memory grows linearly with the input instead of materializing [heads, seq, seq].
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor};
+
+/// Score given to masked keys. Finite (not -inf) so that a row with every key masked (a
+/// padding row) stays finite instead of spreading NaN through later layers.
+const MASKED: f32 = -1.0e30;
+
+/// When and how attention is computed in chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionOptions {
+    /// Use the chunked path when queries x keys exceeds this (per head).
+    pub chunk_threshold: usize,
+    /// Query rows per chunk.
+    pub query_chunk: usize,
+    /// Keys per block.
+    pub key_chunk: usize,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        Self { chunk_threshold: 2048 * 2048, query_chunk: 512, key_chunk: 1024 }
+    }
+}
+
+impl AttentionOptions {
+    /// Always chunked, with the given sizes (tests compare it with the plain path).
+    pub fn always_chunked(query_chunk: usize, key_chunk: usize) -> Self {
+        Self { chunk_threshold: 0, query_chunk, key_chunk }
+    }
+
+    /// Never chunked.
+    pub fn never_chunked() -> Self {
+        Self { chunk_threshold: usize::MAX, ..Self::default() }
+    }
+}
+
+/// Keys and values one layer has seen: an optional prefix shared by all rows and each
+/// row's own keys (already rotated).
+#[derive(Debug, Clone)]
+pub struct LayerKv<B: Backend> {
+    /// `[1, kv_heads, prefix, head_dim]` keys and values every row attends to in full.
+    pub shared: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// `[batch, kv_heads, len, head_dim]` keys and values of each row.
+    pub own: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+}
+
+impl<B: Backend> Default for LayerKv<B> {
+    fn default() -> Self {
+        Self { shared: None, own: None }
+    }
+}
+
+impl<B: Backend> LayerKv<B> {
+    /// Length of each row's own keys.
+    pub fn own_len(&self) -> usize {
+        self.own.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Length of the shared prefix.
+    pub fn shared_len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+}
+
+/// The attention block of a decoder layer.
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> SelfAttention<B> {
+    /// Attends the new tokens to the cache and to each other (causally), then stores their
+    /// keys and values in the cache when `append` is set.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`; cos, sin: `[batch, 1, seq, head_dim]`
+    /// - key_padding: `[batch, own_len + seq]`, true where a key is padding
+    /// - returns `[batch, seq, hidden]`
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        cache: &mut LayerKv<B>,
+        key_padding: Option<Tensor<B, 2, Bool>>,
+        options: AttentionOptions,
+        append: bool,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2); // [b, h, s, hd]
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
+        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
+        let q = crate::model::rope::Rope::apply(q, cos.clone(), sin.clone());
+        let k = crate::model::rope::Rope::apply(k, cos, sin);
+
+        let past = cache.own_len();
+        let (own_k, own_v) = match &cache.own {
+            Some((pk, pv)) => (Tensor::cat(vec![pk.clone(), k], 2), Tensor::cat(vec![pv.clone(), v], 2)),
+            None => (k, v),
+        };
+        let shared = cache.shared.clone();
+        let out = attend(q, shared, own_k.clone(), own_v.clone(), past, key_padding, options); // [b, h, s, hd]
+        if append {
+            cache.own = Some((own_k, own_v));
+        }
+        let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// Scaled dot-product attention of new queries over a shared prefix and each row's own keys.
+/// Query i (of `seq`) sees own keys `0..=past + i` and the whole prefix.
+///
+/// # Shapes
+/// - q: `[batch, heads, seq, head_dim]` (rotated)
+/// - shared: `[1, kv_heads, prefix, head_dim]` keys and values
+/// - own_k, own_v: `[batch, kv_heads, past + seq, head_dim]`
+/// - key_padding: `[batch, past + seq]`, true = masked
+/// - returns `[batch, heads, seq, head_dim]`
+pub fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    shared: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    own_k: Tensor<B, 4>,
+    own_v: Tensor<B, 4>,
+    past: usize,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+    options: AttentionOptions,
+) -> Tensor<B, 4> {
+    let [b, h, s, hd] = q.dims();
+    let kvh = own_k.dims()[1];
+    let t = own_k.dims()[2];
+    let prefix = shared.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+    let rep = h / kvh;
+    // Heads that share a kv head sit next to each other: fold them into the row dimension.
+    let qg = q.mul_scalar(1.0 / (hd as f64).sqrt()).reshape([b, kvh, rep * s, hd]); // [b, kvh, rep*s, hd]
+    let out = if s * (prefix + t) > options.chunk_threshold {
+        attend_chunked(qg, shared, own_k, own_v, past, key_padding, rep, options)
+    } else {
+        attend_plain(qg, shared, own_k, own_v, past, key_padding, rep)
+    };
+    out.reshape([b, h, s, hd])
+}
+
+/// Query rows `[b, kvh, rows, hd]` against a batch-1 prefix, as one product per kv head
+/// (the prefix is read once for all rows of all samples).
+///
+/// # Shapes
+/// - qg: `[b, kvh, rows, hd]`; keys: `[1, kvh, p, hd]`; returns `[b, kvh, rows, p]`
+fn scores_shared<B: Backend>(qg: Tensor<B, 4>, keys: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, kvh, rows, hd] = qg.dims();
+    let p = keys.dims()[2];
+    let folded = qg.swap_dims(0, 1).reshape([1, kvh, b * rows, hd]); // [1, kvh, b*rows, hd]
+    folded.matmul(keys.transpose()).reshape([kvh, b, rows, p]).swap_dims(0, 1) // [b, kvh, rows, p]
+}
+
+/// Weights `[b, kvh, rows, p]` times a batch-1 prefix's values `[1, kvh, p, hd]`.
+fn weighted_shared<B: Backend>(weights: Tensor<B, 4>, values: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, kvh, rows, p] = weights.dims();
+    let hd = values.dims()[3];
+    let folded = weights.swap_dims(0, 1).reshape([1, kvh, b * rows, p]);
+    folded.matmul(values).reshape([kvh, b, rows, hd]).swap_dims(0, 1) // [b, kvh, rows, hd]
+}
+
+/// Masks own-key scores: causal (query i sees keys up to `past + q_start + i`) and padding.
+///
+/// # Shapes
+/// - scores: `[b, kvh, rep*rows, keys]` for query rows `q_start..q_start+rows` and own
+///   keys `k_start..k_start+keys`; key_padding: `[b, all own keys]`
+fn mask_own<B: Backend>(
+    scores: Tensor<B, 4>,
+    rep: usize,
+    past: usize,
+    q_start: usize,
+    k_start: usize,
+    key_padding: Option<&Tensor<B, 2, Bool>>,
+) -> Tensor<B, 4> {
+    let [b, kvh, rows_all, keys] = scores.dims();
+    let rows = rows_all / rep;
+    let device = scores.device();
+    let offset = (past + q_start) as i64 - k_start as i64;
+    // True where key column > row + offset: a future key.
+    let mut mask = Tensor::<B, 2, Bool>::tril_mask([rows, keys], offset, &device).reshape([1, 1, rows, keys]);
+    if let Some(padding) = key_padding {
+        let [pb, pk] = padding.dims();
+        let block = padding.clone().slice([0..pb, k_start..(k_start + keys).min(pk)]).reshape([pb, 1, 1, keys]);
+        mask = mask.expand([b, 1, rows, keys]).bool_or(block.expand([b, 1, rows, keys]));
+    }
+    let mask = mask.unsqueeze_dim::<5>(2).expand([b, kvh, rep, rows, keys]); // [b, kvh, rep, rows, keys]
+    scores.reshape([b, kvh, rep, rows, keys]).mask_fill(mask, MASKED).reshape([b, kvh, rows_all, keys])
+}
+
+fn attend_plain<B: Backend>(
+    qg: Tensor<B, 4>,
+    shared: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    own_k: Tensor<B, 4>,
+    own_v: Tensor<B, 4>,
+    past: usize,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+    rep: usize,
+) -> Tensor<B, 4> {
+    let t = own_k.dims()[2];
+    let own_scores = mask_own(qg.clone().matmul(own_k.transpose()), rep, past, 0, 0, key_padding.as_ref()); // [b, kvh, rows, t]
+    match shared {
+        None => softmax(own_scores, 3).matmul(own_v),
+        Some((sk, sv)) => {
+            let p = sk.dims()[2];
+            let shared_scores = scores_shared(qg, sk); // [b, kvh, rows, p]
+            let weights = softmax(Tensor::cat(vec![shared_scores, own_scores], 3), 3); // [b, kvh, rows, p+t]
+            let [b, kvh, rows, _] = weights.dims();
+            let w_shared = weights.clone().slice([0..b, 0..kvh, 0..rows, 0..p]);
+            let w_own = weights.slice([0..b, 0..kvh, 0..rows, p..p + t]);
+            weighted_shared(w_shared, sv) + w_own.matmul(own_v)
+        }
+    }
+}
+
+/// Online-softmax attention over key blocks, one query chunk at a time: memory per step is
+/// `query_chunk x key_chunk` scores, never `seq x seq`. Key blocks wholly in a query chunk's
+/// future are skipped.
+#[allow(clippy::too_many_arguments)]
+fn attend_chunked<B: Backend>(
+    qg: Tensor<B, 4>,
+    shared: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    own_k: Tensor<B, 4>,
+    own_v: Tensor<B, 4>,
+    past: usize,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+    rep: usize,
+    options: AttentionOptions,
+) -> Tensor<B, 4> {
+    let [b, kvh, rows_all, hd] = qg.dims();
+    let s = rows_all / rep;
+    let t = own_k.dims()[2];
+    let device = qg.device();
+    let qc_size = options.query_chunk.max(1);
+    let kc_size = options.key_chunk.max(1);
+    let q5 = qg.reshape([b, kvh, rep, s, hd]);
+    let mut outputs = Vec::new();
+    let mut q_start = 0;
+    while q_start < s {
+        let q_end = (q_start + qc_size).min(s);
+        let rows = q_end - q_start;
+        let qc = q5.clone().slice([0..b, 0..kvh, 0..rep, q_start..q_end, 0..hd]).reshape([b, kvh, rep * rows, hd]);
+        let mut state = OnlineSoftmax::new(b, kvh, rep * rows, hd, &device);
+        if let Some((sk, sv)) = &shared {
+            let p = sk.dims()[2];
+            let mut k_start = 0;
+            while k_start < p {
+                let k_end = (k_start + kc_size).min(p);
+                let kb = sk.clone().slice([0..1, 0..kvh, k_start..k_end, 0..hd]);
+                let vb = sv.clone().slice([0..1, 0..kvh, k_start..k_end, 0..hd]);
+                let scores = scores_shared(qc.clone(), kb);
+                state.update(scores, |w| weighted_shared(w, vb));
+                k_start = k_end;
+            }
+        }
+        // Own keys after `past + q_end - 1` are in every row's future.
+        let visible = (past + q_end).min(t);
+        let mut k_start = 0;
+        while k_start < visible {
+            let k_end = (k_start + kc_size).min(visible);
+            let kb = own_k.clone().slice([0..b, 0..kvh, k_start..k_end, 0..hd]);
+            let vb = own_v.clone().slice([0..b, 0..kvh, k_start..k_end, 0..hd]);
+            let scores = mask_own(qc.clone().matmul(kb.transpose()), rep, past, q_start, k_start, key_padding.as_ref());
+            state.update(scores, |w| w.matmul(vb));
+            k_start = k_end;
+        }
+        outputs.push(state.finish().reshape([b, kvh, rep, rows, hd]));
+        q_start = q_end;
+    }
+    Tensor::cat(outputs, 3).reshape([b, kvh, rows_all, hd])
+}
+
+/// Running max, normalizer and weighted sum of one query chunk's online softmax.
+struct OnlineSoftmax<B: Backend> {
+    max: Tensor<B, 4>,   // [b, kvh, rows, 1]
+    norm: Tensor<B, 4>,  // [b, kvh, rows, 1]
+    acc: Tensor<B, 4>,   // [b, kvh, rows, hd]
+}
+
+impl<B: Backend> OnlineSoftmax<B> {
+    fn new(b: usize, kvh: usize, rows: usize, hd: usize, device: &B::Device) -> Self {
+        Self {
+            max: Tensor::full([b, kvh, rows, 1], MASKED, device),
+            norm: Tensor::zeros([b, kvh, rows, 1], device),
+            acc: Tensor::zeros([b, kvh, rows, hd], device),
+        }
+    }
+
+    /// Folds in one block of scores `[b, kvh, rows, keys]`; `weigh` multiplies weights by
+    /// the block's values.
+    fn update(&mut self, scores: Tensor<B, 4>, weigh: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 4>) {
+        let block_max = scores.clone().max_dim(3);
+        let new_max = self.max.clone().max_pair(block_max);
+        let correction = (self.max.clone() - new_max.clone()).exp();
+        let weights = (scores - new_max.clone()).exp(); // [b, kvh, rows, keys]
+        self.norm = self.norm.clone() * correction.clone() + weights.clone().sum_dim(3);
+        self.acc = self.acc.clone() * correction + weigh(weights);
+        self.max = new_max;
+    }
+
+    fn finish(self) -> Tensor<B, 4> {
+        self.acc / self.norm
+    }
+}

@@ -1,0 +1,315 @@
+//! Model configuration: the Hugging Face `config.json` of a Qwen2 or Llama family model,
+//! read with serde under its own field names, checked for values longrl does not implement.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::ModelError;
+
+/// Which decoder architecture a config describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Qwen2, Qwen2.5, DeepSeek-R1-Distill-Qwen: q/k/v projections with bias.
+    Qwen2,
+    /// Llama 2/3, SmolLM2: no projection bias unless `attention_bias`.
+    Llama,
+}
+
+impl Architecture {
+    /// The `architectures` entry transformers expects.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Llama => "LlamaForCausalLM",
+        }
+    }
+}
+
+/// How rotary position frequencies are scaled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: f32 },
+}
+
+/// A token id field that may be one id or a list of ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// The fields of `config.json` that shape the model. Other fields are kept in `extra` and
+/// written back unchanged on save.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub model_type: String,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Older configs put the RoPE base here; newer ones in `rope_parameters`.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub pad_token_id: Option<TokenIds>,
+    /// Every other field, kept so a saved config.json loses nothing.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+fn default_max_pos() -> usize {
+    32_768
+}
+
+impl ModelConfig {
+    /// Reads and checks `config.json`.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+        config.check().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
+        Ok(config)
+    }
+
+    /// Which architecture this is; an unsupported `model_type` is an error.
+    pub fn architecture(&self) -> Result<Architecture, String> {
+        match self.model_type.as_str() {
+            "qwen2" => Ok(Architecture::Qwen2),
+            "llama" => Ok(Architecture::Llama),
+            other => Err(format!("model_type `{other}` is not supported (longrl runs qwen2 and llama models)")),
+        }
+    }
+
+    /// Rejects values the implementation would silently get wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let arch = self.architecture()?;
+        match arch {
+            Architecture::Qwen2 => crate::model::qwen2::check_config(self)?,
+            Architecture::Llama => crate::model::llama::check_config(self)?,
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act `{}` is not supported (only silu)", self.hidden_act));
+        }
+        if self.num_attention_heads == 0 || self.num_hidden_layers == 0 || self.hidden_size == 0 {
+            return Err("num_attention_heads, num_hidden_layers and hidden_size must be positive".into());
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim()));
+        }
+        if self.mlp_bias == Some(true) {
+            return Err("mlp_bias = true is not supported".into());
+        }
+        self.rope()?;
+        Ok(())
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v projections carry a bias.
+    pub fn qkv_bias(&self) -> bool {
+        match self.architecture() {
+            Ok(Architecture::Qwen2) => true,
+            _ => self.attention_bias.unwrap_or(false),
+        }
+    }
+
+    /// Whether o_proj carries a bias (Llama's `attention_bias` covers it; Qwen2 never).
+    pub fn o_bias(&self) -> bool {
+        matches!(self.architecture(), Ok(Architecture::Llama)) && self.attention_bias.unwrap_or(false)
+    }
+
+    /// The RoPE base and scaling, from `rope_parameters` (transformers 5) or
+    /// `rope_theta` + `rope_scaling` (earlier).
+    pub fn rope(&self) -> Result<(f64, RopeScaling), String> {
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|v| !v.is_null());
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0);
+        let Some(params) = params else { return Ok((theta, RopeScaling::None)) };
+        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let number = |key: &str| -> Result<f32, String> {
+            params.get(key).and_then(Value::as_f64).map(|v| v as f32).ok_or_else(|| format!("rope scaling `{kind}` needs `{key}`"))
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: number("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_position_embeddings: number("original_max_position_embeddings")?,
+            },
+            other => return Err(format!("rope scaling type `{other}` is not implemented (supported: default, linear, llama3)")),
+        };
+        Ok((theta, scaling))
+    }
+
+    /// End-of-sequence ids from the config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+
+    /// Number of parameters the config implies.
+    pub fn num_params(&self) -> usize {
+        let (d, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (h, kv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
+        let attn = d * h * hd + 2 * d * kv * hd + h * hd * d + if self.qkv_bias() { h * hd + 2 * kv * hd } else { 0 };
+        let layer = attn + 3 * d * i + 2 * d;
+        let head = if self.tie_word_embeddings { 0 } else { v * d };
+        v * d + self.num_hidden_layers * layer + d + head
+    }
+
+    /// A small config of the given architecture (for the embedded default and tests).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tiny(arch: Architecture, vocab_size: usize, hidden: usize, layers: usize, heads: usize, kv_heads: usize, intermediate: usize) -> Self {
+        Self {
+            model_type: match arch {
+                Architecture::Qwen2 => "qwen2".into(),
+                Architecture::Llama => "llama".into(),
+            },
+            architectures: vec![arch.hf_class().into()],
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(kv_heads),
+            head_dim: None,
+            rms_norm_eps: 1e-6,
+            rope_theta: Some(10_000.0),
+            rope_scaling: None,
+            rope_parameters: None,
+            tie_word_embeddings: true,
+            attention_bias: None,
+            mlp_bias: None,
+            hidden_act: "silu".into(),
+            max_position_embeddings: 131_072,
+            use_sliding_window: Some(false),
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: Value) -> ModelConfig {
+        serde_json::from_value(json).expect("config parses")
+    }
+
+    fn base() -> Value {
+        serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1
+        })
+    }
+
+    #[test]
+    fn rope_parameters_of_both_generations_are_read() {
+        let mut old = base();
+        old["rope_theta"] = 500000.0.into();
+        assert_eq!(parse(old).rope(), Ok((500000.0, RopeScaling::None)));
+        let mut new = base();
+        new["rope_parameters"] = serde_json::json!({"rope_theta": 1e6, "rope_type": "default"});
+        assert_eq!(parse(new).rope(), Ok((1e6, RopeScaling::None)));
+    }
+
+    #[test]
+    fn unsupported_values_are_errors_not_ignored() {
+        let mut yarn = base();
+        yarn["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
+        assert!(parse(yarn).check().expect_err("yarn").contains("`yarn` is not implemented"));
+        let mut gelu = base();
+        gelu["hidden_act"] = "gelu".into();
+        assert!(parse(gelu).check().expect_err("gelu").contains("hidden_act"));
+        let mut mistral = base();
+        mistral["model_type"] = "mistral".into();
+        assert!(parse(mistral).check().expect_err("mistral").contains("not supported"));
+        let mut odd = base();
+        odd["num_key_value_heads"] = 3.into();
+        assert!(parse(odd).check().expect_err("gqa").contains("multiple"));
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip() {
+        let mut json = base();
+        json["transformers_version"] = "5.24.0".into();
+        let config = parse(json);
+        let back = serde_json::to_value(&config).expect("serializes");
+        assert_eq!(back["transformers_version"], "5.24.0");
+    }
+}

@@ -1,0 +1,334 @@
+//! The decoder-only transformer shared by the Qwen2 and Llama families: token embedding,
+//! pre-norm decoder layers (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP), final
+//! norm and a tied or untied LM head. Parameters are named and shaped as in Hugging Face
+//! checkpoints (Linear weights are stored transposed, `[in, out]`, as Burn computes `x W`).
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::model::ModelError;
+use crate::model::attention::{AttentionOptions, LayerKv, SelfAttention};
+use crate::model::config::ModelConfig;
+use crate::model::rope::Rope;
+
+/// Where parameter values come from when a model is built: a checkpoint or an initializer.
+pub trait WeightSource {
+    /// The tensor named `name` (Hugging Face name and layout), which must have `shape`.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone())); // [b, s, inter]
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: SelfAttention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// Keys and values of every layer (see [`LayerKv`]).
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<LayerKv<B>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(layers: usize) -> Self {
+        Self { layers: (0..layers).map(|_| LayerKv::default()).collect() }
+    }
+
+    /// Length of each row's own keys (same in every layer).
+    pub fn own_len(&self) -> usize {
+        self.layers.first().map_or(0, LayerKv::own_len)
+    }
+
+    pub fn shared_len(&self) -> usize {
+        self.layers.first().map_or(0, LayerKv::shared_len)
+    }
+
+    /// Turns a batch-1 cache (a prompt just prefilled) into a prefix shared by any number of
+    /// rows: the next forward may have any batch size and every row attends to it.
+    pub fn into_shared(self) -> Result<Self, ModelError> {
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|layer| {
+                if layer.shared.is_some() {
+                    return Err(ModelError::Invalid("the cache already has a shared prefix".into()));
+                }
+                match layer.own {
+                    Some((k, v)) if k.dims()[0] == 1 => Ok(LayerKv { shared: Some((k, v)), own: None }),
+                    Some(_) => Err(ModelError::Invalid("only a batch-1 cache can become a shared prefix".into())),
+                    None => Ok(LayerKv::default()),
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Keeps only the given rows of each row's own keys (finished rows dropped).
+    pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.own.take() {
+                layer.own = Some((k.select(0, rows.clone()), v.select(0, rows.clone())));
+            }
+        }
+    }
+}
+
+/// A causal language model of the Qwen2 / Llama family.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    pub rope: Rope,
+    #[module(skip)]
+    pub attention: AttentionOptions,
+}
+
+/// What a forward pass needs besides the tokens.
+#[derive(Debug, Clone)]
+pub struct ForwardArgs<B: Backend> {
+    /// Absolute positions of the new tokens, `[batch, seq]`.
+    pub positions: Tensor<B, 2>,
+    /// `[batch, own_len + seq]`, true where a key is padding (left-padded batches).
+    pub key_padding: Option<Tensor<B, 2, Bool>>,
+    /// Store the new keys and values in the cache.
+    pub append: bool,
+}
+
+impl<B: Backend> ForwardArgs<B> {
+    /// Positions `start..start+seq` for every row, no padding, cache appended.
+    pub fn contiguous(batch: usize, start: usize, seq: usize, device: &B::Device) -> Self {
+        let values: Vec<f32> = (0..batch).flat_map(|_| (start..start + seq).map(|p| p as f32)).collect();
+        Self {
+            positions: Tensor::from_data(TensorData::new(values, [batch, seq]), device),
+            key_padding: None,
+            append: true,
+        }
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Builds the model of `config`, reading every parameter from `source`.
+    pub fn build(config: &ModelConfig, source: &mut dyn WeightSource, device: &B::Device) -> Result<Self, ModelError> {
+        config.check().map_err(ModelError::Invalid)?;
+        let (d, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let (h, kvh, hd) = (config.num_attention_heads, config.kv_heads(), config.head_dim());
+        let eps = config.rms_norm_eps;
+        let embed = source.tensor("model.embed_tokens.weight", &[vocab, d])?;
+        let embed_tokens = Embedding { weight: Param::from_tensor(tensor2(embed, [vocab, d], device)) };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let self_attn = SelfAttention {
+                q_proj: linear(source, &format!("{p}.self_attn.q_proj"), d, h * hd, config.qkv_bias(), device)?,
+                k_proj: linear(source, &format!("{p}.self_attn.k_proj"), d, kvh * hd, config.qkv_bias(), device)?,
+                v_proj: linear(source, &format!("{p}.self_attn.v_proj"), d, kvh * hd, config.qkv_bias(), device)?,
+                o_proj: linear(source, &format!("{p}.self_attn.o_proj"), h * hd, d, config.o_bias(), device)?,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: hd,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: rms_norm(source, &format!("{p}.input_layernorm"), d, eps, device)?,
+                self_attn,
+                post_attention_layernorm: rms_norm(source, &format!("{p}.post_attention_layernorm"), d, eps, device)?,
+                mlp: Mlp {
+                    gate_proj: linear(source, &format!("{p}.mlp.gate_proj"), d, inter, false, device)?,
+                    up_proj: linear(source, &format!("{p}.mlp.up_proj"), d, inter, false, device)?,
+                    down_proj: linear(source, &format!("{p}.mlp.down_proj"), inter, d, false, device)?,
+                },
+            });
+        }
+        let norm = rms_norm(source, "model.norm", d, eps, device)?;
+        let lm_head =
+            if config.tie_word_embeddings { None } else { Some(linear(source, "lm_head", d, vocab, false, device)?) };
+        let (theta, scaling) = config.rope().map_err(ModelError::Invalid)?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope: Rope::new(hd, theta, scaling), attention: AttentionOptions::default() })
+    }
+
+    /// The same model with other attention chunking.
+    pub fn with_attention(mut self, options: AttentionOptions) -> Self {
+        self.attention = options;
+        self
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[0]
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.weight.device()
+    }
+
+    /// An empty cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Final hidden states of new tokens, attending to the cache (if any) and to each other.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, args: ForwardArgs<B>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        let (cos, sin) = self.rope.tables(args.positions);
+        let mut x = self.embed_tokens.forward(tokens); // [b, s, d]
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let attn = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                cos.clone(),
+                sin.clone(),
+                kv,
+                args.key_padding.clone(),
+                self.attention,
+                args.append,
+            );
+            x = x + attn;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits of hidden states.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let weight = self.embed_tokens.weight.val(); // [vocab, d]
+                hidden.matmul(weight.transpose().unsqueeze::<3>())
+            }
+        }
+    }
+
+    /// Logits of every position of a full sequence without a cache.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]` -> `[batch, seq, vocab]`
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, s] = tokens.dims();
+        let mut cache = self.new_cache();
+        let mut args = ForwardArgs::contiguous(b, 0, s, &tokens.device());
+        args.append = false;
+        let hidden = self.forward_hidden(tokens, args, &mut cache);
+        self.logits(hidden)
+    }
+
+    /// Every parameter under its Hugging Face name and shape, in f32 row-major order.
+    pub fn export(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut out = Vec::new();
+        out.push(named("model.embed_tokens.weight", self.embed_tokens.weight.val()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push(named(&format!("{p}.input_layernorm.weight"), layer.input_layernorm.gamma.val()));
+            let a = &layer.self_attn;
+            for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                export_linear(&mut out, &format!("{p}.self_attn.{name}"), lin);
+            }
+            out.push(named(&format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.gamma.val()));
+            for (name, lin) in [("gate_proj", &layer.mlp.gate_proj), ("up_proj", &layer.mlp.up_proj), ("down_proj", &layer.mlp.down_proj)] {
+                export_linear(&mut out, &format!("{p}.mlp.{name}"), lin);
+            }
+        }
+        out.push(named("model.norm.weight", self.norm.gamma.val()));
+        if let Some(head) = &self.lm_head {
+            export_linear(&mut out, "lm_head", head);
+        }
+        out
+    }
+}
+
+fn named<B: Backend, const D: usize>(name: &str, tensor: Tensor<B, D>) -> (String, Vec<usize>, Vec<f32>) {
+    let shape = tensor.dims().to_vec();
+    let values = tensor.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default();
+    (name.to_string(), shape, values)
+}
+
+/// A Linear's weight back in HF layout `[out, in]`, and its bias.
+fn export_linear<B: Backend>(out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, prefix: &str, linear: &Linear<B>) {
+    let weight = linear.weight.val().transpose(); // [out, in]
+    out.push(named(&format!("{prefix}.weight"), weight));
+    if let Some(bias) = &linear.bias {
+        out.push(named(&format!("{prefix}.bias"), bias.val()));
+    }
+}
+
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`, so parameters are contiguous.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn tensor1<B: Backend>(values: Vec<f32>, len: usize, device: &B::Device) -> Tensor<B, 1> {
+    Tensor::from_data(TensorData::new(values, [len]), device)
+}
+
+/// A Linear from HF `{prefix}.weight` `[out, in]` (and `.bias`), stored as Burn's `[in, out]`.
+fn linear<B: Backend>(
+    source: &mut dyn WeightSource,
+    prefix: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<Linear<B>, ModelError> {
+    let weight = source.tensor(&format!("{prefix}.weight"), &[d_out, d_in])?;
+    let weight = tensor2::<B>(transpose(&weight, d_out, d_in), [d_in, d_out], device); // [in, out]
+    let bias = if bias {
+        Some(Param::from_tensor(tensor1(source.tensor(&format!("{prefix}.bias"), &[d_out])?, d_out, device)))
+    } else {
+        None
+    };
+    Ok(Linear { weight: Param::from_tensor(weight), bias })
+}
+
+fn rms_norm<B: Backend>(
+    source: &mut dyn WeightSource,
+    prefix: &str,
+    d: usize,
+    eps: f64,
+    device: &B::Device,
+) -> Result<RmsNorm<B>, ModelError> {
+    let gamma = source.tensor(&format!("{prefix}.weight"), &[d])?;
+    Ok(RmsNorm { gamma: Param::from_tensor(tensor1(gamma, d, device)), epsilon: eps })
+}

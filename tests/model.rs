@@ -1,0 +1,333 @@
+//! The model runtime against independent references: logits and greedy tokens computed by
+//! transformers for every checkpoint under tests/fixtures/reference/, the KV cache and the
+//! chunked attention against the plain full forward, checkpoint round trips, the tokenizer
+//! against the Python tokenizers library, chat templates against jinja2.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use longrl_backends::{Cpu, CpuTrain};
+use longrl_stdlib::model::attention::AttentionOptions;
+use longrl_stdlib::model::chat::{ChatTemplate, ModelTokenizer};
+use longrl_stdlib::model::checkpoint::{RandomInit, SaveDtype};
+use longrl_stdlib::model::generate::{SamplingConfig, generate_batch, generate_group};
+use longrl_stdlib::model::score::{score_batch, score_group};
+use longrl_stdlib::model::{Architecture, CausalLm, ForwardArgs, ModelConfig, load_model, save_model};
+use longrl_stdlib::record::ChatMessage;
+use longrl_stdlib::tokenizer::Tokenizer;
+use safetensors::SafeTensors;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Every reference directory: config.json + model.safetensors + reference.safetensors.
+fn reference_dirs() -> Vec<PathBuf> {
+    let root = workspace().join("tests/fixtures/reference");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("reference folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|d| ["config.json", "model.safetensors", "reference.safetensors"].iter().all(|f| d.join(f).is_file()))
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 2, "expected the tiny-qwen2 and tiny-llama references");
+    dirs
+}
+
+/// A reference tensor as (shape, values) in f64 (int64 and f32 tensors).
+fn reference_tensor(dir: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference file");
+    let tensors = SafeTensors::deserialize(&bytes).expect("valid reference");
+    let view = tensors.tensor(name).expect("tensor present");
+    let values = match view.dtype() {
+        safetensors::Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect(),
+        safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect(),
+        other => panic!("unexpected dtype {other:?}"),
+    };
+    (view.shape().to_vec(), values)
+}
+
+fn ids_tensor(ids: &[u32], batch: usize, seq: usize) -> Tensor<Cpu, 2, Int> {
+    Tensor::from_data(TensorData::new(ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(), [batch, seq]), &Default::default())
+}
+
+fn to_vec<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().expect("f32 data")
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn logits_and_greedy_tokens_match_transformers() {
+    for dir in reference_dirs() {
+        let (_, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+        let (shape, ids) = reference_tensor(&dir, "input_ids");
+        let (batch, seq) = (shape[0], shape[1]);
+        let ids: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
+        let logits = to_vec(model.forward(ids_tensor(&ids, batch, seq)));
+        let (ref_shape, expected) = reference_tensor(&dir, "logits");
+        assert_eq!(ref_shape, vec![batch, seq, model.vocab_size()]);
+        let expected: Vec<f32> = expected.iter().map(|&v| v as f32).collect();
+        let diff = max_abs_diff(&logits, &expected);
+        println!("{}: max |logit - transformers| = {diff:.2e}", dir.display());
+        assert!(diff < 1e-3, "{}: logits differ by {diff}", dir.display());
+
+        let (greedy_shape, greedy) = reference_tensor(&dir, "greedy");
+        let steps = greedy_shape[1];
+        for row in 0..batch {
+            let prompt = &ids[row * seq..(row + 1) * seq];
+            let out = generate_group(&model, prompt, 1, &SamplingConfig::greedy(steps)).expect("generates");
+            let expected: Vec<u32> = greedy[row * steps..(row + 1) * steps].iter().map(|&v| v as u32).collect();
+            assert_eq!(out[0].tokens, expected, "{} row {row}", dir.display());
+        }
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|r| ids[r * seq..(r + 1) * seq].to_vec()).collect();
+        let batched = generate_batch(&model, &prompts, &SamplingConfig::greedy(steps)).expect("generates");
+        for (row, completion) in batched.iter().enumerate() {
+            let expected: Vec<u32> = greedy[row * steps..(row + 1) * steps].iter().map(|&v| v as u32).collect();
+            assert_eq!(completion.tokens, expected, "{} batched row {row}", dir.display());
+        }
+    }
+}
+
+#[test]
+fn incremental_decoding_with_the_cache_gives_the_full_forward_logits() {
+    for dir in reference_dirs() {
+        let (_, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+        let (shape, ids) = reference_tensor(&dir, "input_ids");
+        let seq = shape[1];
+        let ids: Vec<u32> = ids[..seq].iter().map(|&v| v as u32).collect();
+        let full = to_vec(model.forward(ids_tensor(&ids, 1, seq)));
+        let vocab = model.vocab_size();
+        let device = Default::default();
+        let mut cache = model.new_cache();
+        let half = seq / 2;
+        let hidden = model.forward_hidden(ids_tensor(&ids[..half], 1, half), ForwardArgs::contiguous(1, 0, half, &device), &mut cache);
+        let mut incremental = to_vec(model.logits(hidden));
+        for pos in half..seq {
+            let hidden = model.forward_hidden(ids_tensor(&ids[pos..=pos], 1, 1), ForwardArgs::contiguous(1, pos, 1, &device), &mut cache);
+            incremental.extend(to_vec(model.logits(hidden)));
+        }
+        assert_eq!(incremental.len(), seq * vocab);
+        let diff = max_abs_diff(&incremental, &full);
+        assert!(diff < 1e-4, "{}: cached logits differ by {diff}", dir.display());
+    }
+}
+
+/// A random model of the tiny reference's shape with a long input.
+fn long_input_model() -> (CausalLm<Cpu>, Vec<u32>) {
+    let mut config = ModelConfig::tiny(Architecture::Qwen2, 512, 64, 2, 4, 2, 128);
+    config.rope_theta = Some(10_000.0);
+    let model = CausalLm::<Cpu>::build(&config, &mut RandomInit::new(5, 0.1), &Default::default()).expect("builds");
+    let ids: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % 512).collect();
+    (model, ids)
+}
+
+#[test]
+fn chunked_attention_matches_plain_attention_on_a_long_input() {
+    let (model, ids) = long_input_model();
+    let seq = ids.len();
+    let plain = to_vec(model.clone().with_attention(AttentionOptions::never_chunked()).forward(ids_tensor(&ids, 1, seq)));
+    // Chunks that do not divide the length, so partial blocks and skipped future blocks occur.
+    let chunked = to_vec(model.with_attention(AttentionOptions::always_chunked(96, 128)).forward(ids_tensor(&ids, 1, seq)));
+    let diff = max_abs_diff(&plain, &chunked);
+    assert!(diff < 1e-4, "chunked attention differs by {diff}");
+}
+
+#[test]
+fn a_shared_group_prefix_gives_the_same_logits_as_separate_forwards() {
+    let (model, ids) = long_input_model();
+    let model = model.with_attention(AttentionOptions::always_chunked(64, 100));
+    let prompt = &ids[..300];
+    let responses: Vec<Vec<u32>> = vec![ids[300..310].to_vec(), ids[400..404].to_vec(), ids[500..512].to_vec()];
+    let grouped = score_group(&model, prompt, &responses).expect("scores");
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = responses.iter().map(|r| (prompt.to_vec(), r.clone())).collect();
+    let separate = score_batch(&model.clone().with_attention(AttentionOptions::never_chunked()), &pairs).expect("scores");
+    let diff = max_abs_diff(&to_vec(grouped.logprobs.clone()), &to_vec(separate.logprobs));
+    assert!(diff < 1e-4, "group scoring differs by {diff}");
+    let mask = to_vec(grouped.mask);
+    assert_eq!(mask.iter().filter(|&&m| m > 0.0).count(), 10 + 4 + 12);
+}
+
+#[test]
+fn sampled_log_probs_match_scoring_and_seeds_repeat() {
+    let dir = workspace().join("tests/fixtures/reference/tiny-qwen2");
+    let (_, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+    let prompt: Vec<u32> = (1..30).collect();
+    let config = SamplingConfig { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 12, stop_tokens: vec![2], seed: 42 };
+    let first = generate_group(&model, &prompt, 4, &config).expect("generates");
+    let again = generate_group(&model, &prompt, 4, &config).expect("generates");
+    assert_eq!(first, again, "same seed, same samples");
+    let other = generate_group(&model, &prompt, 4, &SamplingConfig { seed: 43, ..config.clone() }).expect("generates");
+    assert_ne!(first, other, "another seed, other samples");
+    assert!(first.windows(2).any(|w| w[0].tokens != w[1].tokens), "samples of a group differ");
+
+    let responses: Vec<Vec<u32>> = first.iter().map(|c| c.tokens.clone()).collect();
+    let scores = score_group(&model, &prompt, &responses).expect("scores");
+    let scored = to_vec(scores.logprobs);
+    let width = responses.iter().map(Vec::len).max().expect("samples");
+    for (i, completion) in first.iter().enumerate() {
+        for (j, &lp) in completion.logprobs.iter().enumerate() {
+            let s = scored[i * width + j];
+            assert!((lp - s).abs() < 1e-4, "sample {i} token {j}: sampled {lp}, scored {s}");
+        }
+    }
+}
+
+#[test]
+fn group_generation_equals_separate_generation() {
+    let dir = workspace().join("tests/fixtures/reference/tiny-llama");
+    let (_, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+    let prompts: Vec<Vec<u32>> = vec![(3..20).collect(), (40..45).collect(), (100..133).collect()];
+    let config = SamplingConfig { temperature: 0.8, top_k: 50, top_p: 0.95, max_new_tokens: 10, stop_tokens: vec![], seed: 7 };
+    // Left-padded batch vs one prompt at a time (greedy, so streams do not matter).
+    let batched = generate_batch(&model, &prompts, &SamplingConfig::greedy(10)).expect("batch");
+    for (prompt, completion) in prompts.iter().zip(&batched) {
+        let alone = generate_group(&model, prompt, 1, &SamplingConfig::greedy(10)).expect("alone");
+        assert_eq!(alone[0].tokens, completion.tokens);
+    }
+    // Sample i of a group draws from stream i: a group of 3 starts like a group of 1.
+    let three = generate_group(&model, &prompts[0], 3, &config).expect("group");
+    let one = generate_group(&model, &prompts[0], 1, &config).expect("group");
+    assert_eq!(three[0], one[0]);
+}
+
+#[test]
+fn saved_checkpoints_load_back_with_identical_logits_and_bf16_loads() {
+    let dir = workspace().join("tests/fixtures/reference/tiny-llama");
+    let (config, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+    let ids: Vec<u32> = (5..25).collect();
+    let before = to_vec(model.forward(ids_tensor(&ids, 1, ids.len())));
+    let out = tempfile::tempdir().expect("tempdir");
+    save_model(&model, &config, out.path(), SaveDtype::F32).expect("saves");
+    let (config_back, loaded) = load_model::<Cpu>(out.path(), &Default::default()).expect("loads back");
+    assert_eq!(config_back.num_hidden_layers, config.num_hidden_layers);
+    assert_eq!(to_vec(loaded.forward(ids_tensor(&ids, 1, ids.len()))), before, "f32 round trip must be exact");
+    // Same tensor names as the transformers checkpoint.
+    let original = std::fs::read(dir.join("model.safetensors")).expect("read");
+    let saved = std::fs::read(out.path().join("model.safetensors")).expect("read");
+    let mut a: Vec<String> = SafeTensors::deserialize(&original).expect("valid").names().iter().map(|s| s.to_string()).collect();
+    let mut b: Vec<String> = SafeTensors::deserialize(&saved).expect("valid").names().iter().map(|s| s.to_string()).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+
+    let bf16_dir = tempfile::tempdir().expect("tempdir");
+    save_model(&model, &config, bf16_dir.path(), SaveDtype::Bf16).expect("saves bf16");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bf16_dir.path().join("config.json")).expect("config")).expect("json");
+    assert_eq!(json["torch_dtype"], "bfloat16");
+    let (_, bf16) = load_model::<Cpu>(bf16_dir.path(), &Default::default()).expect("bf16 loads");
+    let diff = max_abs_diff(&to_vec(bf16.forward(ids_tensor(&ids, 1, ids.len()))), &before);
+    assert!(diff > 0.0 && diff < 0.05, "bf16 weights change logits a little: {diff}");
+}
+
+#[test]
+fn broken_checkpoints_name_the_file_and_tensor() {
+    let source = workspace().join("tests/fixtures/reference/tiny-qwen2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(source.join("config.json"), dir.path().join("config.json")).expect("copy");
+    let bytes = std::fs::read(source.join("model.safetensors")).expect("read");
+
+    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
+    let err = load_model::<Cpu>(dir.path(), &Default::default()).expect_err("truncated").to_string();
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+
+    // Drop one tensor: rewrite the file without it.
+    let tensors = SafeTensors::deserialize(&bytes).expect("valid");
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        tensors.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
+    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(kept, None).expect("serialize")).expect("write");
+    let err = load_model::<Cpu>(dir.path(), &Default::default()).expect_err("missing").to_string();
+    assert!(err.contains("tensor `model.layers.1.mlp.up_proj.weight` is missing"), "{err}");
+
+    // A config that disagrees with the weights' shapes.
+    std::fs::write(dir.path().join("model.safetensors"), &bytes).expect("write");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).expect("read")).expect("json");
+    config["intermediate_size"] = 100.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).expect("write");
+    let err = load_model::<Cpu>(dir.path(), &Default::default()).expect_err("shape").to_string();
+    assert!(err.contains("has shape [176, 64], expected [100, 64]"), "{err}");
+
+    std::fs::remove_file(dir.path().join("model.safetensors")).expect("remove");
+    let err = load_model::<Cpu>(dir.path(), &Default::default()).expect_err("absent").to_string();
+    assert!(err.contains("holds neither model.safetensors"), "{err}");
+}
+
+#[test]
+fn sharded_checkpoints_load() {
+    let source = workspace().join("tests/fixtures/reference/tiny-qwen2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(source.join("config.json"), dir.path().join("config.json")).expect("copy");
+    let bytes = std::fs::read(source.join("model.safetensors")).expect("read");
+    let tensors = SafeTensors::deserialize(&bytes).expect("valid");
+    let all = tensors.tensors();
+    let (first, second): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| n.contains("layers.0") || n.contains("embed"));
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        for (name, _) in &part {
+            weight_map.insert(name.clone(), file.into());
+        }
+        std::fs::write(dir.path().join(file), safetensors::serialize(part, None).expect("serialize")).expect("write");
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).expect("write");
+    let (_, sharded) = load_model::<Cpu>(dir.path(), &Default::default()).expect("sharded loads");
+    let (_, single) = load_model::<Cpu>(&source, &Default::default()).expect("single loads");
+    let ids: Vec<u32> = (1..10).collect();
+    assert_eq!(to_vec(sharded.forward(ids_tensor(&ids, 1, 9))), to_vec(single.forward(ids_tensor(&ids, 1, 9))));
+}
+
+#[test]
+fn scoring_is_differentiable_on_the_autodiff_backend() {
+    let dir = workspace().join("tests/fixtures/reference/tiny-qwen2");
+    let (_, model) = load_model::<CpuTrain>(&dir, &Default::default()).expect("model loads");
+    let scores = score_group(&model, &[5, 6, 7, 8], &[vec![9, 10, 11], vec![12, 13]]).expect("scores");
+    let loss = scores.logprobs.sum().neg();
+    let grads = loss.backward();
+    let grad = model.embed_tokens.weight.val().grad(&grads).expect("embedding has a gradient");
+    let norm: f32 = grad.square().sum().into_data().convert::<f32>().into_vec::<f32>().expect("f32")[0];
+    assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
+}
+
+#[test]
+fn the_qwen_tokenizer_gives_the_reference_ids() {
+    let tokenizer = Tokenizer::load(&workspace().join("examples/tokenizers/qwen2.5/tokenizer.json")).expect("tokenizer");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(workspace().join("tests/fixtures/reference_ids.json")).expect("read")).expect("json");
+    for case in cases.as_array().expect("list") {
+        let text = case["text"].as_str().expect("text");
+        let expected: Vec<u32> = case["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect();
+        assert_eq!(tokenizer.encode(text).expect("encodes"), expected, "{text:?}");
+        assert_eq!(tokenizer.decode(&expected, false).expect("decodes"), text);
+    }
+    let bundle = ModelTokenizer::load(&workspace().join("examples/tokenizers/qwen2.5")).expect("bundle");
+    assert_eq!(bundle.think_end_id, Some(151668));
+    assert_eq!(bundle.stop_ids, vec![151645], "eos <|im_end|> from tokenizer_config.json");
+    assert_eq!(bundle.pad_id, Some(151643));
+}
+
+#[test]
+fn chat_templates_render_as_jinja2_does() {
+    let root = workspace().join("tests/fixtures/chat-templates");
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).expect("read")).expect("json");
+    let messages: Vec<ChatMessage> = serde_json::from_value(expected["messages"].clone()).expect("messages");
+    let cases = [
+        ("qwen2.5", "Qwen-Qwen2.5-7B-Instruct.jinja", "", "", serde_json::json!({})),
+        ("r1-distill", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", serde_json::json!({"enable_thinking": true})),
+        ("qwen3", "Qwen-Qwen3-0.6B.jinja", "", "", serde_json::json!({})),
+    ];
+    for (name, file, bos, eos, extra) in cases {
+        let template = ChatTemplate::new(&std::fs::read_to_string(root.join(file)).expect("template"), bos, eos).expect("compiles");
+        for generation in [true, false] {
+            let rendered = template.render(&messages, generation, &extra).expect("renders");
+            let want = expected["renders"][format!("{name}/gen={}", if generation { "True" } else { "False" })].as_str().expect("expected");
+            assert_eq!(rendered, want, "{name} add_generation_prompt={generation}");
+        }
+    }
+    // The tokenizer directory's own template (Qwen2.5 / Qwen3 tokenizer_config.json).
+    let bundle = ModelTokenizer::load(&workspace().join("examples/tokenizers/qwen2.5")).expect("bundle");
+    let ids = bundle.encode_chat(&[ChatMessage { role: "user".into(), content: "What is 2+3?".into() }], true, &serde_json::json!({"enable_thinking": true})).expect("encodes");
+    assert_eq!(&ids[..3], &[151644, 872, 198], "<|im_start|>user\\n");
+}
