@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod executor;
+pub mod generate;
 pub mod plan;
 pub mod recipe;
 pub mod rundir;

@@ -42,6 +42,44 @@ enum Command {
     /// Measure throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Try a model: sample a continuation of a prompt (temperature 0 = greedy).
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    prompt: Option<String>,
+    /// The prompt as comma-separated token ids (for models without a tokenizer); prints ids.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// Tokenizer directory or tokenizer.json (default: the model directory).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute backend.
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    backend: BackendKind,
+    /// Device index within the backend.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +117,40 @@ struct RunArgs {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Model throughput: prefill, decode (batch 1 and a group), forward+backward; and with
+    /// --memory, peak memory of prefills of growing length on the tiny preset.
+    Model {
+        /// Shape: tiny, smollm2-135m or qwen2-0.5b.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, default_value_t = 4096)]
+        vocab: usize,
+        #[arg(long, default_value_t = 512)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        group: usize,
+        #[arg(long, default_value_t = 4)]
+        train_batch: usize,
+        #[arg(long, default_value_t = 256)]
+        train_seq: usize,
+        /// Also measure peak memory of prefills at these lengths (each in a fresh process).
+        #[arg(long, value_delimiter = ',')]
+        memory: Vec<usize>,
+        #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+        backend: BackendKind,
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
+    /// (internal) one prefill of --len tokens; prints peak memory.
+    #[command(hide = true)]
+    PrefillMemory {
+        #[arg(long)]
+        len: usize,
+        #[arg(long, default_value_t = 4096)]
+        vocab: usize,
+    },
     /// Records per second through jsonl -> filter -> write_jsonl, with and without tokenization.
     Pipeline {
         /// Records to generate.
@@ -133,6 +205,54 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Stages { name } => {
             print_stages(&registry, name.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(args) => {
+            let request = longrl_engine::generate::GenerateRequest {
+                model: args.model,
+                tokenizer: args.tokenizer,
+                prompt: args.prompt,
+                ids: args.ids,
+                chat: args.chat,
+                sampling: longrl_stdlib::model::generate::SamplingConfig {
+                    temperature: args.temperature,
+                    top_p: args.top_p,
+                    top_k: args.top_k,
+                    max_new_tokens: args.max_new_tokens,
+                    stop_tokens: Vec::new(),
+                    seed: args.seed,
+                },
+            };
+            let text = longrl_backends::dispatch(DeviceSpec::new(args.backend, args.device), request)??;
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Model { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, backend, device }) => {
+            let task = longrl_engine::bench::ModelBench { preset: preset.clone(), vocab, prompt_len, new_tokens, group, train_batch, train_seq };
+            let figures = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+            println!("model bench: preset {preset}, vocab {vocab}, backend {backend}");
+            for f in figures {
+                println!("  {:<52} {:>12.1} {}", f.name, f.value, f.unit);
+            }
+            if !memory.is_empty() {
+                println!("prefill peak memory (tiny preset, fresh process each):");
+                let exe = std::env::current_exe().context("cannot find the longrl executable")?;
+                for len in memory {
+                    let out = std::process::Command::new(&exe)
+                        .args(["bench", "prefill-memory", "--len", &len.to_string(), "--vocab", &vocab.to_string()])
+                        .output()
+                        .context("cannot start the memory probe")?;
+                    if !out.status.success() {
+                        bail!("prefill of {len} tokens failed: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    print!("  {len:>7} tokens: {}", String::from_utf8_lossy(&out.stdout));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::PrefillMemory { len, vocab }) => {
+            let (peak_mib, wall) = longrl_engine::bench::prefill_peak_memory(len, vocab).map_err(anyhow::Error::msg)?;
+            println!("peak RSS {peak_mib:.0} MiB, prefill {wall:.1} s ({:.0} tokens/s)", len as f64 / wall);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Pipeline { records, words, tokenizer }) => {

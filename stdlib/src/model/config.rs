@@ -229,6 +229,30 @@ impl ModelConfig {
         v * d + self.num_hidden_layers * layer + d + head
     }
 
+    /// A named built-in shape: `tiny` (the embedded default, a few million parameters),
+    /// `smollm2-135m` (SmolLM2-135M's shape), `qwen2-0.5b` (Qwen2-0.5B's shape).
+    pub fn preset(name: &str, vocab_size: usize) -> Option<Self> {
+        let config = match name {
+            "tiny" => Self::tiny(Architecture::Qwen2, vocab_size, 256, 4, 4, 2, 768),
+            "smollm2-135m" => {
+                let mut c = Self::tiny(Architecture::Llama, vocab_size, 576, 30, 9, 3, 1536);
+                c.rope_theta = Some(100_000.0);
+                c.rms_norm_eps = 1e-5;
+                c
+            }
+            "qwen2-0.5b" => {
+                let mut c = Self::tiny(Architecture::Qwen2, vocab_size, 896, 24, 14, 2, 4864);
+                c.rope_theta = Some(1_000_000.0);
+                c
+            }
+            _ => return None,
+        };
+        Some(config)
+    }
+
+    /// Names accepted by [`ModelConfig::preset`].
+    pub const PRESETS: [&'static str; 3] = ["tiny", "smollm2-135m", "qwen2-0.5b"];
+
     /// A small config of the given architecture (for the embedded default and tests).
     #[allow(clippy::too_many_arguments)]
     pub fn tiny(arch: Architecture, vocab_size: usize, hidden: usize, layers: usize, heads: usize, kv_heads: usize, intermediate: usize) -> Self {
