@@ -12,10 +12,24 @@ use burn::tensor::{Bool, Tensor};
 /// padding row) stays finite instead of spreading NaN through later layers.
 const MASKED: f32 = -1.0e30;
 
+/// Which attention implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// The backend's fused attention (Burn's `attention` op: a flash kernel on the CPU and
+    /// GPU backends) when the keys are one unpadded segment; otherwise chunked above the
+    /// threshold and plain below it.
+    Auto,
+    /// Our matmul-softmax-matmul, materializing the scores.
+    Plain,
+    /// Our online-softmax over key blocks (linear memory).
+    Chunked,
+}
+
 /// When and how attention is computed in chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionOptions {
-    /// Use the chunked path when queries x keys exceeds this (per head).
+    pub kernel: AttentionKernel,
+    /// With `Auto`, use the chunked path when queries x keys exceeds this (per head).
     pub chunk_threshold: usize,
     /// Query rows per chunk.
     pub query_chunk: usize,
@@ -25,19 +39,19 @@ pub struct AttentionOptions {
 
 impl Default for AttentionOptions {
     fn default() -> Self {
-        Self { chunk_threshold: 2048 * 2048, query_chunk: 512, key_chunk: 1024 }
+        Self { kernel: AttentionKernel::Auto, chunk_threshold: 2048 * 2048, query_chunk: 512, key_chunk: 1024 }
     }
 }
 
 impl AttentionOptions {
-    /// Always chunked, with the given sizes (tests compare it with the plain path).
+    /// Always our chunked path, with the given sizes.
     pub fn always_chunked(query_chunk: usize, key_chunk: usize) -> Self {
-        Self { chunk_threshold: 0, query_chunk, key_chunk }
+        Self { kernel: AttentionKernel::Chunked, chunk_threshold: 0, query_chunk, key_chunk }
     }
 
-    /// Never chunked.
+    /// Always our plain path.
     pub fn never_chunked() -> Self {
-        Self { chunk_threshold: usize::MAX, ..Self::default() }
+        Self { kernel: AttentionKernel::Plain, chunk_threshold: usize::MAX, ..Self::default() }
     }
 }
 
@@ -146,14 +160,40 @@ pub fn attend<B: Backend>(
     let t = own_k.dims()[2];
     let prefix = shared.as_ref().map_or(0, |(k, _)| k.dims()[2]);
     let rep = h / kvh;
+    if options.kernel == AttentionKernel::Auto && shared.is_none() && key_padding.is_none() {
+        return attend_fused(q, own_k, own_v, rep);
+    }
     // Heads that share a kv head sit next to each other: fold them into the row dimension.
     let qg = q.mul_scalar(1.0 / (hd as f64).sqrt()).reshape([b, kvh, rep * s, hd]); // [b, kvh, rep*s, hd]
-    let out = if s * (prefix + t) > options.chunk_threshold {
+    let chunked = match options.kernel {
+        AttentionKernel::Chunked => true,
+        AttentionKernel::Plain => false,
+        AttentionKernel::Auto => s * (prefix + t) > options.chunk_threshold,
+    };
+    let out = if chunked {
         attend_chunked(qg, shared, own_k, own_v, past, key_padding, rep, options)
     } else {
         attend_plain(qg, shared, own_k, own_v, past, key_padding, rep)
     };
     out.reshape([b, h, s, hd])
+}
+
+/// Burn's fused attention over one segment of keys, causal aligned to the end (query i of
+/// `seq` sees keys `..= past + i`). Key/value heads are repeated for grouped queries.
+///
+/// # Shapes
+/// - q: `[b, heads, seq, hd]`; k, v: `[b, kv_heads, past + seq, hd]` -> `[b, heads, seq, hd]`
+fn attend_fused<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    let (k, v) = if rep > 1 { (repeat_heads(k, rep), repeat_heads(v, rep)) } else { (k, v) };
+    let options = burn::tensor::ops::AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+    burn::tensor::module::attention(q, k, v, None, None, options)
+}
+
+/// `[b, kv_heads, t, hd]` -> `[b, kv_heads * rep, t, hd]`, each kv head repeated for its
+/// group of query heads (head j uses kv head j / rep).
+fn repeat_heads<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    let [b, kvh, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, rep, t, hd]).reshape([b, kvh * rep, t, hd])
 }
 
 /// Query rows `[b, kvh, rows, hd]` against a batch-1 prefix, as one product per kv head
@@ -193,6 +233,11 @@ fn mask_own<B: Backend>(
     let rows = rows_all / rep;
     let device = scores.device();
     let offset = (past + q_start) as i64 - k_start as i64;
+    if key_padding.is_none() && (keys as i64 - 1) <= offset {
+        // Every key is at or before the first query's position (e.g. one decode step):
+        // nothing to mask.
+        return scores;
+    }
     // True where key column > row + offset: a future key.
     let mut mask = Tensor::<B, 2, Bool>::tril_mask([rows, keys], offset, &device).reshape([1, 1, rows, keys]);
     if let Some(padding) = key_padding {

@@ -240,6 +240,19 @@ pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng)
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f32> = logits.iter().map(|&l| ((l - max) / t).exp()).collect();
     let total: f32 = weights.iter().sum();
+    if config.top_k == 0 && config.top_p >= 1.0 {
+        // No truncation: draw straight from the weights.
+        let mut draw = rng.random::<f32>() * total;
+        let mut chosen = weights.len() - 1;
+        for (i, &w) in weights.iter().enumerate() {
+            draw -= w;
+            if draw <= 0.0 && w > 0.0 {
+                chosen = i;
+                break;
+            }
+        }
+        return (chosen as u32, (weights[chosen] / total).ln());
+    }
     // Candidates worth considering, most likely first; the rest cannot matter.
     let floor = total * 1e-9;
     let mut candidates: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > floor).collect();

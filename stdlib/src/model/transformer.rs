@@ -226,8 +226,13 @@ impl<B: Backend> CausalLm<B> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
+                // E h^T keeps the (large) embedding in its stored layout; only the small
+                // hidden states and the output are transposed.
+                let [b, s, d] = hidden.dims();
                 let weight = self.embed_tokens.weight.val(); // [vocab, d]
-                hidden.matmul(weight.transpose().unsqueeze::<3>())
+                let vocab = weight.dims()[0];
+                let flat = hidden.reshape([b * s, d]).transpose(); // [d, b*s]
+                weight.matmul(flat).transpose().reshape([b, s, vocab]) // [b, s, vocab]
             }
         }
     }

@@ -1,0 +1,85 @@
+"""The PyTorch/transformers side of `longrl bench model`: the same shapes and measurements
+on the same machine, so longrl's figures can be read as ratios.
+
+    pip install torch transformers
+    python3 examples/bench/transformers_bench.py --preset tiny
+    python3 examples/bench/transformers_bench.py --preset smollm2-135m --vocab 49152
+
+Random weights (the shapes are what matters); torch uses as many threads as longrl's CPU
+backend (all cores) unless --threads is given.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+PRESETS = {
+    "tiny": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                                  num_key_value_heads=2, intermediate_size=768, tie_word_embeddings=True)),
+    "smollm2-135m": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                                          num_key_value_heads=3, intermediate_size=1536,
+                                                          tie_word_embeddings=True, rope_theta=100000.0)),
+}
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config_cls, model_cls, shape = PRESETS[args.preset]
+    config = config_cls(vocab_size=args.vocab, max_position_embeddings=131072, **shape)
+    model = model_cls(config).eval()
+    params = sum(p.numel() for p in model.parameters())
+    prompt = torch.tensor([[(i * 7919 + 13) % args.vocab for i in range(args.prompt_len)]])
+    gen = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(prompt[:, :16], max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+        _, prefill = timed(lambda: model(prompt, use_cache=True, logits_to_keep=1))
+        _, one = timed(lambda: model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **gen))
+        _, group = timed(lambda: model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                num_return_sequences=args.group, **gen))
+    print(f"transformers bench: preset {args.preset}, vocab {args.vocab}, torch {torch.__version__}, {args.threads} threads")
+    print(f"  parameters {params}")
+    print(f"  prefill {args.prompt_len} tokens, batch 1: {args.prompt_len / prefill:.1f} tokens/s")
+    print(f"  decode, batch 1: {(args.new_tokens - 1) / max(one - prefill, 1e-9):.1f} tokens/s")
+    # transformers repeats the prompt for each sequence of a group: its prefill is G prompts.
+    print(f"  decode, group of {args.group} (prompt repeated): "
+          f"{args.group * (args.new_tokens - 1) / max(group - args.group * prefill, 1e-9):.1f} tokens/s")
+    print(f"  group of {args.group}: prompt + {args.new_tokens} tokens each, wall: {group:.2f} s")
+
+    model.train()
+    ids = torch.tensor([[(i * 31 + b * 17 + 5) % args.vocab for i in range(args.train_seq)] for b in range(args.train_batch)])
+    half = args.train_seq // 2
+
+    def step():
+        logits = model(ids).logits[:, half - 1:-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, half:].unsqueeze(-1))
+        (-logp.sum()).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    times = sorted(timed(step)[1] for _ in range(3))
+    print(f"  forward+backward, batch {args.train_batch} x {args.train_seq} tokens: "
+          f"{args.train_batch * args.train_seq / times[1]:.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
