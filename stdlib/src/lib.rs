@@ -8,6 +8,7 @@ pub mod model;
 pub mod options;
 pub mod record;
 pub mod registry;
+pub mod reward;
 pub mod script;
 pub mod stage;
 pub mod stages;
