@@ -25,7 +25,13 @@ fn check_prints_the_quickstart_plan() {
     let out = longrl(&["check", "scripts/quickstart.rhai"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("jsonl#0") && stdout.contains("filter#1") && stdout.contains("write_jsonl#2"), "{stdout}");
+    for stage in ["model#0", "synthetic#1", "synthetic#2", "sft#3", "evaluate#4", "evaluate#5"] {
+        assert!(stdout.contains(stage), "{stage} missing from\n{stdout}");
+    }
+    for recipe in ["scripts/filter_hotpotqa.rhai"] {
+        let out = longrl(&["check", recipe]);
+        assert!(out.status.success(), "{recipe}: {}", text(&out.stderr));
+    }
 }
 
 #[test]
@@ -47,7 +53,7 @@ fn check_lists_every_problem_of_a_broken_recipe_and_fails() {
 fn run_writes_a_run_directory_and_never_reuses_one() {
     let runs = tempfile::tempdir().expect("tempdir");
     let runs_dir = runs.path().to_str().expect("utf-8 path");
-    let out = longrl(&["run", "scripts/quickstart.rhai", "--runs-dir", runs_dir, "--name", "qs", "--set", "budget=1500"]);
+    let out = longrl(&["run", "scripts/filter_hotpotqa.rhai", "--runs-dir", runs_dir, "--name", "qs", "--set", "budget=1500"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = runs.path().join("qs");
     for file in ["recipe.rhai", "plan.json", "run.json", "report.json", "tasks.jsonl", "stages/filter-1.json"] {
@@ -58,7 +64,7 @@ fn run_writes_a_run_directory_and_never_reuses_one() {
     let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).expect("run.json")).expect("json");
     assert_eq!(info["params"]["budget"], 1500);
 
-    let again = longrl(&["run", "scripts/quickstart.rhai", "--runs-dir", runs_dir, "--name", "qs"]);
+    let again = longrl(&["run", "scripts/filter_hotpotqa.rhai", "--runs-dir", runs_dir, "--name", "qs"]);
     assert_eq!(again.status.code(), Some(1));
     assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
 }
@@ -66,7 +72,7 @@ fn run_writes_a_run_directory_and_never_reuses_one() {
 #[test]
 fn a_backend_that_was_not_compiled_in_is_a_clear_error() {
     let runs = tempfile::tempdir().expect("tempdir");
-    let out = longrl(&["run", "scripts/quickstart.rhai", "--runs-dir", runs.path().to_str().expect("path"), "--backend", "cuda"]);
+    let out = longrl(&["run", "scripts/filter_hotpotqa.rhai", "--runs-dir", runs.path().to_str().expect("path"), "--backend", "cuda"]);
     if cfg!(feature = "cuda") {
         return;
     }
@@ -89,7 +95,7 @@ fn stages_lists_options_with_their_docs() {
 
 #[test]
 fn graph_prints_dot() {
-    let out = longrl(&["graph", "scripts/quickstart.rhai", "--dot"]);
+    let out = longrl(&["graph", "scripts/filter_hotpotqa.rhai", "--dot"]);
     assert!(out.status.success());
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("digraph plan {") && stdout.contains("n1 -> n2"), "{stdout}");

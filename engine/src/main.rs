@@ -335,10 +335,19 @@ fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
     let report = execute(&plan, registry, &options, &cancel)?;
     run_dir.record_report(&report)?;
     eprintln!("{report}");
+    let mut tables = Vec::new();
     for stage in &report.stages {
-        if !stage.summary.is_empty() {
-            eprintln!("  {}: {}", stage.label, serde_json::Value::Object(stage.summary.clone()));
+        let mut summary = stage.summary.clone();
+        if let Some(serde_json::Value::String(table)) = summary.remove("table") {
+            tables.push(table);
         }
+        summary.remove("rows");
+        if !summary.is_empty() {
+            eprintln!("  {}: {}", stage.label, serde_json::Value::Object(summary));
+        }
+    }
+    for table in tables {
+        println!("\n{table}");
     }
     match report.failure_message() {
         None => {

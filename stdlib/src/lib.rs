@@ -6,6 +6,8 @@ pub mod fsutil;
 pub mod metrics;
 pub mod model;
 pub mod options;
+pub mod progress;
+pub mod prompt;
 pub mod record;
 pub mod registry;
 pub mod reward;
@@ -13,6 +15,7 @@ pub mod script;
 pub mod stage;
 pub mod stages;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::StageError;
 pub use record::{AnswerKind, ChatMessage, Record};

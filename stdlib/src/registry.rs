@@ -30,7 +30,11 @@ impl Registry {
         registry.add::<crate::stages::jsonl::JsonlConfig>();
         registry.add::<crate::stages::filter::FilterConfig>();
         registry.add::<crate::stages::write_jsonl::WriteJsonlConfig>();
-        registry.add::<crate::stages::model::ModelConfig>();
+        registry.add::<crate::stages::model::ModelConfigOptions>();
+        registry.add::<crate::stages::synthetic::SyntheticConfig>();
+        registry.add::<crate::stages::hotpotqa::HotpotConfig>();
+        registry.add::<crate::stages::sft::SftConfig>();
+        registry.add::<crate::stages::eval::EvalConfig>();
         registry
     }
 

@@ -1,6 +1,10 @@
 //! The standard stages, one per file.
 
+pub mod eval;
 pub mod filter;
+pub mod hotpotqa;
 pub mod jsonl;
 pub mod model;
+pub mod sft;
+pub mod synthetic;
 pub mod write_jsonl;

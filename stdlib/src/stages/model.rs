@@ -1,24 +1,51 @@
 //! `model` source: names a Hugging Face format model directory and publishes it on a model
-//! edge, so training stages start from it.
+//! edge, so training stages start from it. With `init: "random"`, the directory needs only
+//! config.json and the tokenizer: seeded random weights are written into the run directory.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use crate::error::StageError;
+use crate::model::checkpoint::{RandomInit, SaveDtype, copy_tokenizer_files};
+use crate::model::{CausalLm, ModelConfig, save_model};
 use crate::stage::{ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+
+/// Where the weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// The directory's safetensors.
+    #[default]
+    Checkpoint,
+    /// Seeded random weights (normal, std `init_std`), for models trained from scratch.
+    Random,
+}
 
 /// Options of the `model` source.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// A directory with config.json, model.safetensors (or shards) and tokenizer.json.
+pub struct ModelConfigOptions {
+    /// A directory with config.json, tokenizer.json and (unless `init` is random) weights.
     pub path: PathBuf,
+    /// `checkpoint` (load the weights) or `random` (initialize them).
+    #[serde(default)]
+    pub init: Init,
+    /// Seed of random weights (mixed with the run seed).
+    #[serde(default)]
+    pub seed: u64,
+    /// Standard deviation of random weights.
+    #[serde(default = "default_std")]
+    pub init_std: f32,
 }
 
-impl StageConfig for ModelConfig {
+fn default_std() -> f32 {
+    0.02
+}
+
+impl StageConfig for ModelConfigOptions {
     const NAME: &'static str = "model";
-    const SUMMARY: &'static str = "A model directory in Hugging Face format, published on a model edge.";
+    const SUMMARY: &'static str = "A model directory in Hugging Face format (or a config to initialize), published on a model edge.";
     const OUTPUTS: &'static [PortSpec] = &[PortSpec::optional("model", PortKind::Model, "the model")];
     const POSITIONAL: &'static [&'static str] = &["path"];
 
@@ -27,24 +54,50 @@ impl StageConfig for ModelConfig {
         if !dir.is_dir() {
             return vec![format!("option `path`: model directory {} does not exist", dir.display())];
         }
+        let mut problems = Vec::new();
         if !dir.join("config.json").is_file() {
-            return vec![format!("option `path`: {} has no config.json", dir.display())];
+            problems.push(format!("option `path`: {} has no config.json", dir.display()));
+        } else if let Err(e) = ModelConfig::load(&dir.join("config.json")) {
+            problems.push(e.to_string());
         }
-        Vec::new()
+        let has_weights = dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
+        if self.init == Init::Checkpoint && !has_weights {
+            problems.push(format!(
+                "option `path`: {} has no model.safetensors; set `init: \"random\"` to start from random weights",
+                dir.display()
+            ));
+        }
+        problems
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
-        Ok(Box::new(ModelSource { dir: ctx.input_path(&self.path) }))
+        Ok(Box::new(ModelSource { config: self.clone(), dir: ctx.input_path(&self.path), ctx: ctx.clone() }))
     }
 }
 
 struct ModelSource {
+    config: ModelConfigOptions,
     dir: PathBuf,
+    ctx: StageContext,
 }
 
 impl Stage for ModelSource {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        io.summary_mut().insert("dir".into(), self.dir.display().to_string().into());
-        io.send_model("model", ModelRef { dir: self.dir })
+        let dir = match self.config.init {
+            Init::Checkpoint => self.dir.clone(),
+            Init::Random => {
+                let run_dir = self.ctx.run_dir.as_ref().ok_or_else(|| StageError::Invalid("random init needs a run directory".into()))?;
+                let out = run_dir.join(format!("model-{}", self.ctx.node));
+                let config = ModelConfig::load(&self.dir.join("config.json"))?;
+                let seed = self.config.seed ^ self.ctx.seed.rotate_left(7);
+                let model = CausalLm::<longrl_backends::Cpu>::build(&config, &mut RandomInit::new(seed, self.config.init_std), &Default::default())?;
+                save_model(&model, &config, &out, SaveDtype::F32)?;
+                copy_tokenizer_files(&self.dir, &out)?;
+                io.summary_mut().insert("parameters".into(), config.num_params().into());
+                out
+            }
+        };
+        io.summary_mut().insert("dir".into(), dir.display().to_string().into());
+        io.send_model("model", ModelRef { dir })
     }
 }

@@ -1,0 +1,376 @@
+//! `eval` stage: generates answers for held-out tasks and scores them: pass@1 (the mean
+//! over samples) and pass@k, per data source and per input-length bucket. Writes every item
+//! and a summary table into the run directory; the same questions at several lengths give an
+//! accuracy-vs-length curve.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use burn::tensor::backend::AutodiffBackend;
+use longrl_backends::BackendTask;
+use serde::{Deserialize, Serialize};
+
+use crate::error::StageError;
+use crate::fsutil::{AtomicFile, write_atomic};
+use crate::model::chat::ModelTokenizer;
+use crate::model::generate::{SamplingConfig, generate_batch, generate_group};
+use crate::model::load_model;
+use crate::progress::Progress;
+use crate::prompt::encode_prompt;
+use crate::record::Record;
+use crate::reward::{RuleConfig, Verdict};
+use crate::stage::{ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+
+/// Options of the `eval` stage.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Prompt budget in tokens; longer prompts are cut in the middle.
+    #[serde(default = "default_max_input")]
+    pub max_input: usize,
+    /// Most tokens generated per answer.
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
+    /// Samples per task (k of pass@k); pass@1 is their mean score.
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// Sampling temperature (0 = greedy).
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "default_top_p")]
+    pub top_p: f32,
+    /// Seed of the sampling (mixed with the run seed).
+    #[serde(default)]
+    pub seed: u64,
+    /// Rule check of the answers.
+    #[serde(default)]
+    pub rule: RuleConfig,
+    /// Length bucket edges in tokens; a task goes to the first edge at or above its length
+    /// (its `length_budget` when the source recorded one). Default: powers of two.
+    #[serde(default)]
+    pub buckets: Vec<usize>,
+    /// Prompts generated together when taking one sample each.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Name of this evaluation in tables and files (default: the stage label).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn default_max_input() -> usize {
+    8192
+}
+fn default_max_new() -> usize {
+    512
+}
+fn default_samples() -> usize {
+    1
+}
+fn default_top_p() -> f32 {
+    1.0
+}
+fn default_batch() -> usize {
+    8
+}
+
+impl StageConfig for EvalConfig {
+    const NAME: &'static str = "evaluate";
+    const SUMMARY: &'static str = "Scores a model's answers: pass@1 and pass@k per data source and input length.";
+    const INPUTS: &'static [PortSpec] = &[
+        PortSpec::required("policy", PortKind::Model, "the model to evaluate"),
+        PortSpec::required("data", PortKind::Records, "held-out tasks"),
+    ];
+
+    fn validate(&self, _ctx: &StageContext) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.samples == 0 || self.batch == 0 || self.max_new_tokens == 0 {
+            problems.push("samples, batch and max_new_tokens must be at least 1".into());
+        }
+        if self.samples > 1 && self.temperature <= 0.0 {
+            problems.push("pass@k with several samples needs temperature > 0".into());
+        }
+        problems
+    }
+
+    fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
+        let name = self.name.clone().unwrap_or_else(|| format!("eval-{}", ctx.node));
+        let out_dir = ctx.run_dir.as_ref().map(|d| d.join(&name));
+        Ok(Box::new(Eval { config: self, ctx: ctx.clone(), name, out_dir }))
+    }
+}
+
+struct Eval {
+    config: EvalConfig,
+    ctx: StageContext,
+    name: String,
+    out_dir: Option<PathBuf>,
+}
+
+/// The result of one task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub id: String,
+    pub data_source: String,
+    pub bucket: usize,
+    pub input_tokens: usize,
+    pub truncated: bool,
+    pub gold: Vec<String>,
+    pub responses: Vec<String>,
+    pub verdicts: Vec<Verdict>,
+    /// Mean score over samples.
+    pub pass_at_1: f64,
+    /// 1 when any sample is fully correct.
+    pub pass_at_k: f64,
+}
+
+/// One row of the summary table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Row {
+    pub data_source: String,
+    /// Bucket edge in tokens (0 for the all-lengths row).
+    pub bucket: usize,
+    pub n: usize,
+    pub pass_at_1: f64,
+    pub pass_at_k: f64,
+}
+
+/// The bucket of a task: its recorded budget, else its length, rounded up to an edge.
+pub fn bucket_of(record: &Record, tokens: usize, edges: &[usize]) -> usize {
+    let length = record.metadata.get("length_budget").and_then(serde_json::Value::as_u64).map_or(tokens, |b| b as usize);
+    if edges.is_empty() {
+        return length.next_power_of_two();
+    }
+    edges.iter().copied().find(|&e| length <= e).unwrap_or(usize::MAX)
+}
+
+/// Per (data source, bucket) means, then per data source over all lengths, then overall.
+pub fn summarize(items: &[ItemResult]) -> Vec<Row> {
+    let mut groups: BTreeMap<(String, usize), Vec<&ItemResult>> = BTreeMap::new();
+    for item in items {
+        groups.entry((item.data_source.clone(), item.bucket)).or_default().push(item);
+        groups.entry((item.data_source.clone(), 0)).or_default().push(item);
+        groups.entry(("all".into(), item.bucket)).or_default().push(item);
+        groups.entry(("all".into(), 0)).or_default().push(item);
+    }
+    groups
+        .into_iter()
+        .map(|((data_source, bucket), members)| {
+            let n = members.len();
+            Row {
+                data_source,
+                bucket,
+                n,
+                pass_at_1: members.iter().map(|m| m.pass_at_1).sum::<f64>() / n as f64,
+                pass_at_k: members.iter().map(|m| m.pass_at_k).sum::<f64>() / n as f64,
+            }
+        })
+        .collect()
+}
+
+/// The summary as an aligned text table.
+pub fn render_table(name: &str, rows: &[Row], samples: usize) -> String {
+    let mut out = format!("{name}: accuracy by data source and input length\n");
+    out.push_str(&format!("{:<24} {:>10} {:>6} {:>8} {:>8}\n", "data source", "length", "n", "pass@1", format!("pass@{samples}")));
+    for row in rows {
+        let length = match row.bucket {
+            0 => "all".to_string(),
+            usize::MAX => "longer".to_string(),
+            b => format!("<={b}"),
+        };
+        out.push_str(&format!(
+            "{:<24} {:>10} {:>6} {:>7.1}% {:>7.1}%\n",
+            row.data_source,
+            length,
+            row.n,
+            100.0 * row.pass_at_1,
+            100.0 * row.pass_at_k
+        ));
+    }
+    out
+}
+
+impl Stage for Eval {
+    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
+        let policy = io.recv_model("policy")?;
+        let mut records = Vec::new();
+        while let Some(record) = io.recv_record("data")? {
+            records.push(record);
+        }
+        let device = self.ctx.device;
+        longrl_backends::dispatch(device, EvalTask { stage: &self, io, policy, records })
+            .map_err(|e| StageError::Failed(e.to_string()))?
+    }
+}
+
+struct EvalTask<'a> {
+    stage: &'a Eval,
+    io: &'a mut StageIo,
+    policy: ModelRef,
+    records: Vec<Record>,
+}
+
+impl BackendTask for EvalTask<'_> {
+    type Output = Result<(), StageError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let config = &self.stage.config;
+        let io = self.io;
+        let tokenizer = ModelTokenizer::load(&self.policy.dir)?;
+        let (_, model) = load_model::<B::InnerBackend>(&self.policy.dir, &device)?;
+        let sampling = SamplingConfig {
+            temperature: config.temperature,
+            top_p: config.top_p,
+            top_k: 0,
+            max_new_tokens: config.max_new_tokens,
+            stop_tokens: tokenizer.stop_ids.clone(),
+            seed: config.seed ^ self.stage.ctx.seed.rotate_left(29),
+        };
+        let mut prompts = Vec::with_capacity(self.records.len());
+        for record in &self.records {
+            prompts.push(encode_prompt(&tokenizer, record, config.max_input)?);
+        }
+        let progress = Progress::new(io.label(), self.records.len() as u64, "tasks");
+        let mut responses: Vec<Vec<String>> = vec![Vec::new(); self.records.len()];
+        let decode = |tokens: &[u32]| -> Result<String, StageError> {
+            let mut tokens = tokens.to_vec();
+            if tokens.last().is_some_and(|t| tokenizer.stop_ids.contains(t)) {
+                tokens.pop();
+            }
+            tokenizer.tokenizer.decode(&tokens, false)
+        };
+        if config.samples == 1 {
+            let order: Vec<usize> = (0..prompts.len()).collect();
+            for chunk in order.chunks(config.batch) {
+                io.cancel_token().check()?;
+                let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].0.clone()).collect();
+                let mut batch_sampling = sampling.clone();
+                batch_sampling.seed = sampling.seed.wrapping_add(chunk[0] as u64);
+                let completions = generate_batch(&model, &batch, &batch_sampling)?;
+                for (&i, completion) in chunk.iter().zip(completions) {
+                    responses[i].push(decode(&completion.tokens)?);
+                    progress.advance("");
+                }
+            }
+        } else {
+            for (i, (prompt, _)) in prompts.iter().enumerate() {
+                io.cancel_token().check()?;
+                let mut item_sampling = sampling.clone();
+                item_sampling.seed = sampling.seed.wrapping_add(i as u64);
+                for completion in generate_group(&model, prompt, config.samples, &item_sampling)? {
+                    responses[i].push(decode(&completion.tokens)?);
+                }
+                progress.advance("");
+            }
+        }
+        progress.finish();
+
+        let mut items = Vec::with_capacity(self.records.len());
+        for ((record, (prompt, truncated)), texts) in self.records.iter().zip(&prompts).zip(responses) {
+            let verdicts: Vec<Verdict> = texts.iter().map(|t| config.rule.score(t, record)).collect();
+            let n = verdicts.len().max(1) as f64;
+            let tokens = record.input_tokens.unwrap_or(prompt.len());
+            items.push(ItemResult {
+                id: record.id.clone(),
+                data_source: record.data_source.clone(),
+                bucket: bucket_of(record, tokens, &config.buckets),
+                input_tokens: tokens,
+                truncated: *truncated,
+                gold: record.answers.clone(),
+                pass_at_1: verdicts.iter().map(|v| f64::from(v.score)).sum::<f64>() / n,
+                pass_at_k: if verdicts.iter().any(|v| v.score >= 1.0) { 1.0 } else { 0.0 },
+                responses: texts,
+                verdicts,
+            });
+        }
+        let rows = summarize(&items);
+        let table = render_table(&self.stage.name, &rows, config.samples);
+        if let Some(dir) = &self.stage.out_dir {
+            let mut file = AtomicFile::create(&dir.join("items.jsonl"), true)?;
+            for item in &items {
+                let line = serde_json::to_string(item).map_err(|e| StageError::Failed(e.to_string()))?;
+                writeln!(file, "{line}").map_err(|e| StageError::io(dir.join("items.jsonl"), e))?;
+            }
+            file.commit()?;
+            let summary = serde_json::json!({ "name": self.stage.name, "samples": config.samples, "rows": rows });
+            write_atomic(&dir.join("summary.json"), summary.to_string().as_bytes())?;
+        }
+        for row in rows.iter().filter(|r| r.data_source == "all") {
+            let mut fields = serde_json::Map::new();
+            fields.insert("eval".into(), self.stage.name.clone().into());
+            fields.insert("bucket".into(), row.bucket.into());
+            fields.insert("pass_at_1".into(), row.pass_at_1.into());
+            fields.insert("pass_at_k".into(), row.pass_at_k.into());
+            fields.insert("n".into(), row.n.into());
+            io.metrics().log(io.label(), 0, fields)?;
+        }
+        let summary = io.summary_mut();
+        summary.insert("tasks".into(), items.len().into());
+        summary.insert("rows".into(), serde_json::to_value(&rows).map_err(|e| StageError::Failed(e.to_string()))?);
+        summary.insert("table".into(), table.into());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::AnswerKind;
+
+    fn record(id: &str, source: &str, budget: usize, gold: &str) -> Record {
+        let mut r = Record::new(id, "q");
+        r.data_source = source.into();
+        r.answers = vec![gold.into()];
+        r.kind = AnswerKind::Text;
+        r.metadata.insert("length_budget".into(), budget.into());
+        r
+    }
+
+    #[test]
+    fn hand_made_responses_give_the_expected_table() {
+        let rule = RuleConfig::default();
+        let cases = [
+            (record("a", "qa", 512, "Oslo"), vec!["Therefore, the answer is Oslo.", "the answer is Rome"]),
+            (record("b", "qa", 512, "Lima"), vec!["the answer is Lima", "the answer is lima."]),
+            (record("c", "qa", 2048, "Bern"), vec!["I do not know", "the answer is Riga"]),
+            (record("d", "math", 2048, "7"), vec!["the answer is 7", "the answer is 8"]),
+        ];
+        let items: Vec<ItemResult> = cases
+            .iter()
+            .map(|(r, texts)| {
+                let verdicts: Vec<Verdict> = texts.iter().map(|t| rule.score(t, r)).collect();
+                ItemResult {
+                    id: r.id.clone(),
+                    data_source: r.data_source.clone(),
+                    bucket: bucket_of(r, 0, &[]),
+                    input_tokens: 0,
+                    truncated: false,
+                    gold: r.answers.clone(),
+                    pass_at_1: verdicts.iter().map(|v| f64::from(v.score)).sum::<f64>() / 2.0,
+                    pass_at_k: if verdicts.iter().any(|v| v.score >= 1.0) { 1.0 } else { 0.0 },
+                    responses: texts.iter().map(|t| t.to_string()).collect(),
+                    verdicts,
+                }
+            })
+            .collect();
+        let rows = summarize(&items);
+        let find = |source: &str, bucket: usize| rows.iter().find(|r| r.data_source == source && r.bucket == bucket).cloned().expect("row");
+        assert_eq!(find("qa", 512), Row { data_source: "qa".into(), bucket: 512, n: 2, pass_at_1: 0.75, pass_at_k: 1.0 });
+        assert_eq!(find("qa", 2048), Row { data_source: "qa".into(), bucket: 2048, n: 1, pass_at_1: 0.0, pass_at_k: 0.0 });
+        assert_eq!(find("qa", 0).pass_at_1, 0.5);
+        assert_eq!(find("math", 2048).pass_at_1, 0.5);
+        assert_eq!(find("all", 0), Row { data_source: "all".into(), bucket: 0, n: 4, pass_at_1: 0.5, pass_at_k: 0.75 });
+        let table = render_table("demo", &rows, 2);
+        assert!(table.contains("pass@2") && table.contains("<=512"), "{table}");
+    }
+
+    #[test]
+    fn buckets_follow_edges_or_powers_of_two() {
+        let mut r = Record::new("x", "q");
+        assert_eq!(bucket_of(&r, 700, &[]), 1024);
+        assert_eq!(bucket_of(&r, 700, &[512, 2048]), 2048);
+        assert_eq!(bucket_of(&r, 5000, &[512, 2048]), usize::MAX);
+        r.metadata.insert("length_budget".into(), 4096.into());
+        assert_eq!(bucket_of(&r, 4000, &[]), 4096);
+    }
+}

@@ -1,0 +1,413 @@
+//! `synthetic` source: generated long-context tasks at chosen token budgets: retrieval and
+//! multi-hop chains over facts hidden among distractor facts and filler text (text answers),
+//! arithmetic over figures stated in a long report (numeric answers) and multiple choice A-D.
+//! The same question is rendered at every requested length; gold facts sit at random depths.
+
+use std::path::PathBuf;
+
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::StageError;
+use crate::record::{AnswerKind, Record};
+use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+use crate::tokenizer::Tokenizer;
+
+/// A kind of generated task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Find one fact: where is the <color> <object> kept?
+    Retrieval,
+    /// Chain two facts: the object's owner, then where the owner lives.
+    Multihop,
+    /// Subtract two figures of a company's report (numeric answer).
+    Arithmetic,
+    /// Retrieval asked as multiple choice A-D.
+    Choice,
+}
+
+/// Options of the `synthetic` source.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticConfig {
+    /// Number of distinct questions.
+    pub count: usize,
+    /// Input lengths in tokens (document + question); every question is rendered at each.
+    pub lengths: Vec<usize>,
+    /// tokenizer.json (or a model directory) that measures lengths.
+    pub tokenizer: PathBuf,
+    /// Kinds of task, cycled over the questions.
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<TaskKind>,
+    /// Distractor facts of the same form per question (half share the color or the object).
+    #[serde(default = "default_distractors")]
+    pub distractors: usize,
+    /// Question stream: different seeds give different questions (train vs held-out).
+    #[serde(default)]
+    pub seed: u64,
+    /// Emit a question's lengths together (`question`) or all questions at one length, then
+    /// the next length (`length`).
+    #[serde(default)]
+    pub order: Order,
+}
+
+/// Emission order of the (question, length) pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    #[default]
+    Question,
+    Length,
+}
+
+fn default_kinds() -> Vec<TaskKind> {
+    vec![TaskKind::Retrieval, TaskKind::Multihop, TaskKind::Arithmetic, TaskKind::Choice]
+}
+
+fn default_distractors() -> usize {
+    6
+}
+
+impl StageConfig for SyntheticConfig {
+    const NAME: &'static str = "synthetic";
+    const SUMMARY: &'static str = "Generates long-context tasks (retrieval, multi-hop, arithmetic, choice) at given token lengths.";
+    const OUTPUTS: &'static [PortSpec] = &[PortSpec::optional("records", PortKind::Records, "the generated tasks")];
+
+    fn validate(&self, ctx: &StageContext) -> Vec<String> {
+        let mut problems = Vec::new();
+        let full = ctx.input_path(&self.tokenizer);
+        let file = if full.is_dir() { full.join("tokenizer.json") } else { full };
+        if !file.is_file() {
+            problems.push(format!("option `tokenizer`: file {} does not exist", file.display()));
+        }
+        if self.lengths.is_empty() {
+            problems.push("option `lengths` must list at least one length".into());
+        }
+        if let Some(short) = self.lengths.iter().find(|&&l| l < 16) {
+            problems.push(format!("length {short} is too short for a task (at least 16 tokens)"));
+        }
+        if self.kinds.is_empty() {
+            problems.push("option `kinds` must list at least one kind".into());
+        }
+        problems
+    }
+
+    fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
+        let tokenizer = Tokenizer::load(&ctx.input_path(&self.tokenizer))?;
+        Ok(Box::new(Synthetic { config: self, tokenizer }))
+    }
+}
+
+struct Synthetic {
+    config: SyntheticConfig,
+    tokenizer: Tokenizer,
+}
+
+impl Stage for Synthetic {
+    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
+        let pairs: Vec<(usize, usize)> = match self.config.order {
+            Order::Question => (0..self.config.count).flat_map(|q| self.config.lengths.iter().map(move |&l| (q, l))).collect(),
+            Order::Length => self.config.lengths.iter().flat_map(|&l| (0..self.config.count).map(move |q| (q, l))).collect(),
+        };
+        let mut worst_gap = 0usize;
+        for (index, length) in pairs {
+            let kind = self.config.kinds[index % self.config.kinds.len()];
+            let task = make_task(self.config.seed, index, kind, self.config.distractors);
+            let record = render(&task, length, self.config.seed, index, &self.tokenizer)?;
+            worst_gap = worst_gap.max(length.abs_diff(record.input_tokens.unwrap_or(0)));
+            io.send_record("records", record)?;
+        }
+        io.summary_mut().insert("worst_length_gap_tokens".into(), worst_gap.into());
+        Ok(())
+    }
+}
+
+const COLORS: &[&str] = &[
+    "red", "blue", "green", "yellow", "black", "white", "orange", "purple", "silver", "golden", "brown", "gray", "pink",
+    "violet", "amber", "teal",
+];
+const OBJECTS: &[&str] = &[
+    "box", "key", "lamp", "book", "ring", "coin", "map", "cup", "bell", "clock", "vase", "knife", "hat", "scarf", "drum",
+    "flute", "mirror", "jar", "chest", "kite",
+];
+const CITIES: &[&str] = &[
+    "Oslo", "Lima", "Cairo", "Dakar", "Quito", "Riga", "Tunis", "Hanoi", "Kyiv", "Minsk", "Sofia", "Bern", "Rome", "Paris",
+    "Madrid", "Lisbon", "Dublin", "Vienna", "Prague", "Warsaw", "Athens", "Ankara", "Tehran", "Delhi", "Dhaka", "Seoul",
+    "Tokyo", "Manila", "Jakarta", "Perth", "Sydney", "Auckland", "Havana", "Bogota", "Caracas", "Santiago", "Toronto",
+    "Denver", "Boston", "Chicago",
+];
+const NAMES: &[&str] = &[
+    "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Karen", "Leo", "Maria", "Nora",
+    "Oscar", "Paula", "Quinn", "Rosa", "Simon", "Tara", "Umar", "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Adam", "Bella",
+    "Carl", "Dora", "Emil", "Fiona", "Gustav", "Hanna", "Igor", "Julia", "Kevin", "Lena", "Marco", "Nina",
+];
+const COMPANIES: &[&str] = &[
+    "Acme", "Borealis", "Cobalt", "Dynamo", "Everest", "Falcon", "Granite", "Horizon", "Ionic", "Juniper", "Keystone",
+    "Lumen", "Meridian", "Nimbus", "Orion", "Pinnacle",
+];
+const TOPICS: &[&str] = &["history", "music", "farming", "trains", "weather", "painting", "chess", "rivers", "bridges", "maps", "birds", "ships"];
+const PLACES: &[&str] = &["market", "library", "harbor", "station", "garden", "museum", "school", "bakery", "theater", "square"];
+const LANDMARKS: &[&str] = &["tower", "old mill", "river", "hill", "castle", "fountain", "lighthouse", "bridge"];
+const SEASONS: &[&str] = &["spring", "summer", "autumn", "winter"];
+const EVENTS: &[&str] = &["festival", "storm", "meeting", "parade", "concert", "fair", "election", "flood"];
+const ADJECTIVES: &[&str] = &["tall", "narrow", "ancient", "famous", "quiet", "crowded", "damaged", "restored"];
+
+/// A task before it is laid out at a length.
+#[derive(Debug, Clone)]
+struct Task {
+    kind: TaskKind,
+    question: String,
+    answer: String,
+    answer_kind: AnswerKind,
+    gold: Vec<String>,
+    distractors: Vec<String>,
+    trace: String,
+}
+
+fn rng_for(seed: u64, index: usize, salt: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt);
+    rng.set_stream(index as u64);
+    rng
+}
+
+fn pick<'a>(rng: &mut ChaCha8Rng, items: &[&'a str]) -> &'a str {
+    items.choose(rng).copied().unwrap_or("")
+}
+
+/// Distinct (color, object) keys: the target first, then distractors, half of which share
+/// its color or its object.
+fn keys(rng: &mut ChaCha8Rng, count: usize) -> Vec<(&'static str, &'static str)> {
+    let target = (pick(rng, COLORS), pick(rng, OBJECTS));
+    let mut out = vec![target];
+    let mut guard = 0;
+    while out.len() < count + 1 && guard < 10_000 {
+        guard += 1;
+        let candidate = match out.len() % 3 {
+            1 => (target.0, pick(rng, OBJECTS)),
+            2 => (pick(rng, COLORS), target.1),
+            _ => (pick(rng, COLORS), pick(rng, OBJECTS)),
+        };
+        if !out.contains(&candidate) {
+            out.push(candidate);
+        }
+    }
+    out
+}
+
+/// Distinct items, the first `count` of a shuffle.
+fn distinct<'a>(rng: &mut ChaCha8Rng, items: &[&'a str], count: usize) -> Vec<&'a str> {
+    let mut all = items.to_vec();
+    all.shuffle(rng);
+    all.into_iter().cycle().take(count).collect()
+}
+
+fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Task {
+    let mut rng = rng_for(seed, index, 1);
+    match kind {
+        TaskKind::Retrieval | TaskKind::Choice => {
+            let keys = keys(&mut rng, distractors);
+            let cities = distinct(&mut rng, CITIES, keys.len());
+            let facts: Vec<String> = keys.iter().zip(&cities).map(|((c, o), city)| format!("The {c} {o} is kept in {city}.")).collect();
+            let (color, object) = keys[0];
+            let question = format!("Where is the {color} {object} kept?");
+            if kind == TaskKind::Retrieval {
+                let trace = format!("<think>\nThe text says: {}\n</think>\n\nTherefore, the answer is {}.", facts[0], cities[0]);
+                return Task { kind, question, answer: cities[0].into(), answer_kind: AnswerKind::Text, gold: vec![facts[0].clone()], distractors: facts[1..].to_vec(), trace };
+            }
+            let mut options: Vec<&str> = cities.iter().take(4).copied().collect();
+            while options.len() < 4 {
+                options.push(pick(&mut rng, CITIES));
+            }
+            options.shuffle(&mut rng);
+            let letter_index = options.iter().position(|c| *c == cities[0]).unwrap_or(0);
+            let letter = ["A", "B", "C", "D"][letter_index];
+            let listed = options.iter().zip(["A", "B", "C", "D"]).map(|(c, l)| format!("({l}) {c}")).collect::<Vec<_>>().join(" ");
+            let trace = format!(
+                "<think>\nThe text says: {} That is option ({letter}).\n</think>\n\nTherefore, the answer is ({letter}).",
+                facts[0]
+            );
+            Task {
+                kind,
+                question: format!("{question} {listed}"),
+                answer: letter.into(),
+                answer_kind: AnswerKind::Choice,
+                gold: vec![facts[0].clone()],
+                distractors: facts[1..].to_vec(),
+                trace,
+            }
+        }
+        TaskKind::Multihop => {
+            let keys = keys(&mut rng, distractors / 2);
+            let owners = distinct(&mut rng, NAMES, keys.len() * 2);
+            let cities = distinct(&mut rng, CITIES, owners.len());
+            let belongs: Vec<String> = keys.iter().zip(&owners).map(|((c, o), n)| format!("The {c} {o} belongs to {n}.")).collect();
+            let lives: Vec<String> = owners.iter().zip(&cities).map(|(n, city)| format!("{n} lives in {city}.")).collect();
+            let (color, object) = keys[0];
+            let gold = vec![belongs[0].clone(), lives[0].clone()];
+            let mut others: Vec<String> = belongs[1..].to_vec();
+            others.extend(lives[1..].iter().cloned());
+            let trace = format!("<think>\nThe text says: {} {}\n</think>\n\nTherefore, the answer is {}.", gold[0], gold[1], cities[0]);
+            Task {
+                kind,
+                question: format!("In which city does the owner of the {color} {object} live?"),
+                answer: cities[0].into(),
+                answer_kind: AnswerKind::Text,
+                gold,
+                distractors: others,
+                trace,
+            }
+        }
+        TaskKind::Arithmetic => {
+            let companies = distinct(&mut rng, COMPANIES, 1 + distractors / 2);
+            let year1 = rng.random_range(2001..2020);
+            let year2 = year1 + rng.random_range(1..5);
+            let x: u32 = rng.random_range(10..500);
+            let y: u32 = x + rng.random_range(1..300);
+            let company = companies[0];
+            let gold = vec![
+                format!("In {year1}, {company} earned {x} million dollars."),
+                format!("In {year2}, {company} earned {y} million dollars."),
+            ];
+            let mut others = Vec::new();
+            for (i, other) in companies.iter().enumerate().skip(1) {
+                let amount: u32 = rng.random_range(10..800);
+                let year = if i % 2 == 0 { year1 } else { year2 };
+                others.push(format!("In {year}, {other} earned {amount} million dollars."));
+            }
+            // A distractor figure of the same company in another year.
+            others.push(format!("In {}, {company} earned {} million dollars.", year2 + 6, rng.random_range(10..800)));
+            let difference = y - x;
+            let trace = format!(
+                "<think>\nThe text says: {} {} So {y} - {x} = {difference}.\n</think>\n\nTherefore, the answer is {difference}.",
+                gold[0], gold[1]
+            );
+            Task {
+                kind,
+                question: format!("How many million dollars more did {company} earn in {year2} than in {year1}?"),
+                answer: difference.to_string(),
+                answer_kind: AnswerKind::Number,
+                gold,
+                distractors: others,
+                trace,
+            }
+        }
+    }
+}
+
+/// One filler sentence: never a fact of the tasks' forms, and never naming a city, a person
+/// of the facts' pools' roles (owners) or a company figure, so only facts carry answers.
+fn filler(rng: &mut ChaCha8Rng) -> String {
+    let name = pick(rng, NAMES);
+    match rng.random_range(0..8) {
+        0 => format!("{name} spent the afternoon reading about {}.", pick(rng, TOPICS)),
+        1 => format!("The {} near the {} was busy that week.", pick(rng, PLACES), pick(rng, LANDMARKS)),
+        2 => format!("Reports from the {} mentioned a quiet {}.", pick(rng, PLACES), pick(rng, SEASONS)),
+        3 => format!("Nobody expected the {} to last so long.", pick(rng, EVENTS)),
+        4 => format!("{name} and {} argued about {} for hours.", pick(rng, NAMES), pick(rng, TOPICS)),
+        5 => format!("A small group visited the {} before {}.", pick(rng, PLACES), pick(rng, SEASONS)),
+        6 => format!("The {} committee met again without a decision.", pick(rng, TOPICS)),
+        _ => format!("Old records describe the {} as {}.", pick(rng, LANDMARKS), pick(rng, ADJECTIVES)),
+    }
+}
+
+/// Lays a task out at `length` tokens: filler and distractors, gold facts at random depths.
+fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Tokenizer) -> Result<Record, StageError> {
+    let mut rng = rng_for(seed, index, 2 + length as u64);
+    let count = |text: &str| tokenizer.encode(text).map(|ids| ids.len());
+    let question_tokens = count(&format!("\n\n{}", task.question))?;
+    // Estimate by sentence, then correct with exact counts of the whole input.
+    let mut body: Vec<String> = task.distractors.clone();
+    let mut estimate: usize = question_tokens
+        + task.gold.iter().chain(&task.distractors).map(|s| count(&format!(" {s}"))).sum::<Result<usize, _>>()?;
+    while estimate < length {
+        let sentence = filler(&mut rng);
+        estimate += count(&format!(" {sentence}"))?;
+        body.push(sentence);
+    }
+    body.shuffle(&mut rng);
+    // Gold facts at random positions (their order kept, so chains read naturally).
+    let mut slots: Vec<usize> = (0..task.gold.len()).map(|_| rng.random_range(0..=body.len())).collect();
+    slots.sort_unstable();
+    for (offset, (slot, fact)) in slots.iter().zip(&task.gold).enumerate() {
+        body.insert(slot + offset, fact.clone());
+    }
+    let is_gold = |s: &String| task.gold.contains(s);
+    let tolerance = (length / 50).max(8);
+    let (mut record, mut tokens) = assemble(task, &body, index, seed, length, tokenizer)?;
+    // Remove filler from the end while over budget, add while under.
+    let mut guard = 0;
+    while tokens > length && guard < 10_000 {
+        guard += 1;
+        // Filler sentences run about ten tokens: drop enough of them at once.
+        let mut excess = (tokens - length).div_ceil(10).max(1);
+        while excess > 0 {
+            let Some(pos) = body.iter().rposition(|s| !is_gold(s) && !task.distractors.contains(s)) else { break };
+            body.remove(pos);
+            excess -= 1;
+        }
+        let before = tokens;
+        (record, tokens) = assemble(task, &body, index, seed, length, tokenizer)?;
+        if tokens == before {
+            break;
+        }
+    }
+    while tokens + tolerance < length && guard < 10_000 {
+        guard += 1;
+        let at = rng.random_range(0..=body.len());
+        body.insert(at, filler(&mut rng));
+        let (candidate, candidate_tokens) = assemble(task, &body, index, seed, length, tokenizer)?;
+        if candidate_tokens > length {
+            body.remove(at);
+            break;
+        }
+        (record, tokens) = (candidate, candidate_tokens);
+    }
+    Ok(record)
+}
+
+/// Joins sentences into paragraphs and measures the input (document + question).
+fn assemble(task: &Task, body: &[String], index: usize, seed: u64, length: usize, tokenizer: &Tokenizer) -> Result<(Record, usize), StageError> {
+    let mut context = String::new();
+    let mut offsets = Vec::new();
+    for (i, sentence) in body.iter().enumerate() {
+        if i > 0 {
+            context.push_str(if i % 8 == 0 { "\n\n" } else { " " });
+        }
+        if task.gold.contains(sentence) {
+            offsets.push(context.len());
+        }
+        context.push_str(sentence);
+    }
+    let mut record = Record::new(format!("syn{seed}-{index}@{length}"), task.question.clone());
+    record.context = context;
+    record.answers = vec![task.answer.clone()];
+    record.kind = task.answer_kind;
+    record.data_source = format!("synthetic-{}", serde_json::to_value(task.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
+    let tokens = tokenizer.encode(&record.input_text())?.len();
+    record.input_tokens = Some(tokens);
+    let total = record.context.len().max(1) as f64;
+    record.metadata.insert("question_id".into(), format!("syn{seed}-{index}").into());
+    record.metadata.insert("length_budget".into(), length.into());
+    record.metadata.insert("supporting_sentences".into(), json!(task.gold));
+    record.metadata.insert("fact_offsets".into(), json!(offsets));
+    record.metadata.insert("depths".into(), json!(offsets.iter().map(|&o| o as f64 / total).collect::<Vec<_>>()));
+    record.metadata.insert("trace".into(), task.trace.clone().into());
+    Ok((record, tokens))
+}
+
+/// Generates records directly (used by tests and benchmarks).
+pub fn generate(config: &SyntheticConfig, tokenizer: &Tokenizer) -> Result<Vec<Record>, StageError> {
+    let mut out = Vec::new();
+    for index in 0..config.count {
+        let kind = config.kinds[index % config.kinds.len()];
+        let task = make_task(config.seed, index, kind, config.distractors);
+        for &length in &config.lengths {
+            out.push(render(&task, length, config.seed, index, tokenizer)?);
+        }
+    }
+    Ok(out)
+}

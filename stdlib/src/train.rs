@@ -1,0 +1,223 @@
+//! Training plumbing shared by SFT and RL: AdamW with decoupled weight decay, clipping by the
+//! global gradient norm (Burn's own clipping is per parameter), gradient accumulation, and
+//! learning-rate schedules (constant, linear warmup then cosine or linear decay).
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// Shape of the learning rate over training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// The same rate throughout (after warmup).
+    Constant,
+    /// Cosine decay from the rate to `min_lr_ratio` times it.
+    #[default]
+    Cosine,
+    /// Linear decay from the rate to `min_lr_ratio` times it.
+    Linear,
+}
+
+/// Optimizer and schedule options (the fields are recipe options of SFT and RL stages).
+/// (No `deny_unknown_fields`: stages flatten it into their own options, whose parser
+/// rejects unknown names.)
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Steps of linear warmup from 0.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Final rate as a fraction of the peak (cosine and linear).
+    #[serde(default = "default_min_ratio")]
+    pub min_lr_ratio: f64,
+    /// AdamW beta1, beta2.
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+}
+
+fn default_min_ratio() -> f64 {
+    0.1
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_clip() -> f64 {
+    1.0
+}
+
+impl OptimConfig {
+    /// Learning rate at `step` (0-based) of `total` steps.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).clamp(0.0, 1.0);
+        let floor = self.lr * self.min_lr_ratio;
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine => floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Schedule::Linear => self.lr - (self.lr - floor) * progress,
+        }
+    }
+
+    /// Problems with the values.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            out.push(format!("lr must be positive, got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            out.push("min_lr_ratio must be within [0, 1]".into());
+        }
+        if self.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            out.push("betas must be within [0, 1)".into());
+        }
+        if self.grad_clip < 0.0 {
+            out.push("grad_clip must not be negative".into());
+        }
+        out
+    }
+}
+
+/// Figures of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// AdamW over a module, with accumulation and global-norm clipping.
+pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
+    optim: OptimizerAdaptor<AdamW, M, B>,
+    accumulator: GradientsAccumulator<M>,
+    config: OptimConfig,
+    pending: usize,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
+    pub fn new(config: OptimConfig) -> Self {
+        let optim = AdamWConfig::new()
+            .with_beta_1(config.betas[0] as f32)
+            .with_beta_2(config.betas[1] as f32)
+            .with_epsilon(config.eps as f32)
+            .with_weight_decay(config.weight_decay as f32)
+            .init::<B, M>();
+        Self { optim, accumulator: GradientsAccumulator::new(), config, pending: 0 }
+    }
+
+    pub fn config(&self) -> &OptimConfig {
+        &self.config
+    }
+
+    /// Adds the gradients of `loss` (scaled by the caller for accumulation).
+    pub fn backward(&mut self, model: &M, loss: Tensor<B, 1>) {
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        self.accumulator.accumulate(model, grads);
+        self.pending += 1;
+    }
+
+    /// Applies the accumulated gradients at the learning rate of `step` of `total`.
+    pub fn step(&mut self, model: M, step: usize, total: usize) -> (M, StepInfo) {
+        let mut grads = self.accumulator.grads();
+        self.pending = 0;
+        let grad_norm = global_norm::<B, M>(&model, &grads);
+        if self.config.grad_clip > 0.0 && grad_norm > self.config.grad_clip {
+            scale_grads::<B, M>(&model, &mut grads, self.config.grad_clip / (grad_norm + 1e-6));
+        }
+        let lr = self.config.lr_at(step, total);
+        let model = self.optim.step(lr, model, grads);
+        (model, StepInfo { lr, grad_norm })
+    }
+}
+
+/// sqrt of the sum of squares of every gradient.
+pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {
+    struct SumSquares<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let s = g.square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(t) => t + s,
+                    None => s,
+                });
+            }
+        }
+    }
+    let mut visitor = SumSquares::<B> { grads, total: None };
+    model.visit(&mut visitor);
+    visitor.total.map_or(0.0, |t| t.into_scalar().elem::<f64>().sqrt())
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale_grads<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &mut GradientsParams, factor: f64) {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.grads.register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    model.visit(&mut Scale { grads, factor });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(schedule: Schedule) -> OptimConfig {
+        OptimConfig {
+            lr: 1.0,
+            schedule,
+            warmup_steps: 2,
+            min_lr_ratio: 0.1,
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+        }
+    }
+
+    #[test]
+    fn schedules_warm_up_then_decay_to_the_floor() {
+        let cosine = config(Schedule::Cosine);
+        assert_eq!(cosine.lr_at(0, 12), 0.5);
+        assert_eq!(cosine.lr_at(1, 12), 1.0);
+        assert!((cosine.lr_at(2, 12) - 1.0).abs() < 1e-12);
+        assert!((cosine.lr_at(7, 12) - 0.55).abs() < 1e-12, "{}", cosine.lr_at(7, 12));
+        assert!((cosine.lr_at(12, 12) - 0.1).abs() < 1e-12);
+        let linear = config(Schedule::Linear);
+        assert!((linear.lr_at(7, 12) - 0.55).abs() < 1e-12);
+        assert_eq!(config(Schedule::Constant).lr_at(11, 12), 1.0);
+    }
+}
