@@ -179,7 +179,8 @@ fn a_recipe_trains_and_evaluates_the_tiny_model() {
         let train = synthetic(#{{ count: 12, lengths: [128], tokenizer: tiny, kinds: ["retrieval"], seed: 1 }});
         let held = synthetic(#{{ count: 4, lengths: [128, 256], tokenizer: tiny, kinds: ["retrieval"], seed: 2 }});
         let warm = sft(policy, train, #{{ lr: 1e-3, epochs: 1, batch_tokens: 1024, log_every: 1 }});
-        evaluate(warm, held, #{{ max_new_tokens: 8, name: "after" }});
+        let judged = reward(#{{ rule: #{{ text: "exact" }} }});
+        evaluate(warm, held, #{{ max_new_tokens: 8, name: "after", reward: judged }});
         "#,
         tiny = workspace().join("examples/models/tiny").display()
     );

@@ -135,8 +135,9 @@ pub fn probe(spec: DeviceSpec) -> Result<(), BackendError> {
     }
 }
 
+/// The wgpu device of a spec: index 0 is the default adapter, N the Nth discrete GPU.
 #[cfg(feature = "wgpu")]
-fn wgpu_device(spec: DeviceSpec) -> burn::backend::wgpu::WgpuDevice {
+pub fn wgpu_device(spec: DeviceSpec) -> burn::backend::wgpu::WgpuDevice {
     use burn::backend::wgpu::WgpuDevice;
     if spec.index == 0 { WgpuDevice::DefaultDevice } else { WgpuDevice::DiscreteGpu(spec.index) }
 }
@@ -162,8 +163,9 @@ fn dispatch_wgpu<T: BackendTask>(_spec: DeviceSpec, _task: T) -> Result<T::Outpu
     Err(BackendError::NotCompiled { kind: BackendKind::Wgpu })
 }
 
+/// The CUDA device of a spec.
 #[cfg(feature = "cuda")]
-fn cuda_device(spec: DeviceSpec) -> burn::backend::cuda::CudaDevice {
+pub fn cuda_device(spec: DeviceSpec) -> burn::backend::cuda::CudaDevice {
     burn::backend::cuda::CudaDevice::new(spec.index)
 }
 
@@ -196,11 +198,11 @@ fn probe_with<B: burn::tensor::backend::Backend>(spec: DeviceSpec, device: B::De
     use burn::tensor::Tensor;
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let outcome = std::panic::catch_unwind(move || {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let x = Tensor::<B, 1>::from_floats([1.0, 2.0, 3.0], &device);
         let sum: f32 = x.sum().into_scalar().elem();
         sum
-    });
+    }));
     std::panic::set_hook(previous);
     match outcome {
         Ok(sum) if (sum - 6.0).abs() < 1e-4 => Ok(()),

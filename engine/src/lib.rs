@@ -7,6 +7,8 @@ pub mod generate;
 pub mod plan;
 pub mod recipe;
 pub mod rundir;
+pub mod score;
+pub mod serve;
 
 use std::path::Path;
 

@@ -44,6 +44,60 @@ enum Command {
     Bench(BenchCommand),
     /// Try a model: sample a continuation of a prompt (temperature 0 = greedy).
     Generate(GenerateArgs),
+    /// Serve a model over the OpenAI-compatible chat API (so it can be a judge).
+    Serve(ServeArgs),
+    /// Score responses in a JSON Lines file (`response`, `gold`, `kind`): adds `score`.
+    Score(ScoreArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json with a chat template).
+    #[arg(long)]
+    model: PathBuf,
+    /// Port; 0 picks a free one (printed on the first line).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Address to bind (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens_cap: usize,
+    /// Stop after this many requests (default: serve until killed).
+    #[arg(long)]
+    max_requests: Option<usize>,
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    backend: BackendKind,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args, Debug)]
+struct ScoreArgs {
+    /// JSON Lines with `response`, `gold` (string or list) and `kind` (text, number, choice).
+    file: PathBuf,
+    /// How text answers compare: exact, contains or f1.
+    #[arg(long, default_value = "contains")]
+    text_match: String,
+    /// Score 0 when a response has no `</think>`.
+    #[arg(long)]
+    require_think_end: bool,
+    /// Base URL of an OpenAI-compatible judge (e.g. http://127.0.0.1:8000/v1).
+    #[arg(long)]
+    judge_url: Option<String>,
+    /// The judge's model name.
+    #[arg(long, default_value = "judge")]
+    judge_model: String,
+    /// Environment variable holding the judge's API key.
+    #[arg(long)]
+    judge_api_key_env: Option<String>,
+    /// Judge requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    judge_concurrency: usize,
+    /// Ask the judge about every answer, not only rule misses.
+    #[arg(long)]
+    judge_always: bool,
 }
 
 #[derive(Args, Debug)]
@@ -143,6 +197,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         device: usize,
     },
+    /// Judge throughput with the request pool at several concurrencies, against a loopback
+    /// server that answers after a fixed delay.
+    Judge {
+        #[arg(long, default_value_t = 64)]
+        requests: usize,
+        #[arg(long, default_value_t = 100)]
+        delay_ms: u64,
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        concurrency: Vec<usize>,
+    },
     /// (internal) one prefill of --len tokens; prints peak memory.
     #[command(hide = true)]
     PrefillMemory {
@@ -207,6 +271,44 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print_stages(&registry, name.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve(args) => {
+            let options = longrl_engine::serve::ServeOptions {
+                model: args.model,
+                host: args.host,
+                port: args.port,
+                max_tokens_cap: args.max_tokens_cap,
+                max_requests: args.max_requests,
+            };
+            longrl_backends::dispatch(DeviceSpec::new(args.backend, args.device), options)??;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Score(args) => {
+            use longrl_stdlib::reward::hybrid::{JudgeWhen, Reward};
+            let text: longrl_stdlib::reward::TextMatch = serde_json::from_value(serde_json::Value::String(args.text_match.clone()))
+                .map_err(|_| anyhow::anyhow!("--text-match must be exact, contains or f1"))?;
+            let rule = longrl_stdlib::reward::RuleConfig { require_think_end: args.require_think_end, text, ..Default::default() };
+            let mut reward = Reward::rule_only(rule);
+            if let Some(url) = args.judge_url {
+                let config = longrl_stdlib::reward::judge::JudgeConfig {
+                    url,
+                    model: args.judge_model,
+                    api_key_env: args.judge_api_key_env,
+                    concurrency: args.judge_concurrency,
+                    max_requests_per_s: 0.0,
+                    retries: 3,
+                    backoff_ms: 500,
+                    timeout_s: 60.0,
+                    max_tokens: 512,
+                };
+                reward.judge = Some(std::sync::Arc::new(longrl_stdlib::reward::judge::Judge::new(config)?));
+                reward.judge_when = if args.judge_always { JudgeWhen::Always } else { JudgeWhen::Miss };
+            }
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            longrl_engine::score::score_file(&args.file, &reward, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Generate(args) => {
             let request = longrl_engine::generate::GenerateRequest {
                 model: args.model,
@@ -247,6 +349,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     }
                     print!("  {len:>7} tokens: {}", String::from_utf8_lossy(&out.stdout));
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Judge { requests, delay_ms, concurrency }) => {
+            let figures = longrl_engine::bench::judge_throughput(requests, delay_ms, &concurrency).map_err(anyhow::Error::msg)?;
+            println!("judge pool: {requests} requests, server delay {delay_ms} ms");
+            let base = figures.first().map_or(1.0, |f| f.1);
+            for (c, rate) in figures {
+                println!("  concurrency {c:>3}: {rate:>8.1} requests/s ({:.1}x)", rate / base);
             }
             Ok(ExitCode::SUCCESS)
         }

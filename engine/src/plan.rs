@@ -408,6 +408,7 @@ impl ValidPlan {
                 PortKind::Records => "solid",
                 PortKind::Model => "bold",
                 PortKind::Reports => "dashed",
+                PortKind::Reward => "dotted",
             };
             out.push_str(&format!(
                 "  n{} -> n{} [label=\"{}\", style={style}];\n",

@@ -35,6 +35,7 @@ impl Registry {
         registry.add::<crate::stages::hotpotqa::HotpotConfig>();
         registry.add::<crate::stages::sft::SftConfig>();
         registry.add::<crate::stages::eval::EvalConfig>();
+        registry.add::<crate::stages::reward::RewardConfig>();
         registry
     }
 

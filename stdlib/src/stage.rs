@@ -29,6 +29,8 @@ pub enum PortKind {
     Model,
     /// Difficulty reports (per-task group rewards) from an RL phase.
     Reports,
+    /// A reward function (rule, judge, script), shared by the stages that score.
+    Reward,
 }
 
 impl fmt::Display for PortKind {
@@ -37,6 +39,7 @@ impl fmt::Display for PortKind {
             Self::Records => "records",
             Self::Model => "model",
             Self::Reports => "reports",
+            Self::Reward => "reward",
         })
     }
 }
@@ -86,6 +89,7 @@ pub enum Item {
     Record(Box<Record>),
     Model(ModelRef),
     Report(Box<DifficultyReport>),
+    Reward(std::sync::Arc<crate::reward::hybrid::Reward>),
 }
 
 impl Item {
@@ -95,6 +99,7 @@ impl Item {
             Self::Record(_) => PortKind::Records,
             Self::Model(_) => PortKind::Model,
             Self::Report(_) => PortKind::Reports,
+            Self::Reward(_) => PortKind::Reward,
         }
     }
 }
@@ -351,6 +356,18 @@ impl StageIo {
         }
     }
 
+    /// The reward published on a reward port, if the port is connected.
+    pub fn recv_reward(&mut self, port: &str) -> Result<Option<std::sync::Arc<crate::reward::hybrid::Reward>>, StageError> {
+        if !self.input_connected(port) {
+            return Ok(None);
+        }
+        match self.recv(port)? {
+            Some(Item::Reward(reward)) => Ok(Some(reward)),
+            Some(other) => Err(self.wrong_item(port, PortKind::Reward, &other)),
+            None => Err(StageError::Failed(format!("{}: input `{port}` closed before a reward arrived", self.label))),
+        }
+    }
+
     /// Sends an item to every edge leaving an output port, waiting while a downstream
     /// queue is full (backpressure). An edge whose consumer has finished is dropped.
     pub fn send(&mut self, port: &str, item: Item) -> Result<(), StageError> {
@@ -396,6 +413,10 @@ impl StageIo {
 
     pub fn send_model(&mut self, port: &str, model: ModelRef) -> Result<(), StageError> {
         self.send(port, Item::Model(model))
+    }
+
+    pub fn send_reward(&mut self, port: &str, reward: std::sync::Arc<crate::reward::hybrid::Reward>) -> Result<(), StageError> {
+        self.send(port, Item::Reward(reward))
     }
 
     pub fn send_report(&mut self, port: &str, report: DifficultyReport) -> Result<(), StageError> {

@@ -3,6 +3,8 @@
 
 pub mod choice;
 pub mod extract;
+pub mod hybrid;
+pub mod judge;
 pub mod numeric;
 pub mod text;
 

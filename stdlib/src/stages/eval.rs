@@ -19,7 +19,8 @@ use crate::model::load_model;
 use crate::progress::Progress;
 use crate::prompt::encode_prompt;
 use crate::record::Record;
-use crate::reward::{RuleConfig, Verdict};
+use crate::reward::RuleConfig;
+use crate::reward::hybrid::{Reward, RewardOutcome};
 use crate::stage::{ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `eval` stage.
@@ -43,7 +44,7 @@ pub struct EvalConfig {
     /// Seed of the sampling (mixed with the run seed).
     #[serde(default)]
     pub seed: u64,
-    /// Rule check of the answers.
+    /// Rule check of the answers, when no `reward` edge is connected.
     #[serde(default)]
     pub rule: RuleConfig,
     /// Length bucket edges in tokens; a task goes to the first edge at or above its length
@@ -80,6 +81,7 @@ impl StageConfig for EvalConfig {
     const INPUTS: &'static [PortSpec] = &[
         PortSpec::required("policy", PortKind::Model, "the model to evaluate"),
         PortSpec::required("data", PortKind::Records, "held-out tasks"),
+        PortSpec::optional("reward", PortKind::Reward, "how answers are scored (default: the `rule` option)"),
     ];
 
     fn validate(&self, _ctx: &StageContext) -> Vec<String> {
@@ -117,11 +119,34 @@ pub struct ItemResult {
     pub truncated: bool,
     pub gold: Vec<String>,
     pub responses: Vec<String>,
-    pub verdicts: Vec<Verdict>,
-    /// Mean score over samples.
+    pub verdicts: Vec<RewardOutcome>,
+    /// Mean score over the scorable samples.
     pub pass_at_1: f64,
     /// 1 when any sample is fully correct.
     pub pass_at_k: f64,
+    /// Samples the reward could not score (left out of the means).
+    pub unscorable: usize,
+}
+
+impl ItemResult {
+    /// Builds an item's figures from its samples' outcomes.
+    pub fn from_outcomes(record: &Record, bucket: usize, input_tokens: usize, truncated: bool, responses: Vec<String>, verdicts: Vec<RewardOutcome>) -> Self {
+        let scores: Vec<f64> = verdicts.iter().filter_map(|v| v.score).map(f64::from).collect();
+        let pass_at_1 = if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 };
+        Self {
+            id: record.id.clone(),
+            data_source: record.data_source.clone(),
+            bucket,
+            input_tokens,
+            truncated,
+            gold: record.answers.clone(),
+            pass_at_1,
+            pass_at_k: if scores.iter().any(|&s| s >= 1.0) { 1.0 } else { 0.0 },
+            unscorable: verdicts.len() - scores.len(),
+            responses,
+            verdicts,
+        }
+    }
 }
 
 /// One row of the summary table.
@@ -193,12 +218,16 @@ pub fn render_table(name: &str, rows: &[Row], samples: usize) -> String {
 impl Stage for Eval {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
         let policy = io.recv_model("policy")?;
+        let reward = match io.recv_reward("reward")? {
+            Some(reward) => reward,
+            None => std::sync::Arc::new(Reward::rule_only(self.config.rule.clone())),
+        };
         let mut records = Vec::new();
         while let Some(record) = io.recv_record("data")? {
             records.push(record);
         }
         let device = self.ctx.device;
-        longrl_backends::dispatch(device, EvalTask { stage: &self, io, policy, records })
+        longrl_backends::dispatch(device, EvalTask { stage: &self, io, policy, records, reward })
             .map_err(|e| StageError::Failed(e.to_string()))?
     }
 }
@@ -208,6 +237,7 @@ struct EvalTask<'a> {
     io: &'a mut StageIo,
     policy: ModelRef,
     records: Vec<Record>,
+    reward: std::sync::Arc<Reward>,
 }
 
 impl BackendTask for EvalTask<'_> {
@@ -265,23 +295,14 @@ impl BackendTask for EvalTask<'_> {
         }
         progress.finish();
 
+        let pairs: Vec<(&Record, &str)> =
+            self.records.iter().zip(&responses).flat_map(|(r, texts)| texts.iter().map(move |t| (r, t.as_str()))).collect();
+        let mut outcomes = self.reward.score_all(&pairs)?.into_iter();
         let mut items = Vec::with_capacity(self.records.len());
         for ((record, (prompt, truncated)), texts) in self.records.iter().zip(&prompts).zip(responses) {
-            let verdicts: Vec<Verdict> = texts.iter().map(|t| config.rule.score(t, record)).collect();
-            let n = verdicts.len().max(1) as f64;
+            let verdicts: Vec<RewardOutcome> = outcomes.by_ref().take(texts.len()).collect();
             let tokens = record.input_tokens.unwrap_or(prompt.len());
-            items.push(ItemResult {
-                id: record.id.clone(),
-                data_source: record.data_source.clone(),
-                bucket: bucket_of(record, tokens, &config.buckets),
-                input_tokens: tokens,
-                truncated: *truncated,
-                gold: record.answers.clone(),
-                pass_at_1: verdicts.iter().map(|v| f64::from(v.score)).sum::<f64>() / n,
-                pass_at_k: if verdicts.iter().any(|v| v.score >= 1.0) { 1.0 } else { 0.0 },
-                responses: texts,
-                verdicts,
-            });
+            items.push(ItemResult::from_outcomes(record, bucket_of(record, tokens, &config.buckets), tokens, *truncated, texts, verdicts));
         }
         let rows = summarize(&items);
         let table = render_table(&self.stage.name, &rows, config.samples);
@@ -304,7 +325,16 @@ impl BackendTask for EvalTask<'_> {
             fields.insert("n".into(), row.n.into());
             io.metrics().log(io.label(), 0, fields)?;
         }
+        let unscorable: usize = items.iter().map(|i| i.unscorable).sum();
+        if unscorable > 0 {
+            tracing::warn!(unscorable, "samples could not be scored and are left out of the accuracies");
+        }
+        let judge_stats = self.reward.judge.as_ref().map(|j| j.stats.snapshot());
         let summary = io.summary_mut();
+        summary.insert("unscorable".into(), unscorable.into());
+        if let Some(stats) = judge_stats {
+            summary.extend(stats);
+        }
         summary.insert("tasks".into(), items.len().into());
         summary.insert("rows".into(), serde_json::to_value(&rows).map_err(|e| StageError::Failed(e.to_string()))?);
         summary.insert("table".into(), table.into());
@@ -335,22 +365,13 @@ mod tests {
             (record("c", "qa", 2048, "Bern"), vec!["I do not know", "the answer is Riga"]),
             (record("d", "math", 2048, "7"), vec!["the answer is 7", "the answer is 8"]),
         ];
+        let reward = Reward::rule_only(rule);
         let items: Vec<ItemResult> = cases
             .iter()
             .map(|(r, texts)| {
-                let verdicts: Vec<Verdict> = texts.iter().map(|t| rule.score(t, r)).collect();
-                ItemResult {
-                    id: r.id.clone(),
-                    data_source: r.data_source.clone(),
-                    bucket: bucket_of(r, 0, &[]),
-                    input_tokens: 0,
-                    truncated: false,
-                    gold: r.answers.clone(),
-                    pass_at_1: verdicts.iter().map(|v| f64::from(v.score)).sum::<f64>() / 2.0,
-                    pass_at_k: if verdicts.iter().any(|v| v.score >= 1.0) { 1.0 } else { 0.0 },
-                    responses: texts.iter().map(|t| t.to_string()).collect(),
-                    verdicts,
-                }
+                let pairs: Vec<(&Record, &str)> = texts.iter().map(|t| (r, *t)).collect();
+                let verdicts = reward.score_all(&pairs).expect("scores");
+                ItemResult::from_outcomes(r, bucket_of(r, 0, &[]), 0, false, texts.iter().map(|t| t.to_string()).collect(), verdicts)
             })
             .collect();
         let rows = summarize(&items);

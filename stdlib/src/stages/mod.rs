@@ -5,6 +5,7 @@ pub mod filter;
 pub mod hotpotqa;
 pub mod jsonl;
 pub mod model;
+pub mod reward;
 pub mod sft;
 pub mod synthetic;
 pub mod write_jsonl;

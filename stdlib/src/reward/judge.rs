@@ -1,0 +1,363 @@
+//! The LLM judge: asks an OpenAI-compatible `/v1/chat/completions` endpoint whether a
+//! predicted answer is equivalent to the gold one for the question, and reads the *final*
+//! `[[YES]]`/`[[NO]]` verdict strictly. Requests run in a bounded pool with a rate limit,
+//! retries with backoff on 429, 5xx and timeouts, a timeout each, and a cache so no
+//! (question, prediction, gold, judge model) is paid twice. A sample the judge cannot score
+//! is unscorable, never a silent 0.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::StageError;
+
+/// Options of the judge.
+#[derive(Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeConfig {
+    /// Base URL of the API, e.g. `http://127.0.0.1:8000/v1` (`/chat/completions` is appended).
+    pub url: String,
+    /// The model name sent in each request.
+    pub model: String,
+    /// Name of the environment variable holding the API key (sent as a Bearer token; the
+    /// key itself is never written or logged).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// At most this many requests started per second (0 = no limit).
+    #[serde(default)]
+    pub max_requests_per_s: f64,
+    /// Retries after a 429, a 5xx, a timeout or a connection error.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First retry delay in milliseconds; doubled at each retry.
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    /// Timeout of one request in seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// Tokens the judge may write.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+}
+
+impl std::fmt::Debug for JudgeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JudgeConfig").field("url", &self.url).field("model", &self.model).field("concurrency", &self.concurrency).finish_non_exhaustive()
+    }
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_backoff() -> u64 {
+    500
+}
+fn default_timeout() -> f64 {
+    60.0
+}
+fn default_max_tokens() -> usize {
+    512
+}
+
+impl JudgeConfig {
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            out.push(format!("judge url `{}` must start with http:// or https://", self.url));
+        }
+        if self.concurrency == 0 {
+            out.push("judge concurrency must be at least 1".into());
+        }
+        if !(self.timeout_s > 0.0) {
+            out.push("judge timeout_s must be positive".into());
+        }
+        if let Some(var) = &self.api_key_env {
+            if std::env::var(var).is_err() {
+                out.push(format!("environment variable `{var}` (the judge's API key) is not set"));
+            }
+        }
+        out
+    }
+}
+
+/// What the judge said about one answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum JudgeVerdict {
+    Yes,
+    No,
+    /// No usable verdict after every retry; the reason says why.
+    Unscorable { reason: String },
+}
+
+impl JudgeVerdict {
+    pub fn score(&self) -> Option<f32> {
+        match self {
+            Self::Yes => Some(1.0),
+            Self::No => Some(0.0),
+            Self::Unscorable { .. } => None,
+        }
+    }
+}
+
+/// One question for the judge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JudgeRequest {
+    pub question: String,
+    pub prediction: String,
+    pub gold: String,
+}
+
+/// The judge's prompt (our own wording): the question, not the document.
+pub fn judge_prompt(request: &JudgeRequest) -> String {
+    format!(
+        "You check answers to questions. Decide whether the predicted answer means the same as \
+         the reference answer for this question. Ignore differences in wording, formatting, \
+         units written out or abbreviated, and extra words that do not change the answer.\n\n\
+         Question: {}\nReference answer: {}\nPredicted answer: {}\n\n\
+         Explain briefly, then end with your verdict on its own line: [[YES]] if they are \
+         equivalent, [[NO]] if not.",
+        request.question, request.gold, request.prediction
+    )
+}
+
+/// The final verdict of a reply: the last `[[...]]` marker, which must be `[[YES]]` or
+/// `[[NO]]` and be followed by nothing but whitespace and punctuation.
+pub fn parse_verdict(reply: &str) -> Option<bool> {
+    let start = reply.rfind("[[")?;
+    let end = start + reply[start..].find("]]")?;
+    let word = reply[start + 2..end].trim().to_ascii_uppercase();
+    let rest = &reply[end + 2..];
+    if rest.chars().any(|c| c.is_alphanumeric()) {
+        return None;
+    }
+    match word.as_str() {
+        "YES" => Some(true),
+        "NO" => Some(false),
+        _ => None,
+    }
+}
+
+/// Counters of a judge's work, readable at any time.
+#[derive(Debug, Default)]
+pub struct JudgeStats {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub unscorable: AtomicU64,
+}
+
+impl JudgeStats {
+    pub fn snapshot(&self) -> serde_json::Map<String, Value> {
+        let mut map = serde_json::Map::new();
+        for (name, counter) in [("judge_requests", &self.requests), ("judge_retries", &self.retries), ("judge_cache_hits", &self.cache_hits), ("judge_unscorable", &self.unscorable)] {
+            map.insert(name.into(), counter.load(Ordering::Relaxed).into());
+        }
+        map
+    }
+}
+
+/// A judge client shared by every stage that scores.
+pub struct Judge {
+    config: JudgeConfig,
+    agent: ureq::Agent,
+    api_key: Option<String>,
+    cache: Mutex<HashMap<JudgeRequest, bool>>,
+    next_start: Mutex<Instant>,
+    pub stats: JudgeStats,
+}
+
+impl std::fmt::Debug for Judge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Judge").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// How one attempt failed.
+enum Attempt {
+    /// Worth retrying: 429, 5xx, timeout, connection trouble.
+    Retry(String),
+    /// Will not improve: a 4xx, a reply without a verdict.
+    Final(String),
+}
+
+impl Judge {
+    pub fn new(config: JudgeConfig) -> Result<Self, StageError> {
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(StageError::Invalid(problems.join("; ")));
+        }
+        let api_key = config.api_key_env.as_ref().and_then(|var| std::env::var(var).ok());
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs_f64(config.timeout_s)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(Self { config, agent, api_key, cache: Mutex::new(HashMap::new()), next_start: Mutex::new(Instant::now()), stats: JudgeStats::default() })
+    }
+
+    pub fn config(&self) -> &JudgeConfig {
+        &self.config
+    }
+
+    /// Judges many answers with up to `concurrency` requests in flight. The order of the
+    /// verdicts is the order of the requests.
+    pub fn judge_all(&self, requests: &[JudgeRequest]) -> Vec<JudgeVerdict> {
+        let results: Vec<Mutex<Option<JudgeVerdict>>> = requests.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicU64::new(0);
+        let workers = self.config.concurrency.min(requests.len()).max(1);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(request) = requests.get(i) else { break };
+                        let verdict = self.judge(request);
+                        if let Ok(mut slot) = results[i].lock() {
+                            *slot = Some(verdict);
+                        }
+                    }
+                });
+            }
+        });
+        results
+            .into_iter()
+            .map(|slot| {
+                slot.into_inner().ok().flatten().unwrap_or(JudgeVerdict::Unscorable { reason: "the worker thread failed".into() })
+            })
+            .collect()
+    }
+
+    /// Judges one answer (cached, retried).
+    pub fn judge(&self, request: &JudgeRequest) -> JudgeVerdict {
+        if let Some(&yes) = self.cache.lock().ok().and_then(|c| c.get(request).copied()).as_ref() {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return if yes { JudgeVerdict::Yes } else { JudgeVerdict::No };
+        }
+        let mut delay = Duration::from_millis(self.config.backoff_ms);
+        let mut last = String::new();
+        for attempt in 0..=self.config.retries {
+            if attempt > 0 {
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            self.wait_for_rate_limit();
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            match self.ask(request) {
+                Ok(yes) => {
+                    if let Ok(mut cache) = self.cache.lock() {
+                        cache.insert(request.clone(), yes);
+                    }
+                    return if yes { JudgeVerdict::Yes } else { JudgeVerdict::No };
+                }
+                Err(Attempt::Retry(reason)) => {
+                    tracing::debug!(attempt, reason = %reason, "judge request failed; retrying");
+                    last = reason;
+                }
+                Err(Attempt::Final(reason)) => {
+                    last = reason;
+                    break;
+                }
+            }
+        }
+        self.stats.unscorable.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(reason = %last, "the judge could not score an answer; it is marked unscorable");
+        JudgeVerdict::Unscorable { reason: last }
+    }
+
+    fn wait_for_rate_limit(&self) {
+        if self.config.max_requests_per_s <= 0.0 {
+            return;
+        }
+        let gap = Duration::from_secs_f64(1.0 / self.config.max_requests_per_s);
+        let wait = match self.next_start.lock() {
+            Ok(mut next) => {
+                let now = Instant::now();
+                let start = (*next).max(now);
+                *next = start + gap;
+                start - now
+            }
+            Err(_) => Duration::ZERO,
+        };
+        std::thread::sleep(wait);
+    }
+
+    fn ask(&self, request: &JudgeRequest) -> Result<bool, Attempt> {
+        let url = format!("{}/chat/completions", self.config.url.trim_end_matches('/'));
+        let body = json!({
+            "model": self.config.model,
+            "messages": [{ "role": "user", "content": judge_prompt(request) }],
+            "temperature": 0.0,
+            "max_tokens": self.config.max_tokens,
+        });
+        let mut call = self.agent.post(&url).header("Content-Type", "application/json");
+        if let Some(key) = &self.api_key {
+            call = call.header("Authorization", &format!("Bearer {key}"));
+        }
+        let mut response = match call.send(body.to_string()) {
+            Ok(response) => response,
+            Err(ureq::Error::Timeout(_)) => return Err(Attempt::Retry("the request timed out".into())),
+            Err(err) => return Err(Attempt::Retry(format!("request failed: {err}"))),
+        };
+        let status = response.status().as_u16();
+        let text = match response.body_mut().read_to_string() {
+            Ok(text) => text,
+            Err(ureq::Error::Timeout(_)) => return Err(Attempt::Retry("the reply timed out".into())),
+            Err(err) => return Err(Attempt::Retry(format!("cannot read the reply: {err}"))),
+        };
+        if status == 429 || status >= 500 {
+            return Err(Attempt::Retry(format!("HTTP {status}")));
+        }
+        if status >= 400 {
+            return Err(Attempt::Final(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>())));
+        }
+        let json: Value = serde_json::from_str(&text).map_err(|_| Attempt::Retry("the reply is not JSON".into()))?;
+        let content = json
+            .pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Attempt::Retry("the reply has no choices[0].message.content".into()))?;
+        parse_verdict(content).ok_or_else(|| Attempt::Final("the reply ends without a [[YES]] or [[NO]] verdict".into()))
+    }
+}
+
+/// A shared judge.
+pub type SharedJudge = Arc<Judge>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_final_verdict_counts() {
+        let cases: &[(&str, Option<bool>)] = &[
+            ("They match.\n[[YES]]", Some(true)),
+            ("[[NO]]", Some(false)),
+            ("I first thought [[NO]] but they are the same. [[YES]].", Some(true)),
+            ("[[YES]] is what I would say if they matched; they do not.", None),
+            ("The answer YES is right", None),
+            ("[[MAYBE]]", None),
+            ("[[ yes ]]", Some(true)),
+            ("", None),
+        ];
+        for (reply, expected) in cases {
+            assert_eq!(parse_verdict(reply), *expected, "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn the_prompt_has_the_question_not_the_document() {
+        let prompt = judge_prompt(&JudgeRequest { question: "Q?".into(), prediction: "p".into(), gold: "g".into() });
+        assert!(prompt.contains("Question: Q?") && prompt.contains("Reference answer: g") && prompt.ends_with("[[NO]] if not."));
+    }
+}
