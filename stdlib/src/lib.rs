@@ -11,6 +11,7 @@ pub mod prompt;
 pub mod record;
 pub mod registry;
 pub mod reward;
+pub mod rl;
 pub mod script;
 pub mod stage;
 pub mod stages;

@@ -36,6 +36,7 @@ impl Registry {
         registry.add::<crate::stages::sft::SftConfig>();
         registry.add::<crate::stages::eval::EvalConfig>();
         registry.add::<crate::stages::reward::RewardConfig>();
+        registry.add::<crate::stages::rl_phase::RlPhaseConfig>();
         registry
     }
 

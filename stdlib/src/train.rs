@@ -9,6 +9,13 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+
+use crate::error::StageError;
+use crate::fsutil::write_atomic;
+
 /// Shape of the learning rate over training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -137,6 +144,29 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
         let grads = GradientsParams::from_grads(loss.backward(), model);
         self.accumulator.accumulate(model, grads);
         self.pending += 1;
+    }
+
+    /// Writes the optimizer's moments (keyed by parameter name hashes, see the model's
+    /// loader) to `path`, atomically.
+    pub fn save_state(&self, path: &Path) -> Result<(), StageError> {
+        let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
+            .record(self.optim.to_record(), ())
+            .map_err(|e| StageError::Failed(format!("{}: cannot encode the optimizer state: {e}", path.display())))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Restores moments written by [`Trainer::save_state`] for the same model.
+    pub fn load_state(self, path: &Path, device: &B::Device) -> Result<Self, StageError> {
+        let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
+        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+            .load(bytes, device)
+            .map_err(|e| StageError::Failed(format!("{}: not a readable optimizer state ({e})", path.display())))?;
+        Ok(Self { optim: self.optim.load_record(record), ..self })
+    }
+
+    /// Parameters the optimizer holds moments for.
+    pub fn state_len(&self) -> usize {
+        self.optim.to_record().len()
     }
 
     /// Applies the accumulated gradients at the learning rate of `step` of `total`.

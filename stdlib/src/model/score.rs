@@ -24,6 +24,17 @@ pub struct TokenScores<B: Backend> {
 /// Scores `responses` that all follow the same `prompt` (an RL group): the prompt runs
 /// once, and every response attends to its keys and values.
 pub fn score_group<B: Backend>(model: &CausalLm<B>, prompt: &[u32], responses: &[Vec<u32>]) -> Result<TokenScores<B>, ModelError> {
+    score_group_at(model, prompt, responses, 1.0)
+}
+
+/// [`score_group`] under the distribution `softmax(logits / temperature)`, the one a
+/// sampler at that temperature draws from.
+pub fn score_group_at<B: Backend>(
+    model: &CausalLm<B>,
+    prompt: &[u32],
+    responses: &[Vec<u32>],
+    temperature: f32,
+) -> Result<TokenScores<B>, ModelError> {
     if prompt.is_empty() || responses.is_empty() || responses.iter().any(Vec::is_empty) {
         return Err(ModelError::Invalid("scoring needs a prompt and non-empty responses".into()));
     }
@@ -51,7 +62,7 @@ pub fn score_group<B: Backend>(model: &CausalLm<B>, prompt: &[u32], responses: &
     } else {
         last_prompt
     };
-    Ok(scores_from_hidden(model, hidden, targets, mask, &device))
+    Ok(scores_from_hidden(model, hidden, targets, mask, temperature, &device))
 }
 
 /// Scores each `(prompt, response)` pair of a batch of different prompts. Rows are
@@ -88,7 +99,7 @@ pub fn score_batch<B: Backend>(model: &CausalLm<B>, pairs: &[(Vec<u32>, Vec<u32>
     let picked = hidden.gather(1, index); // [b, len, d]
     let responses: Vec<Vec<u32>> = pairs.iter().map(|(_, r)| r.clone()).collect();
     let (_, targets, mask) = padded(&responses, len);
-    Ok(scores_from_hidden(model, picked, targets, mask, &device))
+    Ok(scores_from_hidden(model, picked, targets, mask, 1.0, &device))
 }
 
 /// Right-padded ids, targets (same ids) and mask of a set of responses.
@@ -113,10 +124,13 @@ fn scores_from_hidden<B: Backend>(
     hidden: Tensor<B, 3>,
     targets: Vec<i64>,
     mask: Vec<f32>,
+    temperature: f32,
     device: &B::Device,
 ) -> TokenScores<B> {
     let [b, len, _] = hidden.dims();
-    let logp = log_softmax(model.logits(hidden), 2); // [b, len, vocab]
+    let logits = model.logits(hidden); // [b, len, vocab]
+    let logits = if (temperature - 1.0).abs() > f32::EPSILON && temperature > 0.0 { logits.div_scalar(temperature) } else { logits };
+    let logp = log_softmax(logits, 2); // [b, len, vocab]
     let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, len, 1]), device);
     let logprobs = logp.clone().gather(2, targets).reshape([b, len]);
     let entropy = (logp.clone().exp() * logp).sum_dim(2).reshape([b, len]).neg();

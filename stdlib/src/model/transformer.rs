@@ -3,7 +3,7 @@
 //! norm and a tied or untied LM head. Parameters are named and shaped as in Hugging Face
 //! checkpoints (Linear weights are stored transposed, `[in, out]`, as Burn computes `x W`).
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
@@ -141,7 +141,7 @@ impl<B: Backend> CausalLm<B> {
         let (h, kvh, hd) = (config.num_attention_heads, config.kv_heads(), config.head_dim());
         let eps = config.rms_norm_eps;
         let embed = source.tensor("model.embed_tokens.weight", &[vocab, d])?;
-        let embed_tokens = Embedding { weight: Param::from_tensor(tensor2(embed, [vocab, d], device)) };
+        let embed_tokens = Embedding { weight: named_param("model.embed_tokens.weight", tensor2(embed, [vocab, d], device)) };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -300,6 +300,13 @@ fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// A trainable parameter whose id is derived from its Hugging Face name (FNV-1a), so that
+/// optimizer state saved against one load of a checkpoint applies to the next load.
+fn named_param<B: Backend, const D: usize>(name: &str, value: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    let id = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
+    Param::initialized(ParamId::from(id), value.require_grad())
+}
+
 fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
@@ -320,11 +327,12 @@ fn linear<B: Backend>(
     let weight = source.tensor(&format!("{prefix}.weight"), &[d_out, d_in])?;
     let weight = tensor2::<B>(transpose(&weight, d_out, d_in), [d_in, d_out], device); // [in, out]
     let bias = if bias {
-        Some(Param::from_tensor(tensor1(source.tensor(&format!("{prefix}.bias"), &[d_out])?, d_out, device)))
+        let name = format!("{prefix}.bias");
+        Some(named_param(&name, tensor1(source.tensor(&name, &[d_out])?, d_out, device)))
     } else {
         None
     };
-    Ok(Linear { weight: Param::from_tensor(weight), bias })
+    Ok(Linear { weight: named_param(&format!("{prefix}.weight"), weight), bias })
 }
 
 fn rms_norm<B: Backend>(
@@ -335,5 +343,5 @@ fn rms_norm<B: Backend>(
     device: &B::Device,
 ) -> Result<RmsNorm<B>, ModelError> {
     let gamma = source.tensor(&format!("{prefix}.weight"), &[d])?;
-    Ok(RmsNorm { gamma: Param::from_tensor(tensor1(gamma, d, device)), epsilon: eps })
+    Ok(RmsNorm { gamma: named_param(&format!("{prefix}.weight"), tensor1(gamma, d, device)), epsilon: eps })
 }

@@ -6,6 +6,7 @@ pub mod hotpotqa;
 pub mod jsonl;
 pub mod model;
 pub mod reward;
+pub mod rl_phase;
 pub mod sft;
 pub mod synthetic;
 pub mod write_jsonl;

@@ -1,0 +1,179 @@
+//! The RL phase: the policy loss's gradient on a real model against finite differences, and
+//! a recipe where a few GRPO steps raise the mean reward, carry the optimizer state into a
+//! second phase and report every metric.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, Param};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use longrl_backends::CpuTrain;
+use longrl_engine::executor::RunOptions;
+use longrl_engine::recipe::Params;
+use longrl_engine::{execute, load_plan};
+use longrl_stdlib::model::score::score_group_at;
+use longrl_stdlib::model::{CausalLm, load_model};
+use longrl_stdlib::rl::loss::{Aggregation, KlEstimator, LossConfig, Normalizer};
+use longrl_stdlib::stages::rl_phase::{Group, group_loss};
+use longrl_stdlib::{CancelToken, Registry, StageContext};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+type Model = CausalLm<CpuTrain>;
+
+/// The model with `delta` added to its input embedding matrix (the gradient reaches it
+/// through every layer).
+fn shifted(model: &Model, delta: &[f32]) -> Model {
+    let mut out = model.clone();
+    let weight = out.embed_tokens.weight.val();
+    let shape = weight.dims();
+    let values: Vec<f32> = to_vec(weight.clone()).iter().zip(delta).map(|(w, d)| w + d).collect();
+    out.embed_tokens.weight = Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), &weight.device()));
+    out
+}
+
+fn to_vec<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().expect("f32")
+}
+
+#[test]
+fn the_policy_loss_gradient_matches_finite_differences() {
+    let dir = workspace().join("tests/fixtures/reference/tiny-llama");
+    let device = Default::default();
+    let (_, model) = load_model::<CpuTrain>(&dir, &device).expect("model");
+    let temperature = 0.8;
+    let prompt = vec![5u32, 9, 13, 21, 40];
+    let responses = vec![vec![30u32, 31, 2], vec![44u32, 7, 7, 19, 3], vec![8u32]];
+    // Old log-probs: the current ones shifted so that some ratios sit well inside the clip
+    // range and some well outside (shifts of 0.05 and 0.6), away from the kinks.
+    let current = score_group_at(&model.valid(), &prompt, &responses, temperature).expect("scores");
+    let current = current.logprobs.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+    let len = responses.iter().map(Vec::len).max().expect("responses");
+    let shifts = [0.05f32, -0.6, 0.6, -0.05, 0.05];
+    let old_logprobs: Vec<Vec<f32>> = responses
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (0..r.len()).map(|j| current[i * len + j] - shifts[(i + j) % shifts.len()]).collect())
+        .collect();
+    let group = Group {
+        prompt: prompt.clone(),
+        responses: responses.clone(),
+        old_logprobs,
+        rewards: vec![Some(1.0), Some(0.0), Some(0.5)],
+        advantages: vec![Some(1.2), Some(-0.9), Some(-0.3)],
+    };
+    // A reference a little away from the policy, so the KL term has a gradient.
+    let [vocab, hidden] = model.embed_tokens.weight.val().dims();
+    let nudge: Vec<f32> = (0..vocab * hidden).map(|i| if i % 3 == 0 { 0.01 } else { -0.01 }).collect();
+    let reference = shifted(&model, &nudge).valid();
+    let normalizer = Normalizer { tokens: 9.0, responses: 3.0 };
+    for aggregation in [Aggregation::Token, Aggregation::Sequence, Aggregation::TokenSumNorm] {
+        let config = LossConfig { eps_low: 0.2, eps_high: 0.28, aggregation, kl_coef: 0.3, kl_estimator: KlEstimator::K3, entropy_coef: 0.05, norm_length: 6.0 };
+        let loss_at = |m: &Model| -> f64 {
+            let (loss, _) = group_loss(m, Some(&reference), &group, temperature, &config, normalizer, &device).expect("loss");
+            loss.into_scalar().elem::<f64>()
+        };
+        let (loss, sums) = group_loss(&model, Some(&reference), &group, temperature, &config, normalizer, &device).expect("loss");
+        assert!(sums.clipped_tokens > 0.0 && sums.clipped_tokens < sums.tokens, "the batch mixes clipped and unclipped tokens");
+        let grads = loss.backward();
+        let grad = to_vec(model.embed_tokens.weight.grad(&grads).expect("embedding gradient"));
+        // The five largest entries, one at a time, by central differences.
+        let mut order: Vec<usize> = (0..grad.len()).collect();
+        order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+        let eps = 2e-3f32;
+        for &index in order.iter().take(5) {
+            let mut delta = vec![0.0f32; grad.len()];
+            delta[index] = eps;
+            let plus = loss_at(&shifted(&model, &delta));
+            delta[index] = -eps;
+            let minus = loss_at(&shifted(&model, &delta));
+            let numeric = (plus - minus) / (2.0 * f64::from(eps));
+            let analytic = f64::from(grad[index]);
+            eprintln!("{aggregation:?} embed[{index}]: analytic {analytic:.6}, numeric {numeric:.6}");
+            assert!(
+                (numeric - analytic).abs() <= 1e-3 + 0.005 * analytic.abs(),
+                "{aggregation:?}: d loss / d embed[{index}]: analytic {analytic:.6}, numeric {numeric:.6}"
+            );
+        }
+        // And along a random direction over the whole matrix.
+        let mut state = 17u64;
+        let direction: Vec<f32> = (0..grad.len())
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        let analytic: f64 = grad.iter().zip(&direction).map(|(g, d)| f64::from(g * d)).sum();
+        let step = 2e-3f32;
+        let plus = loss_at(&shifted(&model, &direction.iter().map(|d| d * step).collect::<Vec<_>>()));
+        let minus = loss_at(&shifted(&model, &direction.iter().map(|d| -d * step).collect::<Vec<_>>()));
+        let numeric = (plus - minus) / (2.0 * f64::from(step));
+        eprintln!("{aggregation:?} direction: analytic {analytic:.6}, numeric {numeric:.6}");
+        assert!(
+            (numeric - analytic).abs() <= 1e-3 + 0.005 * analytic.abs(),
+            "{aggregation:?}: directional derivative: analytic {analytic:.6}, numeric {numeric:.6}"
+        );
+    }
+}
+
+/// The reward of the end-to-end test: the share of the letter `e` in the response, a
+/// deterministic target that a randomly initialised model can learn in a few steps.
+const RECIPE: &str = r#"
+let tiny = "{tiny}";
+let policy = model(tiny, #{ init: "random", init_std: 0.08, seed: 3 });
+let tasks = synthetic(#{ count: 48, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 1 });
+let letters = reward(#{ script: |response, record| {
+    let hits = 0;
+    for c in response { if c == 'e' { hits += 1; } }
+    if response.len() == 0 { 0.0 } else { hits.to_float() / response.len().to_float() }
+} });
+let phase = #{
+    reward: letters, max_input: 256, max_output: 12, group: 6, prompts_per_step: 4, mini_batch: 2,
+    lr: 3e-3, schedule: "constant", warmup_steps: 0, temperature: 1.0, top_p: 1.0, seed: 5,
+};
+let first = rl_phase(policy, tasks, phase + #{ max_steps: 8 });
+rl_phase(first, tasks, phase + #{ max_steps: 1 });
+"#;
+
+#[test]
+fn a_few_rl_steps_raise_the_mean_reward_and_the_next_phase_carries_the_optimizer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = RECIPE.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
+    let registry = Registry::standard();
+    let plan = load_plan(&recipe, "rl.rhai", &registry, &Params::new()).expect("recipe");
+    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
+    let mut options = RunOptions::in_dir(dir.path());
+    options.run_dir = Some(dir.path().to_path_buf());
+    options.metrics = longrl_stdlib::metrics::Metrics::open(&dir.path().join("metrics.jsonl")).expect("metrics");
+    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
+    assert!(report.succeeded(), "{report}");
+
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let first_label = lines.iter().find_map(|l| l["stage"].as_str().filter(|s| s.starts_with("rl_phase"))).expect("rl metrics");
+    let first: Vec<&serde_json::Value> = lines.iter().filter(|l| l["stage"] == first_label).collect();
+    assert_eq!(first.len(), 8, "one metrics line per step: {metrics}");
+    for line in &first {
+        for field in [
+            "reward_mean", "accuracy", "pass_rate_histogram", "entropy", "clip_fraction", "response_length", "truncation_rate",
+            "groups_filtered", "unscorable", "rollout_tokens_per_s", "train_tokens_per_s", "loss", "grad_norm", "lr",
+        ] {
+            assert!(!line[field].is_null(), "metrics lack {field}: {line}");
+        }
+    }
+    let reward = |l: &&serde_json::Value| l["reward_mean"].as_f64().expect("reward");
+    let early: f64 = first[..2].iter().map(reward).sum::<f64>() / 2.0;
+    let late: f64 = first[6..].iter().map(reward).sum::<f64>() / 2.0;
+    eprintln!("mean reward of the first two steps {early:.3}, of the last two {late:.3}");
+    assert!(late > early + 0.05, "mean reward {early:.3} -> {late:.3}: {metrics}");
+
+    let phases: Vec<_> = report.stages.iter().filter(|s| s.label.starts_with("rl_phase")).collect();
+    assert_eq!(phases.len(), 2);
+    assert_eq!(phases[0].summary["optimizer_state"], "fresh");
+    assert_eq!(phases[1].summary["optimizer_state"], "carried", "the second phase continues the first one's moments");
+    let checkpoint = PathBuf::from(phases[0].summary["checkpoint"].as_str().expect("checkpoint"));
+    for file in ["model.safetensors", "config.json", "tokenizer.json", "optimizer.bin"] {
+        assert!(checkpoint.join(file).is_file(), "the phase's checkpoint lacks {file}");
+    }
+}
