@@ -25,10 +25,16 @@ fn check_prints_the_quickstart_plan() {
     let out = longrl(&["check", "scripts/quickstart.rhai"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    for stage in ["model#0", "synthetic#1", "synthetic#2", "sft#3", "evaluate#4", "evaluate#5"] {
+    for stage in ["model#0", "synthetic#1", "synthetic#2", "sft#3", "rl_phase#5", "hard_buffer#7", "rl_phase#8", "evaluate#9", "evaluate#10", "evaluate#11"] {
         assert!(stdout.contains(stage), "{stage} missing from\n{stdout}");
     }
-    for recipe in ["scripts/filter_hotpotqa.rhai"] {
+    for recipe in [
+        "scripts/filter_hotpotqa.rhai",
+        "scripts/rl_phase.rhai",
+        "scripts/qwenlong_l1.rhai",
+        "scripts/ablation_single_phase.rhai",
+        "scripts/ablation_no_retrospective.rhai",
+    ] {
         let out = longrl(&["check", recipe]);
         assert!(out.status.success(), "{recipe}: {}", text(&out.stderr));
     }

@@ -177,3 +177,116 @@ fn a_few_rl_steps_raise_the_mean_reward_and_the_next_phase_carries_the_optimizer
         assert!(checkpoint.join(file).is_file(), "the phase's checkpoint lacks {file}");
     }
 }
+
+/// Phase 1 reports every task; the reward depends only on the task (1 when its answer has
+/// an even number of characters), so the zero-accuracy tasks are known in advance.
+const CHAIN: &str = r#"
+let tiny = "{tiny}";
+let policy = model(tiny, #{ init: "random", init_std: 0.08, seed: 3 });
+let short = synthetic(#{ count: 8, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 1 });
+short.write_jsonl("short.jsonl");
+let long = synthetic(#{ count: 3, lengths: [160], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 2 });
+let parity = reward(#{ script: |response, record| if record.answers[0].len() % 2 == 0 { 1.0 } else { 0.0 } });
+let phase = #{ reward: parity, max_output: 4, group: 2, mini_batch: 2, lr: 1e-3, dynamic_sampling: false, seed: 1 };
+let first = rl_phase(policy, short, phase + #{ max_input: 100, prompts_per_step: 4 });
+let hard = hard_buffer(first.output("reports"), long, #{ policy: "zero_accuracy", mix: 1.0 });
+rl_phase(first, hard, phase + #{ min_input: 100, max_input: 200, prompts_per_step: 2, max_steps: 1 });
+"#;
+
+#[test]
+fn the_second_phase_receives_the_first_phases_zero_accuracy_tasks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = CHAIN.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
+    let registry = Registry::standard();
+    let plan = load_plan(&recipe, "chain.rhai", &registry, &Params::new()).expect("recipe");
+    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
+    let mut options = RunOptions::in_dir(dir.path());
+    options.run_dir = Some(dir.path().to_path_buf());
+    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
+    assert!(report.succeeded(), "{report}");
+
+    let read_lines = |path: PathBuf| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+    };
+    let short = read_lines(dir.path().join("short.jsonl"));
+    let mut zero: Vec<String> = short
+        .iter()
+        .filter(|r| r["answers"][0].as_str().expect("answer").chars().count() % 2 == 1)
+        .map(|r| r["id"].as_str().expect("id").to_string())
+        .collect();
+    zero.sort();
+    assert!(!zero.is_empty() && zero.len() < short.len(), "the fixture needs both kinds of task: {zero:?}");
+
+    let phases: Vec<_> = report.stages.iter().filter(|s| s.label.starts_with("rl_phase")).collect();
+    let second_dir = PathBuf::from(phases[1].summary["checkpoint"].as_str().expect("checkpoint"));
+    let tasks = read_lines(second_dir.join("tasks.jsonl"));
+    let mut carried: Vec<String> = tasks.iter().filter(|t| t["carried"] == true).map(|t| t["id"].as_str().expect("id").to_string()).collect();
+    carried.sort();
+    assert_eq!(carried, zero, "phase 2 trains on exactly phase 1's zero-accuracy tasks");
+    assert_eq!(tasks.iter().filter(|t| t["carried"] == false).count(), 3, "and on its own fresh tasks");
+    assert_eq!(phases[1].summary["carried_tasks"], zero.len());
+    assert_eq!(phases[1].summary["optimizer_state"], "carried");
+    let buffer = report.stages.iter().find(|s| s.label.starts_with("hard_buffer")).expect("buffer");
+    assert_eq!(buffer.summary["tasks_reported"], short.len());
+    let state: longrl_stdlib::rl::buffer::HardBuffer =
+        serde_json::from_str(&std::fs::read_to_string(buffer.summary["state"].as_str().expect("state")).expect("state file")).expect("state");
+    let mut held = state.held.clone();
+    held.sort();
+    assert_eq!(held, zero);
+}
+
+#[test]
+fn check_rejects_a_curriculum_whose_bands_overlap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = CHAIN.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string()).replace("min_input: 100,", "min_input: 50,");
+    let registry = Registry::standard();
+    let plan = load_plan(&recipe, "chain.rhai", &registry, &Params::new()).expect("recipe");
+    let problems = plan.validate(&registry, &StageContext::for_check(dir.path())).expect_err("overlapping bands");
+    let text = problems.to_string();
+    assert!(text.contains("chain.rhai:11:1") && text.contains("overlaps"), "{text}");
+}
+
+#[test]
+fn offline_difficulty_scoring_annotates_records_and_feeds_a_buffer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = r#"
+        let tiny = "{tiny}";
+        let policy = model(tiny, #{ init: "random", init_std: 0.08, seed: 3 });
+        let tasks = synthetic(#{ count: 6, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 1 });
+        let parity = reward(#{ script: |response, record| if record.answers[0].len() % 2 == 0 { 1.0 } else { 0.0 } });
+        let scored = score_difficulty(policy, tasks, #{ reward: parity, group: 3, max_output: 4 });
+        scored.output("records").write_jsonl("scored.jsonl");
+        hard_buffer(scored.output("reports"), #{ policy: "zero_accuracy", mix: 1.0 }).write_jsonl("hard.jsonl");
+    "#
+    .replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
+    let registry = Registry::standard();
+    let plan = load_plan(&recipe, "score.rhai", &registry, &Params::new()).expect("recipe");
+    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
+    let mut options = RunOptions::in_dir(dir.path());
+    options.run_dir = Some(dir.path().to_path_buf());
+    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
+    assert!(report.succeeded(), "{report}");
+    let read = |name: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.path().join(name)).expect("output").lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+    };
+    let scored = read("scored.jsonl");
+    assert_eq!(scored.len(), 6);
+    let mut unsolved = Vec::new();
+    for record in &scored {
+        let even = record["answers"][0].as_str().expect("answer").chars().count() % 2 == 0;
+        let difficulty = &record["metadata"]["difficulty"];
+        assert_eq!(difficulty["pass_rate"].as_f64(), Some(if even { 1.0 } else { 0.0 }), "{record}");
+        assert_eq!(difficulty["rewards"].as_array().expect("rewards").len(), 3);
+        if even {
+            assert_eq!(difficulty["difficulty"].as_f64(), Some(1.0), "1 / mean reward");
+        } else {
+            assert!(difficulty["difficulty"].is_null(), "infinite difficulty is null");
+            unsolved.push(record["id"].as_str().expect("id").to_string());
+        }
+    }
+    let mut carried: Vec<String> = read("hard.jsonl").iter().map(|r| r["id"].as_str().expect("id").to_string()).collect();
+    carried.sort();
+    unsolved.sort();
+    assert!(!unsolved.is_empty());
+    assert_eq!(carried, unsolved, "the buffer holds the tasks nothing solved");
+}

@@ -6,6 +6,7 @@ pub mod executor;
 pub mod generate;
 pub mod plan;
 pub mod recipe;
+pub mod report;
 pub mod rundir;
 pub mod score;
 pub mod serve;

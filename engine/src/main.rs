@@ -48,6 +48,11 @@ enum Command {
     Serve(ServeArgs),
     /// Score responses in a JSON Lines file (`response`, `gold`, `kind`): adds `score`.
     Score(ScoreArgs),
+    /// Rebuild a run's report.html (plots of its metrics) from its directory.
+    Report {
+        /// The run directory, e.g. runs/<name>.
+        run_dir: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -267,6 +272,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", if dot { plan.to_dot() } else { plan.to_text() });
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report { run_dir } => {
+            let path = longrl_engine::report::write_report(&run_dir)?;
+            println!("{}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stages { name } => {
             print_stages(&registry, name.as_deref())?;
             Ok(ExitCode::SUCCESS)
@@ -445,6 +455,10 @@ fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
     };
     let report = execute(&plan, registry, &options, &cancel)?;
     run_dir.record_report(&report)?;
+    match longrl_engine::report::write_report(&run_dir.path) {
+        Ok(path) => eprintln!("report: {}", path.display()),
+        Err(e) => eprintln!("warning: the report could not be written: {e}"),
+    }
     eprintln!("{report}");
     let mut tables = Vec::new();
     for stage in &report.stages {

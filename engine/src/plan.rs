@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use longrl_stdlib::rl::chain::{ChainEdge, ChainNode, chain_problems};
 use longrl_stdlib::script::ScriptFn;
 use longrl_stdlib::{PortKind, Registry, StageContext};
 use serde_json::Value;
@@ -218,6 +219,16 @@ impl Plan {
             let names: Vec<String> = cycle.iter().map(|&id| self.nodes[id].label()).collect();
             let position = self.nodes[cycle[0]].position;
             problems.push(Problem::new(position, format!("the plan has a cycle: {} -> {}", names.join(" -> "), names[0])));
+        }
+
+        // The curriculum: phases chained with growing, non-overlapping bands; buffers read
+        // by later phases.
+        let chain_nodes: Vec<ChainNode> =
+            self.nodes.iter().filter(|n| !n.unknown).map(|n| ChainNode { id: n.id, stage: &n.stage, options: &n.options }).collect();
+        let chain_edges: Vec<ChainEdge> =
+            resolved.iter().map(|e| ChainEdge { from: e.from, from_port: e.from_port, to: e.to, to_port: e.to_port }).collect();
+        for (id, message) in chain_problems(&chain_nodes, &chain_edges) {
+            problems.push(Problem::new(self.nodes[id].position, message));
         }
 
         if problems.is_empty() {

@@ -48,6 +48,12 @@ impl AtomicFile {
         let path = self.path.clone();
         self.temp.flush().map_err(|e| StageError::io(&path, e))?;
         self.temp.as_file().sync_all().map_err(|e| StageError::io(&path, e))?;
+        // Temporary files are private (0600); the result gets the usual permissions.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = self.temp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+        }
         let result = if self.overwrite {
             self.temp.persist(&path).map(|_| ())
         } else {

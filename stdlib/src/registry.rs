@@ -37,6 +37,8 @@ impl Registry {
         registry.add::<crate::stages::eval::EvalConfig>();
         registry.add::<crate::stages::reward::RewardConfig>();
         registry.add::<crate::stages::rl_phase::RlPhaseConfig>();
+        registry.add::<crate::stages::hard_buffer::HardBufferConfig>();
+        registry.add::<crate::stages::score_difficulty::ScoreDifficultyConfig>();
         registry
     }
 

@@ -1,6 +1,9 @@
 //! Reinforcement learning pieces: group advantages, the policy loss, overlong shaping.
 
 pub mod advantage;
+pub mod buffer;
+pub mod chain;
 pub mod dynamic;
 pub mod loss;
+pub mod rollout;
 pub mod shaping;

@@ -19,9 +19,10 @@ use rand::seq::SliceRandom;
 use serde::Deserialize;
 
 use crate::error::StageError;
+use crate::fsutil::write_atomic;
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
-use crate::model::generate::{FinishReason, SamplingConfig, generate_group};
+use crate::model::generate::SamplingConfig;
 use crate::model::score::score_group_at;
 use crate::model::{CausalLm, load_model, save_model};
 use crate::progress::Progress;
@@ -31,6 +32,7 @@ use crate::reward::hybrid::Reward;
 use crate::reward::RuleConfig;
 use crate::rl::advantage::{StdScaling, group_advantages, mean_std};
 use crate::rl::dynamic::{Drop, drop_reason, fill_step};
+use crate::rl::rollout::rollout_group;
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums, Normalizer, policy_loss};
 use crate::rl::shaping::overlong_penalty;
 use crate::stage::{DifficultyReport, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
@@ -40,9 +42,15 @@ use crate::train::{OptimConfig, Trainer};
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RlPhaseConfig {
-    /// The phase's input budget N in tokens; longer prompts are cut in the middle.
+    /// The phase's input budget N in tokens: it trains on tasks whose length (the document
+    /// budget a source recorded, else the prompt's tokens) is in (min_input, max_input].
     pub max_input: usize,
-    /// Tasks at or below this length (the previous phase's budget) are passed by.
+    /// Tokens the prompt may have beyond `max_input` for the template, question and
+    /// instruction; longer prompts are cut in the middle.
+    #[serde(default = "default_prompt_room")]
+    pub prompt_room: usize,
+    /// Tasks at or below this length (the previous phase's budget) are passed by, except
+    /// those a hard buffer carried from an earlier phase.
     #[serde(default)]
     pub min_input: usize,
     /// Most tokens per response (L_max).
@@ -133,6 +141,9 @@ pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 
 fn default_max_output() -> usize {
     1024
+}
+fn default_prompt_room() -> usize {
+    128
 }
 fn default_group() -> usize {
     8
@@ -287,19 +298,28 @@ impl BackendTask for RlTask<'_> {
         // The phase's tasks: inside (min_input, max_input], prompts encoded once.
         let mut tasks: Vec<(Record, Vec<u32>)> = Vec::new();
         let mut passed_by = 0usize;
+        let mut carried_tasks = 0usize;
+        let mut task_list = Vec::new();
         for record in self.records {
-            let (prompt, _) = encode_prompt(&tokenizer, &record, config.max_input)?;
+            let (prompt, _) = encode_prompt(&tokenizer, &record, config.max_input + config.prompt_room)?;
             let length = record
                 .metadata
                 .get("length_budget")
                 .and_then(serde_json::Value::as_u64)
                 .map_or_else(|| record.input_tokens.unwrap_or(prompt.len()), |b| b as usize);
-            if length <= config.min_input || length > config.max_input {
+            // Tasks carried from an earlier phase's buffer keep their own length.
+            let carried = record.metadata.contains_key("carried");
+            if !carried && (length <= config.min_input || length > config.max_input) {
                 passed_by += 1;
                 continue;
             }
+            carried_tasks += usize::from(carried);
+            task_list.push(serde_json::json!({ "id": record.id, "length": length, "prompt_tokens": prompt.len(), "carried": carried }));
             tasks.push((record, prompt));
         }
+        let task_file = self.stage.out_dir.join("tasks.jsonl");
+        let lines: String = task_list.iter().map(|t| format!("{t}\n")).collect();
+        write_atomic(&task_file, lines.as_bytes())?;
         if tasks.is_empty() {
             return Err(StageError::Failed(format!(
                 "{}: no task falls within ({}, {}] tokens ({passed_by} passed by)",
@@ -361,28 +381,15 @@ impl BackendTask for RlTask<'_> {
                     stop_tokens: stop_tokens.clone(),
                     seed: rng_seed(config.seed, self.stage.ctx.seed, step, index),
                 };
-                let completions = generate_group(&inference, prompt, config.group, &sampling)?;
-                let texts: Vec<String> = completions
-                    .iter()
-                    .map(|c| {
-                        let mut tokens = c.tokens.clone();
-                        if tokens.last().is_some_and(|t| stop_tokens.contains(t)) {
-                            tokens.pop();
-                        }
-                        tokenizer.tokenizer.decode(&tokens, false)
-                    })
-                    .collect::<Result<_, _>>()?;
-                let pairs: Vec<(&Record, &str)> = texts.iter().map(|t| (record, t.as_str())).collect();
-                let outcomes = self.reward.score_all(&pairs)?;
+                let rollout = rollout_group(&inference, &tokenizer, record, prompt, config.group, &sampling, &self.reward)?;
+                let (completions, outcomes) = (&rollout.completions, &rollout.outcomes);
                 let mut rewards = Vec::with_capacity(completions.len());
                 let mut correct = 0usize;
-                for (completion, outcome) in completions.iter().zip(&outcomes) {
+                stats.truncated += rollout.truncated();
+                for (i, (completion, outcome)) in completions.iter().zip(outcomes).enumerate() {
                     stats.responses += 1;
                     stats.length_sum += completion.tokens.len();
-                    if completion.finish == FinishReason::Length {
-                        stats.truncated += 1;
-                    }
-                    if outcome.rule.score >= 1.0 || outcome.score.is_some_and(|s| s >= 1.0) {
+                    if rollout.correct(i) {
                         correct += 1;
                     }
                     let shaped = outcome.score.map(|s| {
@@ -531,6 +538,7 @@ impl BackendTask for RlTask<'_> {
         let summary = io.summary_mut();
         summary.insert("tasks".into(), tasks.len().into());
         summary.insert("passed_by".into(), passed_by.into());
+        summary.insert("carried_tasks".into(), carried_tasks.into());
         summary.insert("updates".into(), update.into());
         summary.insert("optimizer_state".into(), (if carried { "carried" } else { "fresh" }).into());
         summary.insert("prompts_tried".into(), totals.tried.into());

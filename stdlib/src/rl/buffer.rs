@@ -1,0 +1,244 @@
+//! The hard-sample buffer (difficulty-aware retrospective sampling): it keeps the tasks a
+//! phase found hardest, by a policy chosen in the recipe, so the next phase trains on them
+//! again. Difficulty is 1 / mean group reward (infinite when no rollout earned anything).
+
+use std::collections::BTreeMap;
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::record::Record;
+use crate::stage::DifficultyReport;
+
+/// Which tasks are carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferPolicy {
+    /// Tasks no rollout solved (QwenLong-L1's choice).
+    #[default]
+    ZeroAccuracy,
+    /// The `count` (or `fraction`) most difficult tasks.
+    Hardest,
+    /// Tasks whose pass rate lies within `band`.
+    Band,
+    /// `count` (or `fraction`) tasks drawn without replacement with probability
+    /// proportional to their difficulty (capped at `max_weight`).
+    Importance,
+}
+
+/// How the buffer selects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Selection {
+    pub policy: BufferPolicy,
+    pub count: Option<usize>,
+    pub fraction: Option<f32>,
+    pub band: Option<[f32; 2]>,
+    pub max_weight: f32,
+    pub seed: u64,
+}
+
+/// One task as last reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub record: Record,
+    pub rewards: Vec<f32>,
+    pub pass_rate: f32,
+}
+
+impl Entry {
+    /// 1 / mean reward; infinite when the mean is zero or below (or nothing was scored).
+    pub fn difficulty(&self) -> f32 {
+        if self.rewards.is_empty() {
+            return f32::INFINITY;
+        }
+        let mean = self.rewards.iter().sum::<f32>() / self.rewards.len() as f32;
+        if mean <= 0.0 { f32::INFINITY } else { 1.0 / mean }
+    }
+}
+
+/// The buffer's whole state: what was reported, and what it holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HardBuffer {
+    /// Every task reported, by id (a task reported again replaces its earlier report).
+    pub reported: BTreeMap<String, Entry>,
+    /// The ids selected, hardest first, at most `capacity`.
+    pub held: Vec<String>,
+    pub capacity: usize,
+}
+
+impl HardBuffer {
+    pub fn new(capacity: usize) -> Self {
+        Self { reported: BTreeMap::new(), held: Vec::new(), capacity }
+    }
+
+    pub fn observe(&mut self, report: DifficultyReport) {
+        let entry = Entry { rewards: report.rewards, pass_rate: report.pass_rate, record: report.record };
+        self.reported.insert(entry.record.id.clone(), entry);
+    }
+
+    /// Ids of the reported tasks, hardest first (ties: lower pass rate, then id).
+    pub fn by_difficulty(&self) -> Vec<&str> {
+        let mut ids: Vec<&Entry> = self.reported.values().collect();
+        ids.sort_by(|a, b| {
+            b.difficulty().total_cmp(&a.difficulty()).then(a.pass_rate.total_cmp(&b.pass_rate)).then(a.record.id.cmp(&b.record.id))
+        });
+        ids.into_iter().map(|e| e.record.id.as_str()).collect()
+    }
+
+    /// Selects the held tasks from what was reported.
+    pub fn select(&mut self, selection: &Selection) {
+        let ranked = self.by_difficulty();
+        let wanted = |total: usize| match (selection.count, selection.fraction) {
+            (Some(count), _) => count.min(total),
+            (None, Some(fraction)) => ((total as f32 * fraction).round() as usize).min(total),
+            (None, None) => total,
+        };
+        let mut held: Vec<String> = match selection.policy {
+            BufferPolicy::ZeroAccuracy => ranked
+                .iter()
+                .filter(|id| {
+                    let e = &self.reported[**id];
+                    !e.rewards.is_empty() && e.pass_rate <= 0.0
+                })
+                .map(|id| id.to_string())
+                .collect(),
+            BufferPolicy::Hardest => ranked.iter().take(wanted(ranked.len())).map(|id| id.to_string()).collect(),
+            BufferPolicy::Band => {
+                let [a, b] = selection.band.unwrap_or([0.0, 0.0]);
+                ranked.iter().filter(|id| (a..=b).contains(&self.reported[**id].pass_rate)).map(|id| id.to_string()).collect()
+            }
+            BufferPolicy::Importance => {
+                // Weighted sampling without replacement (Efraimidis-Spirakis): the largest
+                // keys u^(1/w) win.
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(selection.seed);
+                let mut keyed: Vec<(f64, &str)> = ranked
+                    .iter()
+                    .map(|id| {
+                        let weight = f64::from(self.reported[*id].difficulty().min(selection.max_weight).max(1e-6));
+                        let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                        (u.powf(1.0 / weight), *id)
+                    })
+                    .collect();
+                keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+                let mut chosen: Vec<&str> = keyed.iter().take(wanted(keyed.len())).map(|(_, id)| *id).collect();
+                // Held in difficulty order like the other policies.
+                chosen.sort_by_key(|id| ranked.iter().position(|r| r == id));
+                chosen.into_iter().map(str::to_string).collect()
+            }
+        };
+        held.truncate(self.capacity);
+        self.held = held;
+    }
+
+    /// The held records.
+    pub fn held_entries(&self) -> impl Iterator<Item = &Entry> {
+        self.held.iter().map(|id| &self.reported[id])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(id: &str, rewards: &[f32]) -> DifficultyReport {
+        let pass_rate = rewards.iter().filter(|r| **r >= 1.0).count() as f32 / rewards.len().max(1) as f32;
+        DifficultyReport { record: serde_json::from_value(serde_json::json!({ "id": id })).expect("record"), rewards: rewards.to_vec(), pass_rate }
+    }
+
+    /// Six tasks of known difficulty: mean rewards 0, 0, 0.25, 0.5, 0.75, 1.
+    fn filled(capacity: usize) -> HardBuffer {
+        let mut buffer = HardBuffer::new(capacity);
+        for (id, rewards) in [
+            ("f", &[1.0, 1.0, 1.0, 1.0][..]),
+            ("a", &[0.0, 0.0, 0.0, 0.0]),
+            ("c", &[1.0, 0.0, 0.0, 0.0]),
+            ("b", &[0.0, 0.0, 0.0, 0.0]),
+            ("d", &[1.0, 1.0, 0.0, 0.0]),
+            ("e", &[1.0, 1.0, 1.0, 0.0]),
+        ] {
+            buffer.observe(report(id, rewards));
+        }
+        buffer
+    }
+
+    fn selection(policy: BufferPolicy) -> Selection {
+        Selection { policy, count: None, fraction: None, band: None, max_weight: 20.0, seed: 7 }
+    }
+
+    #[test]
+    fn difficulty_is_the_inverse_mean_reward() {
+        let buffer = filled(10);
+        assert_eq!(buffer.reported["a"].difficulty(), f32::INFINITY);
+        assert_eq!(buffer.reported["c"].difficulty(), 4.0);
+        assert_eq!(buffer.reported["d"].difficulty(), 2.0);
+        assert_eq!(buffer.reported["f"].difficulty(), 1.0);
+        assert_eq!(buffer.by_difficulty(), vec!["a", "b", "c", "d", "e", "f"]);
+    }
+
+    #[test]
+    fn each_policy_carries_the_expected_tasks() {
+        let mut buffer = filled(10);
+        buffer.select(&selection(BufferPolicy::ZeroAccuracy));
+        assert_eq!(buffer.held, vec!["a", "b"]);
+        buffer.select(&Selection { count: Some(3), ..selection(BufferPolicy::Hardest) });
+        assert_eq!(buffer.held, vec!["a", "b", "c"]);
+        buffer.select(&Selection { fraction: Some(0.5), ..selection(BufferPolicy::Hardest) });
+        assert_eq!(buffer.held, vec!["a", "b", "c"]);
+        buffer.select(&Selection { band: Some([0.2, 0.6]), ..selection(BufferPolicy::Band) });
+        assert_eq!(buffer.held, vec!["c", "d"]);
+        // Capacity keeps the hardest.
+        let mut small = filled(1);
+        small.select(&selection(BufferPolicy::ZeroAccuracy));
+        assert_eq!(small.held, vec!["a"]);
+        // A task reported again is replaced, not duplicated.
+        let mut buffer = filled(10);
+        buffer.observe(report("a", &[1.0, 1.0, 1.0, 1.0]));
+        buffer.select(&selection(BufferPolicy::ZeroAccuracy));
+        assert_eq!(buffer.held, vec!["b"]);
+        assert_eq!(buffer.reported.len(), 6);
+    }
+
+    #[test]
+    fn importance_sampling_follows_difficulty() {
+        // Draw 2 of the 6 many times: the frequencies follow the weights (20, 20, 4, 2,
+        // 1.33, 1: difficulty, the zero-reward tasks capped at max_weight 20).
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        let runs = 2000;
+        for seed in 0..runs {
+            let mut buffer = filled(10);
+            buffer.select(&Selection { count: Some(2), seed, ..selection(BufferPolicy::Importance) });
+            assert_eq!(buffer.held.len(), 2);
+            assert_ne!(buffer.held[0], buffer.held[1], "no duplicates");
+            for id in &buffer.held {
+                *counts.entry(id.clone()).or_default() += 1;
+            }
+        }
+        // Exact inclusion probability of a draw of two without replacement:
+        // P(i) = w_i / T + sum over j != i of (w_j / T) (w_i / (T - w_j)).
+        let weights = [("a", 20.0f64), ("b", 20.0), ("c", 4.0), ("d", 2.0), ("e", 4.0 / 3.0), ("f", 1.0)];
+        let total: f64 = weights.iter().map(|(_, w)| w).sum();
+        for (id, w) in weights {
+            let second: f64 = weights.iter().filter(|(j, _)| *j != id).map(|(_, wj)| wj / total * w / (total - wj)).sum();
+            let expected = w / total + second;
+            let share = counts.get(id).copied().unwrap_or(0) as f64 / runs as f64;
+            assert!((share - expected).abs() < 0.035, "{id}: drawn {share:.3}, expected {expected:.3} ({counts:?})");
+        }
+        // Same seed, same draw.
+        let mut x = filled(10);
+        let mut y = filled(10);
+        let s = Selection { count: Some(3), ..selection(BufferPolicy::Importance) };
+        x.select(&s);
+        y.select(&s);
+        assert_eq!(x.held, y.held);
+    }
+
+    #[test]
+    fn the_state_round_trips_through_serialization() {
+        let mut buffer = filled(4);
+        buffer.select(&Selection { count: Some(3), ..selection(BufferPolicy::Hardest) });
+        let json = serde_json::to_string(&buffer).expect("serializes");
+        let back: HardBuffer = serde_json::from_str(&json).expect("deserializes");
+        assert_eq!(back, buffer);
+        assert_eq!(back.held_entries().map(|e| e.record.id.as_str()).collect::<Vec<_>>(), vec!["a", "b", "c"]);
+    }
+}

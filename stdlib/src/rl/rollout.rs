@@ -1,0 +1,64 @@
+//! One group rollout: G samples of a task's prompt (the prompt prefilled once and shared),
+//! decoded and scored by the reward. Shared by the RL phase and offline difficulty scoring.
+
+use burn::tensor::backend::Backend;
+
+use crate::error::StageError;
+use crate::model::CausalLm;
+use crate::model::chat::ModelTokenizer;
+use crate::model::generate::{Completion, FinishReason, SamplingConfig, generate_group};
+use crate::record::Record;
+use crate::reward::hybrid::{Reward, RewardOutcome};
+
+/// The samples of one prompt and their scores.
+#[derive(Debug, Clone)]
+pub struct GroupRollout {
+    pub completions: Vec<Completion>,
+    pub outcomes: Vec<RewardOutcome>,
+}
+
+impl GroupRollout {
+    /// Whether sample `i` is fully correct (by the rule or by the final score).
+    pub fn correct(&self, i: usize) -> bool {
+        let outcome = &self.outcomes[i];
+        outcome.rule.score >= 1.0 || outcome.score.is_some_and(|s| s >= 1.0)
+    }
+
+    /// Correct samples over scorable ones (0 when none is scorable).
+    pub fn pass_rate(&self) -> f32 {
+        let scorable = self.outcomes.iter().filter(|o| o.score.is_some()).count();
+        let correct = (0..self.outcomes.len()).filter(|&i| self.correct(i)).count();
+        correct as f32 / scorable.max(1) as f32
+    }
+
+    /// Samples that hit the token limit.
+    pub fn truncated(&self) -> usize {
+        self.completions.iter().filter(|c| c.finish == FinishReason::Length).count()
+    }
+}
+
+/// Samples `group` responses to `prompt` and scores them against `record`.
+pub fn rollout_group<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &ModelTokenizer,
+    record: &Record,
+    prompt: &[u32],
+    group: usize,
+    sampling: &SamplingConfig,
+    reward: &Reward,
+) -> Result<GroupRollout, StageError> {
+    let completions = generate_group(model, prompt, group, sampling)?;
+    let texts: Vec<String> = completions
+        .iter()
+        .map(|c| {
+            let mut tokens = c.tokens.clone();
+            if tokens.last().is_some_and(|t| sampling.stop_tokens.contains(t)) {
+                tokens.pop();
+            }
+            tokenizer.tokenizer.decode(&tokens, false)
+        })
+        .collect::<Result<_, _>>()?;
+    let pairs: Vec<(&Record, &str)> = texts.iter().map(|t| (record, t.as_str())).collect();
+    let outcomes = reward.score_all(&pairs)?;
+    Ok(GroupRollout { completions, outcomes })
+}
