@@ -7,6 +7,7 @@ pub mod generate;
 pub mod plan;
 pub mod recipe;
 pub mod report;
+pub mod resume;
 pub mod rundir;
 pub mod score;
 pub mod serve;

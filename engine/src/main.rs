@@ -1,6 +1,6 @@
 //! The `longrl` binary: run, check and draw recipes, list stages, benchmark.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -152,8 +152,15 @@ struct RecipeArgs {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    #[command(flatten)]
-    recipe: RecipeArgs,
+    /// The recipe file (.rhai). With --resume it may be left out: the run's own copy is used.
+    recipe: Option<PathBuf>,
+    /// Set a recipe parameter read by `param("key", default)`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue a killed run in its directory: finished stages are not redone, interrupted
+    /// ones restart from their last checkpoint. Refused if the recipe's plan changed.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
     /// Name of the run directory (default: recipe name and time).
     #[arg(long)]
     name: Option<String>,
@@ -417,14 +424,19 @@ fn print_warnings(plan: &longrl_engine::ValidPlan) {
 }
 
 fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
-    let Some((source, plan)) = checked(&args.recipe, registry)? else { return Ok(ExitCode::FAILURE) };
+    if let Some(resume) = &args.resume {
+        return resume_run(&args, resume, registry);
+    }
+    let Some(recipe) = args.recipe.clone() else { bail!("give a recipe to run (or --resume RUN_DIR)") };
+    let recipe_args = RecipeArgs { recipe, set: args.set.clone() };
+    let Some((source, plan)) = checked(&recipe_args, registry)? else { return Ok(ExitCode::FAILURE) };
     print_warnings(&plan);
     let device = DeviceSpec::new(args.backend, args.device);
     longrl_backends::probe(device)?;
-    let run_dir = RunDir::create(&args.runs_dir, args.name.as_deref(), &args.recipe.recipe)?;
+    let run_dir = RunDir::create(&args.runs_dir, args.name.as_deref(), &recipe_args.recipe)?;
     let info = serde_json::json!({
-        "recipe": args.recipe.recipe.display().to_string(),
-        "params": params(&args.recipe)?,
+        "recipe": recipe_args.recipe.display().to_string(),
+        "params": params(&recipe_args)?,
         "backend": args.backend.as_str(),
         "device": device.to_string(),
         "seed": args.seed,
@@ -432,7 +444,48 @@ fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
     });
     run_dir.record_inputs(&source, &plan, info)?;
     eprintln!("run directory: {}", run_dir.path.display());
+    execute_in(plan, registry, run_dir, device, args.seed, args.channel_capacity)
+}
 
+/// `longrl run --resume DIR`: the same plan again, in the same directory, with the metrics
+/// of unfinished work dropped back to each stage's last checkpoint.
+fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCode> {
+    let run_dir = RunDir::open(dir)?;
+    let info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("run.json")).with_context(|| format!("{}: cannot read the run's settings", dir.join("run.json").display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", dir.join("run.json").display()))?;
+    let recipe = args.recipe.clone().unwrap_or_else(|| dir.join("recipe.rhai"));
+    let mut set: Vec<String> = info["params"]
+        .as_object()
+        .map(|params| params.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    set.extend(args.set.iter().cloned());
+    let recipe_args = RecipeArgs { recipe, set };
+    let Some((_, plan)) = checked(&recipe_args, registry)? else { return Ok(ExitCode::FAILURE) };
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("plan.json")).with_context(|| format!("{}: cannot read the run's plan", dir.join("plan.json").display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", dir.join("plan.json").display()))?;
+    let changes = longrl_engine::resume::plan_changes(&saved, &plan.to_json());
+    if !changes.is_empty() {
+        bail!(
+            "cannot resume {}: the recipe's plan changed since the run started, so its checkpoints do not fit:\n  {}\n(start a new run instead)",
+            dir.display(),
+            changes.join("\n  ")
+        );
+    }
+    let backend = info["backend"].as_str().map(parse_backend).transpose().map_err(anyhow::Error::msg)?.unwrap_or(args.backend);
+    let device = DeviceSpec::new(backend, info["device"].as_str().and_then(|d| d.rsplit(':').next()?.parse().ok()).unwrap_or(args.device));
+    longrl_backends::probe(device)?;
+    let seed = info["seed"].as_u64().unwrap_or(args.seed);
+    let labels: Vec<String> = plan.nodes.iter().map(|n| n.label()).collect();
+    let kept = longrl_engine::resume::rewind_metrics(dir, &labels)?;
+    eprintln!("resuming {} ({kept} metrics lines kept)", dir.display());
+    execute_in(plan, registry, run_dir, device, seed, args.channel_capacity)
+}
+
+fn execute_in(plan: longrl_engine::ValidPlan, registry: &Registry, run_dir: RunDir, device: DeviceSpec, seed: u64, channel_capacity: usize) -> Result<ExitCode> {
     let cancel = CancelToken::new();
     {
         let cancel = cancel.clone();
@@ -448,9 +501,9 @@ fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
     let options = RunOptions {
         base_dir: std::env::current_dir().context("cannot read the working directory")?,
         run_dir: Some(run_dir.path.clone()),
-        seed: args.seed,
+        seed,
         device,
-        channel_capacity: args.channel_capacity,
+        channel_capacity,
         metrics: run_dir.metrics()?,
     };
     let report = execute(&plan, registry, &options, &cancel)?;

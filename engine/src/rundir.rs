@@ -50,6 +50,15 @@ impl RunDir {
         Err(StageError::Failed(format!("could not find a free run name like {base} in {}", root.display())))
     }
 
+    /// An existing run directory, to resume.
+    pub fn open(path: &Path) -> Result<Self, StageError> {
+        if !path.join("run.json").is_file() {
+            return Err(StageError::Invalid(format!("{} is not a run directory (it has no run.json)", path.display())));
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Self { path: path.to_path_buf(), name })
+    }
+
     /// Saves the recipe text and the validated plan.
     pub fn record_inputs(&self, recipe_text: &str, plan: &ValidPlan, run_info: serde_json::Value) -> Result<(), StageError> {
         write_atomic(&self.path.join("recipe.rhai"), recipe_text.as_bytes())?;

@@ -1,6 +1,7 @@
 //! longrl standard library: the stage contract, the standard stages (sources, filter,
 //! sinks, training and evaluation stages) and the model runtime they share.
 
+pub mod checkpoint;
 pub mod error;
 pub mod fsutil;
 pub mod metrics;

@@ -48,6 +48,15 @@ impl Progress {
         }
     }
 
+    /// Marks `done` units as already done (a resumed stage).
+    pub fn skip(&self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        } else if let Ok(mut state) = self.state.lock() {
+            state.0 = done;
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

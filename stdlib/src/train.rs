@@ -16,6 +16,9 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
 
+/// The file, next to a model's weights, that holds its optimizer state.
+pub const OPTIMIZER_FILE: &str = "optimizer.bin";
+
 /// Shape of the learning rate over training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]

@@ -6,7 +6,7 @@
 //! difficulty and publishes the new policy.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,8 +16,9 @@ use burn::tensor::{Tensor, TensorData};
 use longrl_backends::BackendTask;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{Done, StageCheckpoints, republish};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
 use crate::model::chat::ModelTokenizer;
@@ -125,6 +126,20 @@ pub struct RlPhaseConfig {
     /// (fresh when there is none); `reset`: always fresh moments.
     #[serde(default)]
     pub optimizer_state: OptimizerState,
+    /// Save a checkpoint (weights, optimizer, cursors, reports so far) every this many
+    /// steps for `longrl run --resume` (0 = only the stage's end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_checkpoint_every() -> usize {
+    10
+}
+fn default_keep() -> usize {
+    2
 }
 
 /// Whether a phase continues the previous phase's optimizer moments.
@@ -136,8 +151,7 @@ pub enum OptimizerState {
     Reset,
 }
 
-/// The file, next to a policy's weights, that holds its optimizer state.
-pub const OPTIMIZER_FILE: &str = "optimizer.bin";
+pub use crate::train::OPTIMIZER_FILE;
 
 fn default_max_output() -> usize {
     1024
@@ -268,7 +282,7 @@ pub struct Group {
 }
 
 /// What a step's rollout phase saw.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct RolloutStats {
     tried: usize,
     dropped_zero_variance: usize,
@@ -291,6 +305,18 @@ impl BackendTask for RlTask<'_> {
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let config = &self.stage.config;
         let io = self.io;
+        let checkpoints = self.stage.ctx.run_dir.as_ref().map(|run| StageCheckpoints::new(run, io.label(), config.keep_checkpoints));
+        if let Some(done) = checkpoints.as_ref().map(StageCheckpoints::done).transpose()?.flatten() {
+            // Finished in an earlier attempt: its reports again, then its model.
+            if let Some(dir) = &done.model {
+                for report in read_reports(&dir.join(REPORTS_FILE))? {
+                    if io.output_connected("reports") {
+                        io.send_report("reports", report)?;
+                    }
+                }
+            }
+            return republish(io, done);
+        }
         let tokenizer = ModelTokenizer::load(&self.policy.dir)?;
         let (model_config, mut model) = load_model::<B>(&self.policy.dir, &device)?;
         let reference = (config.kl_coef > 0.0).then(|| model.valid());
@@ -360,11 +386,31 @@ impl BackendTask for RlTask<'_> {
         stop_tokens.extend(model_config.eos_ids());
         let progress = Progress::new(io.label(), total_steps as u64, "steps");
         let started = Instant::now();
-        let (mut reports_sent, mut update, mut short_steps) = (0usize, 0usize, 0usize);
+        let (mut update, mut short_steps, mut metrics_lines, mut first_step) = (0usize, 0usize, 0usize, 0usize);
         let mut totals = RolloutStats::default();
         let mut last_reward_mean = f64::NAN;
+        // Every report sent, kept to be saved with checkpoints and replayed on resume.
+        let mut reports: Vec<DifficultyReport> = Vec::new();
+        let mut carried = carried;
+        if let Some((dir, state)) = checkpoints.as_ref().map(StageCheckpoints::latest).transpose()?.flatten() {
+            let resumed: ResumeState = serde_json::from_value(state)
+                .map_err(|e| StageError::Failed(format!("{}: unreadable checkpoint state ({e})", dir.join("state.json").display())))?;
+            model = load_model::<B>(&dir, &device)?.1;
+            trainer = trainer.load_state(&dir.join(OPTIMIZER_FILE), &device)?;
+            queue = resumed.queue.into_iter().collect();
+            (first_step, update, short_steps, metrics_lines) = (resumed.step, resumed.update, resumed.short_steps, resumed.metrics_lines);
+            (totals, last_reward_mean, carried) = (resumed.totals, resumed.last_reward_mean.unwrap_or(f64::NAN), resumed.optimizer_carried);
+            reports = read_reports(&dir.join(REPORTS_FILE))?;
+            if io.output_connected("reports") {
+                for report in &reports {
+                    io.send_report("reports", report.clone())?;
+                }
+            }
+            progress.skip(first_step as u64);
+            tracing::info!(stage = %io.label(), step = first_step, "resuming from {}", dir.display());
+        }
 
-        for step in 0..total_steps {
+        for step in first_step..total_steps {
             io.cancel_token().check()?;
             // Rollouts with dynamic sampling: keep drawing prompts until the step is full.
             let rollout_started = Instant::now();
@@ -410,11 +456,11 @@ impl BackendTask for RlTask<'_> {
                 stats.scorable += scorable;
                 let pass_rate = correct as f32 / scorable.max(1) as f32;
                 stats.pass_rate_histogram[histogram_bin(pass_rate)] += 1;
+                let report = DifficultyReport { record: record.clone(), rewards: rewards.iter().flatten().copied().collect(), pass_rate };
                 if io.output_connected("reports") {
-                    let report = DifficultyReport { record: record.clone(), rewards: rewards.iter().flatten().copied().collect(), pass_rate };
-                    io.send_report("reports", report)?;
-                    reports_sent += 1;
+                    io.send_report("reports", report.clone())?;
                 }
+                reports.push(report);
                 match drop_reason(&rewards, pass_rate, config.dynamic_sampling, config.accuracy_band) {
                     None => Ok(Some(Group {
                         prompt: prompt.clone(),
@@ -465,13 +511,15 @@ impl BackendTask for RlTask<'_> {
             for group in &mut groups {
                 group.advantages = group_advantages(&group.rewards, config.std_scaling, batch_std);
             }
-            // Updates over mini-batches.
+            // Updates over mini-batches, in an order drawn from the step's own stream (so a
+            // resumed run draws the same).
+            let mut step_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed(config.seed ^ 0x5eed, self.stage.ctx.seed, step, 0));
             let train_started = Instant::now();
             let mut sums = LossSums::default();
             let (mut loss_sum, mut grad_norm, mut lr, mut train_tokens) = (0.0f64, 0.0f64, 0.0f64, 0usize);
             for _ in 0..config.ppo_epochs {
                 let mut order: Vec<usize> = (0..groups.len()).collect();
-                order.shuffle(&mut rng);
+                order.shuffle(&mut step_rng);
                 for chunk in order.chunks(config.mini_batch) {
                     let normalizer = normalizer(&groups, chunk);
                     if normalizer.responses == 0.0 {
@@ -523,10 +571,31 @@ impl BackendTask for RlTask<'_> {
             fields.insert("grad_norm".into(), grad_norm.into());
             fields.insert("lr".into(), lr.into());
             io.metrics().log(io.label(), step as u64, fields)?;
+            metrics_lines += 1;
             progress.advance(&format!("reward {last_reward_mean:.3} acc {:.2}", stats.correct as f64 / responses));
             accumulate(&mut totals, &stats);
             if queue.is_empty() {
                 break;
+            }
+            let done_steps = step + 1;
+            if let Some(checkpoints) = checkpoints.as_ref().filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps) {
+                let state = ResumeState {
+                    step: done_steps,
+                    update,
+                    short_steps,
+                    metrics_lines,
+                    queue: queue.iter().copied().collect(),
+                    totals: totals.clone(),
+                    last_reward_mean: last_reward_mean.is_finite().then_some(last_reward_mean),
+                    optimizer_carried: carried,
+                };
+                let state = serde_json::to_value(&state).map_err(|e| StageError::Failed(e.to_string()))?;
+                checkpoints.save(done_steps, &state, |dir| {
+                    save_model(&model.valid(), &model_config, dir, SaveDtype::F32)?;
+                    copy_tokenizer_files(&self.policy.dir, dir)?;
+                    trainer.save_state(&dir.join(OPTIMIZER_FILE))?;
+                    write_reports(&dir.join(REPORTS_FILE), &reports)
+                })?;
             }
         }
         progress.finish();
@@ -534,6 +603,7 @@ impl BackendTask for RlTask<'_> {
         save_model(&model.valid(), &model_config, dir, config.save_dtype)?;
         copy_tokenizer_files(&self.policy.dir, dir)?;
         trainer.save_state(&dir.join(OPTIMIZER_FILE))?;
+        write_reports(&dir.join(REPORTS_FILE), &reports)?;
         let responses = totals.responses.max(1) as f64;
         let summary = io.summary_mut();
         summary.insert("tasks".into(), tasks.len().into());
@@ -548,11 +618,54 @@ impl BackendTask for RlTask<'_> {
         summary.insert("truncated".into(), totals.truncated.into());
         summary.insert("accuracy".into(), (totals.correct as f64 / responses).into());
         summary.insert("final_reward_mean".into(), last_reward_mean.into());
-        summary.insert("reports".into(), reports_sent.into());
+        summary.insert("reports".into(), reports.len().into());
         summary.insert("wall_s".into(), started.elapsed().as_secs_f64().into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());
+        let summary = summary.clone();
+        if let Some(checkpoints) = &checkpoints {
+            checkpoints.mark_done(&Done { model: Some(dir.clone()), summary, metrics_lines })?;
+        }
         io.send_model("model", ModelRef { dir: dir.clone() })
     }
+}
+
+/// Where a phase stands between steps: everything a resumed run needs besides the weights,
+/// the optimizer and the reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ResumeState {
+    /// Steps done.
+    step: usize,
+    /// Optimizer updates done (the schedule's position).
+    update: usize,
+    short_steps: usize,
+    metrics_lines: usize,
+    /// Task indices still to draw, in order.
+    queue: Vec<usize>,
+    totals: RolloutStats,
+    last_reward_mean: Option<f64>,
+    optimizer_carried: bool,
+}
+
+/// The reports a phase sent, saved beside its weights.
+const REPORTS_FILE: &str = "reports.jsonl";
+
+fn write_reports(path: &Path, reports: &[DifficultyReport]) -> Result<(), StageError> {
+    let mut text = String::new();
+    for report in reports {
+        text.push_str(&serde_json::to_string(report).map_err(|e| StageError::Failed(e.to_string()))?);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+fn read_reports(path: &Path) -> Result<Vec<DifficultyReport>, StageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| StageError::BadRecord { path: path.to_path_buf(), line: i + 1, message: e.to_string() })
+        })
+        .collect()
 }
 
 fn accumulate(totals: &mut RolloutStats, stats: &RolloutStats) {

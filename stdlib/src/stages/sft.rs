@@ -14,6 +14,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Deserialize;
 
+use crate::checkpoint::{Done, StageCheckpoints, republish};
 use crate::error::StageError;
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
@@ -23,7 +24,7 @@ use crate::progress::Progress;
 use crate::prompt::{encode_prompt, reasoning_trace};
 use crate::record::Record;
 use crate::stage::{ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
-use crate::train::{OptimConfig, Trainer};
+use crate::train::{OPTIMIZER_FILE, OptimConfig, Trainer};
 
 /// Options of the `sft` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -59,6 +60,20 @@ pub struct SftConfig {
     /// Write a metrics line every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
+    /// Save a checkpoint (weights, optimizer, position) every this many steps for
+    /// `longrl run --resume` (0 = only the stage's end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_checkpoint_every() -> usize {
+    50
+}
+fn default_keep() -> usize {
+    2
 }
 
 fn default_epochs() -> usize {
@@ -203,6 +218,10 @@ impl BackendTask for SftTask<'_> {
         let config = &self.stage.config;
         let io = self.io;
         let tokenizer = ModelTokenizer::load(&self.policy.dir)?;
+        let checkpoints = self.stage.ctx.run_dir.as_ref().map(|run| StageCheckpoints::new(run, io.label(), config.keep_checkpoints));
+        if let Some(done) = checkpoints.as_ref().map(StageCheckpoints::done).transpose()?.flatten() {
+            return republish(io, done);
+        }
         let (model_config, mut model) = load_model::<B>(&self.policy.dir, &device)?;
         let (examples, skipped) = make_examples(&tokenizer, &self.records, config.max_input, config.max_response)?;
         if examples.is_empty() {
@@ -217,11 +236,22 @@ impl BackendTask for SftTask<'_> {
         }
         tracing::info!(examples = examples.len(), skipped, steps = total_steps, "sft starts");
         let mut trainer = Trainer::<B, CausalLm<B>>::new(config.optim.clone());
+        let (mut tokens_seen, mut last_loss, mut metrics_lines, mut first_step) = (0usize, f64::NAN, 0usize, 0usize);
+        if let Some((dir, state)) = checkpoints.as_ref().map(StageCheckpoints::latest).transpose()?.flatten() {
+            // Resume: weights, moments and position of the newest checkpoint.
+            model = load_model::<B>(&dir, &device)?.1;
+            trainer = trainer.load_state(&dir.join(OPTIMIZER_FILE), &device)?;
+            first_step = state["step"].as_u64().unwrap_or(0) as usize;
+            tokens_seen = state["tokens_seen"].as_u64().unwrap_or(0) as usize;
+            last_loss = state["last_loss"].as_f64().unwrap_or(f64::NAN);
+            metrics_lines = state["metrics_lines"].as_u64().unwrap_or(0) as usize;
+            tracing::info!(stage = %io.label(), step = first_step, "resuming from {}", dir.display());
+        }
         let progress = Progress::new(io.label(), total_steps as u64, "steps");
+        progress.skip(first_step as u64);
         let all: Vec<&Vec<usize>> = epochs.iter().flatten().collect();
         let started = Instant::now();
-        let (mut tokens_seen, mut last_loss) = (0usize, f64::NAN);
-        for (step, group) in all.chunks(config.grad_accum).take(total_steps).enumerate() {
+        for (step, group) in all.chunks(config.grad_accum).take(total_steps).enumerate().skip(first_step) {
             io.cancel_token().check()?;
             let step_started = Instant::now();
             let denominator: usize = group.iter().flat_map(|b| b.iter()).map(|&i| examples[i].1.len()).sum();
@@ -248,7 +278,17 @@ impl BackendTask for SftTask<'_> {
                 fields.insert("tokens_per_s".into(), tokens_per_s.into());
                 fields.insert("tokens".into(), tokens_seen.into());
                 io.metrics().log(io.label(), step as u64, fields)?;
+                metrics_lines += 1;
                 tracing::info!(step, loss = loss_sum, lr = info.lr, tokens_per_s, "sft step");
+            }
+            let done_steps = step + 1;
+            if let Some(checkpoints) = checkpoints.as_ref().filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps) {
+                let state = serde_json::json!({ "step": done_steps, "tokens_seen": tokens_seen, "last_loss": last_loss, "metrics_lines": metrics_lines });
+                checkpoints.save(done_steps, &state, |dir| {
+                    save_model(&model.valid(), &model_config, dir, SaveDtype::F32)?;
+                    copy_tokenizer_files(&self.policy.dir, dir)?;
+                    trainer.save_state(&dir.join(OPTIMIZER_FILE))
+                })?;
             }
         }
         progress.finish();
@@ -263,6 +303,10 @@ impl BackendTask for SftTask<'_> {
         summary.insert("final_loss".into(), last_loss.into());
         summary.insert("tokens_per_s".into(), (tokens_seen as f64 / wall).into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());
+        let summary = summary.clone();
+        if let Some(checkpoints) = &checkpoints {
+            checkpoints.mark_done(&Done { model: Some(dir.clone()), summary, metrics_lines })?;
+        }
         io.send_model("model", ModelRef { dir: dir.clone() })
     }
 }

@@ -1,0 +1,206 @@
+//! Stage checkpoints for exact resume. A training stage saves its whole state every few
+//! steps into `runs/<name>/checkpoints/<stage>-<node>/step-NNNNNN/` (weights as f32
+//! safetensors with the tokenizer, optimizer moments, and `state.json`: step, cursors,
+//! counters, metrics lines logged), written in a temporary directory, renamed into place,
+//! and only then named by `latest.json`, so an interrupted write leaves the previous
+//! checkpoint in force. A finished stage writes `done.json` (what it published and its
+//! summary) so a resumed run republishes instead of recomputing.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::StageError;
+use crate::fsutil::write_atomic;
+use crate::stage::{ModelRef, StageIo};
+
+/// What a finished stage published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    /// The model directory it sent on its `model` output, if any.
+    pub model: Option<PathBuf>,
+    /// Its summary figures.
+    pub summary: serde_json::Map<String, Value>,
+    /// Metrics lines it logged in all.
+    pub metrics_lines: usize,
+}
+
+/// Publishes what a stage finished in an earlier attempt published: its summary and its
+/// model (a resumed run does not recompute it).
+pub fn republish(io: &mut StageIo, done: Done) -> Result<(), StageError> {
+    tracing::info!(stage = %io.label(), "finished in an earlier attempt; republishing its results");
+    io.summary_mut().extend(done.summary);
+    if let Some(dir) = done.model {
+        io.send_model("model", ModelRef { dir })?;
+    }
+    Ok(())
+}
+
+/// The pointer to a stage's newest complete checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Latest {
+    dir: String,
+    step: usize,
+}
+
+/// The directory of a stage's checkpoints: `checkpoints/<stage>-<node>` for label
+/// `stage#node`.
+pub fn stage_dir(run_dir: &Path, label: &str) -> PathBuf {
+    run_dir.join("checkpoints").join(label.replace('#', "-"))
+}
+
+/// Metrics lines a stage may keep on resume: all when it finished, those logged before its
+/// newest checkpoint when it has one, none otherwise.
+pub fn metrics_lines_to_keep(run_dir: &Path, label: &str) -> Result<usize, StageError> {
+    let checkpoints = StageCheckpoints { root: stage_dir(run_dir, label), keep: 1 };
+    if let Some(done) = checkpoints.done()? {
+        return Ok(done.metrics_lines);
+    }
+    Ok(match checkpoints.latest()? {
+        Some((_, state)) => state.get("metrics_lines").and_then(Value::as_u64).unwrap_or(0) as usize,
+        None => 0,
+    })
+}
+
+/// One stage's checkpoints.
+#[derive(Debug, Clone)]
+pub struct StageCheckpoints {
+    root: PathBuf,
+    keep: usize,
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StageError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StageError::Failed(format!("{}: corrupt checkpoint file ({e}); delete the stage's checkpoints to start it over", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StageError::io(path, e)),
+    }
+}
+
+impl StageCheckpoints {
+    /// The checkpoints of the stage `label` in `run_dir`, keeping the newest `keep`.
+    pub fn new(run_dir: &Path, label: &str, keep: usize) -> Self {
+        Self { root: stage_dir(run_dir, label), keep: keep.max(1) }
+    }
+
+    /// What the stage published, when it finished in an earlier attempt of this run.
+    pub fn done(&self) -> Result<Option<Done>, StageError> {
+        read_json(&self.root.join("done.json"))
+    }
+
+    /// Records that the stage finished.
+    pub fn mark_done(&self, done: &Done) -> Result<(), StageError> {
+        let json = serde_json::to_vec_pretty(done).map_err(|e| StageError::Failed(e.to_string()))?;
+        write_atomic(&self.root.join("done.json"), &json)
+    }
+
+    /// The newest complete checkpoint: its directory and state.
+    pub fn latest(&self) -> Result<Option<(PathBuf, Value)>, StageError> {
+        let Some(latest) = read_json::<Latest>(&self.root.join("latest.json"))? else { return Ok(None) };
+        let dir = self.root.join(&latest.dir);
+        let state_path = dir.join("state.json");
+        let state: Value = read_json(&state_path)?
+            .ok_or_else(|| StageError::Failed(format!("{}: missing; the checkpoint {} is incomplete", state_path.display(), dir.display())))?;
+        Ok(Some((dir, state)))
+    }
+
+    /// Saves a checkpoint of `step`: `write` fills a fresh directory, `state` goes to its
+    /// state.json; then the directory is renamed into place and made the latest, and older
+    /// ones beyond `keep` are removed.
+    pub fn save(&self, step: usize, state: &Value, write: impl FnOnce(&Path) -> Result<(), StageError>) -> Result<PathBuf, StageError> {
+        std::fs::create_dir_all(&self.root).map_err(|e| StageError::io(&self.root, e))?;
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".step-{step:06}."))
+            .tempdir_in(&self.root)
+            .map_err(|e| StageError::io(&self.root, e))?;
+        write(staging.path())?;
+        let json = serde_json::to_vec_pretty(state).map_err(|e| StageError::Failed(e.to_string()))?;
+        write_atomic(&staging.path().join("state.json"), &json)?;
+        let name = format!("step-{step:06}");
+        let dir = self.root.join(&name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
+        }
+        let staged = staging.keep();
+        std::fs::rename(&staged, &dir).map_err(|e| StageError::io(&dir, e))?;
+        let latest = serde_json::to_vec(&Latest { dir: name.clone(), step }).map_err(|e| StageError::Failed(e.to_string()))?;
+        write_atomic(&self.root.join("latest.json"), &latest)?;
+        self.prune(&name)?;
+        Ok(dir)
+    }
+
+    /// Removes all but the newest `keep` step directories (never `current`).
+    fn prune(&self, current: &str) -> Result<(), StageError> {
+        let mut steps: Vec<String> = std::fs::read_dir(&self.root)
+            .map_err(|e| StageError::io(&self.root, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|name| name.starts_with("step-"))
+            .collect();
+        steps.sort();
+        let excess = steps.len().saturating_sub(self.keep);
+        for name in steps.into_iter().take(excess).filter(|n| n != current) {
+            let path = self.root.join(name);
+            std::fs::remove_dir_all(&path).map_err(|e| StageError::io(&path, e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_weights(bytes: &'static [u8]) -> impl FnOnce(&Path) -> Result<(), StageError> {
+        move |dir| write_atomic(&dir.join("weights.bin"), bytes)
+    }
+
+    #[test]
+    fn the_latest_complete_checkpoint_wins_and_old_ones_are_pruned() {
+        let run = tempfile::tempdir().expect("tempdir");
+        let checkpoints = StageCheckpoints::new(run.path(), "sft#3", 2);
+        assert!(checkpoints.latest().expect("reads").is_none());
+        for step in [1, 2, 3] {
+            checkpoints.save(step, &serde_json::json!({ "step": step }), write_weights(b"w")).expect("saves");
+        }
+        let (dir, state) = checkpoints.latest().expect("reads").expect("a checkpoint");
+        assert_eq!(state["step"], 3);
+        assert!(dir.ends_with("step-000003"));
+        let mut left: Vec<String> = std::fs::read_dir(stage_dir(run.path(), "sft#3"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["step-000002", "step-000003"]);
+    }
+
+    #[test]
+    fn a_write_that_fails_midway_leaves_the_previous_checkpoint_in_force() {
+        let run = tempfile::tempdir().expect("tempdir");
+        let checkpoints = StageCheckpoints::new(run.path(), "rl_phase#4", 3);
+        checkpoints.save(1, &serde_json::json!({ "step": 1 }), write_weights(b"first")).expect("saves");
+        let failed = checkpoints.save(2, &serde_json::json!({ "step": 2 }), |dir| {
+            write_atomic(&dir.join("weights.bin"), b"half")?;
+            Err(StageError::Failed("disk full".into()))
+        });
+        assert!(failed.is_err());
+        let (dir, state) = checkpoints.latest().expect("reads").expect("still a checkpoint");
+        assert_eq!(state["step"], 1);
+        assert_eq!(std::fs::read(dir.join("weights.bin")).expect("weights"), b"first");
+        assert!(!stage_dir(run.path(), "rl_phase#4").join("step-000002").exists());
+    }
+
+    #[test]
+    fn a_corrupt_pointer_names_its_file() {
+        let run = tempfile::tempdir().expect("tempdir");
+        let checkpoints = StageCheckpoints::new(run.path(), "sft#1", 1);
+        checkpoints.save(1, &serde_json::json!({}), write_weights(b"w")).expect("saves");
+        let latest = stage_dir(run.path(), "sft#1").join("latest.json");
+        std::fs::write(&latest, "{\"dir\": ").expect("corrupt");
+        let error = checkpoints.latest().expect_err("corrupt").to_string();
+        assert!(error.contains("latest.json") && error.contains("corrupt"), "{error}");
+    }
+}
