@@ -8,12 +8,7 @@ fn workspace() -> PathBuf {
 }
 
 fn longrl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_longrl"))
-        .args(args)
-        .current_dir(workspace())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("longrl runs")
+    Command::new(env!("CARGO_BIN_EXE_longrl")).args(args).current_dir(workspace()).env("RUST_LOG", "warn").output().expect("longrl runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -25,7 +20,18 @@ fn check_prints_the_quickstart_plan() {
     let out = longrl(&["check", "scripts/quickstart.rhai"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    for stage in ["model#0", "synthetic#1", "synthetic#2", "sft#3", "rl_phase#5", "hard_buffer#7", "rl_phase#8", "evaluate#9", "evaluate#10", "evaluate#11"] {
+    for stage in [
+        "model#0",
+        "synthetic#1",
+        "synthetic#2",
+        "sft#3",
+        "rl_phase#5",
+        "hard_buffer#7",
+        "rl_phase#8",
+        "evaluate#9",
+        "evaluate#10",
+        "evaluate#11",
+    ] {
         assert!(stdout.contains(stage), "{stage} missing from\n{stdout}");
     }
     for recipe in [
@@ -118,9 +124,7 @@ fn generate_continues_token_ids_as_transformers_does() {
     let input = ints("input_ids");
     let greedy = ints("greedy");
     let prompt: Vec<String> = input[..24].iter().map(i64::to_string).collect();
-    let out = longrl(&[
-        "generate", "--model", "tests/fixtures/reference/tiny-qwen2", "--ids", &prompt.join(","), "--max-new-tokens", "8",
-    ]);
+    let out = longrl(&["generate", "--model", "tests/fixtures/reference/tiny-qwen2", "--ids", &prompt.join(","), "--max-new-tokens", "8"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let produced: Vec<i64> = text(&out.stdout).split_whitespace().map(|t| t.parse().expect("id")).collect();
     // Generation stops early only at eos (id 2); compare what was produced.

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use longrl_engine::executor::{RunOptions, RunReport, StageStatus};
@@ -253,7 +253,15 @@ fn the_length_filter_counts_real_tokens() {
 #[test]
 fn a_recipe_predicate_runs_in_the_filter_thread() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lines: String = (0..10).map(|i| format!("{{\"id\": \"{i}\", \"question\": \"{}\", \"data_source\": \"{}\"}}\n", "q".repeat(i + 1), if i % 2 == 0 { "even" } else { "odd" })).collect();
+    let lines: String = (0..10)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"{i}\", \"question\": \"{}\", \"data_source\": \"{}\"}}\n",
+                "q".repeat(i + 1),
+                if i % 2 == 0 { "even" } else { "odd" }
+            )
+        })
+        .collect();
     std::fs::write(dir.path().join("tasks.jsonl"), lines).expect("write");
     let recipe = r#"
         let limit = 6;
@@ -276,7 +284,12 @@ fn a_recipe_predicate_runs_in_the_filter_thread() {
 fn a_predicate_that_errors_fails_its_stage_with_the_recipe_position() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("tasks.jsonl"), "{\"question\": \"q\"}\n").expect("write");
-    let report = run("jsonl(\"tasks.jsonl\").filter(#{ predicate: |r| r.no_such_field > 1 }).write_jsonl(\"o.jsonl\");", dir.path(), &Registry::standard(), 4);
+    let report = run(
+        "jsonl(\"tasks.jsonl\").filter(#{ predicate: |r| r.no_such_field > 1 }).write_jsonl(\"o.jsonl\");",
+        dir.path(),
+        &Registry::standard(),
+        4,
+    );
     let message = report.failure_message().expect("fails");
     assert!(message.contains("closure at test.rhai:1:"), "{message}");
 }

@@ -118,6 +118,29 @@ fn the_judge_retries_caches_and_marks_failures_unscorable() {
     assert_eq!(judge.stats.cache_hits.load(Ordering::Relaxed), 1);
 }
 
+#[test]
+fn the_judge_cache_file_survives_a_restart() {
+    let (url, counts) = fault_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("judge_cache.jsonl");
+    let first = Judge::new(judge_config(url.clone())).expect("judge").with_cache_file(&path).expect("cache file");
+    assert_eq!(first.judge(&request("ok-yes")), JudgeVerdict::Yes);
+    assert!(matches!(first.judge(&request("silent")), JudgeVerdict::Unscorable { .. }));
+    drop(first);
+    // A crash may leave half a line; it is skipped.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"model\": \"ju"))
+        .expect("append");
+    // A new judge (a resumed run) answers from the file: no request reaches the server.
+    let again = Judge::new(judge_config(url)).expect("judge").with_cache_file(&path).expect("cache file");
+    assert_eq!(again.cached(), 1, "only verdicts are cached, not failures");
+    assert_eq!(again.judge(&request("ok-yes")), JudgeVerdict::Yes);
+    assert_eq!(again.stats.requests.load(Ordering::Relaxed), 0);
+    assert_eq!(counts.lock().expect("counts")["ok-yes"], 1);
+}
+
 fn record(gold: &str, kind: AnswerKind) -> Record {
     let mut r = Record::new("r", "Where is the red box kept?");
     r.answers = vec![gold.into()];
@@ -129,16 +152,21 @@ fn record(gold: &str, kind: AnswerKind) -> Record {
 fn the_hybrid_reward_asks_the_judge_only_when_the_rule_misses() {
     let (url, counts) = fault_server();
     let judge = Arc::new(Judge::new(judge_config(url)).expect("judge"));
-    let reward = Reward { rule: RuleConfig::default(), judge: Some(Arc::clone(&judge)), judge_when: JudgeWhen::Miss, ..Reward::rule_only(RuleConfig::default()) };
+    let reward = Reward {
+        rule: RuleConfig::default(),
+        judge: Some(Arc::clone(&judge)),
+        judge_when: JudgeWhen::Miss,
+        ..Reward::rule_only(RuleConfig::default())
+    };
     let oslo = record("Oslo", AnswerKind::Text);
     let choice = record("B", AnswerKind::Choice);
     let items: Vec<(&Record, &str)> = vec![
-        (&oslo, "Therefore, the answer is Oslo."),   // rule hit: no judge
-        (&oslo, "Therefore, the answer is ok-yes"),  // rule miss, judge yes -> 1
-        (&oslo, "Therefore, the answer is ok-no"),   // rule miss, judge no -> 0
+        (&oslo, "Therefore, the answer is Oslo."),    // rule hit: no judge
+        (&oslo, "Therefore, the answer is ok-yes"),   // rule miss, judge yes -> 1
+        (&oslo, "Therefore, the answer is ok-no"),    // rule miss, judge no -> 0
         (&oslo, "Therefore, the answer is fail-500"), // judge fails -> unscorable
-        (&oslo, "I do not know."),                  // no answer: nothing to judge -> 0
-        (&choice, "Therefore, the answer is (C)"),  // choice: never judged
+        (&oslo, "I do not know."),                    // no answer: nothing to judge -> 0
+        (&choice, "Therefore, the answer is (C)"),    // choice: never judged
     ];
     let outcomes = reward.score_all(&items).expect("scores");
     let scores: Vec<Option<f32>> = outcomes.iter().map(|o| o.score).collect();
@@ -165,7 +193,14 @@ fn a_script_reward_replaces_or_adds() {
         let stage = factory.build(&node.options, &ctx).expect("builds");
         let (tx, rx) = crossbeam_channel::bounded(1);
         let spec = factory.outputs()[0];
-        let mut io = longrl_stdlib::StageIo::new("reward", vec![], vec![(spec, vec![tx])], Default::default(), Default::default(), longrl_stdlib::metrics::Metrics::discard());
+        let mut io = longrl_stdlib::StageIo::new(
+            "reward",
+            vec![],
+            vec![(spec, vec![tx])],
+            Default::default(),
+            Default::default(),
+            longrl_stdlib::metrics::Metrics::discard(),
+        );
         stage.run(&mut io).expect("runs");
         let Ok(longrl_stdlib::Item::Reward(reward)) = rx.recv() else { panic!("no reward published") };
         let outcomes = reward.score_all(&[(&oslo, "the answer is Oslo"), (&oslo, "the answer is Rome")]).expect("scores");
@@ -249,7 +284,8 @@ fn score_adds_a_score_to_every_line() {
     std::fs::write(&file, lines.join("\n")).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_longrl")).args(["score", file.to_str().expect("utf-8")]).output().expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let scored: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let scored: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json")).collect();
     let scores: Vec<f64> = scored.iter().map(|v| v["score"].as_f64().expect("score")).collect();
     assert_eq!(scores, vec![1.0, 1.0, 1.0, 1.0, 0.0]);
     assert_eq!(scored[0]["answer"], "$1,234.5 million");

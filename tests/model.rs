@@ -41,7 +41,9 @@ fn reference_tensor(dir: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {
     let view = tensors.tensor(name).expect("tensor present");
     let values = match view.dtype() {
         safetensors::Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect(),
-        safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect(),
+        safetensors::Dtype::F32 => {
+            view.data().chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()
+        }
         other => panic!("unexpected dtype {other:?}"),
     };
     (view.shape().to_vec(), values)
@@ -69,7 +71,8 @@ fn golden<B: burn::tensor::backend::Backend>(device: &B::Device) -> f32 {
         let (shape, ids) = reference_tensor(&dir, "input_ids");
         let (batch, seq) = (shape[0], shape[1]);
         let ids: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(), [batch, seq]), device);
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(), [batch, seq]), device);
         let logits: Vec<f32> = model.forward(tokens).into_data().convert::<f32>().into_vec().expect("f32 data");
         let (ref_shape, expected) = reference_tensor(&dir, "logits");
         assert_eq!(ref_shape, vec![batch, seq, model.vocab_size()]);
@@ -241,7 +244,8 @@ fn saved_checkpoints_load_back_with_identical_logits_and_bf16_loads() {
 
     let bf16_dir = tempfile::tempdir().expect("tempdir");
     save_model(&model, &config, bf16_dir.path(), SaveDtype::Bf16).expect("saves bf16");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bf16_dir.path().join("config.json")).expect("config")).expect("json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bf16_dir.path().join("config.json")).expect("config")).expect("json");
     assert_eq!(json["torch_dtype"], "bfloat16");
     let (_, bf16) = load_model::<Cpu>(bf16_dir.path(), &Default::default()).expect("bf16 loads");
     let diff = max_abs_diff(&to_vec(bf16.forward(ids_tensor(&ids, 1, ids.len()))), &before);
@@ -269,7 +273,8 @@ fn broken_checkpoints_name_the_file_and_tensor() {
 
     // A config that disagrees with the weights' shapes.
     std::fs::write(dir.path().join("model.safetensors"), &bytes).expect("write");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).expect("read")).expect("json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).expect("read")).expect("json");
     config["intermediate_size"] = 100.into();
     std::fs::write(dir.path().join("config.json"), config.to_string()).expect("write");
     let err = load_model::<Cpu>(dir.path(), &Default::default()).expect_err("shape").to_string();
@@ -336,11 +341,18 @@ fn the_qwen_tokenizer_gives_the_reference_ids() {
 #[test]
 fn chat_templates_render_as_jinja2_does() {
     let root = workspace().join("tests/fixtures/chat-templates");
-    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).expect("read")).expect("json");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).expect("read")).expect("json");
     let messages: Vec<ChatMessage> = serde_json::from_value(expected["messages"].clone()).expect("messages");
     let cases = [
         ("qwen2.5", "Qwen-Qwen2.5-7B-Instruct.jinja", "", "", serde_json::json!({})),
-        ("r1-distill", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", serde_json::json!({"enable_thinking": true})),
+        (
+            "r1-distill",
+            "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+            "<｜begin▁of▁sentence｜>",
+            "<｜end▁of▁sentence｜>",
+            serde_json::json!({"enable_thinking": true}),
+        ),
         ("qwen3", "Qwen-Qwen3-0.6B.jinja", "", "", serde_json::json!({})),
     ];
     for (name, file, bos, eos, extra) in cases {
@@ -353,6 +365,12 @@ fn chat_templates_render_as_jinja2_does() {
     }
     // The tokenizer directory's own template (Qwen2.5 / Qwen3 tokenizer_config.json).
     let bundle = ModelTokenizer::load(&workspace().join("examples/tokenizers/qwen2.5")).expect("bundle");
-    let ids = bundle.encode_chat(&[ChatMessage { role: "user".into(), content: "What is 2+3?".into() }], true, &serde_json::json!({"enable_thinking": true})).expect("encodes");
+    let ids = bundle
+        .encode_chat(
+            &[ChatMessage { role: "user".into(), content: "What is 2+3?".into() }],
+            true,
+            &serde_json::json!({"enable_thinking": true}),
+        )
+        .expect("encodes");
     assert_eq!(&ids[..3], &[151644, 872, 198], "<|im_start|>user\\n");
 }

@@ -32,8 +32,7 @@ fn data_dir() -> tempfile::TempDir {
 #[test]
 fn a_syntax_error_names_its_line_and_column() {
     let dir = data_dir();
-    let problems = check("let x = jsonl(\"tasks.jsonl\");\nlet y = x.filter(#{ dedup: true };\n", dir.path())
-        .expect_err("syntax error");
+    let problems = check("let x = jsonl(\"tasks.jsonl\");\nlet y = x.filter(#{ dedup: true };\n", dir.path()).expect_err("syntax error");
     assert_eq!(problems.list.len(), 1);
     let problem = &problems.list[0];
     assert_eq!(problem.position.line, 2, "{problems}");
@@ -100,14 +99,13 @@ fn edges_of_the_wrong_kind_and_unconnected_inputs_are_reported() {
     let problems = check(recipe, dir.path()).expect_err("bad edges");
     let text = problems.to_string();
     assert!(
-        problems.list.iter().any(|p| p.position.line == 2 && p.message.contains("wrong kind of edge")
-            && p.message.contains("takes records") && p.message.contains("model")),
+        problems.list.iter().any(|p| p.position.line == 2
+            && p.message.contains("wrong kind of edge")
+            && p.message.contains("takes records")
+            && p.message.contains("model")),
         "{text}"
     );
-    assert!(
-        problems.list.iter().any(|p| p.position.line == 3 && p.message.contains("input `input` (records) is not connected")),
-        "{text}"
-    );
+    assert!(problems.list.iter().any(|p| p.position.line == 3 && p.message.contains("input `input` (records) is not connected")), "{text}");
 }
 
 #[test]
@@ -158,7 +156,8 @@ fn parameters_come_from_set_and_unknown_ones_are_errors() {
 #[test]
 fn stage_calls_with_misplaced_arguments_are_reported() {
     let dir = data_dir();
-    let recipe = "let t = jsonl(\"tasks.jsonl\", \"extra\");\nlet w = write_jsonl(t, t, \"o.jsonl\");\nlet f = filter(t, #{ input2: t });\n";
+    let recipe =
+        "let t = jsonl(\"tasks.jsonl\", \"extra\");\nlet w = write_jsonl(t, t, \"o.jsonl\");\nlet f = filter(t, #{ input2: t });\n";
     let problems = check(recipe, dir.path()).expect_err("bad args");
     let text = problems.to_string();
     assert!(problems.list.iter().any(|p| p.position.line == 1 && p.message.contains("unexpected argument")), "{text}");

@@ -63,7 +63,12 @@ fn open_in_browser(browser: &Path, page: &Path, screenshot: Option<&Path>) -> (S
     if let Some(path) = screenshot {
         let mut shot = Command::new(browser);
         common(&mut shot);
-        let out = shot.args(["--window-size=1280,2400"]).arg(format!("--screenshot={}", path.display())).arg(&url).output().expect("chromium runs");
+        let out = shot
+            .args(["--window-size=1280,2400"])
+            .arg(format!("--screenshot={}", path.display()))
+            .arg(&url)
+            .output()
+            .expect("chromium runs");
         assert!(out.status.success(), "screenshot failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     (String::from_utf8_lossy(&out.stdout).into_owned(), errors)
@@ -87,7 +92,16 @@ fn the_report_of_a_run_renders_its_plots_in_a_browser() {
     let html = std::fs::read_to_string(&page).expect("report.html");
     // Loss of SFT and of both phases; reward, length and entropy of both phases; accuracy
     // per phase; buffer size and pass rates; accuracy vs length.
-    let expected = [("loss", 3), ("reward", 2), ("length", 2), ("entropy", 2), ("phase-accuracy", 1), ("buffer-size", 1), ("difficulty", 1), ("accuracy-length", 1)];
+    let expected = [
+        ("loss", 3),
+        ("reward", 2),
+        ("length", 2),
+        ("entropy", 2),
+        ("phase-accuracy", 1),
+        ("buffer-size", 1),
+        ("difficulty", 1),
+        ("accuracy-length", 1),
+    ];
     for (kind, count) in expected {
         assert_eq!(html.matches(&format!("data-plot=\"{kind}\"")).count(), count, "{kind} plots");
     }

@@ -86,8 +86,15 @@ fn kill_when(dir: &Path, args: &[&str], run: &Path, what: &str, ready: impl Fn(&
 
 /// The final weights of phase 2 (paths in the report are relative to the working directory).
 fn final_weights(base: &Path, run: &Path) -> Vec<u8> {
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).expect("report.json")).expect("json");
-    let second = report["stages"].as_array().expect("stages").iter().rev().find(|s| s["label"].as_str().is_some_and(|l| l.starts_with("rl_phase"))).expect("phase 2");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).expect("report.json")).expect("json");
+    let second = report["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .rev()
+        .find(|s| s["label"].as_str().is_some_and(|l| l.starts_with("rl_phase")))
+        .expect("phase 2");
     let dir = base.join(second["summary"]["checkpoint"].as_str().expect("checkpoint"));
     std::fs::read(dir.join("model.safetensors")).expect("weights")
 }
@@ -111,13 +118,16 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
     let sft_dir = killed.join("checkpoints");
     assert!(std::fs::read_dir(&sft_dir).map(|d| d.count() > 0).unwrap_or(false), "a checkpoint was written before the kill");
     let log = kill_when(dir.path(), &resume, &killed, "between the phases", |run| {
-        std::fs::read_dir(run.join("checkpoints")).into_iter().flatten().flatten().any(|e| {
-            e.file_name().to_string_lossy().starts_with("rl_phase") && e.path().join("done.json").is_file()
-        })
+        std::fs::read_dir(run.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("rl_phase") && e.path().join("done.json").is_file())
     });
     assert!(log.contains("resuming from") && log.contains("checkpoints/sft-"), "SFT continued from its checkpoint:\n{log}");
     let phase2_label = {
-        let plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("plan.json")).expect("plan")).expect("json");
+        let plan: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(killed.join("plan.json")).expect("plan")).expect("json");
         let node = plan["nodes"].as_array().expect("nodes").iter().rev().find(|n| n["stage"] == "rl_phase").expect("phase 2").clone();
         format!("rl_phase#{}", node["id"])
     };
@@ -130,13 +140,17 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
     copy_dir(&killed, &damaged);
     let phase2_checkpoints = damaged.join("checkpoints").join(phase2_label.replace('#', "-"));
     let latest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(phase2_checkpoints.join("latest.json")).expect("phase 2 has a checkpoint")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(phase2_checkpoints.join("latest.json")).expect("phase 2 has a checkpoint"))
+            .expect("json");
     let weights = phase2_checkpoints.join(latest["dir"].as_str().expect("dir")).join("model.safetensors");
     let bytes = std::fs::read(&weights).expect("weights");
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).expect("truncate");
     let (ok, stderr) = finish(longrl(dir.path(), &["run", "--resume", "runs/damaged"]).spawn().expect("starts"));
     assert!(!ok, "a truncated checkpoint must not load");
-    assert!(stderr.contains("model.safetensors") && stderr.contains(&latest["dir"].as_str().expect("dir").to_string()), "the error names the file: {stderr}");
+    assert!(
+        stderr.contains("model.safetensors") && stderr.contains(&latest["dir"].as_str().expect("dir").to_string()),
+        "the error names the file: {stderr}"
+    );
 
     // A changed recipe is refused, saying what changed.
     let (ok, stderr) = finish(longrl(dir.path(), &["run", "--resume", "runs/killed", "--set", "lr=0.01"]).spawn().expect("starts"));
@@ -146,9 +160,15 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
     let (ok, stderr) = finish(longrl(dir.path(), &resume).env("RUST_LOG", "info").spawn().expect("starts"));
     assert!(ok, "{stderr}");
     let phase2_dir = phase2_label.replace('#', "-");
-    assert!(stderr.lines().any(|l| l.contains("resuming from") && l.contains(&phase2_dir)), "phase 2 continued from its checkpoint:\n{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.contains("resuming from") && l.contains(&phase2_dir)),
+        "phase 2 continued from its checkpoint:\n{stderr}"
+    );
 
-    assert!(final_weights(dir.path(), &killed) == final_weights(dir.path(), &whole), "the resumed run's final weights differ from the uninterrupted run's");
+    assert!(
+        final_weights(dir.path(), &killed) == final_weights(dir.path(), &whole),
+        "the resumed run's final weights differ from the uninterrupted run's"
+    );
     let (a, b) = (metrics(&whole), metrics(&killed));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (stage, lines) in &a {

@@ -69,7 +69,15 @@ fn the_policy_loss_gradient_matches_finite_differences() {
     let reference = shifted(&model, &nudge).valid();
     let normalizer = Normalizer { tokens: 9.0, responses: 3.0 };
     for aggregation in [Aggregation::Token, Aggregation::Sequence, Aggregation::TokenSumNorm] {
-        let config = LossConfig { eps_low: 0.2, eps_high: 0.28, aggregation, kl_coef: 0.3, kl_estimator: KlEstimator::K3, entropy_coef: 0.05, norm_length: 6.0 };
+        let config = LossConfig {
+            eps_low: 0.2,
+            eps_high: 0.28,
+            aggregation,
+            kl_coef: 0.3,
+            kl_estimator: KlEstimator::K3,
+            entropy_coef: 0.05,
+            norm_length: 6.0,
+        };
         let loss_at = |m: &Model| -> f64 {
             let (loss, _) = group_loss(m, Some(&reference), &group, temperature, &config, normalizer, &device).expect("loss");
             loss.into_scalar().elem::<f64>()
@@ -156,8 +164,20 @@ fn a_few_rl_steps_raise_the_mean_reward_and_the_next_phase_carries_the_optimizer
     assert_eq!(first.len(), 12, "one metrics line per step: {metrics}");
     for line in &first {
         for field in [
-            "reward_mean", "accuracy", "pass_rate_histogram", "entropy", "clip_fraction", "response_length", "truncation_rate",
-            "groups_filtered", "unscorable", "rollout_tokens_per_s", "train_tokens_per_s", "loss", "grad_norm", "lr",
+            "reward_mean",
+            "accuracy",
+            "pass_rate_histogram",
+            "entropy",
+            "clip_fraction",
+            "response_length",
+            "truncation_rate",
+            "groups_filtered",
+            "unscorable",
+            "rollout_tokens_per_s",
+            "train_tokens_per_s",
+            "loss",
+            "grad_norm",
+            "lr",
         ] {
             assert!(!line[field].is_null(), "metrics lack {field}: {line}");
         }
@@ -206,7 +226,11 @@ fn the_second_phase_receives_the_first_phases_zero_accuracy_tasks() {
     assert!(report.succeeded(), "{report}");
 
     let read_lines = |path: PathBuf| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
     };
     let short = read_lines(dir.path().join("short.jsonl"));
     let mut zero: Vec<String> = short
@@ -220,7 +244,8 @@ fn the_second_phase_receives_the_first_phases_zero_accuracy_tasks() {
     let phases: Vec<_> = report.stages.iter().filter(|s| s.label.starts_with("rl_phase")).collect();
     let second_dir = PathBuf::from(phases[1].summary["checkpoint"].as_str().expect("checkpoint"));
     let tasks = read_lines(second_dir.join("tasks.jsonl"));
-    let mut carried: Vec<String> = tasks.iter().filter(|t| t["carried"] == true).map(|t| t["id"].as_str().expect("id").to_string()).collect();
+    let mut carried: Vec<String> =
+        tasks.iter().filter(|t| t["carried"] == true).map(|t| t["id"].as_str().expect("id").to_string()).collect();
     carried.sort();
     assert_eq!(carried, zero, "phase 2 trains on exactly phase 1's zero-accuracy tasks");
     assert_eq!(tasks.iter().filter(|t| t["carried"] == false).count(), 3, "and on its own fresh tasks");
@@ -229,7 +254,8 @@ fn the_second_phase_receives_the_first_phases_zero_accuracy_tasks() {
     let buffer = report.stages.iter().find(|s| s.label.starts_with("hard_buffer")).expect("buffer");
     assert_eq!(buffer.summary["tasks_reported"], short.len());
     let state: longrl_stdlib::rl::buffer::HardBuffer =
-        serde_json::from_str(&std::fs::read_to_string(buffer.summary["state"].as_str().expect("state")).expect("state file")).expect("state");
+        serde_json::from_str(&std::fs::read_to_string(buffer.summary["state"].as_str().expect("state")).expect("state file"))
+            .expect("state");
     let mut held = state.held.clone();
     held.sort();
     assert_eq!(held, zero);
@@ -238,7 +264,9 @@ fn the_second_phase_receives_the_first_phases_zero_accuracy_tasks() {
 #[test]
 fn check_rejects_a_curriculum_whose_bands_overlap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let recipe = CHAIN.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string()).replace("min_input: 100,", "min_input: 50,");
+    let recipe = CHAIN
+        .replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string())
+        .replace("min_input: 100,", "min_input: 50,");
     let registry = Registry::standard();
     let plan = load_plan(&recipe, "chain.rhai", &registry, &Params::new()).expect("recipe");
     let problems = plan.validate(&registry, &StageContext::for_check(dir.path())).expect_err("overlapping bands");

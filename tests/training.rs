@@ -79,11 +79,10 @@ fn synthetic_tasks_are_deterministic_and_hit_their_budgets() {
     }
     let arithmetic = first.iter().find(|r| r.data_source.ends_with("arithmetic")).expect("arithmetic");
     assert_eq!(arithmetic.kind, longrl_stdlib::AnswerKind::Number);
-    let facts: Vec<&str> = arithmetic.metadata["supporting_sentences"].as_array().expect("facts").iter().filter_map(|f| f.as_str()).collect();
-    let figures: Vec<i64> = facts
-        .iter()
-        .map(|f| f.split_whitespace().find_map(|w| w.parse::<i64>().ok().filter(|n| *n < 1000)).expect("a figure"))
-        .collect();
+    let facts: Vec<&str> =
+        arithmetic.metadata["supporting_sentences"].as_array().expect("facts").iter().filter_map(|f| f.as_str()).collect();
+    let figures: Vec<i64> =
+        facts.iter().map(|f| f.split_whitespace().find_map(|w| w.parse::<i64>().ok().filter(|n| *n < 1000)).expect("a figure")).collect();
     assert_eq!(arithmetic.answers[0], (figures[1] - figures[0]).to_string());
 }
 
@@ -126,13 +125,24 @@ fn the_sft_loss_is_the_response_token_mean_of_transformers_logits() {
     let (_, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model");
     let bytes = std::fs::read(dir.join("reference.safetensors")).expect("reference");
     let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("valid");
-    let ids: Vec<u32> = tensors.tensor("input_ids").expect("ids").data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32).collect();
-    let logits: Vec<f32> = tensors.tensor("logits").expect("logits").data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+    let ids: Vec<u32> = tensors
+        .tensor("input_ids")
+        .expect("ids")
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32)
+        .collect();
+    let logits: Vec<f32> =
+        tensors.tensor("logits").expect("logits").data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
     let (seq, vocab, split) = (24, 512, 15);
     // Expected: -mean over response positions of log softmax(reference logits)[next token].
-    let reference = burn::tensor::Tensor::<Cpu, 2>::from_data(burn::tensor::TensorData::new(logits[..seq * vocab].to_vec(), [seq, vocab]), &Default::default());
+    let reference = burn::tensor::Tensor::<Cpu, 2>::from_data(
+        burn::tensor::TensorData::new(logits[..seq * vocab].to_vec(), [seq, vocab]),
+        &Default::default(),
+    );
     let logp: Vec<f32> = log_softmax(reference, 1).into_data().convert::<f32>().into_vec().expect("f32");
-    let expected: f64 = (split - 1..seq - 1).map(|pos| -f64::from(logp[pos * vocab + ids[pos + 1] as usize])).sum::<f64>() / (seq - split) as f64;
+    let expected: f64 =
+        (split - 1..seq - 1).map(|pos| -f64::from(logp[pos * vocab + ids[pos + 1] as usize])).sum::<f64>() / (seq - split) as f64;
     let example = (ids[..split].to_vec(), ids[split..seq].to_vec());
     let loss = response_nll(&model, &[example.clone()], (seq - split) as f64).expect("loss").into_scalar().elem::<f64>();
     assert!((loss - expected).abs() < 1e-4, "loss {loss} vs transformers {expected}");
@@ -199,9 +209,13 @@ fn a_recipe_trains_and_evaluates_the_tiny_model() {
     load_model::<Cpu>(&checkpoint, &Default::default()).expect("the checkpoint loads");
     let items = std::fs::read_to_string(dir.path().join("after/items.jsonl")).expect("items");
     assert_eq!(items.lines().count(), 8);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("after/summary.json")).expect("summary")).expect("json");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("after/summary.json")).expect("summary")).expect("json");
     assert!(summary["rows"].as_array().expect("rows").iter().any(|r| r["bucket"] == 256));
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
-    let sft_lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).expect("json")).filter(|v: &serde_json::Value| v["stage"] == "sft#3").collect();
-    assert!(!sft_lines.is_empty() && sft_lines.iter().all(|l| l["loss"].is_number() && l["lr"].is_number() && l["tokens_per_s"].is_number()));
+    let sft_lines: Vec<serde_json::Value> =
+        metrics.lines().map(|l| serde_json::from_str(l).expect("json")).filter(|v: &serde_json::Value| v["stage"] == "sft#3").collect();
+    assert!(
+        !sft_lines.is_empty() && sft_lines.iter().all(|l| l["loss"].is_number() && l["lr"].is_number() && l["tokens_per_s"].is_number())
+    );
 }

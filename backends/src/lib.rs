@@ -206,11 +206,9 @@ fn probe_with<B: burn::tensor::backend::Backend>(spec: DeviceSpec, device: B::De
     std::panic::set_hook(previous);
     match outcome {
         Ok(sum) if (sum - 6.0).abs() < 1e-4 => Ok(()),
-        Ok(sum) => Err(BackendError::NoDevice {
-            kind: spec.kind,
-            index: spec.index,
-            reason: format!("a test sum gave {sum} instead of 6"),
-        }),
+        Ok(sum) => {
+            Err(BackendError::NoDevice { kind: spec.kind, index: spec.index, reason: format!("a test sum gave {sum} instead of 6") })
+        }
         Err(payload) => {
             let reason = payload
                 .downcast_ref::<String>()

@@ -24,9 +24,38 @@ pub struct PipelineFigures {
 /// Writes `count` records with documents of about `words` words each into `dir`.
 pub fn generate_records(dir: &Path, count: usize, words: usize, seed: u64) -> std::io::Result<(PathBuf, u64)> {
     const VOCAB: &[&str] = &[
-        "the", "river", "report", "quarterly", "revenue", "of", "company", "was", "in", "million", "north", "station",
-        "museum", "director", "founded", "album", "released", "population", "census", "county", "built", "bridge",
-        "author", "novel", "published", "election", "minister", "team", "season", "league", "born", "village",
+        "the",
+        "river",
+        "report",
+        "quarterly",
+        "revenue",
+        "of",
+        "company",
+        "was",
+        "in",
+        "million",
+        "north",
+        "station",
+        "museum",
+        "director",
+        "founded",
+        "album",
+        "released",
+        "population",
+        "census",
+        "county",
+        "built",
+        "bridge",
+        "author",
+        "novel",
+        "published",
+        "election",
+        "minister",
+        "team",
+        "season",
+        "league",
+        "born",
+        "village",
     ];
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let path = dir.join("bench_records.jsonl");
@@ -139,7 +168,11 @@ impl longrl_backends::BackendTask for ModelBench {
         generate_group(&model, &prompt[..prompt.len().min(16)], 1, &sampling(2)).map_err(|e| e.to_string())?;
 
         let (_, prefill) = timed(|| generate_group(&model, &prompt, 1, &sampling(1)));
-        figures.push(Figure { name: format!("prefill {} tokens, batch 1", self.prompt_len), value: self.prompt_len as f64 / prefill, unit: "tokens/s" });
+        figures.push(Figure {
+            name: format!("prefill {} tokens, batch 1", self.prompt_len),
+            value: self.prompt_len as f64 / prefill,
+            unit: "tokens/s",
+        });
         let (_, one) = timed(|| generate_group(&model, &prompt, 1, &sampling(self.new_tokens)));
         let decode_one = (one - prefill).max(1e-9);
         figures.push(Figure { name: "decode, batch 1".into(), value: (self.new_tokens - 1) as f64 / decode_one, unit: "tokens/s" });
@@ -150,7 +183,11 @@ impl longrl_backends::BackendTask for ModelBench {
             value: (self.group * (self.new_tokens - 1)) as f64 / decode_group,
             unit: "tokens/s",
         });
-        figures.push(Figure { name: format!("group of {}: prompt + {} tokens each, wall", self.group, self.new_tokens), value: group, unit: "s" });
+        figures.push(Figure {
+            name: format!("group of {}: prompt + {} tokens each, wall", self.group, self.new_tokens),
+            value: group,
+            unit: "s",
+        });
 
         let train = CausalLm::<B>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
         let half = self.train_seq / 2;
@@ -196,7 +233,10 @@ pub fn prefill_peak_memory(len: usize, vocab: usize) -> Result<(f64, f64), Strin
     let device = Default::default();
     let model = CausalLm::<longrl_backends::Cpu>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
     let ids: Vec<i64> = (0..len).map(|i| ((i * 7919 + 13) % vocab) as i64).collect();
-    let tokens = burn::tensor::Tensor::<longrl_backends::Cpu, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids, [1, len]), &device);
+    let tokens = burn::tensor::Tensor::<longrl_backends::Cpu, 2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(ids, [1, len]),
+        &device,
+    );
     let mut cache = model.new_cache();
     let started = Instant::now();
     let hidden = model.forward_hidden(tokens, ForwardArgs::contiguous(1, 0, len, &device), &mut cache);
@@ -245,9 +285,8 @@ pub fn judge_throughput(requests: usize, delay_ms: u64, concurrencies: &[usize])
             max_tokens: 16,
         };
         let judge = Judge::new(config).map_err(|e| e.to_string())?;
-        let batch: Vec<JudgeRequest> = (0..requests)
-            .map(|i| JudgeRequest { question: format!("q{round}-{i}"), prediction: "p".into(), gold: "g".into() })
-            .collect();
+        let batch: Vec<JudgeRequest> =
+            (0..requests).map(|i| JudgeRequest { question: format!("q{round}-{i}"), prediction: "p".into(), gold: "g".into() }).collect();
         let started = Instant::now();
         let verdicts = judge.judge_all(&batch);
         let wall = started.elapsed().as_secs_f64();

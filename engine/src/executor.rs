@@ -212,9 +212,7 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
                 };
                 let (status, error) = match result {
                     Ok(()) => (StageStatus::Ok, None),
-                    Err(err) if err.is_cancelled() || (stage_cancel.is_cancelled() && is_echo(&err)) => {
-                        (StageStatus::Cancelled, None)
-                    }
+                    Err(err) if err.is_cancelled() || (stage_cancel.is_cancelled() && is_echo(&err)) => (StageStatus::Cancelled, None),
                     Err(err) => {
                         stage_cancel.cancel();
                         tracing::error!(error = %err, "stage failed");

@@ -346,8 +346,20 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Model { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, backend, device }) => {
-            let task = longrl_engine::bench::ModelBench { preset: preset.clone(), vocab, prompt_len, new_tokens, group, train_batch, train_seq };
+        Command::Bench(BenchCommand::Model {
+            preset,
+            vocab,
+            prompt_len,
+            new_tokens,
+            group,
+            train_batch,
+            train_seq,
+            memory,
+            backend,
+            device,
+        }) => {
+            let task =
+                longrl_engine::bench::ModelBench { preset: preset.clone(), vocab, prompt_len, new_tokens, group, train_batch, train_seq };
             let figures = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
             println!("model bench: preset {preset}, vocab {vocab}, backend {backend}");
             for f in figures {
@@ -452,19 +464,19 @@ fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
 fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCode> {
     let run_dir = RunDir::open(dir)?;
     let info: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("run.json")).with_context(|| format!("{}: cannot read the run's settings", dir.join("run.json").display()))?,
+        &std::fs::read_to_string(dir.join("run.json"))
+            .with_context(|| format!("{}: cannot read the run's settings", dir.join("run.json").display()))?,
     )
     .with_context(|| format!("{}: not valid JSON", dir.join("run.json").display()))?;
     let recipe = args.recipe.clone().unwrap_or_else(|| dir.join("recipe.rhai"));
-    let mut set: Vec<String> = info["params"]
-        .as_object()
-        .map(|params| params.iter().map(|(k, v)| format!("{k}={v}")).collect())
-        .unwrap_or_default();
+    let mut set: Vec<String> =
+        info["params"].as_object().map(|params| params.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
     set.extend(args.set.iter().cloned());
     let recipe_args = RecipeArgs { recipe, set };
     let Some((_, plan)) = checked(&recipe_args, registry)? else { return Ok(ExitCode::FAILURE) };
     let saved: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("plan.json")).with_context(|| format!("{}: cannot read the run's plan", dir.join("plan.json").display()))?,
+        &std::fs::read_to_string(dir.join("plan.json"))
+            .with_context(|| format!("{}: cannot read the run's plan", dir.join("plan.json").display()))?,
     )
     .with_context(|| format!("{}: not valid JSON", dir.join("plan.json").display()))?;
     let changes = longrl_engine::resume::plan_changes(&saved, &plan.to_json());
@@ -485,7 +497,17 @@ fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCod
     execute_in(plan, registry, run_dir, device, seed, args.channel_capacity)
 }
 
-fn execute_in(plan: longrl_engine::ValidPlan, registry: &Registry, run_dir: RunDir, device: DeviceSpec, seed: u64, channel_capacity: usize) -> Result<ExitCode> {
+/// How often report.html is rebuilt during a run.
+const REPORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn execute_in(
+    plan: longrl_engine::ValidPlan,
+    registry: &Registry,
+    run_dir: RunDir,
+    device: DeviceSpec,
+    seed: u64,
+    channel_capacity: usize,
+) -> Result<ExitCode> {
     let cancel = CancelToken::new();
     {
         let cancel = cancel.clone();
@@ -506,7 +528,27 @@ fn execute_in(plan: longrl_engine::ValidPlan, registry: &Registry, run_dir: RunD
         channel_capacity,
         metrics: run_dir.metrics()?,
     };
-    let report = execute(&plan, registry, &options, &cancel)?;
+    // report.html is refreshed while the run goes, and written once more at the end.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refresher = {
+        let (running, dir) = (std::sync::Arc::clone(&running), run_dir.path.clone());
+        std::thread::spawn(move || {
+            let mut last = std::time::Instant::now();
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                if last.elapsed() >= REPORT_REFRESH {
+                    last = std::time::Instant::now();
+                    if let Err(e) = longrl_engine::report::write_report(&dir) {
+                        tracing::debug!("report refresh skipped: {e}");
+                    }
+                }
+            }
+        })
+    };
+    let report = execute(&plan, registry, &options, &cancel);
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = refresher.join();
+    let report = report?;
     run_dir.record_report(&report)?;
     match longrl_engine::report::write_report(&run_dir.path) {
         Ok(path) => eprintln!("report: {}", path.display()),
@@ -570,4 +612,3 @@ fn print_stages(registry: &Registry, only: Option<&str>) -> Result<()> {
     }
     Ok(())
 }
-

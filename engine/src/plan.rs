@@ -152,12 +152,8 @@ impl Plan {
     pub fn validate(self, registry: &Registry, ctx: &StageContext) -> Result<ValidPlan, Problems> {
         let mut problems = self.problems.clone();
         let mut warnings = Vec::new();
-        let node_ctx = |node: &Node| StageContext {
-            label: node.label(),
-            node: node.id,
-            closures: Arc::clone(&self.closures),
-            ..ctx.clone()
-        };
+        let node_ctx =
+            |node: &Node| StageContext { label: node.label(), node: node.id, closures: Arc::clone(&self.closures), ..ctx.clone() };
 
         for node in self.nodes.iter().filter(|n| !n.unknown) {
             let Some(factory) = registry.get(&node.stage) else {
@@ -207,10 +203,7 @@ impl Plan {
             for port in factory.outputs() {
                 let used = resolved.iter().any(|e| e.from == node.id && e.from_port == port.name);
                 if !used && factory.outputs().len() == 1 && port.kind == PortKind::Records {
-                    warnings.push(Problem::new(
-                        node.position,
-                        format!("{}: output `{}` is not used by any stage", node.stage, port.name),
-                    ));
+                    warnings.push(Problem::new(node.position, format!("{}: output `{}` is not used by any stage", node.stage, port.name)));
                 }
             }
         }
@@ -251,7 +244,8 @@ fn resolve_edge(
     inputs: &'static [longrl_stdlib::PortSpec],
 ) -> Result<ResolvedEdge, String> {
     let find = |ports: &'static [longrl_stdlib::PortSpec], name: &str| ports.iter().find(|p| p.name == name);
-    let names = |ports: &[longrl_stdlib::PortSpec]| ports.iter().map(|p| format!("`{}` ({})", p.name, p.kind)).collect::<Vec<_>>().join(", ");
+    let names =
+        |ports: &[longrl_stdlib::PortSpec]| ports.iter().map(|p| format!("`{}` ({})", p.name, p.kind)).collect::<Vec<_>>().join(", ");
     if outputs.is_empty() {
         return Err(format!("`{}` has no outputs, so it cannot feed `{}`", from.stage, to.stage));
     }
@@ -260,16 +254,15 @@ fn resolve_edge(
     }
     // Named ports first.
     let named_out = match &edge.from.port {
-        Some(name) => Some(find(outputs, name).ok_or_else(|| {
-            format!("`{}` has no output `{name}` (its outputs: {})", from.stage, names(outputs))
-        })?),
+        Some(name) => {
+            Some(find(outputs, name).ok_or_else(|| format!("`{}` has no output `{name}` (its outputs: {})", from.stage, names(outputs)))?)
+        }
         None => None,
     };
     let named_in = match &edge.to.port {
-        Some(name) => Some(
-            find(inputs, name)
-                .ok_or_else(|| format!("`{}` has no input `{name}` (its inputs: {})", to.stage, names(inputs)))?,
-        ),
+        Some(name) => {
+            Some(find(inputs, name).ok_or_else(|| format!("`{}` has no input `{name}` (its inputs: {})", to.stage, names(inputs)))?)
+        }
         None => None,
     };
     let (out_port, in_port) = match (named_out, named_in) {
@@ -320,10 +313,7 @@ fn no_port(node: &Node, side: &str, kind: PortKind, count: usize, ports: &[longr
 fn wrong_kind(from: &Node, to: &Node, input: &longrl_stdlib::PortSpec, count: usize, outputs: &[longrl_stdlib::PortSpec]) -> String {
     let listed = outputs.iter().map(|p| format!("{}", p.kind)).collect::<Vec<_>>().join(", ");
     if count == 0 {
-        format!(
-            "wrong kind of edge: `{}` input `{}` takes {}, but `{}` produces {listed}",
-            to.stage, input.name, input.kind, from.stage
-        )
+        format!("wrong kind of edge: `{}` input `{}` takes {}, but `{}` produces {listed}", to.stage, input.name, input.kind, from.stage)
     } else {
         format!("`{}` has several outputs of kind {}; pick one with .output(\"name\")", from.stage, input.kind)
     }
@@ -343,12 +333,7 @@ fn find_cycle(node_count: usize, edges: &[ResolvedEdge]) -> Option<Vec<usize>> {
     }
     let mut marks = vec![Mark::New; node_count];
     let mut path = Vec::new();
-    fn visit(
-        node: usize,
-        successors: &BTreeMap<usize, Vec<usize>>,
-        marks: &mut [Mark],
-        path: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
+    fn visit(node: usize, successors: &BTreeMap<usize, Vec<usize>>, marks: &mut [Mark], path: &mut Vec<usize>) -> Option<Vec<usize>> {
         marks[node] = Mark::Active;
         path.push(node);
         for &next in successors.get(&node).map(Vec::as_slice).unwrap_or(&[]) {
@@ -388,21 +373,9 @@ impl ValidPlan {
                 Value::Object(map) if map.is_empty() => String::new(),
                 other => format!(" {other}"),
             };
-            out.push_str(&format!(
-                "{:<16} line {:>3}  {}{}\n",
-                node.label(),
-                node.position.line,
-                node.stage,
-                options
-            ));
+            out.push_str(&format!("{:<16} line {:>3}  {}{}\n", node.label(), node.position.line, node.stage, options));
             for edge in self.edges.iter().filter(|e| e.to == node.id) {
-                out.push_str(&format!(
-                    "    {} <- {}.{} ({})\n",
-                    edge.to_port,
-                    self.nodes[edge.from].label(),
-                    edge.from_port,
-                    edge.kind
-                ));
+                out.push_str(&format!("    {} <- {}.{} ({})\n", edge.to_port, self.nodes[edge.from].label(), edge.from_port, edge.kind));
             }
         }
         out
@@ -421,10 +394,7 @@ impl ValidPlan {
                 PortKind::Reports => "dashed",
                 PortKind::Reward => "dotted",
             };
-            out.push_str(&format!(
-                "  n{} -> n{} [label=\"{}\", style={style}];\n",
-                edge.from, edge.to, edge.kind
-            ));
+            out.push_str(&format!("  n{} -> n{} [label=\"{}\", style={style}];\n", edge.from, edge.to, edge.kind));
         }
         out.push_str("}\n");
         out

@@ -72,10 +72,7 @@ pub fn load_plan(source: &str, recipe: &str, registry: &Registry, params: &Param
             let (inner, pos) = innermost(&err);
             if let EvalAltResult::ErrorFunctionNotFound(signature, _) = inner {
                 let name = signature.split([' ', '(']).next().unwrap_or(signature).to_string();
-                if registry.get(&name).is_none()
-                    && !unknown_names.contains(&name)
-                    && unknown_names.len() < MAX_UNKNOWN_NAMES
-                {
+                if registry.get(&name).is_none() && !unknown_names.contains(&name) && unknown_names.len() < MAX_UNKNOWN_NAMES {
                     // Stub the name and run again, so later problems are found too.
                     unknown_names.insert(name);
                     continue;
@@ -103,9 +100,7 @@ pub fn load_plan(source: &str, recipe: &str, registry: &Registry, params: &Param
         let closures = state
             .closures
             .into_iter()
-            .map(|(ptr, pos)| {
-                ScriptFn::new(Arc::clone(&engine), Arc::clone(&ast), ptr, format!("{recipe}:{}:{}", pos.line, pos.column))
-            })
+            .map(|(ptr, pos)| ScriptFn::new(Arc::clone(&engine), Arc::clone(&ast), ptr, format!("{recipe}:{}:{}", pos.line, pos.column)))
             .collect();
         return Ok(Plan {
             recipe: recipe.to_string(),
@@ -137,10 +132,9 @@ fn innermost(err: &EvalAltResult) -> (&EvalAltResult, Position) {
 
 fn describe_error(err: &EvalAltResult) -> String {
     match err {
-        EvalAltResult::ErrorTooManyOperations(_) => format!(
-            "the recipe ran more than {} operations (an endless loop?); a recipe only declares stages",
-            limits::MAX_OPERATIONS
-        ),
+        EvalAltResult::ErrorTooManyOperations(_) => {
+            format!("the recipe ran more than {} operations (an endless loop?); a recipe only declares stages", limits::MAX_OPERATIONS)
+        }
         EvalAltResult::ErrorRuntime(value, _) => format!("recipe error: {value}"),
         other => {
             // Rhai appends " (line L, position C)"; the position is printed separately.
@@ -162,12 +156,7 @@ fn usage(factory: &dyn StageFactory) -> String {
 }
 
 /// The one place the recipe engine is configured.
-fn build_engine(
-    registry: &Registry,
-    builder: &Arc<Mutex<Builder>>,
-    params: &Params,
-    unknown_names: &BTreeSet<String>,
-) -> Engine {
+fn build_engine(registry: &Registry, builder: &Arc<Mutex<Builder>>, params: &Params, unknown_names: &BTreeSet<String>) -> Engine {
     let mut engine = Engine::new();
     engine
         .set_max_operations(limits::MAX_OPERATIONS)
@@ -260,9 +249,7 @@ fn register_param(engine: &mut Engine, builder: &Arc<Mutex<Builder>>, params: &P
             }
             let Some(value) = params.get(name) else { return Ok(default) };
             let dynamic = json_to_dynamic(value);
-            let same_type = default.type_id() == dynamic.type_id()
-                || (default.is_float() && dynamic.is_int())
-                || default.is_unit();
+            let same_type = default.type_id() == dynamic.type_id() || (default.is_float() && dynamic.is_int()) || default.is_unit();
             if !same_type {
                 return Err(EvalAltResult::ErrorRuntime(
                     format!("--set {name}={value}: expected {} like the default", default.type_name()).into(),
@@ -286,11 +273,8 @@ fn register_param(engine: &mut Engine, builder: &Arc<Mutex<Builder>>, params: &P
             state.params_used.insert(name.to_string());
         }
         params.get(name).map(json_to_dynamic).ok_or_else(|| {
-            EvalAltResult::ErrorRuntime(
-                format!("parameter `{name}` is required: pass --set {name}=VALUE").into(),
-                ctx.call_position(),
-            )
-            .into()
+            EvalAltResult::ErrorRuntime(format!("parameter `{name}` is required: pass --set {name}=VALUE").into(), ctx.call_position())
+                .into()
         })
     });
 }
@@ -400,10 +384,7 @@ fn add_option(
     } else {
         let ports: Vec<&str> = factory.inputs().iter().chain(factory.outputs()).map(|p| p.name).collect();
         let hint = if ports.is_empty() { String::new() } else { format!(" (its ports: {})", ports.join(", ")) };
-        state.problems.push(Problem::new(
-            pos,
-            format!("{name}: option `{key}` got a stage, but `{key}` is not a port of {name}{hint}"),
-        ));
+        state.problems.push(Problem::new(pos, format!("{name}: option `{key}` got a stage, but `{key}` is not a port of {name}{hint}")));
     }
 }
 

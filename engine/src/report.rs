@@ -43,9 +43,9 @@ struct RunData {
 
 fn read_json(path: &Path) -> Result<Option<Value>, StageError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| StageError::Failed(format!("{}: not valid JSON ({e})", path.display()))),
+        Ok(text) => {
+            serde_json::from_str(&text).map(Some).map_err(|e| StageError::Failed(format!("{}: not valid JSON ({e})", path.display())))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StageError::io(path, e)),
     }
@@ -316,7 +316,19 @@ fn figures(data: &RunData, run_dir: &Path) -> Result<Vec<(String, Vec<Figure>)>,
             let state = if state.is_absolute() || state.exists() { state } else { run_dir.join(state.file_name().unwrap_or_default()) };
             if let Some(state) = read_json(&state)? {
                 let edges = ["0", "(0, .25]", "(.25, .5]", "(.5, 1)", "1"];
-                let bin = |p: f64| if p <= 0.0 { 0 } else if p <= 0.25 { 1 } else if p <= 0.5 { 2 } else if p < 1.0 { 3 } else { 4 };
+                let bin = |p: f64| {
+                    if p <= 0.0 {
+                        0
+                    } else if p <= 0.25 {
+                        1
+                    } else if p <= 0.5 {
+                        2
+                    } else if p < 1.0 {
+                        3
+                    } else {
+                        4
+                    }
+                };
                 let mut counts = [0f64; 5];
                 if let Some(reported) = state["reported"].as_object() {
                     for entry in reported.values() {
@@ -461,12 +473,22 @@ mod tests {
         let metrics = vec![
             line("sft#3", 0.0, serde_json::json!({ "loss": 2.0 })),
             line("sft#3", 1.0, serde_json::json!({ "loss": 1.5 })),
-            line("rl_phase#4", 0.0, serde_json::json!({ "loss": 0.1, "reward_mean": 0.2, "accuracy": 0.2, "response_length": 30, "entropy": 0.5 })),
-            line("rl_phase#4", 1.0, serde_json::json!({ "loss": 0.0, "reward_mean": 0.4, "accuracy": 0.4, "response_length": 28, "entropy": 0.4 })),
+            line(
+                "rl_phase#4",
+                0.0,
+                serde_json::json!({ "loss": 0.1, "reward_mean": 0.2, "accuracy": 0.2, "response_length": 30, "entropy": 0.5 }),
+            ),
+            line(
+                "rl_phase#4",
+                1.0,
+                serde_json::json!({ "loss": 0.0, "reward_mean": 0.4, "accuracy": 0.4, "response_length": 28, "entropy": 0.4 }),
+            ),
             line("evaluate#5", 0.0, serde_json::json!({ "eval": "sft", "bucket": 256, "pass_at_1": 0.7 })),
             line("evaluate#5", 0.0, serde_json::json!({ "eval": "sft", "bucket": 512, "pass_at_1": 0.4 })),
         ];
-        let stages = vec![serde_json::json!({ "label": "rl_phase#4", "line": 3, "status": "ok", "wall_s": 1.0, "items_in": 1, "items_out": 1, "summary": { "accuracy": 0.3 } })];
+        let stages = vec![
+            serde_json::json!({ "label": "rl_phase#4", "line": 3, "status": "ok", "wall_s": 1.0, "items_in": 1, "items_out": 1, "summary": { "accuracy": 0.3 } }),
+        ];
         let data = RunData { dir: PathBuf::from("demo"), name: "demo".into(), run_info: Value::Null, stages, metrics };
         let html = render(&data).expect("renders");
         for kind in ["loss", "reward", "length", "entropy", "phase-accuracy", "accuracy-length"] {

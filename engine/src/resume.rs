@@ -100,7 +100,8 @@ mod tests {
         assert!(changes.iter().any(|c| c.contains("sft#0: option `lr` changed from 0.001 to 0.002")), "{changes:?}");
         assert!(changes.iter().any(|c| c.contains("`epochs` (was 1) was removed")), "{changes:?}");
         assert!(changes.iter().any(|c| c.contains("`seed` = 3 was added")), "{changes:?}");
-        let more = json!({ "nodes": [{ "id": 0, "stage": "sft", "options": {} }, { "id": 1, "stage": "evaluate", "options": {} }], "edges": [] });
+        let more =
+            json!({ "nodes": [{ "id": 0, "stage": "sft", "options": {} }, { "id": 1, "stage": "evaluate", "options": {} }], "edges": [] });
         assert!(plan_changes(&saved, &more).iter().any(|c| c.contains("had 1 stages")));
     }
 }

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use longrl_stdlib::StageError;
 use longrl_stdlib::fsutil::write_atomic;
 use longrl_stdlib::metrics::Metrics;
-use longrl_stdlib::StageError;
 
 use crate::executor::RunReport;
 use crate::plan::ValidPlan;
@@ -89,10 +89,7 @@ impl RunDir {
 
 /// `YYYYMMDD-HHMMSS` in UTC, from the system clock (no time-zone database needed).
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
     format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)

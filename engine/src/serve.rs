@@ -70,7 +70,9 @@ impl BackendTask for ServeOptions {
             let method = request.method().to_string();
             let url = request.url().split('?').next().unwrap_or("").to_string();
             let (status, body) = match (method.as_str(), url.as_str()) {
-                ("GET", "/v1/models") => (200, json!({ "object": "list", "data": [{ "id": name, "object": "model", "owned_by": "longrl" }] })),
+                ("GET", "/v1/models") => {
+                    (200, json!({ "object": "list", "data": [{ "id": name, "object": "model", "owned_by": "longrl" }] }))
+                }
                 ("GET", "/health") => (200, json!({ "status": "ok" })),
                 ("POST", "/v1/chat/completions") => {
                     let mut text = String::new();
@@ -84,9 +86,9 @@ impl BackendTask for ServeOptions {
                 }
                 _ => (404, error_body(&format!("no route for {method} {url}"))),
             };
-            let response = tiny_http::Response::from_string(body.to_string())
-                .with_status_code(status)
-                .with_header(tiny_http::Header::from_bytes("Content-Type", "application/json").map_err(|()| anyhow::anyhow!("bad header"))?);
+            let response = tiny_http::Response::from_string(body.to_string()).with_status_code(status).with_header(
+                tiny_http::Header::from_bytes("Content-Type", "application/json").map_err(|()| anyhow::anyhow!("bad header"))?,
+            );
             if let Err(e) = request.respond(response) {
                 tracing::warn!(error = %e, "could not send a reply");
             }

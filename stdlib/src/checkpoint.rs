@@ -72,9 +72,12 @@ pub struct StageCheckpoints {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StageError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| StageError::Failed(format!("{}: corrupt checkpoint file ({e}); delete the stage's checkpoints to start it over", path.display()))),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            StageError::Failed(format!(
+                "{}: corrupt checkpoint file ({e}); delete the stage's checkpoints to start it over",
+                path.display()
+            ))
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StageError::io(path, e)),
     }
@@ -102,8 +105,9 @@ impl StageCheckpoints {
         let Some(latest) = read_json::<Latest>(&self.root.join("latest.json"))? else { return Ok(None) };
         let dir = self.root.join(&latest.dir);
         let state_path = dir.join("state.json");
-        let state: Value = read_json(&state_path)?
-            .ok_or_else(|| StageError::Failed(format!("{}: missing; the checkpoint {} is incomplete", state_path.display(), dir.display())))?;
+        let state: Value = read_json(&state_path)?.ok_or_else(|| {
+            StageError::Failed(format!("{}: missing; the checkpoint {} is incomplete", state_path.display(), dir.display()))
+        })?;
         Ok(Some((dir, state)))
     }
 

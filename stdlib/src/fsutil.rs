@@ -30,11 +30,8 @@ impl AtomicFile {
             )));
         }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(|e| StageError::io(&dir, e))?;
+        let temp =
+            tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(&dir).map_err(|e| StageError::io(&dir, e))?;
         Ok(Self { temp, path: path.to_path_buf(), overwrite })
     }
 
@@ -54,11 +51,7 @@ impl AtomicFile {
             use std::os::unix::fs::PermissionsExt;
             let _ = self.temp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
         }
-        let result = if self.overwrite {
-            self.temp.persist(&path).map(|_| ())
-        } else {
-            self.temp.persist_noclobber(&path).map(|_| ())
-        };
+        let result = if self.overwrite { self.temp.persist(&path).map(|_| ()) } else { self.temp.persist_noclobber(&path).map(|_| ()) };
         result.map_err(|e| StageError::io(&path, e.error))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Make the rename itself durable; not every filesystem supports syncing a directory.

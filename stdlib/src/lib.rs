@@ -23,6 +23,5 @@ pub use error::StageError;
 pub use record::{AnswerKind, ChatMessage, Record};
 pub use registry::Registry;
 pub use stage::{
-    CancelToken, ClosureRef, DifficultyReport, Item, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext,
-    StageFactory, StageIo,
+    CancelToken, ClosureRef, DifficultyReport, Item, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageFactory, StageIo,
 };

@@ -31,16 +31,9 @@ impl Metrics {
 
     /// Appends to `path`, creating it.
     pub fn open(path: &Path) -> Result<Self, StageError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| StageError::io(path, e))?;
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| StageError::io(path, e))?;
         Ok(Self {
-            inner: Some(Arc::new(Mutex::new(MetricsFile {
-                path: path.to_path_buf(),
-                writer: BufWriter::new(file),
-            }))),
+            inner: Some(Arc::new(Mutex::new(MetricsFile { path: path.to_path_buf(), writer: BufWriter::new(file) }))),
             started: Instant::now(),
         })
     }
@@ -54,13 +47,9 @@ impl Metrics {
         line.insert("step".into(), step.into());
         line.insert("elapsed_s".into(), self.started.elapsed().as_secs_f64().into());
         line.extend(fields);
-        let mut file = inner
-            .lock()
-            .map_err(|_| StageError::Failed("metrics writer poisoned by a panic".into()))?;
+        let mut file = inner.lock().map_err(|_| StageError::Failed("metrics writer poisoned by a panic".into()))?;
         let path = file.path.clone();
         let text = Value::Object(line).to_string();
-        writeln!(file.writer, "{text}")
-            .and_then(|()| file.writer.flush())
-            .map_err(|e| StageError::io(path, e))
+        writeln!(file.writer, "{text}").and_then(|()| file.writer.flush()).map_err(|e| StageError::io(path, e))
     }
 }

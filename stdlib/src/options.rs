@@ -22,11 +22,8 @@ pub struct OptionDoc {
 /// (with a suggestion when one is close), then each mistyped option.
 pub fn parse_options<C: DeserializeOwned + schemars::JsonSchema>(options: &Value) -> Result<C, Vec<String>> {
     let schema = schemars::schema_for!(C);
-    let known: Vec<String> = schema
-        .get("properties")
-        .and_then(Value::as_object)
-        .map(|props| props.keys().cloned().collect())
-        .unwrap_or_default();
+    let known: Vec<String> =
+        schema.get("properties").and_then(Value::as_object).map(|props| props.keys().cloned().collect()).unwrap_or_default();
     let mut problems = Vec::new();
     let mut map = match options {
         Value::Object(map) => map.clone(),
@@ -56,11 +53,7 @@ pub fn parse_options<C: DeserializeOwned + schemars::JsonSchema>(options: &Value
                     // Only missing because a mistyped value was dropped: already reported.
                     return Err(problems);
                 }
-                let message = if path == "." || path.is_empty() {
-                    inner
-                } else {
-                    format!("option `{path}`: {inner}")
-                };
+                let message = if path == "." || path.is_empty() { inner } else { format!("option `{path}`: {inner}") };
                 problems.push(message);
                 match top {
                     Some(key) if map.remove(&key).is_some() => dropped.push(key),
@@ -73,11 +66,8 @@ pub fn parse_options<C: DeserializeOwned + schemars::JsonSchema>(options: &Value
 }
 
 fn unknown_option_message(key: &str, known: &[String]) -> String {
-    let closest = known
-        .iter()
-        .map(|k| (strsim::damerau_levenshtein(key, k), k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
-        .min_by_key(|(d, _)| *d);
+    let closest =
+        known.iter().map(|k| (strsim::damerau_levenshtein(key, k), k)).filter(|(d, k)| *d <= 2.max(k.len() / 4)).min_by_key(|(d, _)| *d);
     match closest {
         Some((_, suggestion)) => format!("unknown option `{key}` (did you mean `{suggestion}`?)"),
         None if known.is_empty() => format!("unknown option `{key}` (this stage takes no options)"),
@@ -103,11 +93,8 @@ pub fn describe_options<C: schemars::JsonSchema>() -> Vec<OptionDoc> {
     let schema = schemars::schema_for!(C);
     let root = schema.as_value();
     let defs = root.get("$defs").cloned().unwrap_or(Value::Null);
-    let required: Vec<&str> = root
-        .get("required")
-        .and_then(Value::as_array)
-        .map(|r| r.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let required: Vec<&str> =
+        root.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let Some(props) = root.get("properties").and_then(Value::as_object) else { return Vec::new() };
     props
         .iter()
@@ -118,11 +105,7 @@ pub fn describe_options<C: schemars::JsonSchema>() -> Vec<OptionDoc> {
                 ty: type_label(prop, &defs),
                 default: prop.get("default").map(Value::to_string),
                 required: required.contains(&name.as_str()),
-                doc: prop
-                    .get("description")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .replace('\n', " "),
+                doc: prop.get("description").and_then(Value::as_str).unwrap_or_default().replace('\n', " "),
             }
         })
         .collect()

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rhai::{Dynamic, Engine, FnPtr, AST};
+use rhai::{AST, Dynamic, Engine, FnPtr};
 
 use crate::error::StageError;
 
@@ -52,9 +52,9 @@ impl ScriptFn {
     /// Calls a predicate; anything but a boolean result is an error.
     pub fn call_bool(&self, arg: Dynamic) -> Result<bool, StageError> {
         let value = self.call1(arg)?;
-        value.as_bool().map_err(|type_name| {
-            StageError::Failed(format!("closure at {} returned {type_name}, expected a boolean", self.origin))
-        })
+        value
+            .as_bool()
+            .map_err(|type_name| StageError::Failed(format!("closure at {} returned {type_name}, expected a boolean", self.origin)))
     }
 }
 

@@ -198,19 +198,12 @@ impl StageContext {
     /// A validation problem if `path` (an input) is not an existing directory.
     pub fn require_dir(&self, option: &str, path: &Path) -> Option<String> {
         let full = self.input_path(path);
-        if full.is_dir() {
-            None
-        } else {
-            Some(format!("option `{option}`: directory {} does not exist", full.display()))
-        }
+        if full.is_dir() { None } else { Some(format!("option `{option}`: directory {} does not exist", full.display())) }
     }
 
     /// The closure an option refers to.
     pub fn closure(&self, reference: ClosureRef) -> Result<ScriptFn, StageError> {
-        self.closures
-            .get(reference.id)
-            .cloned()
-            .ok_or_else(|| StageError::Invalid(format!("closure #{} is not defined", reference.id)))
+        self.closures.get(reference.id).cloned().ok_or_else(|| StageError::Invalid(format!("closure #{} is not defined", reference.id)))
     }
 }
 
@@ -259,15 +252,7 @@ impl StageIo {
         counters: Arc<StageCounters>,
         metrics: Metrics,
     ) -> Self {
-        Self {
-            label: label.into(),
-            inputs,
-            outputs,
-            cancel,
-            counters,
-            metrics,
-            summary: serde_json::Map::new(),
-        }
+        Self { label: label.into(), inputs, outputs, cancel, counters, metrics, summary: serde_json::Map::new() }
     }
 
     pub fn label(&self) -> &str {
@@ -431,23 +416,21 @@ impl StageIo {
     }
 
     fn input_index(&self, port: &str) -> Result<usize, StageError> {
-        self.inputs.iter().position(|(spec, _)| spec.name == port).ok_or_else(|| {
-            StageError::Failed(format!("{}: no input port named `{port}`", self.label))
-        })
+        self.inputs
+            .iter()
+            .position(|(spec, _)| spec.name == port)
+            .ok_or_else(|| StageError::Failed(format!("{}: no input port named `{port}`", self.label)))
     }
 
     fn output_index(&self, port: &str) -> Result<usize, StageError> {
-        self.outputs.iter().position(|(spec, _)| spec.name == port).ok_or_else(|| {
-            StageError::Failed(format!("{}: no output port named `{port}`", self.label))
-        })
+        self.outputs
+            .iter()
+            .position(|(spec, _)| spec.name == port)
+            .ok_or_else(|| StageError::Failed(format!("{}: no output port named `{port}`", self.label)))
     }
 
     fn wrong_item(&self, port: &str, expected: PortKind, got: &Item) -> StageError {
-        StageError::Failed(format!(
-            "{}: input `{port}` expected {expected} but received {}",
-            self.label,
-            got.kind()
-        ))
+        StageError::Failed(format!("{}: input `{port}` expected {expected} but received {}", self.label, got.kind()))
     }
 }
 
@@ -541,8 +524,7 @@ impl<C: StageConfig> StageFactory for ConfigFactory<C> {
     }
 
     fn build(&self, options: &Value, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
-        let config = parse_options::<C>(options)
-            .map_err(|problems| StageError::Invalid(problems.join("; ")))?;
+        let config = parse_options::<C>(options).map_err(|problems| StageError::Invalid(problems.join("; ")))?;
         config.build(ctx)
     }
 }

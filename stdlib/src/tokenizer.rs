@@ -51,9 +51,7 @@ impl Tokenizer {
 
     /// Text of `ids`; special tokens are kept when `skip_special` is false.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, StageError> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| StageError::Failed(format!("tokenizer {}: {e}", self.path.display())))
+        self.inner.decode(ids, skip_special).map_err(|e| StageError::Failed(format!("tokenizer {}: {e}", self.path.display())))
     }
 
     /// The id of a token string (special or not), if the vocabulary has it.

@@ -333,9 +333,9 @@ fn attend_chunked<B: Backend>(
 
 /// Running max, normalizer and weighted sum of one query chunk's online softmax.
 struct OnlineSoftmax<B: Backend> {
-    max: Tensor<B, 4>,   // [b, kvh, rows, 1]
-    norm: Tensor<B, 4>,  // [b, kvh, rows, 1]
-    acc: Tensor<B, 4>,   // [b, kvh, rows, hd]
+    max: Tensor<B, 4>,  // [b, kvh, rows, 1]
+    norm: Tensor<B, 4>, // [b, kvh, rows, 1]
+    acc: Tensor<B, 4>,  // [b, kvh, rows, hd]
 }
 
 impl<B: Backend> OnlineSoftmax<B> {

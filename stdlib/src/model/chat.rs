@@ -42,8 +42,7 @@ impl ChatTemplate {
             // Templates use it for "today's date"; a fixed date keeps renders reproducible.
             format.replace("%d", "01").replace("%b", "Jan").replace("%B", "January").replace("%Y", "2025").replace("%m", "01")
         });
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| ModelError::Template(format!("does not compile: {e}")))?;
+        env.add_template_owned("chat", source.to_string()).map_err(|e| ModelError::Template(format!("does not compile: {e}")))?;
         Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
@@ -168,7 +167,8 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_trimmed_blocks_work() {
-        let source = "{% for m in messages %}\n  {{ m.content.strip().upper() }}|{% if m.content.startswith(' a') %}yes{% endif %}\n{% endfor %}";
+        let source =
+            "{% for m in messages %}\n  {{ m.content.strip().upper() }}|{% if m.content.startswith(' a') %}yes{% endif %}\n{% endfor %}";
         let template = ChatTemplate::new(source, "", "").expect("compiles");
         let out = template.render(&[user(" abc ")], false, &Value::Null).expect("renders");
         // As jinja2 renders it: lstrip_blocks strips only before block tags, and trim_blocks

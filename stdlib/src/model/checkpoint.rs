@@ -35,8 +35,8 @@ impl SafetensorsSource {
         let single = dir.join("model.safetensors");
         let file_names: Vec<String> = if index_path.is_file() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::checkpoint(&index_path, format!("not valid JSON: {e}")))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::checkpoint(&index_path, format!("not valid JSON: {e}")))?;
             let map = json
                 .get("weight_map")
                 .and_then(serde_json::Value::as_object)
@@ -84,13 +84,10 @@ impl WeightSource for SafetensorsSource {
         let tensors = SafeTensors::deserialize(bytes).map_err(|e| ModelError::checkpoint(&path, e.to_string()))?;
         let view = tensors.tensor(name).map_err(|e| ModelError::checkpoint(&path, format!("tensor `{name}`: {e}")))?;
         if view.shape() != shape {
-            return Err(ModelError::checkpoint(
-                &path,
-                format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape()),
-            ));
+            return Err(ModelError::checkpoint(&path, format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape())));
         }
-        let values = to_f32(view.dtype(), view.data())
-            .map_err(|message| ModelError::checkpoint(&path, format!("tensor `{name}`: {message}")))?;
+        let values =
+            to_f32(view.dtype(), view.data()).map_err(|message| ModelError::checkpoint(&path, format!("tensor `{name}`: {message}")))?;
         self.used.insert(name.to_string());
         Ok(values)
     }
@@ -102,10 +99,9 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, String> {
         Dtype::F32 => Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
         Dtype::F16 => Ok(data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
         Dtype::BF16 => Ok(data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        Dtype::F64 => Ok(data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect()),
+        Dtype::F64 => {
+            Ok(data.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect())
+        }
         other => Err(format!("dtype {other:?} is not a floating-point weight type (f32, f16, bf16)")),
     }
 }
@@ -120,7 +116,10 @@ pub struct RandomInit {
 
 impl RandomInit {
     pub fn new(seed: u64, std: f32) -> Self {
-        Self { rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed), normal: Normal::new(0.0, std).unwrap_or(Normal::new(0.0, 0.02).expect("valid")) }
+        Self {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            normal: Normal::new(0.0, std).unwrap_or(Normal::new(0.0, 0.02).expect("valid")),
+        }
     }
 }
 

@@ -120,8 +120,8 @@ impl ModelConfig {
     /// Reads and checks `config.json`.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
         config.check().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
         Ok(config)
     }
@@ -150,10 +150,7 @@ impl ModelConfig {
         }
         let kv = self.kv_heads();
         if kv == 0 || self.num_attention_heads % kv != 0 {
-            return Err(format!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})",
-                self.num_attention_heads
-            ));
+            return Err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})", self.num_attention_heads));
         }
         if self.head_dim() % 2 != 0 {
             return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim()));
@@ -190,11 +187,7 @@ impl ModelConfig {
     /// `rope_theta` + `rope_scaling` (earlier).
     pub fn rope(&self) -> Result<(f64, RopeScaling), String> {
         let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|v| !v.is_null());
-        let theta = params
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0);
+        let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(self.rope_theta).unwrap_or(10_000.0);
         let Some(params) = params else { return Ok((theta, RopeScaling::None)) };
         let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
         let number = |key: &str| -> Result<f32, String> {
@@ -255,7 +248,15 @@ impl ModelConfig {
 
     /// A small config of the given architecture (for the embedded default and tests).
     #[allow(clippy::too_many_arguments)]
-    pub fn tiny(arch: Architecture, vocab_size: usize, hidden: usize, layers: usize, heads: usize, kv_heads: usize, intermediate: usize) -> Self {
+    pub fn tiny(
+        arch: Architecture,
+        vocab_size: usize,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        intermediate: usize,
+    ) -> Self {
         Self {
             model_type: match arch {
                 Architecture::Qwen2 => "qwen2".into(),

@@ -215,11 +215,8 @@ fn last_logits<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tensor<
 
 fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>, ModelError> {
     let [b, vocab] = logits.dims();
-    let values = logits
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| ModelError::Invalid(format!("cannot read logits: {e:?}")))?;
+    let values =
+        logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Invalid(format!("cannot read logits: {e:?}")))?;
     Ok((0..b).map(|i| values[i * vocab..(i + 1) * vocab].to_vec()).collect())
 }
 
@@ -230,10 +227,7 @@ fn int_tensor<B: Backend, const D: usize>(values: Vec<i64>, shape: [usize; D], d
 /// Draws one token from a logits row; returns it with its log-probability.
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> (u32, f32) {
     if config.temperature <= 0.0 {
-        let (best, _) = logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) });
+        let (best, _) = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) });
         return (best as u32, log_softmax_at(logits, best, 1.0));
     }
     let t = config.temperature;
@@ -320,7 +314,7 @@ mod tests {
 
     #[test]
     fn sampling_follows_the_distribution_and_reports_its_log_probability() {
-        let logits = [0.0f32, 1.0f32.ln()+ 0.0, 2f32.ln()]; // weights 1 : 1 : 2
+        let logits = [0.0f32, 1.0f32.ln() + 0.0, 2f32.ln()]; // weights 1 : 1 : 2
         let config = SamplingConfig { temperature: 1.0, ..SamplingConfig::default() };
         let mut rng = sample_rng(11, 0);
         let mut counts = [0usize; 3];

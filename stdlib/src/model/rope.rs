@@ -16,8 +16,7 @@ pub struct Rope {
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, scaling: RopeScaling) -> Self {
         let base = theta as f32;
-        let mut inv_freq: Vec<f32> =
-            (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
@@ -29,8 +28,7 @@ impl Rope {
                     let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     *f = if medium {
-                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
                     } else {
                         scaled
@@ -53,8 +51,7 @@ impl Rope {
     pub fn tables<B: Backend>(&self, positions: Tensor<B, 2>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let device = positions.device();
         let half = self.inv_freq.len();
-        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(self.inv_freq.clone(), [half]), &device)
-            .reshape([1, 1, half]); // [1, 1, half]
+        let inv_freq = Tensor::<B, 1>::from_data(TensorData::new(self.inv_freq.clone(), [half]), &device).reshape([1, 1, half]); // [1, 1, half]
         let angles = positions.unsqueeze_dim::<3>(2) * inv_freq; // [batch, seq, half]
         let angles = Tensor::cat(vec![angles.clone(), angles], 2); // [batch, seq, head_dim]
         (angles.clone().cos().unsqueeze_dim(1), angles.sin().unsqueeze_dim(1))

@@ -43,7 +43,8 @@ pub fn score_group_at<B: Backend>(
     let g = responses.len();
     let len = responses.iter().map(Vec::len).max().unwrap_or(0);
     let mut cache = model.new_cache();
-    let prompt_ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(), [1, p]), &device);
+    let prompt_ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(), [1, p]), &device);
     let prompt_hidden = model.forward_hidden(prompt_ids, ForwardArgs::contiguous(1, 0, p, &device), &mut cache); // [1, p, d]
     let d = prompt_hidden.dims()[2];
     let last_prompt = prompt_hidden.slice([0..1, p - 1..p, 0..d]).expand([g, 1, d]); // [g, 1, d]

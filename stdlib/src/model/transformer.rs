@@ -125,11 +125,7 @@ impl<B: Backend> ForwardArgs<B> {
     /// Positions `start..start+seq` for every row, no padding, cache appended.
     pub fn contiguous(batch: usize, start: usize, seq: usize, device: &B::Device) -> Self {
         let values: Vec<f32> = (0..batch).flat_map(|_| (start..start + seq).map(|p| p as f32)).collect();
-        Self {
-            positions: Tensor::from_data(TensorData::new(values, [batch, seq]), device),
-            key_padding: None,
-            append: true,
-        }
+        Self { positions: Tensor::from_data(TensorData::new(values, [batch, seq]), device), key_padding: None, append: true }
     }
 }
 
@@ -166,8 +162,7 @@ impl<B: Backend> CausalLm<B> {
             });
         }
         let norm = rms_norm(source, "model.norm", d, eps, device)?;
-        let lm_head =
-            if config.tie_word_embeddings { None } else { Some(linear(source, "lm_head", d, vocab, false, device)?) };
+        let lm_head = if config.tie_word_embeddings { None } else { Some(linear(source, "lm_head", d, vocab, false, device)?) };
         let (theta, scaling) = config.rope().map_err(ModelError::Invalid)?;
         Ok(Self { embed_tokens, layers, norm, lm_head, rope: Rope::new(hd, theta, scaling), attention: AttentionOptions::default() })
     }

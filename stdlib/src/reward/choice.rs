@@ -36,7 +36,16 @@ mod tests {
 
     #[test]
     fn letters_in_their_usual_forms() {
-        for (text, expected) in [("(A)", Some('A')), ("B", Some('B')), ("C.", Some('C')), ("option D: Paris", Some('D')), ("(b)", Some('B')), ("Paris", None), ("E", None), ("a cat", None)] {
+        for (text, expected) in [
+            ("(A)", Some('A')),
+            ("B", Some('B')),
+            ("C.", Some('C')),
+            ("option D: Paris", Some('D')),
+            ("(b)", Some('B')),
+            ("Paris", None),
+            ("E", None),
+            ("a cat", None),
+        ] {
             assert_eq!(parse_choice(text), expected, "{text:?}");
         }
         assert_eq!(score_choice("(C) because", "C"), 1.0);

@@ -121,11 +121,10 @@ impl Reward {
         if let Some(script) = &self.script {
             for ((record, response), outcome) in items.iter().zip(outcomes.iter_mut()) {
                 let value = script.call2((*response).into(), to_dynamic(*record)?)?;
-                let value = value
-                    .as_float()
-                    .map(|f| f as f32)
-                    .or_else(|_| value.as_int().map(|i| i as f32))
-                    .map_err(|t| StageError::Failed(format!("reward closure at {} returned {t}, expected a number", script.origin())))?;
+                let value =
+                    value.as_float().map(|f| f as f32).or_else(|_| value.as_int().map(|i| i as f32)).map_err(|t| {
+                        StageError::Failed(format!("reward closure at {} returned {t}, expected a number", script.origin()))
+                    })?;
                 outcome.script = Some(value);
                 outcome.score = match self.script_mode {
                     ScriptMode::Replace => Some(value),

@@ -49,7 +49,11 @@ pub struct JudgeConfig {
 
 impl std::fmt::Debug for JudgeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JudgeConfig").field("url", &self.url).field("model", &self.model).field("concurrency", &self.concurrency).finish_non_exhaustive()
+        f.debug_struct("JudgeConfig")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,7 +101,9 @@ pub enum JudgeVerdict {
     Yes,
     No,
     /// No usable verdict after every retry; the reason says why.
-    Unscorable { reason: String },
+    Unscorable {
+        reason: String,
+    },
 }
 
 impl JudgeVerdict {
@@ -160,7 +166,12 @@ pub struct JudgeStats {
 impl JudgeStats {
     pub fn snapshot(&self) -> serde_json::Map<String, Value> {
         let mut map = serde_json::Map::new();
-        for (name, counter) in [("judge_requests", &self.requests), ("judge_retries", &self.retries), ("judge_cache_hits", &self.cache_hits), ("judge_unscorable", &self.unscorable)] {
+        for (name, counter) in [
+            ("judge_requests", &self.requests),
+            ("judge_retries", &self.retries),
+            ("judge_cache_hits", &self.cache_hits),
+            ("judge_unscorable", &self.unscorable),
+        ] {
             map.insert(name.into(), counter.load(Ordering::Relaxed).into());
         }
         map
@@ -173,8 +184,20 @@ pub struct Judge {
     agent: ureq::Agent,
     api_key: Option<String>,
     cache: Mutex<HashMap<JudgeRequest, bool>>,
+    /// Where verdicts are appended, so a resumed run does not pay for them again.
+    cache_file: Option<Mutex<std::fs::File>>,
     next_start: Mutex<Instant>,
     pub stats: JudgeStats,
+}
+
+/// One cached verdict as a line of the cache file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheLine {
+    model: String,
+    question: String,
+    prediction: String,
+    gold: String,
+    yes: bool,
 }
 
 impl std::fmt::Debug for Judge {
@@ -203,7 +226,45 @@ impl Judge {
             .http_status_as_error(false)
             .build()
             .into();
-        Ok(Self { config, agent, api_key, cache: Mutex::new(HashMap::new()), next_start: Mutex::new(Instant::now()), stats: JudgeStats::default() })
+        Ok(Self {
+            config,
+            agent,
+            api_key,
+            cache: Mutex::new(HashMap::new()),
+            cache_file: None,
+            next_start: Mutex::new(Instant::now()),
+            stats: JudgeStats::default(),
+        })
+    }
+
+    /// Keeps the cache in `path` (JSON Lines, appended as verdicts arrive): the verdicts of
+    /// this judge model already there are loaded, so a resumed run asks nothing twice. A
+    /// line cut short by a crash is skipped.
+    pub fn with_cache_file(mut self, path: &std::path::Path) -> Result<Self, StageError> {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let mut cache = self.cache.lock().map_err(|_| StageError::Failed("judge cache lock poisoned".into()))?;
+            for (index, line) in text.lines().enumerate() {
+                match serde_json::from_str::<CacheLine>(line) {
+                    Ok(entry) if entry.model == self.config.model => {
+                        cache.insert(JudgeRequest { question: entry.question, prediction: entry.prediction, gold: entry.gold }, entry.yes);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("{}:{}: skipping an unreadable judge cache line ({e})", path.display(), index + 1),
+                }
+            }
+        }
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| StageError::io(path, e))?;
+        // Start on a fresh line after a line cut short.
+        if std::fs::read(path).map(|bytes| bytes.last().is_some_and(|&b| b != b'\n')).unwrap_or(false) {
+            std::io::Write::write_all(&mut file, b"\n").map_err(|e| StageError::io(path, e))?;
+        }
+        self.cache_file = Some(Mutex::new(file));
+        Ok(self)
+    }
+
+    /// Verdicts in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().map(|c| c.len()).unwrap_or(0)
     }
 
     pub fn config(&self) -> &JudgeConfig {
@@ -232,10 +293,26 @@ impl Judge {
         });
         results
             .into_iter()
-            .map(|slot| {
-                slot.into_inner().ok().flatten().unwrap_or(JudgeVerdict::Unscorable { reason: "the worker thread failed".into() })
-            })
+            .map(|slot| slot.into_inner().ok().flatten().unwrap_or(JudgeVerdict::Unscorable { reason: "the worker thread failed".into() }))
             .collect()
+    }
+
+    fn append_to_cache_file(&self, request: &JudgeRequest, yes: bool) {
+        let Some(file) = &self.cache_file else { return };
+        let line = CacheLine {
+            model: self.config.model.clone(),
+            question: request.question.clone(),
+            prediction: request.prediction.clone(),
+            gold: request.gold.clone(),
+            yes,
+        };
+        if let (Ok(mut file), Ok(mut text)) = (file.lock(), serde_json::to_string(&line)) {
+            text.push('\n');
+            use std::io::Write;
+            if let Err(e) = file.write_all(text.as_bytes()) {
+                tracing::warn!("cannot append to the judge cache file: {e}");
+            }
+        }
     }
 
     /// Judges one answer (cached, retried).
@@ -259,6 +336,7 @@ impl Judge {
                     if let Ok(mut cache) = self.cache.lock() {
                         cache.insert(request.clone(), yes);
                     }
+                    self.append_to_cache_file(request, yes);
                     return if yes { JudgeVerdict::Yes } else { JudgeVerdict::No };
                 }
                 Err(Attempt::Retry(reason)) => {

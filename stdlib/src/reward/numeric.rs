@@ -114,8 +114,11 @@ fn read_digits(chars: &[char], start: usize) -> (f64, usize) {
         let c = chars[i];
         if c.is_ascii_digit() {
             text.push(c);
-        } else if c == ',' && !seen_point && chars.get(i + 1).is_some_and(char::is_ascii_digit)
-            && chars.get(i + 2).is_some_and(char::is_ascii_digit) && chars.get(i + 3).is_some_and(char::is_ascii_digit)
+        } else if c == ','
+            && !seen_point
+            && chars.get(i + 1).is_some_and(char::is_ascii_digit)
+            && chars.get(i + 2).is_some_and(char::is_ascii_digit)
+            && chars.get(i + 3).is_some_and(char::is_ascii_digit)
             && !chars.get(i + 4).is_some_and(char::is_ascii_digit)
         {
             // A thousands separator: exactly three digits follow.

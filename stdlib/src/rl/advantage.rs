@@ -81,7 +81,10 @@ mod tests {
         // Dr. GRPO: no scaling.
         close(&group_advantages(&rewards, StdScaling::None, 0.0), &[Some(0.75), Some(-0.25), Some(-0.25), Some(-0.25)]);
         // Batch std.
-        close(&group_advantages(&rewards, StdScaling::Batch, 0.5), &[Some(0.75 / 0.500001), Some(-0.25 / 0.500001), Some(-0.25 / 0.500001), Some(-0.25 / 0.500001)]);
+        close(
+            &group_advantages(&rewards, StdScaling::Batch, 0.5),
+            &[Some(0.75 / 0.500001), Some(-0.25 / 0.500001), Some(-0.25 / 0.500001), Some(-0.25 / 0.500001)],
+        );
     }
 
     #[test]

@@ -142,7 +142,11 @@ mod tests {
 
     fn report(id: &str, rewards: &[f32]) -> DifficultyReport {
         let pass_rate = rewards.iter().filter(|r| **r >= 1.0).count() as f32 / rewards.len().max(1) as f32;
-        DifficultyReport { record: serde_json::from_value(serde_json::json!({ "id": id })).expect("record"), rewards: rewards.to_vec(), pass_rate }
+        DifficultyReport {
+            record: serde_json::from_value(serde_json::json!({ "id": id })).expect("record"),
+            rewards: rewards.to_vec(),
+            pass_rate,
+        }
     }
 
     /// Six tasks of known difficulty: mean rewards 0, 0, 0.25, 0.5, 0.75, 1.

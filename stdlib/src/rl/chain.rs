@@ -63,7 +63,11 @@ pub fn chain_problems(nodes: &[ChainNode], edges: &[ChainEdge]) -> Vec<(usize, S
         let reporters: Vec<usize> = edges.iter().filter(|e| e.to == buffer.id && e.to_port == "reports").map(|e| e.from).collect();
         let readers: Vec<usize> = edges.iter().filter(|e| e.from == buffer.id && is_phase(e.to)).map(|e| e.to).collect();
         if !edges.iter().any(|e| e.from == buffer.id) {
-            problems.push((buffer.id, "hard_buffer: nothing reads its tasks, so the hard samples it keeps are never trained on (connect it to a later rl_phase)".into()));
+            problems.push((
+                buffer.id,
+                "hard_buffer: nothing reads its tasks, so the hard samples it keeps are never trained on (connect it to a later rl_phase)"
+                    .into(),
+            ));
         }
         for &reporter in reporters.iter().filter(|&&r| is_phase(r)) {
             let Some((_, reporter_max)) = node(reporter).and_then(band) else { continue };

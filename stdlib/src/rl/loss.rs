@@ -154,7 +154,15 @@ mod tests {
     }
 
     fn config(aggregation: Aggregation) -> LossConfig {
-        LossConfig { eps_low: 0.2, eps_high: 0.28, aggregation, kl_coef: 0.0, kl_estimator: KlEstimator::K3, entropy_coef: 0.0, norm_length: 4.0 }
+        LossConfig {
+            eps_low: 0.2,
+            eps_high: 0.28,
+            aggregation,
+            kl_coef: 0.0,
+            kl_estimator: KlEstimator::K3,
+            entropy_coef: 0.0,
+            norm_length: 4.0,
+        }
     }
 
     #[test]
@@ -166,12 +174,30 @@ mod tests {
         let (l1, l2, l3) = (-1.28f32, -(-0.1f32).exp(), 1.6f32);
         let normalizer = Normalizer { tokens: 3.0, responses: 2.0 };
         let (logp, old, adv, mask, entropy) = batch();
-        let (loss, sums) = policy_loss(logp.clone(), old.clone(), adv.clone(), mask.clone(), entropy.clone(), None, &config(Aggregation::Token), normalizer);
+        let (loss, sums) = policy_loss(
+            logp.clone(),
+            old.clone(),
+            adv.clone(),
+            mask.clone(),
+            entropy.clone(),
+            None,
+            &config(Aggregation::Token),
+            normalizer,
+        );
         assert!((value(loss) - (l1 + l2 + l3) / 3.0).abs() < 1e-5);
         assert_eq!(sums.tokens, 3.0);
         assert_eq!(sums.clipped_tokens, 2.0);
         assert!((sums.entropy_sum - 2.0).abs() < 1e-6, "padding is masked out");
-        let (loss, _) = policy_loss(logp.clone(), old.clone(), adv.clone(), mask.clone(), entropy.clone(), None, &config(Aggregation::Sequence), normalizer);
+        let (loss, _) = policy_loss(
+            logp.clone(),
+            old.clone(),
+            adv.clone(),
+            mask.clone(),
+            entropy.clone(),
+            None,
+            &config(Aggregation::Sequence),
+            normalizer,
+        );
         assert!((value(loss) - ((l1 + l2) / 2.0 + l3) / 2.0).abs() < 1e-5);
         let (loss, _) = policy_loss(logp, old, adv, mask, entropy, None, &config(Aggregation::TokenSumNorm), normalizer);
         assert!((value(loss) - (l1 + l2 + l3) / (2.0 * 4.0)).abs() < 1e-5);
@@ -187,7 +213,16 @@ mod tests {
         let mut with_kl = config(Aggregation::Token);
         with_kl.kl_coef = 0.5;
         with_kl.entropy_coef = 0.1;
-        let (base, _) = policy_loss(logp.clone(), old.clone(), adv.clone(), mask.clone(), entropy.clone(), None, &config(Aggregation::Token), normalizer);
+        let (base, _) = policy_loss(
+            logp.clone(),
+            old.clone(),
+            adv.clone(),
+            mask.clone(),
+            entropy.clone(),
+            None,
+            &config(Aggregation::Token),
+            normalizer,
+        );
         let (loss, sums) = policy_loss(logp, old, adv, mask, entropy, Some(reference), &with_kl, normalizer);
         assert!((sums.kl_sum - k3).abs() < 1e-5);
         let expected = value(base) + (0.5 * k3 - 0.1 * 2.0) / 3.0;

@@ -130,7 +130,14 @@ pub struct ItemResult {
 
 impl ItemResult {
     /// Builds an item's figures from its samples' outcomes.
-    pub fn from_outcomes(record: &Record, bucket: usize, input_tokens: usize, truncated: bool, responses: Vec<String>, verdicts: Vec<RewardOutcome>) -> Self {
+    pub fn from_outcomes(
+        record: &Record,
+        bucket: usize,
+        input_tokens: usize,
+        truncated: bool,
+        responses: Vec<String>,
+        verdicts: Vec<RewardOutcome>,
+    ) -> Self {
         let scores: Vec<f64> = verdicts.iter().filter_map(|v| v.score).map(f64::from).collect();
         let pass_at_1 = if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 };
         Self {

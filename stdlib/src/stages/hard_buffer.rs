@@ -139,7 +139,8 @@ impl Stage for HardBufferStage {
             seed,
         });
         if let Some(path) = &self.state_path {
-            let json = serde_json::to_vec_pretty(&buffer).map_err(|e| StageError::Failed(format!("cannot encode the buffer state: {e}")))?;
+            let json =
+                serde_json::to_vec_pretty(&buffer).map_err(|e| StageError::Failed(format!("cannot encode the buffer state: {e}")))?;
             write_atomic(path, &json)?;
         }
         // How many carried tasks join the fresh ones: at most `mix` of the total.
@@ -184,10 +185,7 @@ impl Stage for HardBufferStage {
             serde_json::Map::from_iter([
                 ("held".to_string(), buffer.held.len().into()),
                 ("carried".to_string(), carried.into()),
-                (
-                    "held_pass_rates".to_string(),
-                    serde_json::json!(buffer.held_entries().map(|e| e.pass_rate).collect::<Vec<_>>()),
-                ),
+                ("held_pass_rates".to_string(), serde_json::json!(buffer.held_entries().map(|e| e.pass_rate).collect::<Vec<_>>())),
             ]),
         )?;
         for record in out {

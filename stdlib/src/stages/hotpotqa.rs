@@ -83,8 +83,11 @@ pub struct HotpotItem {
 /// Reads a HotpotQA JSON file, naming the file on error.
 pub fn load(path: &std::path::Path) -> Result<Vec<HotpotItem>, StageError> {
     let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    serde_json::from_reader(std::io::BufReader::new(file))
-        .map_err(|e| StageError::BadRecord { path: path.to_path_buf(), line: e.line(), message: format!("not HotpotQA distractor JSON: {e}") })
+    serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| StageError::BadRecord {
+        path: path.to_path_buf(),
+        line: e.line(),
+        message: format!("not HotpotQA distractor JSON: {e}"),
+    })
 }
 
 struct Hotpot {

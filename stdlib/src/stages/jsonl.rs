@@ -89,10 +89,8 @@ impl StageConfig for JsonlConfig {
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let path = ctx.input_path(&self.path);
-        let default_source = self
-            .data_source
-            .clone()
-            .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let default_source =
+            self.data_source.clone().unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
         let mapping = Mapping::new(self.format, &self.fields);
         Ok(Box::new(JsonlSource { path, mapping, default_kind: self.kind, default_source, on_error: self.on_error, limit: self.limit }))
     }
@@ -169,11 +167,7 @@ impl Mapping {
             match self.get(object, field)? {
                 None => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(other) => Err(format!(
-                    "field `{}` must be a string, found {}",
-                    self.path(field),
-                    crate::options::json_type(other)
-                )),
+                Some(other) => Err(format!("field `{}` must be a string, found {}", self.path(field), crate::options::json_type(other))),
             }
         };
         let id = match self.get(object, Id)? {
@@ -181,11 +175,7 @@ impl Mapping {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             Some(other) => {
-                return Err(format!(
-                    "field `{}` must be a string or integer, found {}",
-                    self.path(Id),
-                    crate::options::json_type(other)
-                ));
+                return Err(format!("field `{}` must be a string or integer, found {}", self.path(Id), crate::options::json_type(other)));
             }
         };
         let answers = match self.get(object, Answers)? {
@@ -195,9 +185,8 @@ impl Mapping {
         let prompt = match self.get(object, Prompt)? {
             None => None,
             Some(value) => Some(
-                serde_json::from_value::<Vec<ChatMessage>>(value.clone()).map_err(|e| {
-                    format!("field `{}` must be a list of {{role, content}} turns: {e}", self.path(Prompt))
-                })?,
+                serde_json::from_value::<Vec<ChatMessage>>(value.clone())
+                    .map_err(|e| format!("field `{}` must be a list of {{role, content}} turns: {e}", self.path(Prompt)))?,
             ),
         };
         let mut question = text(Question)?.unwrap_or_default();
@@ -211,9 +200,10 @@ impl Mapping {
         }
         let kind = match text(Kind)? {
             None => None,
-            Some(name) => Some(AnswerKind::parse(&name).ok_or_else(|| {
-                format!("field `{}`: unknown answer kind `{name}` (use text, number or choice)", self.path(Kind))
-            })?),
+            Some(name) => Some(
+                AnswerKind::parse(&name)
+                    .ok_or_else(|| format!("field `{}`: unknown answer kind `{name}` (use text, number or choice)", self.path(Kind)))?,
+            ),
         };
         let mut record = Record::new(id, question);
         record.context = text(Context)?.unwrap_or_default();
@@ -355,9 +345,11 @@ pub fn read_all(path: &Path, format: JsonlFormat) -> Result<Vec<Record>, StageEr
         if line_bytes.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let record = source
-            .parse_line(line_bytes, index + 1)
-            .map_err(|message| StageError::BadRecord { path: path.to_path_buf(), line: index + 1, message })?;
+        let record = source.parse_line(line_bytes, index + 1).map_err(|message| StageError::BadRecord {
+            path: path.to_path_buf(),
+            line: index + 1,
+            message,
+        })?;
         records.push(record);
     }
     Ok(records)

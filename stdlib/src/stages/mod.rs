@@ -2,11 +2,11 @@
 
 pub mod eval;
 pub mod filter;
+pub mod hard_buffer;
 pub mod hotpotqa;
 pub mod jsonl;
 pub mod model;
 pub mod reward;
-pub mod hard_buffer;
 pub mod rl_phase;
 pub mod score_difficulty;
 pub mod sft;

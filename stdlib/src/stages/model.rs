@@ -90,7 +90,11 @@ impl Stage for ModelSource {
                 let out = run_dir.join(format!("model-{}", self.ctx.node));
                 let config = ModelConfig::load(&self.dir.join("config.json"))?;
                 let seed = self.config.seed ^ self.ctx.seed.rotate_left(7);
-                let model = CausalLm::<longrl_backends::Cpu>::build(&config, &mut RandomInit::new(seed, self.config.init_std), &Default::default())?;
+                let model = CausalLm::<longrl_backends::Cpu>::build(
+                    &config,
+                    &mut RandomInit::new(seed, self.config.init_std),
+                    &Default::default(),
+                )?;
                 save_model(&model, &config, &out, SaveDtype::F32)?;
                 copy_tokenizer_files(&self.dir, &out)?;
                 io.summary_mut().insert("parameters".into(), config.num_params().into());

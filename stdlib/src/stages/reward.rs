@@ -47,9 +47,15 @@ impl StageConfig for RewardConfig {
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
-        let judge = self.judge.clone().map(Judge::new).transpose()?.map(Arc::new);
+        let mut judge = self.judge.clone().map(Judge::new).transpose()?;
+        if let (Some(j), Some(run_dir)) = (judge.take(), &ctx.run_dir) {
+            // The run's judge verdicts persist, so a resumed run pays for none twice.
+            judge = Some(j.with_cache_file(&run_dir.join(format!("judge_cache-{}.jsonl", ctx.node)))?);
+        }
+        let judge = judge.map(Arc::new);
         let script = self.script.map(|r| ctx.closure(r)).transpose()?;
-        let reward = Reward { rule: self.rule, judge, judge_when: self.judge_when, script, script_mode: self.script_mode, kinds: self.kinds };
+        let reward =
+            Reward { rule: self.rule, judge, judge_when: self.judge_when, script, script_mode: self.script_mode, kinds: self.kinds };
         Ok(Box::new(RewardSource { reward: Arc::new(reward) }))
     }
 }

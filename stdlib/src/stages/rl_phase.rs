@@ -29,12 +29,12 @@ use crate::model::{CausalLm, load_model, save_model};
 use crate::progress::Progress;
 use crate::prompt::encode_prompt;
 use crate::record::Record;
-use crate::reward::hybrid::Reward;
 use crate::reward::RuleConfig;
+use crate::reward::hybrid::Reward;
 use crate::rl::advantage::{StdScaling, group_advantages, mean_std};
 use crate::rl::dynamic::{Drop, drop_reason, fill_step};
-use crate::rl::rollout::rollout_group;
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums, Normalizer, policy_loss};
+use crate::rl::rollout::rollout_group;
 use crate::rl::shaping::overlong_penalty;
 use crate::stage::{DifficultyReport, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 use crate::train::{OptimConfig, Trainer};
@@ -526,7 +526,8 @@ impl BackendTask for RlTask<'_> {
                         continue;
                     }
                     for &g in chunk {
-                        let (loss, part) = group_loss(&model, reference.as_ref(), &groups[g], config.temperature, &loss_config, normalizer, &device)?;
+                        let (loss, part) =
+                            group_loss(&model, reference.as_ref(), &groups[g], config.temperature, &loss_config, normalizer, &device)?;
                         loss_sum += f64::from(burn::tensor::ElementConversion::elem::<f32>(loss.clone().into_scalar()));
                         sums.tokens += part.tokens;
                         sums.clipped_tokens += part.clipped_tokens;
@@ -578,7 +579,10 @@ impl BackendTask for RlTask<'_> {
                 break;
             }
             let done_steps = step + 1;
-            if let Some(checkpoints) = checkpoints.as_ref().filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps) {
+            if let Some(checkpoints) = checkpoints
+                .as_ref()
+                .filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps)
+            {
                 let state = ResumeState {
                     step: done_steps,
                     update,

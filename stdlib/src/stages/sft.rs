@@ -135,7 +135,12 @@ struct Sft {
 pub type Example = (Vec<u32>, Vec<u32>);
 
 /// Turns records into examples: templated prompt (cut to `max_input`), trace + end token.
-pub fn make_examples(tokenizer: &ModelTokenizer, records: &[Record], max_input: usize, max_response: usize) -> Result<(Vec<Example>, usize), StageError> {
+pub fn make_examples(
+    tokenizer: &ModelTokenizer,
+    records: &[Record],
+    max_input: usize,
+    max_response: usize,
+) -> Result<(Vec<Example>, usize), StageError> {
     let end = tokenizer.stop_ids.first().copied();
     let mut examples = Vec::with_capacity(records.len());
     let mut skipped = 0;
@@ -186,7 +191,11 @@ pub fn batches(examples: &[Example], budget: usize, rng: &mut rand_chacha::ChaCh
 ///
 /// # Shapes
 /// - returns a `[1]` tensor
-pub fn response_nll<B: burn::tensor::backend::Backend>(model: &CausalLm<B>, batch: &[Example], denominator: f64) -> Result<Tensor<B, 1>, StageError> {
+pub fn response_nll<B: burn::tensor::backend::Backend>(
+    model: &CausalLm<B>,
+    batch: &[Example],
+    denominator: f64,
+) -> Result<Tensor<B, 1>, StageError> {
     let scores = score_batch(model, batch)?;
     Ok(scores.logprobs.sum().neg().div_scalar(denominator))
 }
@@ -282,7 +291,10 @@ impl BackendTask for SftTask<'_> {
                 tracing::info!(step, loss = loss_sum, lr = info.lr, tokens_per_s, "sft step");
             }
             let done_steps = step + 1;
-            if let Some(checkpoints) = checkpoints.as_ref().filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps) {
+            if let Some(checkpoints) = checkpoints
+                .as_ref()
+                .filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps)
+            {
                 let state = serde_json::json!({ "step": done_steps, "tokens_seen": tokens_seen, "last_loss": last_loss, "metrics_lines": metrics_lines });
                 checkpoints.save(done_steps, &state, |dir| {
                     save_model(&model.valid(), &model_config, dir, SaveDtype::F32)?;

@@ -127,29 +127,29 @@ impl Stage for Synthetic {
 }
 
 const COLORS: &[&str] = &[
-    "red", "blue", "green", "yellow", "black", "white", "orange", "purple", "silver", "golden", "brown", "gray", "pink",
-    "violet", "amber", "teal",
+    "red", "blue", "green", "yellow", "black", "white", "orange", "purple", "silver", "golden", "brown", "gray", "pink", "violet", "amber",
+    "teal",
 ];
 const OBJECTS: &[&str] = &[
-    "box", "key", "lamp", "book", "ring", "coin", "map", "cup", "bell", "clock", "vase", "knife", "hat", "scarf", "drum",
-    "flute", "mirror", "jar", "chest", "kite",
+    "box", "key", "lamp", "book", "ring", "coin", "map", "cup", "bell", "clock", "vase", "knife", "hat", "scarf", "drum", "flute",
+    "mirror", "jar", "chest", "kite",
 ];
 const CITIES: &[&str] = &[
-    "Oslo", "Lima", "Cairo", "Dakar", "Quito", "Riga", "Tunis", "Hanoi", "Kyiv", "Minsk", "Sofia", "Bern", "Rome", "Paris",
-    "Madrid", "Lisbon", "Dublin", "Vienna", "Prague", "Warsaw", "Athens", "Ankara", "Tehran", "Delhi", "Dhaka", "Seoul",
-    "Tokyo", "Manila", "Jakarta", "Perth", "Sydney", "Auckland", "Havana", "Bogota", "Caracas", "Santiago", "Toronto",
-    "Denver", "Boston", "Chicago",
+    "Oslo", "Lima", "Cairo", "Dakar", "Quito", "Riga", "Tunis", "Hanoi", "Kyiv", "Minsk", "Sofia", "Bern", "Rome", "Paris", "Madrid",
+    "Lisbon", "Dublin", "Vienna", "Prague", "Warsaw", "Athens", "Ankara", "Tehran", "Delhi", "Dhaka", "Seoul", "Tokyo", "Manila",
+    "Jakarta", "Perth", "Sydney", "Auckland", "Havana", "Bogota", "Caracas", "Santiago", "Toronto", "Denver", "Boston", "Chicago",
 ];
 const NAMES: &[&str] = &[
-    "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Karen", "Leo", "Maria", "Nora",
-    "Oscar", "Paula", "Quinn", "Rosa", "Simon", "Tara", "Umar", "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Adam", "Bella",
-    "Carl", "Dora", "Emil", "Fiona", "Gustav", "Hanna", "Igor", "Julia", "Kevin", "Lena", "Marco", "Nina",
+    "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Karen", "Leo", "Maria", "Nora", "Oscar", "Paula",
+    "Quinn", "Rosa", "Simon", "Tara", "Umar", "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Adam", "Bella", "Carl", "Dora", "Emil", "Fiona",
+    "Gustav", "Hanna", "Igor", "Julia", "Kevin", "Lena", "Marco", "Nina",
 ];
 const COMPANIES: &[&str] = &[
-    "Acme", "Borealis", "Cobalt", "Dynamo", "Everest", "Falcon", "Granite", "Horizon", "Ionic", "Juniper", "Keystone",
-    "Lumen", "Meridian", "Nimbus", "Orion", "Pinnacle",
+    "Acme", "Borealis", "Cobalt", "Dynamo", "Everest", "Falcon", "Granite", "Horizon", "Ionic", "Juniper", "Keystone", "Lumen", "Meridian",
+    "Nimbus", "Orion", "Pinnacle",
 ];
-const TOPICS: &[&str] = &["history", "music", "farming", "trains", "weather", "painting", "chess", "rivers", "bridges", "maps", "birds", "ships"];
+const TOPICS: &[&str] =
+    &["history", "music", "farming", "trains", "weather", "painting", "chess", "rivers", "bridges", "maps", "birds", "ships"];
 const PLACES: &[&str] = &["market", "library", "harbor", "station", "garden", "museum", "school", "bakery", "theater", "square"];
 const LANDMARKS: &[&str] = &["tower", "old mill", "river", "hill", "castle", "fountain", "lighthouse", "bridge"];
 const SEASONS: &[&str] = &["spring", "summer", "autumn", "winter"];
@@ -216,7 +216,15 @@ fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Tas
             let question = format!("Where is the {color} {object} kept?");
             if kind == TaskKind::Retrieval {
                 let trace = format!("<think>\nThe text says: {}\n</think>\n\nTherefore, the answer is {}.", facts[0], cities[0]);
-                return Task { kind, question, answer: cities[0].into(), answer_kind: AnswerKind::Text, gold: vec![facts[0].clone()], distractors: facts[1..].to_vec(), trace };
+                return Task {
+                    kind,
+                    question,
+                    answer: cities[0].into(),
+                    answer_kind: AnswerKind::Text,
+                    gold: vec![facts[0].clone()],
+                    distractors: facts[1..].to_vec(),
+                    trace,
+                };
             }
             let mut options: Vec<&str> = cities.iter().take(4).copied().collect();
             while options.len() < 4 {
@@ -321,8 +329,8 @@ fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Token
     let question_tokens = count(&format!("\n\n{}", task.question))?;
     // Estimate by sentence, then correct with exact counts of the whole input.
     let mut body: Vec<String> = task.distractors.clone();
-    let mut estimate: usize = question_tokens
-        + task.gold.iter().chain(&task.distractors).map(|s| count(&format!(" {s}"))).sum::<Result<usize, _>>()?;
+    let mut estimate: usize =
+        question_tokens + task.gold.iter().chain(&task.distractors).map(|s| count(&format!(" {s}"))).sum::<Result<usize, _>>()?;
     while estimate < length {
         let sentence = filler(&mut rng);
         estimate += count(&format!(" {sentence}"))?;
@@ -370,7 +378,14 @@ fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Token
 }
 
 /// Joins sentences into paragraphs and measures the input (document + question).
-fn assemble(task: &Task, body: &[String], index: usize, seed: u64, length: usize, tokenizer: &Tokenizer) -> Result<(Record, usize), StageError> {
+fn assemble(
+    task: &Task,
+    body: &[String],
+    index: usize,
+    seed: u64,
+    length: usize,
+    tokenizer: &Tokenizer,
+) -> Result<(Record, usize), StageError> {
     let mut context = String::new();
     let mut offsets = Vec::new();
     for (i, sentence) in body.iter().enumerate() {
@@ -386,7 +401,8 @@ fn assemble(task: &Task, body: &[String], index: usize, seed: u64, length: usize
     record.context = context;
     record.answers = vec![task.answer.clone()];
     record.kind = task.answer_kind;
-    record.data_source = format!("synthetic-{}", serde_json::to_value(task.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
+    record.data_source =
+        format!("synthetic-{}", serde_json::to_value(task.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
     let tokens = tokenizer.encode(&record.input_text())?.len();
     record.input_tokens = Some(tokens);
     let total = record.context.len().max(1) as f64;

@@ -28,11 +28,7 @@ impl StageConfig for WriteJsonlConfig {
     const POSITIONAL: &'static [&'static str] = &["path"];
 
     fn validate(&self, _ctx: &StageContext) -> Vec<String> {
-        if self.path.as_os_str().is_empty() {
-            vec!["option `path` is empty".into()]
-        } else {
-            Vec::new()
-        }
+        if self.path.as_os_str().is_empty() { vec!["option `path` is empty".into()] } else { Vec::new() }
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
