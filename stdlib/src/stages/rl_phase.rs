@@ -367,10 +367,10 @@ impl BackendTask for RlTask<'_> {
         }
         let updates_per_step = config.prompts_per_step.div_ceil(config.mini_batch) * config.ppo_epochs;
         let mut trainer = Trainer::<B, CausalLm<B>>::new(config.optim.clone());
-        let carried_state = self.policy.dir.join(OPTIMIZER_FILE);
-        let carried = config.optimizer_state == OptimizerState::Carry && carried_state.is_file();
-        if carried {
-            trainer = trainer.load_state(&carried_state, &device)?;
+        let previous_state = self.policy.dir.join(OPTIMIZER_FILE);
+        let mut optimizer_carried = config.optimizer_state == OptimizerState::Carry && previous_state.is_file();
+        if optimizer_carried {
+            trainer = trainer.load_state(&previous_state, &device)?;
             tracing::info!(stage = %io.label(), parameters = trainer.state_len(), "continuing the optimizer state of {}", self.policy.dir.display());
         }
         let loss_config = LossConfig {
@@ -391,7 +391,6 @@ impl BackendTask for RlTask<'_> {
         let mut last_reward_mean = f64::NAN;
         // Every report sent, kept to be saved with checkpoints and replayed on resume.
         let mut reports: Vec<DifficultyReport> = Vec::new();
-        let mut carried = carried;
         if let Some((dir, state)) = checkpoints.as_ref().map(StageCheckpoints::latest).transpose()?.flatten() {
             let resumed: ResumeState = serde_json::from_value(state)
                 .map_err(|e| StageError::Failed(format!("{}: unreadable checkpoint state ({e})", dir.join("state.json").display())))?;
@@ -399,7 +398,8 @@ impl BackendTask for RlTask<'_> {
             trainer = trainer.load_state(&dir.join(OPTIMIZER_FILE), &device)?;
             queue = resumed.queue.into_iter().collect();
             (first_step, update, short_steps, metrics_lines) = (resumed.step, resumed.update, resumed.short_steps, resumed.metrics_lines);
-            (totals, last_reward_mean, carried) = (resumed.totals, resumed.last_reward_mean.unwrap_or(f64::NAN), resumed.optimizer_carried);
+            (totals, last_reward_mean, optimizer_carried) =
+                (resumed.totals, resumed.last_reward_mean.unwrap_or(f64::NAN), resumed.optimizer_carried);
             reports = read_reports(&dir.join(REPORTS_FILE))?;
             if io.output_connected("reports") {
                 for report in &reports {
@@ -591,7 +591,7 @@ impl BackendTask for RlTask<'_> {
                     queue: queue.iter().copied().collect(),
                     totals: totals.clone(),
                     last_reward_mean: last_reward_mean.is_finite().then_some(last_reward_mean),
-                    optimizer_carried: carried,
+                    optimizer_carried,
                 };
                 let state = serde_json::to_value(&state).map_err(|e| StageError::Failed(e.to_string()))?;
                 checkpoints.save(done_steps, &state, |dir| {
@@ -614,7 +614,7 @@ impl BackendTask for RlTask<'_> {
         summary.insert("passed_by".into(), passed_by.into());
         summary.insert("carried_tasks".into(), carried_tasks.into());
         summary.insert("updates".into(), update.into());
-        summary.insert("optimizer_state".into(), (if carried { "carried" } else { "fresh" }).into());
+        summary.insert("optimizer_state".into(), (if optimizer_carried { "carried" } else { "fresh" }).into());
         summary.insert("prompts_tried".into(), totals.tried.into());
         summary.insert("groups_filtered".into(), (totals.dropped_zero_variance + totals.dropped_band + totals.dropped_unscorable).into());
         summary.insert("short_steps".into(), short_steps.into());
