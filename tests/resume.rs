@@ -134,6 +134,8 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
     let label = phase2_label.clone();
     let log = kill_when(dir.path(), &resume, &killed, "inside phase 2", move |run| metrics(run).get(&label).is_some_and(|l| l.len() >= 2));
     assert!(log.contains("finished in an earlier attempt"), "SFT and phase 1 were not redone:\n{log}");
+    // The runs never ended, yet report.html exists: it is rebuilt after checkpoints.
+    assert!(killed.join("report.html").is_file(), "report.html is refreshed during a run");
 
     // A damaged checkpoint is refused, naming the file (on a copy of the run).
     let damaged = runs.join("damaged");

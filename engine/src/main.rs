@@ -497,8 +497,8 @@ fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCod
     execute_in(plan, registry, run_dir, device, seed, args.channel_capacity)
 }
 
-/// How often report.html is rebuilt during a run.
-const REPORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+/// The longest report.html goes without a rebuild during a run.
+const REPORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn execute_in(
     plan: longrl_engine::ValidPlan,
@@ -528,16 +528,19 @@ fn execute_in(
         channel_capacity,
         metrics: run_dir.metrics()?,
     };
-    // report.html is refreshed while the run goes, and written once more at the end.
+    // report.html is refreshed after each checkpoint a stage writes (and at least every
+    // REPORT_REFRESH), and written once more at the end.
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let refresher = {
         let (running, dir) = (std::sync::Arc::clone(&running), run_dir.path.clone());
         std::thread::spawn(move || {
             let mut last = std::time::Instant::now();
+            let mut seen = longrl_engine::report::checkpoint_stamp(&dir);
             while running.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(200));
-                if last.elapsed() >= REPORT_REFRESH {
-                    last = std::time::Instant::now();
+                let stamp = longrl_engine::report::checkpoint_stamp(&dir);
+                if stamp != seen || last.elapsed() >= REPORT_REFRESH {
+                    (seen, last) = (stamp, std::time::Instant::now());
                     if let Err(e) = longrl_engine::report::write_report(&dir) {
                         tracing::debug!("report refresh skipped: {e}");
                     }

@@ -78,6 +78,17 @@ fn load(run_dir: &Path) -> Result<RunData, StageError> {
     Ok(RunData { dir: run_dir.to_path_buf(), name, run_info, stages, metrics })
 }
 
+/// The newest modification time of the stages' checkpoint pointers (`latest.json`,
+/// `done.json`): it changes whenever a stage completes a checkpoint or finishes.
+pub fn checkpoint_stamp(run_dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(run_dir.join("checkpoints"))
+        .ok()?
+        .flatten()
+        .flat_map(|stage| ["latest.json", "done.json"].map(|f| stage.path().join(f)))
+        .filter_map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+        .max()
+}
+
 /// Writes `report.html` into the run directory (atomically) and returns its path.
 pub fn write_report(run_dir: &Path) -> Result<PathBuf, StageError> {
     let html = render(&load(run_dir)?)?;
