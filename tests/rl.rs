@@ -318,3 +318,48 @@ fn offline_difficulty_scoring_annotates_records_and_feeds_a_buffer() {
     assert!(!unsolved.is_empty());
     assert_eq!(carried, unsolved, "the buffer holds the tasks nothing solved");
 }
+
+/// The buffer's fresh tasks wait for phase 1's model (they are scored by it), and phase 1
+/// sends more reports than an edge holds: the buffer must read both inputs together.
+#[test]
+fn a_buffer_whose_fresh_tasks_wait_for_the_reporting_phase_does_not_deadlock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = r#"
+        let tiny = "{tiny}";
+        let policy = model(tiny, #{ init: "random", init_std: 0.08, seed: 3 });
+        let short = synthetic(#{ count: 8, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 1 });
+        let long = synthetic(#{ count: 3, lengths: [160], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 2 });
+        let parity = reward(#{ script: |response, record| if record.answers[0].len() % 2 == 0 { 1.0 } else { 0.0 } });
+        let phase = #{ reward: parity, max_output: 4, group: 2, mini_batch: 2, lr: 1e-3, dynamic_sampling: false, seed: 1 };
+        let first = rl_phase(policy, short, phase + #{ max_input: 100, prompts_per_step: 4 });
+        let scored = score_difficulty(first, long, #{ reward: parity, group: 2, max_output: 4 });
+        let hard = hard_buffer(first.output("reports"), scored.output("records"), #{ mix: 1.0 });
+        rl_phase(first, hard, phase + #{ min_input: 100, max_input: 200, prompts_per_step: 2, max_steps: 1 });
+    "#
+    .replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
+    let registry = Registry::standard();
+    let plan = load_plan(&recipe, "wait.rhai", &registry, &Params::new()).expect("recipe");
+    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
+    let mut options = RunOptions::in_dir(dir.path());
+    options.run_dir = Some(dir.path().to_path_buf());
+    options.channel_capacity = 2;
+    let cancel = CancelToken::new();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let handle = {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            let report = execute(&plan, &registry, &options, &cancel);
+            let _ = done_tx.send(());
+            report
+        })
+    };
+    if done_rx.recv_timeout(std::time::Duration::from_secs(300)).is_err() {
+        cancel.cancel();
+        panic!("the run deadlocked");
+    }
+    let report = handle.join().expect("thread").expect("runs");
+    assert!(report.succeeded(), "{report}");
+    let buffer = report.stages.iter().find(|s| s.label.starts_with("hard_buffer")).expect("buffer");
+    assert_eq!(buffer.summary["reports"], 8);
+    assert_eq!(buffer.summary["fresh"], 3);
+}

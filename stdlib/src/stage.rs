@@ -311,6 +311,42 @@ impl StageIo {
         }
     }
 
+    /// The next item on whichever of `ports` has one first, with that port's name; `None`
+    /// once all of them are closed. Reading several inputs this way cannot deadlock on an
+    /// upstream stage that waits for this stage to drain another input.
+    pub fn recv_any(&mut self, ports: &[&'static str]) -> Result<Option<(&'static str, Item)>, StageError> {
+        self.cancel.check()?;
+        let mut open: Vec<(&'static str, Receiver<Item>)> = Vec::new();
+        for &port in ports {
+            let index = self.input_index(port)?;
+            if let Some(rx) = &self.inputs[index].1 {
+                open.push((port, rx.clone()));
+            }
+        }
+        while !open.is_empty() {
+            let mut select = crossbeam_channel::Select::new();
+            for (_, rx) in &open {
+                select.recv(rx);
+            }
+            let Ok(operation) = select.select_timeout(POLL) else {
+                self.cancel.check()?;
+                continue;
+            };
+            let index = operation.index();
+            match operation.recv(&open[index].1) {
+                Ok(item) => {
+                    self.counters.items_in.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Some((open[index].0, item)));
+                }
+                Err(_) => {
+                    open.remove(index);
+                }
+            }
+        }
+        self.cancel.check()?;
+        Ok(None)
+    }
+
     /// The next record on a records port.
     pub fn recv_record(&mut self, port: &str) -> Result<Option<Record>, StageError> {
         match self.recv(port)? {

@@ -13,7 +13,7 @@ use crate::error::StageError;
 use crate::fsutil::write_atomic;
 use crate::record::Record;
 use crate::rl::buffer::{BufferPolicy, HardBuffer, Selection};
-use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+use crate::stage::{Item, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `hard_buffer` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -117,17 +117,21 @@ struct HardBufferStage {
 impl Stage for HardBufferStage {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
         let config = &self.config;
-        // Fresh tasks first: their source may also feed the reporting phase, which must get
-        // all its records before it can report anything.
+        // Both inputs are drained together: the fresh tasks' source may also feed the
+        // reporting phase (which needs all its records before it reports), or may wait for
+        // that phase's model (which comes after all its reports).
         let mut fresh: Vec<Record> = Vec::new();
-        while let Some(record) = io.recv_record("fresh")? {
-            fresh.push(record);
-        }
         let mut buffer = HardBuffer::new(config.capacity);
         let mut reports = 0usize;
-        while let Some(report) = io.recv_report("reports")? {
-            buffer.observe(report);
-            reports += 1;
+        while let Some((port, item)) = io.recv_any(&["fresh", "reports"])? {
+            match (port, item) {
+                ("fresh", Item::Record(record)) => fresh.push(*record),
+                ("reports", Item::Report(report)) => {
+                    buffer.observe(*report);
+                    reports += 1;
+                }
+                (port, item) => return Err(StageError::Failed(format!("{}: unexpected {} on input `{port}`", io.label(), item.kind()))),
+            }
         }
         let seed = config.seed ^ self.seed.rotate_left(29);
         buffer.select(&Selection {
