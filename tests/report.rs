@@ -6,17 +6,12 @@
 //! browser checks are skipped with a message, unless LONGRL_REQUIRE_CHROMIUM=1 (CI), where
 //! its absence fails the test.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use longrl_engine::executor::RunOptions;
-use longrl_engine::recipe::Params;
-use longrl_engine::{execute, load_plan};
-use longrl_stdlib::{CancelToken, Registry, StageContext};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
+use support::{run_recipe, with_tiny};
 
 const RECIPE: &str = r#"
 let tiny = "{tiny}";
@@ -77,15 +72,7 @@ fn open_in_browser(browser: &Path, page: &Path, screenshot: Option<&Path>) -> (S
 #[test]
 fn the_report_of_a_run_renders_its_plots_in_a_browser() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let recipe = RECIPE.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
-    let registry = Registry::standard();
-    let plan = load_plan(&recipe, "report.rhai", &registry, &Params::new()).expect("recipe");
-    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
-    let mut options = RunOptions::in_dir(dir.path());
-    options.run_dir = Some(dir.path().to_path_buf());
-    options.metrics = longrl_stdlib::metrics::Metrics::open(&dir.path().join("metrics.jsonl")).expect("metrics");
-    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
-    assert!(report.succeeded(), "{report}");
+    let report = run_recipe(&with_tiny(RECIPE), "report.rhai", dir.path());
     std::fs::write(dir.path().join("report.json"), serde_json::to_string(&report).expect("json")).expect("report.json");
 
     let page = longrl_engine::report::write_report(dir.path()).expect("report");

@@ -2,23 +2,22 @@
 //! a recipe where a few GRPO steps raise the mean reward, carry the optimizer state into a
 //! second phase and report every metric.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::PathBuf;
 
 use burn::module::{AutodiffModule, Param};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use longrl_backends::CpuTrain;
-use longrl_engine::executor::RunOptions;
+use longrl_engine::execute;
+use longrl_engine::load_plan;
 use longrl_engine::recipe::Params;
-use longrl_engine::{execute, load_plan};
 use longrl_stdlib::model::score::score_group_at;
 use longrl_stdlib::model::{CausalLm, load_model};
 use longrl_stdlib::rl::loss::{Aggregation, KlEstimator, LossConfig, Normalizer};
 use longrl_stdlib::stages::rl_phase::{Group, group_loss};
 use longrl_stdlib::{CancelToken, Registry, StageContext};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
+use support::{options_in, run_recipe, with_tiny, workspace};
 
 type Model = CausalLm<CpuTrain>;
 
@@ -147,15 +146,7 @@ rl_phase(first, tasks, phase + #{ max_steps: 1 });
 #[test]
 fn a_few_rl_steps_raise_the_mean_reward_and_the_next_phase_carries_the_optimizer() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let recipe = RECIPE.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
-    let registry = Registry::standard();
-    let plan = load_plan(&recipe, "rl.rhai", &registry, &Params::new()).expect("recipe");
-    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
-    let mut options = RunOptions::in_dir(dir.path());
-    options.run_dir = Some(dir.path().to_path_buf());
-    options.metrics = longrl_stdlib::metrics::Metrics::open(&dir.path().join("metrics.jsonl")).expect("metrics");
-    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
-    assert!(report.succeeded(), "{report}");
+    let report = run_recipe(&with_tiny(RECIPE), "rl.rhai", dir.path());
 
     let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
@@ -216,14 +207,7 @@ rl_phase(first, hard, phase + #{ min_input: 100, max_input: 200, prompts_per_ste
 #[test]
 fn the_second_phase_receives_the_first_phases_zero_accuracy_tasks() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let recipe = CHAIN.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
-    let registry = Registry::standard();
-    let plan = load_plan(&recipe, "chain.rhai", &registry, &Params::new()).expect("recipe");
-    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
-    let mut options = RunOptions::in_dir(dir.path());
-    options.run_dir = Some(dir.path().to_path_buf());
-    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
-    assert!(report.succeeded(), "{report}");
+    let report = run_recipe(&with_tiny(CHAIN), "chain.rhai", dir.path());
 
     let read_lines = |path: PathBuf| -> Vec<serde_json::Value> {
         std::fs::read_to_string(&path)
@@ -264,9 +248,7 @@ fn the_second_phase_receives_the_first_phases_zero_accuracy_tasks() {
 #[test]
 fn check_rejects_a_curriculum_whose_bands_overlap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let recipe = CHAIN
-        .replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string())
-        .replace("min_input: 100,", "min_input: 50,");
+    let recipe = with_tiny(CHAIN).replace("min_input: 100,", "min_input: 50,");
     let registry = Registry::standard();
     let plan = load_plan(&recipe, "chain.rhai", &registry, &Params::new()).expect("recipe");
     let problems = plan.validate(&registry, &StageContext::for_check(dir.path())).expect_err("overlapping bands");
@@ -285,15 +267,8 @@ fn offline_difficulty_scoring_annotates_records_and_feeds_a_buffer() {
         let scored = score_difficulty(policy, tasks, #{ reward: parity, group: 3, max_output: 4 });
         scored.output("records").write_jsonl("scored.jsonl");
         hard_buffer(scored.output("reports"), #{ policy: "zero_accuracy", mix: 1.0 }).write_jsonl("hard.jsonl");
-    "#
-    .replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
-    let registry = Registry::standard();
-    let plan = load_plan(&recipe, "score.rhai", &registry, &Params::new()).expect("recipe");
-    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
-    let mut options = RunOptions::in_dir(dir.path());
-    options.run_dir = Some(dir.path().to_path_buf());
-    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
-    assert!(report.succeeded(), "{report}");
+    "#;
+    run_recipe(&with_tiny(recipe), "score.rhai", dir.path());
     let read = |name: &str| -> Vec<serde_json::Value> {
         std::fs::read_to_string(dir.path().join(name)).expect("output").lines().map(|l| serde_json::from_str(l).expect("json")).collect()
     };
@@ -335,13 +310,11 @@ fn a_buffer_whose_fresh_tasks_wait_for_the_reporting_phase_does_not_deadlock() {
         let scored = score_difficulty(first, long, #{ reward: parity, group: 2, max_output: 4 });
         let hard = hard_buffer(first.output("reports"), scored.output("records"), #{ mix: 1.0 });
         rl_phase(first, hard, phase + #{ min_input: 100, max_input: 200, prompts_per_step: 2, max_steps: 1 });
-    "#
-    .replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string());
+    "#;
     let registry = Registry::standard();
-    let plan = load_plan(&recipe, "wait.rhai", &registry, &Params::new()).expect("recipe");
+    let plan = load_plan(&with_tiny(recipe), "wait.rhai", &registry, &Params::new()).expect("recipe");
     let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
-    let mut options = RunOptions::in_dir(dir.path());
-    options.run_dir = Some(dir.path().to_path_buf());
+    let mut options = options_in(dir.path());
     options.channel_capacity = 2;
     let cancel = CancelToken::new();
     let (done_tx, done_rx) = std::sync::mpsc::channel();

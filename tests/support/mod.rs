@@ -1,0 +1,43 @@
+//! Helpers shared by the end-to-end tests: where the workspace is, and running a recipe
+//! text in a directory the way `longrl run` does (metrics file included).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use longrl_engine::executor::{RunOptions, RunReport};
+use longrl_engine::recipe::Params;
+use longrl_engine::{execute, load_plan};
+use longrl_stdlib::{CancelToken, Registry, StageContext};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A recipe with `{tiny}` replaced by the embedded tiny model's directory.
+pub fn with_tiny(recipe: &str) -> String {
+    recipe.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string())
+}
+
+/// Options for running in `dir`: outputs and metrics.jsonl there.
+pub fn options_in(dir: &Path) -> RunOptions {
+    let mut options = RunOptions::in_dir(dir);
+    options.run_dir = Some(dir.to_path_buf());
+    options.metrics = longrl_stdlib::metrics::Metrics::open(&dir.join("metrics.jsonl")).expect("metrics");
+    options
+}
+
+/// Checks and runs `recipe` in `dir` with `options`; the run must succeed.
+pub fn run_with(recipe: &str, name: &str, dir: &Path, options: &RunOptions, cancel: &CancelToken) -> RunReport {
+    let registry = Registry::standard();
+    let plan = load_plan(recipe, name, &registry, &Params::new()).expect("recipe");
+    let plan = plan.validate(&registry, &StageContext::for_check(dir)).expect("valid");
+    let report = execute(&plan, &registry, options, cancel).expect("runs");
+    assert!(report.succeeded(), "{report}");
+    report
+}
+
+/// Checks and runs `recipe` in `dir`; the run must succeed.
+pub fn run_recipe(recipe: &str, name: &str, dir: &Path) -> RunReport {
+    run_with(recipe, name, dir, &options_in(dir), &CancelToken::new())
+}
