@@ -376,7 +376,9 @@ fn figures(data: &RunData, run_dir: &Path) -> Result<Vec<(String, Vec<Figure>)>,
         for (_, points) in &mut evals {
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
         }
-        let svg = line_chart("Accuracy vs input length", "input tokens (bucket)", "pass@1", &evals, &|v| format!("{:.0}", 2f64.powf(*v)))?;
+        let svg = line_chart("Accuracy vs input length", "input tokens (bucket)", "pass@1", &evals, &|v| {
+            if (v - v.round()).abs() < 1e-6 { format!("{:.0}", 2f64.powf(*v)) } else { String::new() }
+        })?;
         sections.push((
             "Evaluation".to_string(),
             vec![Figure { kind: "accuracy-length", caption: "pass@1 by input-length bucket for each evaluation".into(), svg }],
