@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use longrl_stdlib::StageError;
 use longrl_stdlib::fsutil::write_atomic;
+use longrl_stdlib::rl::rollout::{PASS_RATE_BINS, pass_rate_bin};
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -326,27 +327,13 @@ fn figures(data: &RunData, run_dir: &Path) -> Result<Vec<(String, Vec<Figure>)>,
         if let Some(state) = summary["state"].as_str().map(PathBuf::from) {
             let state = if state.is_absolute() || state.exists() { state } else { run_dir.join(state.file_name().unwrap_or_default()) };
             if let Some(state) = read_json(&state)? {
-                let edges = ["0", "(0, .25]", "(.25, .5]", "(.5, 1)", "1"];
-                let bin = |p: f64| {
-                    if p <= 0.0 {
-                        0
-                    } else if p <= 0.25 {
-                        1
-                    } else if p <= 0.5 {
-                        2
-                    } else if p < 1.0 {
-                        3
-                    } else {
-                        4
-                    }
-                };
                 let mut counts = [0f64; 5];
                 if let Some(reported) = state["reported"].as_object() {
                     for entry in reported.values() {
-                        counts[bin(entry["pass_rate"].as_f64().unwrap_or(0.0))] += 1.0;
+                        counts[pass_rate_bin(entry["pass_rate"].as_f64().unwrap_or(0.0) as f32)] += 1.0;
                     }
                 }
-                let bars: Vec<(String, f64)> = edges.iter().zip(counts).map(|(e, c)| (e.to_string(), c)).collect();
+                let bars: Vec<(String, f64)> = PASS_RATE_BINS.iter().zip(counts).map(|(e, c)| (e.to_string(), c)).collect();
                 curriculum.push(Figure {
                     kind: "difficulty",
                     caption: format!("{label}: pass rates of the reported tasks (pass rate 0 = infinite difficulty; those are carried by `zero_accuracy`)"),

@@ -13,7 +13,13 @@ use serde_json::Value;
 
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
+use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
+use crate::model::config::ModelConfig;
+use crate::model::{CausalLm, save_model};
 use crate::stage::{ModelRef, StageIo};
+use crate::train::{OPTIMIZER_FILE, Trainer};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
 
 /// What a finished stage published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +41,20 @@ pub fn republish(io: &mut StageIo, done: Done) -> Result<(), StageError> {
         io.send_model("model", ModelRef { dir })?;
     }
     Ok(())
+}
+
+/// Fills a checkpoint directory of a training stage: f32 weights with the tokenizer files of
+/// `tokenizer_dir` (a loadable Hugging Face model) and the optimizer's moments.
+pub fn write_training_state<B: AutodiffBackend, M: AutodiffModule<B>>(
+    dir: &Path,
+    model: &CausalLm<B::InnerBackend>,
+    config: &ModelConfig,
+    tokenizer_dir: &Path,
+    trainer: &Trainer<B, M>,
+) -> Result<(), StageError> {
+    save_model(model, config, dir, SaveDtype::F32)?;
+    copy_tokenizer_files(tokenizer_dir, dir)?;
+    trainer.save_state(&dir.join(OPTIMIZER_FILE))
 }
 
 /// The pointer to a stage's newest complete checkpoint.

@@ -37,6 +37,24 @@ impl GroupRollout {
     }
 }
 
+/// Labels of the pass-rate bins of [`pass_rate_bin`].
+pub const PASS_RATE_BINS: [&str; 5] = ["0", "(0, .25]", "(.25, .5]", "(.5, 1)", "1"];
+
+/// The bin of a pass rate: 0, (0, 1/4], (1/4, 1/2], (1/2, 1), 1.
+pub fn pass_rate_bin(pass_rate: f32) -> usize {
+    if pass_rate <= 0.0 {
+        0
+    } else if pass_rate <= 0.25 {
+        1
+    } else if pass_rate <= 0.5 {
+        2
+    } else if pass_rate < 1.0 {
+        3
+    } else {
+        4
+    }
+}
+
 /// Samples `group` responses to `prompt` and scores them against `record`.
 pub fn rollout_group<B: Backend>(
     model: &CausalLm<B>,

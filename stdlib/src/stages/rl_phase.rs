@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Done, StageCheckpoints, republish};
+use crate::checkpoint::{Done, StageCheckpoints, republish, write_training_state};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
 use crate::model::chat::ModelTokenizer;
@@ -34,7 +34,7 @@ use crate::reward::hybrid::Reward;
 use crate::rl::advantage::{StdScaling, group_advantages, mean_std};
 use crate::rl::dynamic::{Drop, drop_reason, fill_step};
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums, Normalizer, policy_loss};
-use crate::rl::rollout::rollout_group;
+use crate::rl::rollout::{pass_rate_bin, rollout_group};
 use crate::rl::shaping::overlong_penalty;
 use crate::stage::{DifficultyReport, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 use crate::train::{OptimConfig, Trainer};
@@ -430,14 +430,11 @@ impl BackendTask for RlTask<'_> {
                 let rollout = rollout_group(&inference, &tokenizer, record, prompt, config.group, &sampling, &self.reward)?;
                 let (completions, outcomes) = (&rollout.completions, &rollout.outcomes);
                 let mut rewards = Vec::with_capacity(completions.len());
-                let mut correct = 0usize;
                 stats.truncated += rollout.truncated();
-                for (i, (completion, outcome)) in completions.iter().zip(outcomes).enumerate() {
+                stats.correct += (0..completions.len()).filter(|&i| rollout.correct(i)).count();
+                for (completion, outcome) in completions.iter().zip(outcomes) {
                     stats.responses += 1;
                     stats.length_sum += completion.tokens.len();
-                    if rollout.correct(i) {
-                        correct += 1;
-                    }
                     let shaped = outcome.score.map(|s| {
                         if config.overlong_buffer > 0 {
                             s + overlong_penalty(completion.tokens.len(), config.max_output, config.overlong_buffer)
@@ -451,11 +448,9 @@ impl BackendTask for RlTask<'_> {
                     }
                     rewards.push(shaped);
                 }
-                stats.correct += correct;
-                let scorable = rewards.iter().filter(|r| r.is_some()).count();
-                stats.scorable += scorable;
-                let pass_rate = correct as f32 / scorable.max(1) as f32;
-                stats.pass_rate_histogram[histogram_bin(pass_rate)] += 1;
+                stats.scorable += rewards.iter().filter(|r| r.is_some()).count();
+                let pass_rate = rollout.pass_rate();
+                stats.pass_rate_histogram[pass_rate_bin(pass_rate)] += 1;
                 let report = DifficultyReport { record: record.clone(), rewards: rewards.iter().flatten().copied().collect(), pass_rate };
                 if io.output_connected("reports") {
                     io.send_report("reports", report.clone())?;
@@ -595,9 +590,7 @@ impl BackendTask for RlTask<'_> {
                 };
                 let state = serde_json::to_value(&state).map_err(|e| StageError::Failed(e.to_string()))?;
                 checkpoints.save(done_steps, &state, |dir| {
-                    save_model(&model.valid(), &model_config, dir, SaveDtype::F32)?;
-                    copy_tokenizer_files(&self.policy.dir, dir)?;
-                    trainer.save_state(&dir.join(OPTIMIZER_FILE))?;
+                    write_training_state(dir, &model.valid(), &model_config, &self.policy.dir, &trainer)?;
                     write_reports(&dir.join(REPORTS_FILE), &reports)
                 })?;
             }
@@ -682,21 +675,6 @@ fn accumulate(totals: &mut RolloutStats, stats: &RolloutStats) {
     totals.truncated += stats.truncated;
     totals.responses += stats.responses;
     totals.correct += stats.correct;
-}
-
-/// Pass rate 0, (0, 1/4], (1/4, 1/2], (1/2, 1), 1.
-fn histogram_bin(pass_rate: f32) -> usize {
-    if pass_rate <= 0.0 {
-        0
-    } else if pass_rate <= 0.25 {
-        1
-    } else if pass_rate <= 0.5 {
-        2
-    } else if pass_rate < 1.0 {
-        3
-    } else {
-        4
-    }
 }
 
 fn rng_seed(seed: u64, run_seed: u64, step: usize, tried: usize) -> u64 {

@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::Deserialize;
 
-use crate::checkpoint::{Done, StageCheckpoints, republish};
+use crate::checkpoint::{Done, StageCheckpoints, republish, write_training_state};
 use crate::error::StageError;
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
@@ -296,11 +296,8 @@ impl BackendTask for SftTask<'_> {
                 .filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps)
             {
                 let state = serde_json::json!({ "step": done_steps, "tokens_seen": tokens_seen, "last_loss": last_loss, "metrics_lines": metrics_lines });
-                checkpoints.save(done_steps, &state, |dir| {
-                    save_model(&model.valid(), &model_config, dir, SaveDtype::F32)?;
-                    copy_tokenizer_files(&self.policy.dir, dir)?;
-                    trainer.save_state(&dir.join(OPTIMIZER_FILE))
-                })?;
+                checkpoints
+                    .save(done_steps, &state, |dir| write_training_state(dir, &model.valid(), &model_config, &self.policy.dir, &trainer))?;
             }
         }
         progress.finish();
