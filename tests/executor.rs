@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use longrl_engine::executor::{RunOptions, RunReport, StageStatus};
-use longrl_engine::recipe::Params;
+use longrl_engine::dataflow::executor::{RunOptions, RunReport, StageStatus};
+use longrl_engine::dataflow::recipe::Params;
 use longrl_engine::{execute, load_plan};
 use longrl_stdlib::tokenizer::Tokenizer;
 use longrl_stdlib::{CancelToken, PortKind, PortSpec, Record, Registry, Stage, StageConfig, StageContext, StageError, StageIo};

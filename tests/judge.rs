@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use longrl_stdlib::record::{AnswerKind, Record};
 use longrl_stdlib::reward::RuleConfig;
-use longrl_stdlib::reward::hybrid::{JudgeWhen, Reward};
 use longrl_stdlib::reward::judge::{Judge, JudgeConfig, JudgeRequest, JudgeVerdict};
+use longrl_stdlib::reward::{JudgeWhen, Reward};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()

@@ -338,6 +338,27 @@ fn the_qwen_tokenizer_gives_the_reference_ids() {
     assert_eq!(bundle.pad_id, Some(151643));
 }
 
+/// A Qwen2.5-Instruct-like model lists `<|endoftext|>` (151643) as eos in config.json and
+/// `<|im_end|>` (151645) in tokenizer_config.json: SFT traces must end with the turn's end
+/// token, not with the smallest stop id.
+#[test]
+fn sft_traces_end_with_the_end_of_turn_token_not_the_smallest_stop_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = workspace().join("examples/tokenizers/qwen2.5");
+    for entry in std::fs::read_dir(&source).expect("tokenizer dir") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+    }
+    std::fs::write(dir.path().join("config.json"), r#"{"eos_token_id": 151643}"#).expect("config");
+    let bundle = ModelTokenizer::load(dir.path()).expect("bundle");
+    assert_eq!(bundle.stop_ids, vec![151643, 151645]);
+    assert_eq!(bundle.end_of_turn, Some(151645));
+    let mut record = longrl_stdlib::Record::new("1", "Where?");
+    record.answers = vec!["Oslo".into()];
+    let (examples, _) = longrl_stdlib::stages::sft::make_examples(&bundle, &[record], 512, 64).expect("examples");
+    assert_eq!(examples[0].1.last(), Some(&151645), "the trace ends with <|im_end|>");
+}
+
 #[test]
 fn chat_templates_render_as_jinja2_does() {
     let root = workspace().join("tests/fixtures/chat-templates");

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use longrl_engine::plan::{Position, Problems};
-use longrl_engine::recipe::Params;
+use longrl_engine::dataflow::plan::{Position, Problems};
+use longrl_engine::dataflow::recipe::Params;
 use longrl_engine::{ValidPlan, load_plan};
 use longrl_stdlib::{Registry, StageContext};
 

@@ -75,7 +75,7 @@ fn the_report_of_a_run_renders_its_plots_in_a_browser() {
     let report = run_recipe(&with_tiny(RECIPE), "report.rhai", dir.path());
     std::fs::write(dir.path().join("report.json"), serde_json::to_string(&report).expect("json")).expect("report.json");
 
-    let page = longrl_engine::report::write_report(dir.path()).expect("report");
+    let page = longrl_engine::commands::report::write_report(dir.path(), &longrl_stdlib::Registry::standard()).expect("report");
     let html = std::fs::read_to_string(&page).expect("report.html");
     // Loss of SFT and of both phases; reward, length and entropy of both phases; accuracy
     // per phase; buffer size and pass rates; accuracy vs length.
@@ -113,7 +113,7 @@ fn the_report_of_a_run_renders_its_plots_in_a_browser() {
     // The script ran: it counted the plots and built the table of contents.
     assert!(dom.contains(&format!("data-plots=\"{total}\"")), "the page script did not count {total} plots");
     for section in ["Training", "Curriculum", "Evaluation", "Stages"] {
-        assert!(dom.contains(&format!("href=\"#section-")) && dom.contains(&format!(">{section}</a>")), "no link to {section}");
+        assert!(dom.contains(&"href=\"#section-".to_string()) && dom.contains(&format!(">{section}</a>")), "no link to {section}");
     }
     assert_eq!(dom.matches("<svg").count(), total, "every plot is in the rendered page");
     let png = std::fs::read(&screenshot).expect("screenshot");

@@ -9,13 +9,13 @@ use std::path::PathBuf;
 use burn::module::{AutodiffModule, Param};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use longrl_backends::CpuTrain;
+use longrl_engine::dataflow::recipe::Params;
 use longrl_engine::execute;
 use longrl_engine::load_plan;
-use longrl_engine::recipe::Params;
 use longrl_stdlib::model::score::score_group_at;
 use longrl_stdlib::model::{CausalLm, load_model};
+use longrl_stdlib::rl::group::{Group, group_loss};
 use longrl_stdlib::rl::loss::{Aggregation, KlEstimator, LossConfig, Normalizer};
-use longrl_stdlib::stages::rl_phase::{Group, group_loss};
 use longrl_stdlib::{CancelToken, Registry, StageContext};
 use support::{options_in, run_recipe, with_tiny, workspace};
 
@@ -277,7 +277,7 @@ fn offline_difficulty_scoring_annotates_records_and_feeds_a_buffer() {
     let mut unsolved = Vec::new();
     for record in &scored {
         let even = record["answers"][0].as_str().expect("answer").chars().count() % 2 == 0;
-        let difficulty = &record["metadata"]["difficulty"];
+        let difficulty = &record["difficulty"];
         assert_eq!(difficulty["pass_rate"].as_f64(), Some(if even { 1.0 } else { 0.0 }), "{record}");
         assert_eq!(difficulty["rewards"].as_array().expect("rewards").len(), 3);
         if even {

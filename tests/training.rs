@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::ElementConversion;
 use burn::tensor::activation::log_softmax;
 use longrl_backends::{Cpu, CpuTrain};
-use longrl_engine::executor::RunOptions;
-use longrl_engine::recipe::Params;
+use longrl_engine::dataflow::executor::RunOptions;
+use longrl_engine::dataflow::recipe::Params;
 use longrl_engine::{execute, load_plan};
 use longrl_stdlib::model::{CausalLm, load_model};
 use longrl_stdlib::stages::sft::response_nll;
@@ -35,7 +35,7 @@ fn synthetic_config(seed: u64, lengths: Vec<usize>) -> SyntheticConfig {
 
 /// Checks a record's length (at most `tolerance` under its budget) and where its gold facts are.
 fn check_layout(record: &Record, tokenizer: &Tokenizer, tolerance: usize) {
-    let budget = record.metadata["length_budget"].as_u64().expect("budget") as usize;
+    let budget = record.length_budget.expect("budget");
     let tokens = tokenizer.encode(&record.input_text()).expect("encodes").len();
     assert_eq!(record.input_tokens, Some(tokens), "{}: recorded length", record.id);
     assert!(tokens <= budget && tokens + tolerance >= budget, "{}: {tokens} tokens for a budget of {budget}", record.id);
@@ -64,7 +64,7 @@ fn synthetic_tasks_are_deterministic_and_hit_their_budgets() {
     assert_ne!(first[0].question, other[0].question, "another seed, other questions");
     assert_eq!(first.len(), 16);
     for record in &first {
-        let budget = record.metadata["length_budget"].as_u64().expect("budget") as usize;
+        let budget = record.length_budget.expect("budget");
         check_layout(record, &tokenizer, (budget / 50).max(8));
         assert!(!record.answers[0].is_empty());
     }
@@ -169,12 +169,12 @@ fn one_sft_step_lowers_the_loss() {
         weight_decay: 0.0,
         grad_clip: 1.0,
     };
-    let mut trainer = Trainer::<CpuTrain, CausalLm<CpuTrain>>::new(config);
-    let before = loss_of(&model);
+    let mut trainer = Trainer::<CpuTrain, CausalLm<CpuTrain>>::new(model, config);
+    let before = loss_of(trainer.model());
     let before_value = before.clone().into_scalar().elem::<f64>();
-    trainer.backward(&model, before);
-    let (model, info) = trainer.step(model, 0, 1);
-    let after = loss_of(&model).into_scalar().elem::<f64>();
+    trainer.backward(before);
+    let info = trainer.step(0, 1);
+    let after = loss_of(trainer.model()).into_scalar().elem::<f64>();
     assert!(after < before_value - 0.05, "loss {before_value} -> {after}");
     assert!(info.grad_norm > 0.0 && info.lr == 1e-2);
 }

@@ -8,15 +8,17 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::driver::SavedState;
 
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
 use crate::model::config::ModelConfig;
 use crate::model::{CausalLm, save_model};
-use crate::stage::{ModelRef, StageIo};
 use crate::train::{OPTIMIZER_FILE, Trainer};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
@@ -32,27 +34,15 @@ pub struct Done {
     pub metrics_lines: usize,
 }
 
-/// Publishes what a stage finished in an earlier attempt published: its summary and its
-/// model (a resumed run does not recompute it).
-pub fn republish(io: &mut StageIo, done: Done) -> Result<(), StageError> {
-    tracing::info!(stage = %io.label(), "finished in an earlier attempt; republishing its results");
-    io.summary_mut().extend(done.summary);
-    if let Some(dir) = done.model {
-        io.send_model("model", ModelRef { dir })?;
-    }
-    Ok(())
-}
-
 /// Fills a checkpoint directory of a training stage: f32 weights with the tokenizer files of
 /// `tokenizer_dir` (a loadable Hugging Face model) and the optimizer's moments.
-pub fn write_training_state<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub fn write_training_state<B: AutodiffBackend>(
     dir: &Path,
-    model: &CausalLm<B::InnerBackend>,
+    trainer: &Trainer<B, CausalLm<B>>,
     config: &ModelConfig,
     tokenizer_dir: &Path,
-    trainer: &Trainer<B, M>,
 ) -> Result<(), StageError> {
-    save_model(model, config, dir, SaveDtype::F32)?;
+    save_model(&trainer.model().valid(), config, dir, SaveDtype::F32)?;
     copy_tokenizer_files(tokenizer_dir, dir)?;
     trainer.save_state(&dir.join(OPTIMIZER_FILE))
 }
@@ -120,7 +110,7 @@ impl StageCheckpoints {
         write_atomic(&self.root.join("done.json"), &json)
     }
 
-    /// The newest complete checkpoint: its directory and state.
+    /// The newest complete checkpoint: its directory and raw state.
     pub fn latest(&self) -> Result<Option<(PathBuf, Value)>, StageError> {
         let Some(latest) = read_json::<Latest>(&self.root.join("latest.json"))? else { return Ok(None) };
         let dir = self.root.join(&latest.dir);
@@ -131,17 +121,29 @@ impl StageCheckpoints {
         Ok(Some((dir, state)))
     }
 
-    /// Saves a checkpoint of `step`: `write` fills a fresh directory, `state` goes to its
-    /// state.json; then the directory is renamed into place and made the latest, and older
-    /// ones beyond `keep` are removed.
-    pub fn save(&self, step: usize, state: &Value, write: impl FnOnce(&Path) -> Result<(), StageError>) -> Result<PathBuf, StageError> {
+    /// The newest complete checkpoint with its state typed as a model stage saved it.
+    pub fn latest_state<S: DeserializeOwned>(&self) -> Result<Option<(PathBuf, SavedState<S>)>, StageError> {
+        let Some((dir, state)) = self.latest()? else { return Ok(None) };
+        let saved = serde_json::from_value(state).map_err(|e| {
+            StageError::Failed(format!(
+                "{}: unreadable checkpoint state ({e}); delete the stage's checkpoints to start it over",
+                dir.join("state.json").display()
+            ))
+        })?;
+        Ok(Some((dir, saved)))
+    }
+
+    /// Saves a checkpoint of `step`: `write` fills a fresh directory and returns the state,
+    /// which goes to its state.json; then the directory is renamed into place and made the
+    /// latest, and older ones beyond `keep` are removed.
+    pub fn save<T: Serialize>(&self, step: usize, write: impl FnOnce(&Path) -> Result<T, StageError>) -> Result<PathBuf, StageError> {
         std::fs::create_dir_all(&self.root).map_err(|e| StageError::io(&self.root, e))?;
         let staging = tempfile::Builder::new()
             .prefix(&format!(".step-{step:06}."))
             .tempdir_in(&self.root)
             .map_err(|e| StageError::io(&self.root, e))?;
-        write(staging.path())?;
-        let json = serde_json::to_vec_pretty(state).map_err(|e| StageError::Failed(e.to_string()))?;
+        let state = write(staging.path())?;
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| StageError::Failed(e.to_string()))?;
         write_atomic(&staging.path().join("state.json"), &json)?;
         let name = format!("step-{step:06}");
         let dir = self.root.join(&name);
@@ -177,8 +179,8 @@ impl StageCheckpoints {
 mod tests {
     use super::*;
 
-    fn write_weights(bytes: &'static [u8]) -> impl FnOnce(&Path) -> Result<(), StageError> {
-        move |dir| write_atomic(&dir.join("weights.bin"), bytes)
+    fn write_weights(bytes: &'static [u8], state: Value) -> impl FnOnce(&Path) -> Result<Value, StageError> {
+        move |dir| write_atomic(&dir.join("weights.bin"), bytes).map(|()| state)
     }
 
     #[test]
@@ -187,7 +189,7 @@ mod tests {
         let checkpoints = StageCheckpoints::new(run.path(), "sft#3", 2);
         assert!(checkpoints.latest().expect("reads").is_none());
         for step in [1, 2, 3] {
-            checkpoints.save(step, &serde_json::json!({ "step": step }), write_weights(b"w")).expect("saves");
+            checkpoints.save(step, write_weights(b"w", serde_json::json!({ "step": step }))).expect("saves");
         }
         let (dir, state) = checkpoints.latest().expect("reads").expect("a checkpoint");
         assert_eq!(state["step"], 3);
@@ -205,8 +207,8 @@ mod tests {
     fn a_write_that_fails_midway_leaves_the_previous_checkpoint_in_force() {
         let run = tempfile::tempdir().expect("tempdir");
         let checkpoints = StageCheckpoints::new(run.path(), "rl_phase#4", 3);
-        checkpoints.save(1, &serde_json::json!({ "step": 1 }), write_weights(b"first")).expect("saves");
-        let failed = checkpoints.save(2, &serde_json::json!({ "step": 2 }), |dir| {
+        checkpoints.save(1, write_weights(b"first", serde_json::json!({ "step": 1 }))).expect("saves");
+        let failed = checkpoints.save(2, |dir| -> Result<Value, StageError> {
             write_atomic(&dir.join("weights.bin"), b"half")?;
             Err(StageError::Failed("disk full".into()))
         });
@@ -221,7 +223,7 @@ mod tests {
     fn a_corrupt_pointer_names_its_file() {
         let run = tempfile::tempdir().expect("tempdir");
         let checkpoints = StageCheckpoints::new(run.path(), "sft#1", 1);
-        checkpoints.save(1, &serde_json::json!({}), write_weights(b"w")).expect("saves");
+        checkpoints.save(1, write_weights(b"w", serde_json::json!({}))).expect("saves");
         let latest = stage_dir(run.path(), "sft#1").join("latest.json");
         std::fs::write(&latest, "{\"dir\": ").expect("corrupt");
         let error = checkpoints.latest().expect_err("corrupt").to_string();

@@ -2,6 +2,7 @@
 //! sinks, training and evaluation stages) and the model runtime they share.
 
 pub mod checkpoint;
+pub mod driver;
 pub mod error;
 pub mod fsutil;
 pub mod metrics;
@@ -20,8 +21,9 @@ pub mod tokenizer;
 pub mod train;
 
 pub use error::StageError;
-pub use record::{AnswerKind, ChatMessage, Record};
+pub use record::{AnswerKind, ChatMessage, Difficulty, Record};
 pub use registry::Registry;
 pub use stage::{
-    CancelToken, ClosureRef, DifficultyReport, Item, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageFactory, StageIo,
+    CancelToken, Chart, ClosureRef, DifficultyReport, Item, ModelRef, PlanEdge, PlanNode, PlanView, PortKind, PortSpec, ReportFigure,
+    Stage, StageConfig, StageContext, StageFactory, StageIo,
 };

@@ -40,24 +40,31 @@ pub fn encode_prompt(tokenizer: &ModelTokenizer, record: &Record, max_input: usi
     Ok((truncate_middle(&ids, max_input), cut))
 }
 
-/// The SFT target of a record: its `metadata.trace` if the source wrote one, else the
-/// supporting sentences quoted, then the answer.
+/// The SFT target of a record: its `trace` if the source wrote one, else a trace quoting
+/// the supporting sentences of its data (`metadata.supporting_sentences`, as HotpotQA-style
+/// files carry them), then the answer.
 pub fn reasoning_trace(record: &Record) -> Option<String> {
-    if let Some(trace) = record.metadata.get("trace").and_then(serde_json::Value::as_str) {
-        return Some(trace.to_string());
+    if let Some(trace) = &record.trace {
+        return Some(trace.clone());
     }
     let answer = record.answers.first()?;
-    let facts: Vec<&str> = record
+    let facts: Vec<String> = record
         .metadata
         .get("supporting_sentences")
         .and_then(serde_json::Value::as_array)
-        .map(|list| list.iter().filter_map(serde_json::Value::as_str).collect())
+        .map(|list| list.iter().filter_map(serde_json::Value::as_str).map(str::to_string).collect())
         .unwrap_or_default();
-    Some(if facts.is_empty() {
+    Some(quoting_trace(&facts, answer))
+}
+
+/// A short reasoning trace: the facts quoted inside `<think>`, then the answer in the form
+/// the rule check reads.
+pub fn quoting_trace(facts: &[String], answer: &str) -> String {
+    if facts.is_empty() {
         format!("<think>\nThe text answers this directly.\n</think>\n\nTherefore, the answer is {answer}.")
     } else {
         format!("<think>\nThe text says: {}\n</think>\n\nTherefore, the answer is {answer}.", facts.join(" "))
-    })
+    }
 }
 
 #[cfg(test)]

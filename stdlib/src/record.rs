@@ -70,9 +70,56 @@ pub struct Record {
     /// Input length in tokens, once a tokenizing stage has measured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_tokens: Option<usize>,
-    /// Anything else the source carried or stages annotated.
+    /// The document length in tokens a source built the task for (synthetic and padded
+    /// tasks); it decides the task's phase band and evaluation bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length_budget: Option<usize>,
+    /// The SFT target: a reasoning trace ending with the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
+    /// How hard the task was for a policy (set by `score_difficulty` and hard buffers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difficulty: Option<Difficulty>,
+    /// The hard buffer (its stage label) that carried this task over from an earlier phase;
+    /// a carried task trains in the next phase whatever its length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried_from: Option<String>,
+    /// Anything else the source carried (free-form, never read by the standard stages).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How hard one task was for a policy: the outcome of its group of sampled responses.
+/// Build it with [`Difficulty::new`], which fills the derived figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Difficulty {
+    /// Fraction of the scorable samples judged correct.
+    pub pass_rate: f32,
+    /// One reward per scorable sample (unscorable ones left out).
+    pub rewards: Vec<f32>,
+    /// Samples drawn, scorable or not.
+    pub samples: usize,
+    /// Mean of `rewards` (absent when no sample was scorable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_reward: Option<f32>,
+    /// QwenLong-L1's difficulty, 1 / mean reward; absent when infinite (nothing earned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difficulty: Option<f32>,
+}
+
+impl Difficulty {
+    /// The difficulty of a group: its pass rate, its scorable samples' rewards, and how many
+    /// samples were drawn.
+    pub fn new(pass_rate: f32, rewards: Vec<f32>, samples: usize) -> Self {
+        let mean_reward = (!rewards.is_empty()).then(|| rewards.iter().sum::<f32>() / rewards.len() as f32);
+        let difficulty = mean_reward.filter(|&mean| mean > 0.0).map(|mean| 1.0 / mean);
+        Self { pass_rate, rewards, samples, mean_reward, difficulty }
+    }
+
+    /// 1 / mean reward, infinite when the mean is zero or below or nothing was scored.
+    pub fn score(&self) -> f32 {
+        self.difficulty.unwrap_or(f32::INFINITY)
+    }
 }
 
 impl Record {
@@ -87,8 +134,19 @@ impl Record {
             data_source: String::new(),
             prompt: None,
             input_tokens: None,
+            length_budget: None,
+            trace: None,
+            difficulty: None,
+            carried_from: None,
             metadata: serde_json::Map::new(),
         }
+    }
+
+    /// The task's length in tokens, the one rule every stage uses for bands and buckets:
+    /// the budget its source built it for, else the measured input tokens, else the length
+    /// of its encoded prompt.
+    pub fn length(&self, prompt_tokens: usize) -> usize {
+        self.length_budget.or(self.input_tokens).unwrap_or(prompt_tokens)
     }
 
     /// The text a length filter measures: the prompt turns when prebuilt, else the

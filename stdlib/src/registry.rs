@@ -66,3 +66,26 @@ impl Registry {
         self.factories.keys().copied()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_of_every_stage_has_a_doc_line() {
+        let registry = Registry::standard();
+        let mut bare = Vec::new();
+        for factory in registry.iter() {
+            for option in factory.options() {
+                if option.doc.trim().is_empty() {
+                    bare.push(format!("{}.{}", factory.name(), option.name));
+                }
+            }
+            assert!(!factory.summary().is_empty(), "{} has no summary", factory.name());
+            for port in factory.inputs().iter().chain(factory.outputs()) {
+                assert!(!port.doc.is_empty(), "{} port {} has no doc", factory.name(), port.name);
+            }
+        }
+        assert!(bare.is_empty(), "options without a doc line (add a `///` comment): {bare:?}");
+    }
+}

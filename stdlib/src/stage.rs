@@ -16,7 +16,8 @@ use serde_json::Value;
 use crate::error::StageError;
 use crate::metrics::Metrics;
 use crate::options::{OptionDoc, describe_options, parse_options};
-use crate::record::Record;
+use crate::record::{Difficulty, Record};
+use crate::reward::Reward;
 use crate::script::ScriptFn;
 
 /// What flows on an edge. An edge joins an output port to an input port of the same kind.
@@ -73,14 +74,12 @@ pub struct ModelRef {
     pub dir: PathBuf,
 }
 
-/// How hard one task was for the policy: the rewards of its group of rollouts.
+/// How hard one task was for the policy that attempted it, sent by RL phases and offline
+/// scoring to hard buffers.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DifficultyReport {
     pub record: Record,
-    /// One reward per scored rollout (unscorable ones left out).
-    pub rewards: Vec<f32>,
-    /// Fraction of rollouts judged correct.
-    pub pass_rate: f32,
+    pub difficulty: Difficulty,
 }
 
 /// An item on an edge. Its variant always matches the edge's [`PortKind`].
@@ -89,7 +88,7 @@ pub enum Item {
     Record(Box<Record>),
     Model(ModelRef),
     Report(Box<DifficultyReport>),
-    Reward(std::sync::Arc<crate::reward::hybrid::Reward>),
+    Reward(Arc<Reward>),
 }
 
 impl Item {
@@ -235,6 +234,8 @@ pub struct StageIo {
     cancel: CancelToken,
     counters: Arc<StageCounters>,
     metrics: Metrics,
+    /// Lines this stage logged to the run's metrics.
+    metrics_logged: usize,
     summary: serde_json::Map<String, Value>,
 }
 
@@ -252,7 +253,7 @@ impl StageIo {
         counters: Arc<StageCounters>,
         metrics: Metrics,
     ) -> Self {
-        Self { label: label.into(), inputs, outputs, cancel, counters, metrics, summary: serde_json::Map::new() }
+        Self { label: label.into(), inputs, outputs, cancel, counters, metrics, metrics_logged: 0, summary: serde_json::Map::new() }
     }
 
     pub fn label(&self) -> &str {
@@ -267,8 +268,16 @@ impl StageIo {
         Arc::clone(&self.counters)
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    /// Logs one line of the run's `metrics.jsonl` for this stage.
+    pub fn log_metrics(&mut self, step: u64, fields: serde_json::Map<String, Value>) -> Result<(), StageError> {
+        self.metrics.log(&self.label, step, fields)?;
+        self.metrics_logged += 1;
+        Ok(())
+    }
+
+    /// Lines this stage logged with [`StageIo::log_metrics`].
+    pub fn metrics_logged(&self) -> usize {
+        self.metrics_logged
     }
 
     /// Figures the stage wants in its end-of-run summary (counts, rates, paths).
@@ -378,7 +387,7 @@ impl StageIo {
     }
 
     /// The reward published on a reward port, if the port is connected.
-    pub fn recv_reward(&mut self, port: &str) -> Result<Option<std::sync::Arc<crate::reward::hybrid::Reward>>, StageError> {
+    pub fn recv_reward(&mut self, port: &str) -> Result<Option<Arc<Reward>>, StageError> {
         if !self.input_connected(port) {
             return Ok(None);
         }
@@ -436,7 +445,7 @@ impl StageIo {
         self.send(port, Item::Model(model))
     }
 
-    pub fn send_reward(&mut self, port: &str, reward: std::sync::Arc<crate::reward::hybrid::Reward>) -> Result<(), StageError> {
+    pub fn send_reward(&mut self, port: &str, reward: Arc<Reward>) -> Result<(), StageError> {
         self.send(port, Item::Reward(reward))
     }
 
@@ -494,8 +503,86 @@ pub trait StageConfig: DeserializeOwned + schemars::JsonSchema + Send + 'static 
         Vec::new()
     }
 
+    /// Problems that involve other stages of the plan (a curriculum's chained phases, a
+    /// buffer nobody reads), for the node `node` of this stage: `(node id, message)` pairs.
+    fn check_plan(_plan: &PlanView, _node: usize) -> Vec<(usize, String)> {
+        Vec::new()
+    }
+
+    /// Figures this stage adds to `report.html`, from its end-of-run summary.
+    fn report_figures(_label: &str, _summary: &serde_json::Map<String, Value>) -> Vec<ReportFigure> {
+        Vec::new()
+    }
+
     /// Turns the options into a runnable stage (loading what it needs).
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError>;
+}
+
+/// A validated plan as a stage's [`StageConfig::check_plan`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanView<'a> {
+    pub nodes: &'a [PlanNode<'a>],
+    pub edges: &'a [PlanEdge<'a>],
+}
+
+/// A stage of the plan: its id, registry name and options.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanNode<'a> {
+    pub id: usize,
+    pub stage: &'a str,
+    pub options: &'a Value,
+}
+
+/// An edge of the plan with both ports resolved.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanEdge<'a> {
+    pub from: usize,
+    pub from_port: &'a str,
+    pub to: usize,
+    pub to_port: &'a str,
+}
+
+impl<'a> PlanView<'a> {
+    /// The node with this id.
+    pub fn node(&self, id: usize) -> Option<&'a PlanNode<'a>> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Whether node `id` is a stage named `stage`.
+    pub fn is(&self, id: usize, stage: &str) -> bool {
+        self.node(id).is_some_and(|n| n.stage == stage)
+    }
+
+    /// Edges arriving at `node`'s input `port`.
+    pub fn into_port(&self, node: usize, port: &'a str) -> impl Iterator<Item = &'a PlanEdge<'a>> + 'a {
+        self.edges.iter().filter(move |e| e.to == node && e.to_port == port)
+    }
+
+    /// Edges leaving `node`.
+    pub fn out_of(&self, node: usize) -> impl Iterator<Item = &'a PlanEdge<'a>> + 'a {
+        self.edges.iter().filter(move |e| e.from == node)
+    }
+}
+
+/// A figure a stage contributes to `report.html`: data only, the engine draws it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportFigure {
+    /// The report section it belongs to (e.g. `Curriculum`).
+    pub section: &'static str,
+    /// A short kind naming the plot (for styling and tests), e.g. `buffer-size`.
+    pub kind: &'static str,
+    pub caption: String,
+    pub chart: Chart,
+}
+
+/// What a [`ReportFigure`] draws.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chart {
+    /// A bar chart of named values.
+    Bars { title: String, y_label: String, bars: Vec<(String, f64)>, y_max: Option<f64> },
+    /// One bar of a chart shared by every figure of the same kind (e.g. accuracy per RL
+    /// phase: one bar per phase); the first figure's title, label and caption are used.
+    SharedBar { title: String, y_label: String, bar: (String, f64), y_max: Option<f64> },
 }
 
 /// The object-safe face of a stage type, held by the registry.
@@ -509,6 +596,10 @@ pub trait StageFactory: Send + Sync {
     fn options(&self) -> Vec<OptionDoc>;
     /// Every problem with these options (parse errors first, then semantic checks).
     fn check(&self, options: &Value, ctx: &StageContext) -> Vec<String>;
+    /// See [`StageConfig::check_plan`].
+    fn check_plan(&self, plan: &PlanView, node: usize) -> Vec<(usize, String)>;
+    /// See [`StageConfig::report_figures`].
+    fn report_figures(&self, label: &str, summary: &serde_json::Map<String, Value>) -> Vec<ReportFigure>;
     fn build(&self, options: &Value, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError>;
 }
 
@@ -557,6 +648,14 @@ impl<C: StageConfig> StageFactory for ConfigFactory<C> {
             Ok(config) => config.validate(ctx),
             Err(problems) => problems,
         }
+    }
+
+    fn check_plan(&self, plan: &PlanView, node: usize) -> Vec<(usize, String)> {
+        C::check_plan(plan, node)
+    }
+
+    fn report_figures(&self, label: &str, summary: &serde_json::Map<String, Value>) -> Vec<ReportFigure> {
+        C::report_figures(label, summary)
     }
 
     fn build(&self, options: &Value, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {

@@ -39,6 +39,8 @@ pub enum Schedule {
 pub struct OptimConfig {
     /// Peak learning rate.
     pub lr: f64,
+    /// Learning-rate schedule after warmup: `cosine`, `linear` (both decay to
+    /// `min_lr_ratio` times `lr`) or `constant`.
     #[serde(default)]
     pub schedule: Schedule,
     /// Steps of linear warmup from 0.
@@ -50,6 +52,7 @@ pub struct OptimConfig {
     /// AdamW beta1, beta2.
     #[serde(default = "default_betas")]
     pub betas: [f64; 2],
+    /// AdamW epsilon (added to the root of the second moment).
     #[serde(default = "default_eps")]
     pub eps: f64,
     /// Decoupled weight decay.
@@ -119,8 +122,11 @@ pub struct StepInfo {
     pub grad_norm: f64,
 }
 
-/// AdamW over a module, with accumulation and global-norm clipping.
+/// A module being trained: its weights and AdamW over them, with gradient accumulation
+/// and global-norm clipping. The weights move through each update.
 pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
+    /// Always `Some` outside [`Trainer::step`], which moves the weights through the optimizer.
+    model: Option<M>,
     optim: OptimizerAdaptor<AdamW, M, B>,
     accumulator: GradientsAccumulator<M>,
     config: OptimConfig,
@@ -128,22 +134,46 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
-    pub fn new(config: OptimConfig) -> Self {
+    /// Trains `model` with fresh optimizer moments.
+    pub fn new(model: M, config: OptimConfig) -> Self {
         let optim = AdamWConfig::new()
             .with_beta_1(config.betas[0] as f32)
             .with_beta_2(config.betas[1] as f32)
             .with_epsilon(config.eps as f32)
             .with_weight_decay(config.weight_decay as f32)
             .init::<B, M>();
-        Self { optim, accumulator: GradientsAccumulator::new(), config, pending: 0 }
+        Self { model: Some(model), optim, accumulator: GradientsAccumulator::new(), config, pending: 0 }
+    }
+
+    /// The weights as they are now.
+    pub fn model(&self) -> &M {
+        match &self.model {
+            Some(model) => model,
+            None => unreachable!("the trainer's weights are only absent inside `step`"),
+        }
+    }
+
+    /// The trained weights.
+    pub fn into_model(self) -> M {
+        match self.model {
+            Some(model) => model,
+            None => unreachable!("the trainer's weights are only absent inside `step`"),
+        }
+    }
+
+    /// Replaces the weights (a resumed run loads its checkpoint's); the moments stay.
+    pub fn set_model(&mut self, model: M) {
+        self.model = Some(model);
     }
 
     pub fn config(&self) -> &OptimConfig {
         &self.config
     }
 
-    /// Adds the gradients of `loss` (scaled by the caller for accumulation).
-    pub fn backward(&mut self, model: &M, loss: Tensor<B, 1>) {
+    /// Adds the gradients of `loss`, a function of [`Trainer::model`] (scaled by the caller
+    /// for accumulation).
+    pub fn backward(&mut self, loss: Tensor<B, 1>) {
+        let Some(model) = &self.model else { unreachable!("the trainer's weights are only absent inside `step`") };
         let grads = GradientsParams::from_grads(loss.backward(), model);
         self.accumulator.accumulate(model, grads);
         self.pending += 1;
@@ -173,7 +203,8 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
     }
 
     /// Applies the accumulated gradients at the learning rate of `step` of `total`.
-    pub fn step(&mut self, model: M, step: usize, total: usize) -> (M, StepInfo) {
+    pub fn step(&mut self, step: usize, total: usize) -> StepInfo {
+        let model = self.take_model();
         let mut grads = self.accumulator.grads();
         self.pending = 0;
         let grad_norm = global_norm::<B, M>(&model, &grads);
@@ -181,8 +212,15 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
             scale_grads::<B, M>(&model, &mut grads, self.config.grad_clip / (grad_norm + 1e-6));
         }
         let lr = self.config.lr_at(step, total);
-        let model = self.optim.step(lr, model, grads);
-        (model, StepInfo { lr, grad_norm })
+        self.model = Some(self.optim.step(lr, model, grads));
+        StepInfo { lr, grad_norm }
+    }
+
+    fn take_model(&mut self) -> M {
+        match self.model.take() {
+            Some(model) => model,
+            None => unreachable!("the trainer's weights are only absent inside `step`"),
+        }
     }
 }
 

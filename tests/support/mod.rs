@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use longrl_engine::executor::{RunOptions, RunReport};
-use longrl_engine::recipe::Params;
+use longrl_engine::dataflow::executor::{RunOptions, RunReport};
+use longrl_engine::dataflow::recipe::Params;
 use longrl_engine::{execute, load_plan};
 use longrl_stdlib::{CancelToken, Registry, StageContext};
 

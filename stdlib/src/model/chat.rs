@@ -112,8 +112,13 @@ fn special_token(config: &Value, key: &str) -> Option<String> {
 pub struct ModelTokenizer {
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
-    /// Ids that end a response: eos from tokenizer_config, generation_config and config.
+    /// Ids that end a response: eos from tokenizer_config, generation_config and config
+    /// (sorted).
     pub stop_ids: Vec<u32>,
+    /// The id that ends an assistant turn, which SFT appends to each trace: the eos token of
+    /// tokenizer_config.json (`<|im_end|>` for Qwen2.5-Instruct), else the first eos id of
+    /// generation_config.json or config.json.
+    pub end_of_turn: Option<u32>,
     pub pad_id: Option<u32>,
     /// The id of `</think>` if the vocabulary has it.
     pub think_end_id: Option<u32>,
@@ -139,11 +144,12 @@ impl ModelTokenizer {
                 _ => {}
             }
         }
+        let end_of_turn = stop_ids.first().copied();
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let pad_id = special_token(&tok_config, "pad_token").and_then(|t| tokenizer.token_id(&t));
         let think_end_id = tokenizer.token_id("</think>");
-        Ok(Self { tokenizer, template, stop_ids, pad_id, think_end_id })
+        Ok(Self { tokenizer, template, stop_ids, end_of_turn, pad_id, think_end_id })
     }
 
     /// Token ids of a conversation rendered with the chat template (no template: the turns'

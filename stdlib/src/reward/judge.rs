@@ -82,13 +82,13 @@ impl JudgeConfig {
         if self.concurrency == 0 {
             out.push("judge concurrency must be at least 1".into());
         }
-        if !(self.timeout_s > 0.0) {
+        if !self.timeout_s.is_finite() || self.timeout_s <= 0.0 {
             out.push("judge timeout_s must be positive".into());
         }
-        if let Some(var) = &self.api_key_env {
-            if std::env::var(var).is_err() {
-                out.push(format!("environment variable `{var}` (the judge's API key) is not set"));
-            }
+        if let Some(var) = &self.api_key_env
+            && std::env::var(var).is_err()
+        {
+            out.push(format!("environment variable `{var}` (the judge's API key) is not set"));
         }
         out
     }

@@ -1,5 +1,7 @@
-//! Rewards: answer extraction and the rule verifiers for text, numeric and choice answers.
-//! The verifier used for a record follows its answer kind, overridable per recipe.
+//! Rewards: answer extraction, the rule verifiers for text, numeric and choice answers, the
+//! LLM judge, and [`Reward`], the reward a recipe declares (rule, judge where the rule
+//! misses, optional script), which travels on reward edges. The verifier used for a record
+//! follows its answer kind, overridable per recipe.
 
 pub mod choice;
 pub mod extract;
@@ -12,12 +14,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::record::{AnswerKind, Record};
 pub use extract::{Extracted, extract_answer};
+pub use hybrid::{JudgeWhen, Reward, RewardOutcome, ScriptMode};
 pub use numeric::NumericMatch;
 pub use text::TextMatch;
 
 /// Options of the rule check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub struct RuleConfig {
     /// Score 0 when the response has no `</think>` (QwenLong-L1's released rule).
     #[serde(default)]
@@ -31,12 +35,6 @@ pub struct RuleConfig {
     /// Use this verifier for every record instead of following its answer kind.
     #[serde(default)]
     pub kind: Option<AnswerKind>,
-}
-
-impl Default for RuleConfig {
-    fn default() -> Self {
-        Self { require_think_end: false, text: TextMatch::default(), numeric: NumericMatch::default(), kind: None }
-    }
 }
 
 /// How a response was judged by the rule.

@@ -54,11 +54,11 @@ fn token_f1(p: &str, g: &str) -> f32 {
     }
     let mut common = 0;
     for w in p.split(' ') {
-        if let Some(c) = counts.get_mut(w) {
-            if *c > 0 {
-                *c -= 1;
-                common += 1;
-            }
+        if let Some(c) = counts.get_mut(w)
+            && *c > 0
+        {
+            *c -= 1;
+            common += 1;
         }
     }
     if common == 0 {

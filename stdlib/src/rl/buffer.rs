@@ -1,13 +1,13 @@
 //! The hard-sample buffer (difficulty-aware retrospective sampling): it keeps the tasks a
 //! phase found hardest, by a policy chosen in the recipe, so the next phase trains on them
-//! again. Difficulty is 1 / mean group reward (infinite when no rollout earned anything).
+//! again. Difficulty is 1 / mean group reward (infinite when no rollout earned anything), see
+//! [`Difficulty::score`].
 
 use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::record::Record;
 use crate::stage::DifficultyReport;
 
 /// Which tasks are carried.
@@ -37,30 +37,11 @@ pub struct Selection {
     pub seed: u64,
 }
 
-/// One task as last reported.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
-    pub record: Record,
-    pub rewards: Vec<f32>,
-    pub pass_rate: f32,
-}
-
-impl Entry {
-    /// 1 / mean reward; infinite when the mean is zero or below (or nothing was scored).
-    pub fn difficulty(&self) -> f32 {
-        if self.rewards.is_empty() {
-            return f32::INFINITY;
-        }
-        let mean = self.rewards.iter().sum::<f32>() / self.rewards.len() as f32;
-        if mean <= 0.0 { f32::INFINITY } else { 1.0 / mean }
-    }
-}
-
 /// The buffer's whole state: what was reported, and what it holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HardBuffer {
     /// Every task reported, by id (a task reported again replaces its earlier report).
-    pub reported: BTreeMap<String, Entry>,
+    pub reported: BTreeMap<String, DifficultyReport>,
     /// The ids selected, hardest first, at most `capacity`.
     pub held: Vec<String>,
     pub capacity: usize,
@@ -72,15 +53,15 @@ impl HardBuffer {
     }
 
     pub fn observe(&mut self, report: DifficultyReport) {
-        let entry = Entry { rewards: report.rewards, pass_rate: report.pass_rate, record: report.record };
-        self.reported.insert(entry.record.id.clone(), entry);
+        self.reported.insert(report.record.id.clone(), report);
     }
 
     /// Ids of the reported tasks, hardest first (ties: lower pass rate, then id).
     pub fn by_difficulty(&self) -> Vec<&str> {
-        let mut ids: Vec<&Entry> = self.reported.values().collect();
+        let mut ids: Vec<&DifficultyReport> = self.reported.values().collect();
         ids.sort_by(|a, b| {
-            b.difficulty().total_cmp(&a.difficulty()).then(a.pass_rate.total_cmp(&b.pass_rate)).then(a.record.id.cmp(&b.record.id))
+            let (da, db) = (&a.difficulty, &b.difficulty);
+            db.score().total_cmp(&da.score()).then(da.pass_rate.total_cmp(&db.pass_rate)).then(a.record.id.cmp(&b.record.id))
         });
         ids.into_iter().map(|e| e.record.id.as_str()).collect()
     }
@@ -97,15 +78,15 @@ impl HardBuffer {
             BufferPolicy::ZeroAccuracy => ranked
                 .iter()
                 .filter(|id| {
-                    let e = &self.reported[**id];
-                    !e.rewards.is_empty() && e.pass_rate <= 0.0
+                    let d = &self.reported[**id].difficulty;
+                    !d.rewards.is_empty() && d.pass_rate <= 0.0
                 })
                 .map(|id| id.to_string())
                 .collect(),
             BufferPolicy::Hardest => ranked.iter().take(wanted(ranked.len())).map(|id| id.to_string()).collect(),
             BufferPolicy::Band => {
                 let [a, b] = selection.band.unwrap_or([0.0, 0.0]);
-                ranked.iter().filter(|id| (a..=b).contains(&self.reported[**id].pass_rate)).map(|id| id.to_string()).collect()
+                ranked.iter().filter(|id| (a..=b).contains(&self.reported[**id].difficulty.pass_rate)).map(|id| id.to_string()).collect()
             }
             BufferPolicy::Importance => {
                 // Weighted sampling without replacement (Efraimidis-Spirakis): the largest
@@ -114,7 +95,7 @@ impl HardBuffer {
                 let mut keyed: Vec<(f64, &str)> = ranked
                     .iter()
                     .map(|id| {
-                        let weight = f64::from(self.reported[*id].difficulty().min(selection.max_weight).max(1e-6));
+                        let weight = f64::from(self.reported[*id].difficulty.score().min(selection.max_weight).max(1e-6));
                         let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
                         (u.powf(1.0 / weight), *id)
                     })
@@ -130,8 +111,8 @@ impl HardBuffer {
         self.held = held;
     }
 
-    /// The held records.
-    pub fn held_entries(&self) -> impl Iterator<Item = &Entry> {
+    /// The reports of the held tasks, hardest first.
+    pub fn held_entries(&self) -> impl Iterator<Item = &DifficultyReport> {
         self.held.iter().map(|id| &self.reported[id])
     }
 }
@@ -144,8 +125,7 @@ mod tests {
         let pass_rate = rewards.iter().filter(|r| **r >= 1.0).count() as f32 / rewards.len().max(1) as f32;
         DifficultyReport {
             record: serde_json::from_value(serde_json::json!({ "id": id })).expect("record"),
-            rewards: rewards.to_vec(),
-            pass_rate,
+            difficulty: crate::record::Difficulty::new(pass_rate, rewards.to_vec(), rewards.len()),
         }
     }
 
@@ -172,10 +152,10 @@ mod tests {
     #[test]
     fn difficulty_is_the_inverse_mean_reward() {
         let buffer = filled(10);
-        assert_eq!(buffer.reported["a"].difficulty(), f32::INFINITY);
-        assert_eq!(buffer.reported["c"].difficulty(), 4.0);
-        assert_eq!(buffer.reported["d"].difficulty(), 2.0);
-        assert_eq!(buffer.reported["f"].difficulty(), 1.0);
+        assert_eq!(buffer.reported["a"].difficulty.score(), f32::INFINITY);
+        assert_eq!(buffer.reported["c"].difficulty.score(), 4.0);
+        assert_eq!(buffer.reported["d"].difficulty.score(), 2.0);
+        assert_eq!(buffer.reported["f"].difficulty.score(), 1.0);
         assert_eq!(buffer.by_difficulty(), vec!["a", "b", "c", "d", "e", "f"]);
     }
 

@@ -43,7 +43,7 @@ pub fn fill_step<T, E>(
 
 /// Why a group is dropped, if it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     /// No response could be scored.
     Unscorable,
     /// Every scorable reward is the same: every advantage is zero.
@@ -53,13 +53,13 @@ pub enum Drop {
 }
 
 /// Whether a group is dropped under dynamic sampling and the accuracy band.
-pub fn drop_reason(rewards: &[Option<f32>], pass_rate: f32, dynamic: bool, band: Option<[f32; 2]>) -> Option<Drop> {
+pub fn drop_reason(rewards: &[Option<f32>], pass_rate: f32, dynamic: bool, band: Option<[f32; 2]>) -> Option<DropReason> {
     if rewards.iter().all(Option::is_none) {
-        Some(Drop::Unscorable)
+        Some(DropReason::Unscorable)
     } else if dynamic && zero_variance(rewards) {
-        Some(Drop::ZeroVariance)
+        Some(DropReason::ZeroVariance)
     } else if band.is_some_and(|[a, b]| !(a..=b).contains(&pass_rate)) {
-        Some(Drop::OutsideBand)
+        Some(DropReason::OutsideBand)
     } else {
         None
     }
@@ -71,7 +71,7 @@ mod tests {
 
     /// Prompts 0..10; the even ones give all-equal rewards.
     fn rewards_of(index: usize) -> Vec<Option<f32>> {
-        if index % 2 == 0 { vec![Some(1.0); 4] } else { vec![Some(1.0), Some(0.0), Some(0.0), Some(1.0)] }
+        if index.is_multiple_of(2) { vec![Some(1.0); 4] } else { vec![Some(1.0), Some(0.0), Some(0.0), Some(1.0)] }
     }
 
     fn rollout(index: usize) -> Result<Option<usize>, ()> {
@@ -103,9 +103,9 @@ mod tests {
     #[test]
     fn without_dynamic_sampling_every_scorable_group_is_kept() {
         assert_eq!(drop_reason(&[Some(1.0), Some(1.0)], 1.0, false, None), None);
-        assert_eq!(drop_reason(&[Some(1.0), Some(1.0)], 1.0, true, None), Some(Drop::ZeroVariance));
-        assert_eq!(drop_reason(&[None, None], 0.0, false, None), Some(Drop::Unscorable));
-        assert_eq!(drop_reason(&[Some(1.0), Some(0.0)], 0.5, true, Some([0.1, 0.4])), Some(Drop::OutsideBand));
+        assert_eq!(drop_reason(&[Some(1.0), Some(1.0)], 1.0, true, None), Some(DropReason::ZeroVariance));
+        assert_eq!(drop_reason(&[None, None], 0.0, false, None), Some(DropReason::Unscorable));
+        assert_eq!(drop_reason(&[Some(1.0), Some(0.0)], 0.5, true, Some([0.1, 0.4])), Some(DropReason::OutsideBand));
         assert_eq!(drop_reason(&[Some(1.0), Some(0.0)], 0.5, true, Some([0.1, 0.9])), None);
     }
 }

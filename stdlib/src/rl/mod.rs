@@ -4,6 +4,7 @@ pub mod advantage;
 pub mod buffer;
 pub mod chain;
 pub mod dynamic;
+pub mod group;
 pub mod loss;
 pub mod rollout;
 pub mod shaping;

@@ -8,7 +8,7 @@ use crate::model::CausalLm;
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::{Completion, FinishReason, SamplingConfig, generate_group};
 use crate::record::Record;
-use crate::reward::hybrid::{Reward, RewardOutcome};
+use crate::reward::{Reward, RewardOutcome};
 
 /// The samples of one prompt and their scores.
 #[derive(Debug, Clone)]

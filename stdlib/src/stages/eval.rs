@@ -5,23 +5,22 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::backend::AutodiffBackend;
-use longrl_backends::BackendTask;
 use serde::{Deserialize, Serialize};
 
+use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::{AtomicFile, write_atomic};
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::{SamplingConfig, generate_batch, generate_group};
-use crate::model::load_model;
-use crate::progress::Progress;
+use crate::model::{CausalLm, load_model};
 use crate::prompt::encode_prompt;
 use crate::record::Record;
-use crate::reward::RuleConfig;
-use crate::reward::hybrid::{Reward, RewardOutcome};
-use crate::stage::{ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+use crate::reward::{Reward, RewardOutcome, RuleConfig};
+use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `eval` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -39,6 +38,7 @@ pub struct EvalConfig {
     /// Sampling temperature (0 = greedy).
     #[serde(default)]
     pub temperature: f32,
+    /// Nucleus sampling threshold (1 = off).
     #[serde(default = "default_top_p")]
     pub top_p: f32,
     /// Seed of the sampling (mixed with the run seed).
@@ -98,15 +98,15 @@ impl StageConfig for EvalConfig {
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let name = self.name.clone().unwrap_or_else(|| format!("eval-{}", ctx.node));
         let out_dir = ctx.run_dir.as_ref().map(|d| d.join(&name));
-        Ok(Box::new(Eval { config: self, ctx: ctx.clone(), name, out_dir }))
+        Ok(Driver::boxed(Eval { config: self, run_seed: ctx.seed, name }, ctx, out_dir))
     }
 }
 
+/// The `evaluate` stage, independent of the backend.
 struct Eval {
     config: EvalConfig,
-    ctx: StageContext,
+    run_seed: u64,
     name: String,
-    out_dir: Option<PathBuf>,
 }
 
 /// The result of one task.
@@ -167,9 +167,9 @@ pub struct Row {
     pub pass_at_k: f64,
 }
 
-/// The bucket of a task: its recorded budget, else its length, rounded up to an edge.
-pub fn bucket_of(record: &Record, tokens: usize, edges: &[usize]) -> usize {
-    let length = record.metadata.get("length_budget").and_then(serde_json::Value::as_u64).map_or(tokens, |b| b as usize);
+/// The bucket of a task: its length (see [`Record::length`]) rounded up to an edge.
+pub fn bucket_of(record: &Record, prompt_tokens: usize, edges: &[usize]) -> usize {
+    let length = record.length(prompt_tokens);
     if edges.is_empty() {
         return length.next_power_of_two();
     }
@@ -200,137 +200,192 @@ pub fn summarize(items: &[ItemResult]) -> Vec<Row> {
         .collect()
 }
 
-/// The summary as an aligned text table.
+/// The summary as an aligned text table (a pass@k column only when k > 1).
 pub fn render_table(name: &str, rows: &[Row], samples: usize) -> String {
     let mut out = format!("{name}: accuracy by data source and input length\n");
-    out.push_str(&format!("{:<24} {:>10} {:>6} {:>8} {:>8}\n", "data source", "length", "n", "pass@1", format!("pass@{samples}")));
+    out.push_str(&format!("{:<24} {:>10} {:>6} {:>8}", "data source", "length", "n", "pass@1"));
+    if samples > 1 {
+        out.push_str(&format!(" {:>8}", format!("pass@{samples}")));
+    }
+    out.push('\n');
     for row in rows {
         let length = match row.bucket {
             0 => "all".to_string(),
             usize::MAX => "longer".to_string(),
             b => format!("<={b}"),
         };
-        out.push_str(&format!(
-            "{:<24} {:>10} {:>6} {:>7.1}% {:>7.1}%\n",
-            row.data_source,
-            length,
-            row.n,
-            100.0 * row.pass_at_1,
-            100.0 * row.pass_at_k
-        ));
+        out.push_str(&format!("{:<24} {:>10} {:>6} {:>7.1}%", row.data_source, length, row.n, 100.0 * row.pass_at_1));
+        if samples > 1 {
+            out.push_str(&format!(" {:>7.1}%", 100.0 * row.pass_at_k));
+        }
+        out.push('\n');
     }
     out
 }
 
-impl Stage for Eval {
-    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let policy = io.recv_model("policy")?;
-        let reward = match io.recv_reward("reward")? {
-            Some(reward) => reward,
-            None => std::sync::Arc::new(Reward::rule_only(self.config.rule.clone())),
-        };
-        let mut records = Vec::new();
-        while let Some(record) = io.recv_record("data")? {
-            records.push(record);
-        }
-        let device = self.ctx.device;
-        longrl_backends::dispatch(device, EvalTask { stage: &self, io, policy, records, reward })
-            .map_err(|e| StageError::Failed(e.to_string()))?
+impl ModelStage for Eval {
+    type State = EvalState;
+    type Run<B: AutodiffBackend> = EvalRun<B>;
+
+    fn rule(&self) -> RuleConfig {
+        self.config.rule.clone()
     }
-}
 
-struct EvalTask<'a> {
-    stage: &'a Eval,
-    io: &'a mut StageIo,
-    policy: ModelRef,
-    records: Vec<Record>,
-    reward: std::sync::Arc<Reward>,
-}
+    fn cadence(&self) -> Cadence {
+        Cadence::NONE
+    }
 
-impl BackendTask for EvalTask<'_> {
-    type Output = Result<(), StageError>;
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let config = &self.stage.config;
-        let io = self.io;
-        let tokenizer = ModelTokenizer::load(&self.policy.dir)?;
-        let (_, model) = load_model::<B::InnerBackend>(&self.policy.dir, &device)?;
+    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
+        let config = &self.config;
+        let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
+        let (_, model) = load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?;
         let sampling = SamplingConfig {
             temperature: config.temperature,
             top_p: config.top_p,
             top_k: 0,
             max_new_tokens: config.max_new_tokens,
             stop_tokens: tokenizer.stop_ids.clone(),
-            seed: config.seed ^ self.stage.ctx.seed.rotate_left(29),
+            seed: config.seed ^ self.run_seed.rotate_left(29),
         };
-        let mut prompts = Vec::with_capacity(self.records.len());
-        for record in &self.records {
+        let mut prompts = Vec::with_capacity(inputs.records.len());
+        for record in &inputs.records {
             prompts.push(encode_prompt(&tokenizer, record, config.max_input)?);
         }
-        let progress = Progress::new(io.label(), self.records.len() as u64, "tasks");
-        let mut responses: Vec<Vec<String>> = vec![Vec::new(); self.records.len()];
-        let decode = |tokens: &[u32]| -> Result<String, StageError> {
-            let mut tokens = tokens.to_vec();
-            if tokens.last().is_some_and(|t| tokenizer.stop_ids.contains(t)) {
-                tokens.pop();
-            }
-            tokenizer.tokenizer.decode(&tokens, false)
-        };
-        if config.samples == 1 {
-            let order: Vec<usize> = (0..prompts.len()).collect();
-            for chunk in order.chunks(config.batch) {
-                io.cancel_token().check()?;
-                let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].0.clone()).collect();
-                let mut batch_sampling = sampling.clone();
-                batch_sampling.seed = sampling.seed.wrapping_add(chunk[0] as u64);
-                let completions = generate_batch(&model, &batch, &batch_sampling)?;
-                for (&i, completion) in chunk.iter().zip(completions) {
-                    responses[i].push(decode(&completion.tokens)?);
-                    progress.advance("");
-                }
-            }
-        } else {
-            for (i, (prompt, _)) in prompts.iter().enumerate() {
-                io.cancel_token().check()?;
-                let mut item_sampling = sampling.clone();
-                item_sampling.seed = sampling.seed.wrapping_add(i as u64);
-                for completion in generate_group(&model, prompt, config.samples, &item_sampling)? {
-                    responses[i].push(decode(&completion.tokens)?);
-                }
-                progress.advance("");
-            }
-        }
-        progress.finish();
+        // One step generates a batch of prompts (one sample each) or one prompt's samples.
+        let per_step = if config.samples == 1 { config.batch } else { 1 };
+        let steps: Vec<Vec<usize>> = (0..prompts.len()).collect::<Vec<_>>().chunks(per_step).map(<[usize]>::to_vec).collect();
+        Ok(EvalRun {
+            config: config.clone(),
+            name: self.name.clone(),
+            tokenizer,
+            model,
+            sampling,
+            reward: inputs.reward,
+            records: inputs.records,
+            responses: vec![Vec::new(); prompts.len()],
+            prompts,
+            steps,
+        })
+    }
+}
 
+/// An evaluation keeps no checkpoints (it reruns on resume); it has no state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalState {}
+
+/// An evaluation logs its figures once, at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct NoStepMetrics {}
+
+/// An evaluation on one backend.
+pub struct EvalRun<B: AutodiffBackend> {
+    config: EvalConfig,
+    name: String,
+    tokenizer: ModelTokenizer,
+    model: CausalLm<B::InnerBackend>,
+    sampling: SamplingConfig,
+    reward: Arc<Reward>,
+    records: Vec<Record>,
+    /// Each task's encoded prompt and whether it was cut.
+    prompts: Vec<(Vec<u32>, bool)>,
+    /// Each task's decoded samples so far.
+    responses: Vec<Vec<String>>,
+    /// The tasks each step generates for.
+    steps: Vec<Vec<usize>>,
+}
+
+impl<B: AutodiffBackend> EvalRun<B> {
+    /// A completion's text, without its stop token.
+    fn decode(&self, tokens: &[u32]) -> Result<String, StageError> {
+        let mut tokens = tokens.to_vec();
+        if tokens.last().is_some_and(|t| self.tokenizer.stop_ids.contains(t)) {
+            tokens.pop();
+        }
+        self.tokenizer.tokenizer.decode(&tokens, false)
+    }
+
+    /// Every task's result, scored by the reward.
+    fn score(&self) -> Result<Vec<ItemResult>, StageError> {
         let pairs: Vec<(&Record, &str)> =
-            self.records.iter().zip(&responses).flat_map(|(r, texts)| texts.iter().map(move |t| (r, t.as_str()))).collect();
+            self.records.iter().zip(&self.responses).flat_map(|(r, texts)| texts.iter().map(move |t| (r, t.as_str()))).collect();
         let mut outcomes = self.reward.score_all(&pairs)?.into_iter();
         let mut items = Vec::with_capacity(self.records.len());
-        for ((record, (prompt, truncated)), texts) in self.records.iter().zip(&prompts).zip(responses) {
+        for ((record, (prompt, truncated)), texts) in self.records.iter().zip(&self.prompts).zip(&self.responses) {
             let verdicts: Vec<RewardOutcome> = outcomes.by_ref().take(texts.len()).collect();
             let tokens = record.input_tokens.unwrap_or(prompt.len());
-            items.push(ItemResult::from_outcomes(record, bucket_of(record, tokens, &config.buckets), tokens, *truncated, texts, verdicts));
+            let bucket = bucket_of(record, prompt.len(), &self.config.buckets);
+            items.push(ItemResult::from_outcomes(record, bucket, tokens, *truncated, texts.clone(), verdicts));
         }
-        let rows = summarize(&items);
-        let table = render_table(&self.stage.name, &rows, config.samples);
-        if let Some(dir) = &self.stage.out_dir {
-            let mut file = AtomicFile::create(&dir.join("items.jsonl"), true)?;
-            for item in &items {
-                let line = serde_json::to_string(item).map_err(|e| StageError::Failed(e.to_string()))?;
-                writeln!(file, "{line}").map_err(|e| StageError::io(dir.join("items.jsonl"), e))?;
+        Ok(items)
+    }
+
+    /// `items.jsonl` (every task's samples and verdicts) and `summary.json`.
+    fn write_files(&self, dir: &Path, items: &[ItemResult], rows: &[Row]) -> Result<(), StageError> {
+        let path = dir.join("items.jsonl");
+        let mut file = AtomicFile::create(&path, true)?;
+        for item in items {
+            let line = serde_json::to_string(item).map_err(|e| StageError::Failed(e.to_string()))?;
+            writeln!(file, "{line}").map_err(|e| StageError::io(&path, e))?;
+        }
+        file.commit()?;
+        let summary = serde_json::json!({ "name": self.name, "samples": self.config.samples, "rows": rows });
+        write_atomic(&dir.join("summary.json"), summary.to_string().as_bytes())
+    }
+}
+
+impl<B: AutodiffBackend> StageRun<B> for EvalRun<B> {
+    type State = EvalState;
+    type Metrics = NoStepMetrics;
+
+    fn total_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    fn restore(&mut self, _dir: &Path, _state: EvalState, _io: &mut StageIo) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn step(&mut self, step: usize, _io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
+        let tasks = self.steps[step].clone();
+        if self.config.samples == 1 {
+            let batch: Vec<Vec<u32>> = tasks.iter().map(|&i| self.prompts[i].0.clone()).collect();
+            let mut sampling = self.sampling.clone();
+            sampling.seed = self.sampling.seed.wrapping_add(tasks[0] as u64);
+            for (&i, completion) in tasks.iter().zip(generate_batch(&self.model, &batch, &sampling)?) {
+                let text = self.decode(&completion.tokens)?;
+                self.responses[i].push(text);
             }
-            file.commit()?;
-            let summary = serde_json::json!({ "name": self.stage.name, "samples": config.samples, "rows": rows });
-            write_atomic(&dir.join("summary.json"), summary.to_string().as_bytes())?;
+        } else {
+            let i = tasks[0];
+            let mut sampling = self.sampling.clone();
+            sampling.seed = self.sampling.seed.wrapping_add(i as u64);
+            for completion in generate_group(&self.model, &self.prompts[i].0, self.config.samples, &sampling)? {
+                let text = self.decode(&completion.tokens)?;
+                self.responses[i].push(text);
+            }
+        }
+        Ok(StepOutcome { metrics: None, status: String::new(), last: false })
+    }
+
+    fn checkpoint(&self, _dir: &Path) -> Result<EvalState, StageError> {
+        Ok(EvalState {})
+    }
+
+    fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
+        let items = self.score()?;
+        let rows = summarize(&items);
+        let table = render_table(&self.name, &rows, self.config.samples);
+        if let Some(dir) = out_dir {
+            self.write_files(dir, &items, &rows)?;
         }
         for row in rows.iter().filter(|r| r.data_source == "all") {
             let mut fields = serde_json::Map::new();
-            fields.insert("eval".into(), self.stage.name.clone().into());
+            fields.insert("eval".into(), self.name.clone().into());
             fields.insert("bucket".into(), row.bucket.into());
             fields.insert("pass_at_1".into(), row.pass_at_1.into());
             fields.insert("pass_at_k".into(), row.pass_at_k.into());
             fields.insert("n".into(), row.n.into());
-            io.metrics().log(io.label(), 0, fields)?;
+            io.log_metrics(0, fields)?;
         }
         let unscorable: usize = items.iter().map(|i| i.unscorable).sum();
         if unscorable > 0 {
@@ -345,7 +400,7 @@ impl BackendTask for EvalTask<'_> {
         summary.insert("tasks".into(), items.len().into());
         summary.insert("rows".into(), serde_json::to_value(&rows).map_err(|e| StageError::Failed(e.to_string()))?);
         summary.insert("table".into(), table.into());
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -359,7 +414,7 @@ mod tests {
         r.data_source = source.into();
         r.answers = vec![gold.into()];
         r.kind = AnswerKind::Text;
-        r.metadata.insert("length_budget".into(), budget.into());
+        r.length_budget = Some(budget);
         r
     }
 
@@ -398,7 +453,7 @@ mod tests {
         assert_eq!(bucket_of(&r, 700, &[]), 1024);
         assert_eq!(bucket_of(&r, 700, &[512, 2048]), 2048);
         assert_eq!(bucket_of(&r, 5000, &[512, 2048]), usize::MAX);
-        r.metadata.insert("length_budget".into(), 4096.into());
+        r.length_budget = Some(4096);
         assert_eq!(bucket_of(&r, 4000, &[]), 4096);
     }
 }

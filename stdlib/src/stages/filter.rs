@@ -65,10 +65,10 @@ impl StageConfig for FilterConfig {
                 }
             }
         }
-        if let (Some(lo), Some(hi)) = (self.min_input_tokens, self.max_input_tokens) {
-            if lo > hi {
-                problems.push(format!("min_input_tokens ({lo}) is above max_input_tokens ({hi})"));
-            }
+        if let (Some(lo), Some(hi)) = (self.min_input_tokens, self.max_input_tokens)
+            && lo > hi
+        {
+            problems.push(format!("min_input_tokens ({lo}) is above max_input_tokens ({hi})"));
         }
         if self.batch == 0 {
             problems.push("option `batch` must be at least 1".into());
@@ -112,11 +112,11 @@ impl Filter {
             self.counts.no_answer += 1;
             return Ok(false);
         }
-        if let Some(predicate) = &self.predicate {
-            if !predicate.call_bool(to_dynamic(record)?)? {
-                self.counts.predicate += 1;
-                return Ok(false);
-            }
+        if let Some(predicate) = &self.predicate
+            && !predicate.call_bool(to_dynamic(record)?)?
+        {
+            self.counts.predicate += 1;
+            return Ok(false);
         }
         Ok(true)
     }

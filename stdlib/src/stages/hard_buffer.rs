@@ -7,13 +7,15 @@ use std::path::PathBuf;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
 use crate::record::Record;
 use crate::rl::buffer::{BufferPolicy, HardBuffer, Selection};
-use crate::stage::{Item, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+use crate::rl::chain::buffer_problems;
+use crate::rl::rollout::{PASS_RATE_BINS, pass_rate_bin};
+use crate::stage::{Chart, Item, PlanView, PortKind, PortSpec, ReportFigure, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `hard_buffer` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -42,8 +44,29 @@ pub struct HardBufferConfig {
     /// nothing solved).
     #[serde(default = "default_max_weight")]
     pub max_weight: f32,
+    /// Seed of the importance sampling and of the mixing order (mixed with the run seed).
     #[serde(default)]
     pub seed: u64,
+}
+
+/// A buffer's end-of-run figures: its summary, read back by its report figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BufferSummary {
+    /// Difficulty reports received.
+    pub reports: usize,
+    /// Distinct tasks reported.
+    pub tasks_reported: usize,
+    /// Tasks the policy selected (at most `capacity`).
+    pub held: usize,
+    /// Held tasks emitted into the next phase's tasks.
+    pub carried: usize,
+    /// Fresh tasks received.
+    pub fresh: usize,
+    /// Reported tasks by pass rate: 0, (0, 1/4], (1/4, 1/2], (1/2, 1), 1.
+    pub pass_rate_histogram: [usize; 5],
+    /// The buffer's saved state, when the run has a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 fn default_capacity() -> usize {
@@ -93,6 +116,43 @@ impl StageConfig for HardBufferConfig {
         problems
     }
 
+    fn check_plan(plan: &PlanView, node: usize) -> Vec<(usize, String)> {
+        buffer_problems(plan, node)
+    }
+
+    fn report_figures(label: &str, summary: &serde_json::Map<String, serde_json::Value>) -> Vec<ReportFigure> {
+        let Ok(figures) = serde_json::from_value::<BufferSummary>(serde_json::Value::Object(summary.clone())) else { return Vec::new() };
+        let sizes =
+            [("tasks reported", figures.tasks_reported), ("held", figures.held), ("carried", figures.carried), ("fresh", figures.fresh)];
+        let passes = PASS_RATE_BINS.iter().zip(figures.pass_rate_histogram).map(|(bin, count)| (bin.to_string(), count as f64)).collect();
+        vec![
+            ReportFigure {
+                section: "Curriculum",
+                kind: "buffer-size",
+                caption: format!("{label}: tasks reported, held, carried into the next phase, and fresh"),
+                chart: Chart::Bars {
+                    title: format!("{label}: size"),
+                    y_label: "tasks".into(),
+                    bars: sizes.iter().map(|(name, n)| (name.to_string(), *n as f64)).collect(),
+                    y_max: None,
+                },
+            },
+            ReportFigure {
+                section: "Curriculum",
+                kind: "difficulty",
+                caption: format!(
+                    "{label}: pass rates of the reported tasks (pass rate 0 = infinite difficulty; those are carried by `zero_accuracy`)"
+                ),
+                chart: Chart::Bars {
+                    title: format!("{label}: pass-rate distribution"),
+                    y_label: "tasks".into(),
+                    bars: passes,
+                    y_max: None,
+                },
+            },
+        ]
+    }
+
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let state_path = ctx.run_dir.as_ref().map(|d| d.join(format!("hard_buffer-{}.json", ctx.node)));
         Ok(Box::new(HardBufferStage { config: self, state_path, seed: ctx.seed }))
@@ -116,12 +176,42 @@ struct HardBufferStage {
 
 impl Stage for HardBufferStage {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let config = &self.config;
-        // Both inputs are drained together: the fresh tasks' source may also feed the
-        // reporting phase (which needs all its records before it reports), or may wait for
-        // that phase's model (which comes after all its reports).
+        let (mut buffer, fresh, reports) = self.drain(io)?;
+        let seed = self.config.seed ^ self.seed.rotate_left(29);
+        buffer.select(&Selection {
+            policy: self.config.policy,
+            count: self.config.count,
+            fraction: self.config.fraction,
+            band: self.config.band,
+            max_weight: self.config.max_weight,
+            seed,
+        });
+        if let Some(path) = &self.state_path {
+            let json =
+                serde_json::to_vec_pretty(&buffer).map_err(|e| StageError::Failed(format!("cannot encode the buffer state: {e}")))?;
+            write_atomic(path, &json)?;
+        }
+        let mut out = self.carried_records(&buffer, fresh.len(), io.label());
+        let carried = out.len();
+        let fresh_count = fresh.len();
+        out.extend(fresh);
+        out.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        self.summarize(io, &buffer, reports, carried, fresh_count)?;
+        for record in out {
+            io.send_record("records", record)?;
+        }
+        Ok(())
+    }
+}
+
+impl HardBufferStage {
+    /// Reads both inputs together: the fresh tasks' source may also feed the reporting phase
+    /// (which needs all its records before it reports), or may wait for that phase's model
+    /// (which comes after all its reports). Returns the buffer of reports, the fresh tasks
+    /// and the number of reports.
+    fn drain(&self, io: &mut StageIo) -> Result<(HardBuffer, Vec<Record>, usize), StageError> {
         let mut fresh: Vec<Record> = Vec::new();
-        let mut buffer = HardBuffer::new(config.capacity);
+        let mut buffer = HardBuffer::new(self.config.capacity);
         let mut reports = 0usize;
         while let Some((port, item)) = io.recv_any(&["fresh", "reports"])? {
             match (port, item) {
@@ -133,68 +223,52 @@ impl Stage for HardBufferStage {
                 (port, item) => return Err(StageError::Failed(format!("{}: unexpected {} on input `{port}`", io.label(), item.kind()))),
             }
         }
-        let seed = config.seed ^ self.seed.rotate_left(29);
-        buffer.select(&Selection {
-            policy: config.policy,
-            count: config.count,
-            fraction: config.fraction,
-            band: config.band,
-            max_weight: config.max_weight,
-            seed,
-        });
-        if let Some(path) = &self.state_path {
-            let json =
-                serde_json::to_vec_pretty(&buffer).map_err(|e| StageError::Failed(format!("cannot encode the buffer state: {e}")))?;
-            write_atomic(path, &json)?;
-        }
-        // How many carried tasks join the fresh ones: at most `mix` of the total.
-        let carried_wanted = if fresh.is_empty() || config.mix >= 1.0 {
-            buffer.held.len()
-        } else {
-            ((config.mix * fresh.len() as f32) / (1.0 - config.mix)).round() as usize
-        };
-        let label = io.label().to_string();
-        let mut out: Vec<Record> = buffer
+        Ok((buffer, fresh, reports))
+    }
+
+    /// The held tasks to emit, hardest first, marked as carried: at most `mix` of the
+    /// output when fresh tasks are connected.
+    fn carried_records(&self, buffer: &HardBuffer, fresh: usize, label: &str) -> Vec<Record> {
+        let mix = self.config.mix;
+        let wanted = if fresh == 0 || mix >= 1.0 { buffer.held.len() } else { ((mix * fresh as f32) / (1.0 - mix)).round() as usize };
+        buffer
             .held_entries()
-            .take(carried_wanted)
+            .take(wanted)
             .map(|entry| {
                 let mut record = entry.record.clone();
-                let difficulty = entry.difficulty();
-                record.metadata.insert(
-                    "carried".into(),
-                    serde_json::json!({
-                        "from": label,
-                        "pass_rate": entry.pass_rate,
-                        "difficulty": if difficulty.is_finite() { serde_json::json!(difficulty) } else { serde_json::Value::Null },
-                    }),
-                );
+                record.difficulty = Some(entry.difficulty.clone());
+                record.carried_from = Some(label.to_string());
                 record
             })
-            .collect();
-        let carried = out.len();
-        out.extend(fresh.iter().cloned());
-        out.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-        let summary = io.summary_mut();
-        summary.insert("reports".into(), reports.into());
-        summary.insert("tasks_reported".into(), buffer.reported.len().into());
-        summary.insert("held".into(), buffer.held.len().into());
-        summary.insert("carried".into(), carried.into());
-        summary.insert("fresh".into(), fresh.len().into());
-        if let Some(path) = &self.state_path {
-            summary.insert("state".into(), path.display().to_string().into());
+            .collect()
+    }
+
+    /// The typed summary (read back by the report figures) and one metrics line.
+    fn summarize(&self, io: &mut StageIo, buffer: &HardBuffer, reports: usize, carried: usize, fresh: usize) -> Result<(), StageError> {
+        let mut pass_rate_histogram = [0usize; 5];
+        for entry in buffer.reported.values() {
+            pass_rate_histogram[pass_rate_bin(entry.difficulty.pass_rate)] += 1;
         }
-        io.metrics().log(
-            io.label(),
+        let figures = BufferSummary {
+            reports,
+            tasks_reported: buffer.reported.len(),
+            held: buffer.held.len(),
+            carried,
+            fresh,
+            pass_rate_histogram,
+            state: self.state_path.as_ref().map(|p| p.display().to_string()),
+        };
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&figures) {
+            io.summary_mut().extend(fields);
+        }
+        let held_pass_rates: Vec<f32> = buffer.held_entries().map(|e| e.difficulty.pass_rate).collect();
+        io.log_metrics(
             0,
             serde_json::Map::from_iter([
                 ("held".to_string(), buffer.held.len().into()),
                 ("carried".to_string(), carried.into()),
-                ("held_pass_rates".to_string(), serde_json::json!(buffer.held_entries().map(|e| e.pass_rate).collect::<Vec<_>>())),
+                ("held_pass_rates".to_string(), serde_json::json!(held_pass_rates)),
             ]),
-        )?;
-        for record in out {
-            io.send_record("records", record)?;
-        }
-        Ok(())
+        )
     }
 }

@@ -197,8 +197,9 @@ impl Hotpot {
         record.kind = AnswerKind::Text;
         record.data_source = "hotpotqa".into();
         record.input_tokens = Some(count(&record.input_text())?);
+        record.length_budget = Some(length);
+        record.trace = Some(crate::prompt::quoting_trace(&supporting, &item.answer));
         record.metadata.insert("question_id".into(), item.id.clone().into());
-        record.metadata.insert("length_budget".into(), length.into());
         record.metadata.insert("supporting_sentences".into(), json!(supporting));
         record.metadata.insert("fact_offsets".into(), json!(offsets));
         record.metadata.insert("depths".into(), json!(offsets.iter().map(|&o| o as f64 / total).collect::<Vec<_>>()));

@@ -17,7 +17,9 @@ use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JsonlFormat {
-    /// longrl's own record fields: id, context, question, answers, kind, data_source, prompt, metadata.
+    /// longrl's own record fields (as `write_jsonl` writes them): id, context, question,
+    /// answers, kind, data_source, prompt, input_tokens, length_budget, trace, difficulty,
+    /// carried_from, metadata.
     #[default]
     Longrl,
     /// LongBench: `_id`, `context`, `input` (the question), `answers`, `dataset`.
@@ -216,11 +218,47 @@ impl Mapping {
         if let Some(Value::Object(meta)) = object.get("metadata") {
             record.metadata = meta.clone();
         }
+        if self.format == JsonlFormat::Longrl {
+            read_annotations(object, &mut record)?;
+        }
         if let Some(Value::Object(extra)) = object.get("extra_info").filter(|_| self.format == JsonlFormat::Verl) {
             record.metadata.insert("extra_info".into(), Value::Object(extra.clone()));
         }
         Ok(record)
     }
+}
+
+/// The typed annotations of a longrl record, as `write_jsonl` writes them (input tokens,
+/// length budget, trace, difficulty, carried-from).
+fn read_annotations(object: &Value, record: &mut Record) -> Result<(), String> {
+    let field = |name: &str| object.get(name).filter(|v| !v.is_null());
+    let count = |name: &str| -> Result<Option<usize>, String> {
+        match field(name) {
+            None => Ok(None),
+            Some(value) => value
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| format!("field `{name}` must be a non-negative integer, found {}", crate::options::json_type(value))),
+        }
+    };
+    let text = |name: &str| -> Result<Option<String>, String> {
+        match field(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(format!("field `{name}` must be a string, found {}", crate::options::json_type(other))),
+        }
+    };
+    record.input_tokens = count("input_tokens")?;
+    record.length_budget = count("length_budget")?;
+    record.trace = text("trace")?;
+    record.carried_from = text("carried_from")?;
+    if let Some(value) = field("difficulty") {
+        let difficulty = serde_json::from_value(value.clone())
+            .map_err(|e| format!("field `difficulty` must be {{pass_rate, rewards, samples}}: {e}"))?;
+        record.difficulty = Some(difficulty);
+    }
+    Ok(())
 }
 
 /// Gold answers: a string, a number, or a list of those.

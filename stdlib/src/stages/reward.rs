@@ -9,8 +9,8 @@ use serde::Deserialize;
 use crate::error::StageError;
 use crate::record::AnswerKind;
 use crate::reward::RuleConfig;
-use crate::reward::hybrid::{JudgeWhen, Reward, ScriptMode};
 use crate::reward::judge::{Judge, JudgeConfig};
+use crate::reward::{JudgeWhen, Reward, ScriptMode};
 use crate::stage::{ClosureRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `reward` stage.

@@ -11,33 +11,33 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
+use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
-use longrl_backends::BackendTask;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Done, StageCheckpoints, republish, write_training_state};
+use crate::checkpoint::{Done, write_training_state};
+use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
+use crate::model::config::ModelConfig;
 use crate::model::generate::SamplingConfig;
-use crate::model::score::score_group_at;
 use crate::model::{CausalLm, load_model, save_model};
-use crate::progress::Progress;
 use crate::prompt::encode_prompt;
-use crate::record::Record;
-use crate::reward::RuleConfig;
-use crate::reward::hybrid::Reward;
+use crate::record::{Difficulty, Record};
+use crate::reward::{Reward, RuleConfig};
 use crate::rl::advantage::{StdScaling, group_advantages, mean_std};
-use crate::rl::dynamic::{Drop, drop_reason, fill_step};
-use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums, Normalizer, policy_loss};
+use crate::rl::chain::phase_problems;
+use crate::rl::dynamic::{DropReason, drop_reason, fill_step};
+use crate::rl::group::{Group, group_loss, normalizer};
+use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums};
 use crate::rl::rollout::{pass_rate_bin, rollout_group};
 use crate::rl::shaping::overlong_penalty;
-use crate::stage::{DifficultyReport, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
-use crate::train::{OptimConfig, Trainer};
+use crate::stage::{Chart, DifficultyReport, PlanView, PortKind, PortSpec, ReportFigure, Stage, StageConfig, StageContext, StageIo};
+use crate::train::{OPTIMIZER_FILE, OptimConfig, Trainer};
 
 /// Options of the `rl_phase` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -81,8 +81,10 @@ pub struct RlPhaseConfig {
     /// Optimizer and learning-rate schedule (`lr` is required).
     #[serde(flatten)]
     pub optim: OptimConfig,
+    /// Sampling temperature of the rollouts (the loss scores responses at the same one).
     #[serde(default = "default_temperature")]
     pub temperature: f32,
+    /// Nucleus sampling threshold of the rollouts (1 = off).
     #[serde(default = "default_top_p")]
     pub top_p: f32,
     /// Lower clip range (ratio >= 1 - eps_low).
@@ -100,6 +102,7 @@ pub struct RlPhaseConfig {
     /// KL penalty to the starting policy (0 = none, and no reference model is run).
     #[serde(default)]
     pub kl_coef: f32,
+    /// KL estimator: `k3` (non-negative, low variance) or `k1` (log ratio).
     #[serde(default)]
     pub kl_estimator: KlEstimator,
     /// Entropy bonus.
@@ -120,6 +123,7 @@ pub struct RlPhaseConfig {
     /// Seed of sampling and shuffling (mixed with the run seed).
     #[serde(default)]
     pub seed: u64,
+    /// Precision of the saved policy: `f32`, `bf16` or `f16` (checkpoints are always f32).
     #[serde(default)]
     pub save_dtype: SaveDtype,
     /// `carry`: continue from the optimizer state an earlier phase saved with the policy
@@ -150,8 +154,6 @@ pub enum OptimizerState {
     Carry,
     Reset,
 }
-
-pub use crate::train::OPTIMIZER_FILE;
 
 fn default_max_output() -> usize {
     1024
@@ -217,15 +219,34 @@ impl StageConfig for RlPhaseConfig {
         if self.overlong_buffer > self.max_output {
             problems.push("overlong_buffer must not exceed max_output".into());
         }
-        if !(self.temperature > 0.0) {
+        if !self.temperature.is_finite() || self.temperature <= 0.0 {
             problems.push("temperature must be positive for sampling".into());
         }
-        if let Some([a, b]) = self.accuracy_band {
-            if !(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) || a > b {
-                problems.push("accuracy_band must be [a, b] with 0 <= a <= b <= 1".into());
-            }
+        if let Some([a, b]) = self.accuracy_band
+            && (!(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) || a > b)
+        {
+            problems.push("accuracy_band must be [a, b] with 0 <= a <= b <= 1".into());
         }
         problems
+    }
+
+    fn check_plan(plan: &PlanView, node: usize) -> Vec<(usize, String)> {
+        phase_problems(plan, node)
+    }
+
+    fn report_figures(label: &str, summary: &serde_json::Map<String, serde_json::Value>) -> Vec<ReportFigure> {
+        let Some(accuracy) = summary.get("accuracy").and_then(serde_json::Value::as_f64) else { return Vec::new() };
+        vec![ReportFigure {
+            section: "Curriculum",
+            kind: "phase-accuracy",
+            caption: "Accuracy of each RL phase's rollouts".into(),
+            chart: Chart::SharedBar {
+                title: "Accuracy per phase".into(),
+                y_label: "accuracy".into(),
+                bar: (label.to_string(), accuracy),
+                y_max: Some(1.0),
+            },
+        }]
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
@@ -234,54 +255,60 @@ impl StageConfig for RlPhaseConfig {
             .as_ref()
             .map(|d| d.join(format!("rl-{}", ctx.node)))
             .ok_or_else(|| StageError::Invalid("rl_phase needs a run directory".into()))?;
-        Ok(Box::new(RlPhase { config: self, ctx: ctx.clone(), out_dir }))
+        Ok(Driver::boxed(RlPhase { config: self, run_seed: ctx.seed }, ctx, Some(out_dir)))
     }
 }
 
+/// The `rl_phase` stage, independent of the backend.
 struct RlPhase {
     config: RlPhaseConfig,
-    ctx: StageContext,
-    out_dir: PathBuf,
+    run_seed: u64,
 }
 
-impl Stage for RlPhase {
-    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let policy = io.recv_model("policy")?;
-        let reward = match io.recv_reward("reward")? {
-            Some(reward) => reward,
-            None => Arc::new(Reward::rule_only(self.config.rule.clone())),
-        };
-        let mut records = Vec::new();
-        while let Some(record) = io.recv_record("data")? {
-            records.push(record);
+/// The reports a phase sent, saved beside its weights (and in its checkpoints).
+const REPORTS_FILE: &str = "reports.jsonl";
+
+impl ModelStage for RlPhase {
+    type State = RlState;
+    type Run<B: AutodiffBackend> = RlRun<B>;
+
+    fn rule(&self) -> RuleConfig {
+        self.config.rule.clone()
+    }
+
+    fn cadence(&self) -> Cadence {
+        Cadence { every: self.config.checkpoint_every, keep: self.config.keep_checkpoints }
+    }
+
+    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<RlRun<B>, StageError> {
+        RlRun::prepare(&self.config, self.run_seed, inputs, device, io)
+    }
+
+    fn republish(&self, done: &Done, io: &mut StageIo) -> Result<(), StageError> {
+        if let Some(dir) = &done.model {
+            send_reports(io, &read_reports(&dir.join(REPORTS_FILE))?)?;
         }
-        let device = self.ctx.device;
-        longrl_backends::dispatch(device, RlTask { stage: &self, io, policy, records, reward })
-            .map_err(|e| StageError::Failed(e.to_string()))?
+        Ok(())
     }
 }
 
-struct RlTask<'a> {
-    stage: &'a RlPhase,
-    io: &'a mut StageIo,
-    policy: ModelRef,
-    records: Vec<Record>,
-    reward: Arc<Reward>,
+/// Where a phase stands between steps: everything a resumed run needs besides the weights,
+/// the optimizer and the reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RlState {
+    /// Optimizer updates done (the schedule's position).
+    update: usize,
+    /// Steps that could not be filled with `prompts_per_step` groups.
+    short_steps: usize,
+    /// Task indices still to draw, in order.
+    queue: VecDeque<usize>,
+    totals: RolloutStats,
+    last_reward_mean: Option<f64>,
+    /// Whether the optimizer moments came from the previous phase.
+    optimizer_carried: bool,
 }
 
-/// One group of rollouts, ready to train on.
-#[derive(Debug, Clone)]
-pub struct Group {
-    pub prompt: Vec<u32>,
-    pub responses: Vec<Vec<u32>>,
-    /// Sampling-time log-probs of each response token.
-    pub old_logprobs: Vec<Vec<f32>>,
-    /// Shaped rewards; `None` for unscorable responses.
-    pub rewards: Vec<Option<f32>>,
-    pub advantages: Vec<Option<f32>>,
-}
-
-/// What a step's rollout phase saw.
+/// What a step's rollouts saw (also summed over the phase).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct RolloutStats {
     tried: usize,
@@ -295,57 +322,106 @@ struct RolloutStats {
     correct: usize,
     reward_sum: f64,
     length_sum: usize,
-    tokens: usize,
     pass_rate_histogram: [usize; 5],
 }
 
-impl BackendTask for RlTask<'_> {
-    type Output = Result<(), StageError>;
+impl RolloutStats {
+    fn accumulate(&mut self, step: &RolloutStats) {
+        self.tried += step.tried;
+        self.dropped_zero_variance += step.dropped_zero_variance;
+        self.dropped_band += step.dropped_band;
+        self.dropped_unscorable += step.dropped_unscorable;
+        self.scorable += step.scorable;
+        self.unscorable += step.unscorable;
+        self.truncated += step.truncated;
+        self.responses += step.responses;
+        self.correct += step.correct;
+    }
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let config = &self.stage.config;
-        let io = self.io;
-        let checkpoints = self.stage.ctx.run_dir.as_ref().map(|run| StageCheckpoints::new(run, io.label(), config.keep_checkpoints));
-        if let Some(done) = checkpoints.as_ref().map(StageCheckpoints::done).transpose()?.flatten() {
-            // Finished in an earlier attempt: its reports again, then its model.
-            if let Some(dir) = &done.model {
-                for report in read_reports(&dir.join(REPORTS_FILE))? {
-                    if io.output_connected("reports") {
-                        io.send_report("reports", report)?;
-                    }
-                }
-            }
-            return republish(io, done);
-        }
-        let tokenizer = ModelTokenizer::load(&self.policy.dir)?;
-        let (model_config, mut model) = load_model::<B>(&self.policy.dir, &device)?;
+    fn filtered(&self) -> usize {
+        self.dropped_zero_variance + self.dropped_band + self.dropped_unscorable
+    }
+}
+
+/// What a step's updates saw.
+#[derive(Debug, Clone, Default)]
+struct TrainStats {
+    sums: LossSums,
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    tokens: usize,
+    seconds: f64,
+}
+
+/// One line of an RL phase's metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct RlStepMetrics {
+    reward_mean: f64,
+    accuracy: f64,
+    /// Groups by pass rate: 0, (0, 1/4], (1/4, 1/2], (1/2, 1), 1.
+    pass_rate_histogram: [usize; 5],
+    entropy: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kl: Option<f64>,
+    clip_fraction: f64,
+    ratio_mean: f64,
+    response_length: f64,
+    truncation_rate: f64,
+    groups_kept: usize,
+    groups_filtered: usize,
+    groups_zero_variance: usize,
+    groups_outside_band: usize,
+    prompts_tried: usize,
+    unscorable: usize,
+    rollout_tokens_per_s: f64,
+    train_tokens_per_s: f64,
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+}
+
+/// An RL phase on one backend.
+pub struct RlRun<B: AutodiffBackend> {
+    config: RlPhaseConfig,
+    run_seed: u64,
+    policy_dir: PathBuf,
+    model_config: ModelConfig,
+    device: B::Device,
+    tokenizer: ModelTokenizer,
+    trainer: Trainer<B, CausalLm<B>>,
+    /// The frozen starting policy, when the loss has a KL term.
+    reference: Option<CausalLm<B::InnerBackend>>,
+    reward: Arc<Reward>,
+    /// The phase's tasks with their encoded prompts.
+    tasks: Vec<(Record, Vec<u32>)>,
+    passed_by: usize,
+    carried_tasks: usize,
+    stop_tokens: Vec<u32>,
+    total_steps: usize,
+    updates_per_step: usize,
+    loss: LossConfig,
+    state: RlState,
+    /// Every report sent, saved with checkpoints and replayed on resume.
+    reports: Vec<DifficultyReport>,
+    started: Instant,
+}
+
+impl<B: AutodiffBackend> RlRun<B> {
+    fn prepare(
+        config: &RlPhaseConfig,
+        run_seed: u64,
+        inputs: StageInputs,
+        device: B::Device,
+        io: &mut StageIo,
+    ) -> Result<Self, StageError> {
+        let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
+        let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
         let reference = (config.kl_coef > 0.0).then(|| model.valid());
-
-        // The phase's tasks: inside (min_input, max_input], prompts encoded once.
-        let mut tasks: Vec<(Record, Vec<u32>)> = Vec::new();
-        let mut passed_by = 0usize;
-        let mut carried_tasks = 0usize;
-        let mut task_list = Vec::new();
-        for record in self.records {
-            let (prompt, _) = encode_prompt(&tokenizer, &record, config.max_input + config.prompt_room)?;
-            let length = record
-                .metadata
-                .get("length_budget")
-                .and_then(serde_json::Value::as_u64)
-                .map_or_else(|| record.input_tokens.unwrap_or(prompt.len()), |b| b as usize);
-            // Tasks carried from an earlier phase's buffer keep their own length.
-            let carried = record.metadata.contains_key("carried");
-            if !carried && (length <= config.min_input || length > config.max_input) {
-                passed_by += 1;
-                continue;
-            }
-            carried_tasks += usize::from(carried);
-            task_list.push(serde_json::json!({ "id": record.id, "length": length, "prompt_tokens": prompt.len(), "carried": carried }));
-            tasks.push((record, prompt));
+        let (tasks, passed_by, carried_tasks) = phase_tasks(config, &tokenizer, inputs.records)?;
+        if let Some(dir) = &inputs.out_dir {
+            write_task_list(dir, &tasks)?;
         }
-        let task_file = self.stage.out_dir.join("tasks.jsonl");
-        let lines: String = task_list.iter().map(|t| format!("{t}\n")).collect();
-        write_atomic(&task_file, lines.as_bytes())?;
         if tasks.is_empty() {
             return Err(StageError::Failed(format!(
                 "{}: no task falls within ({}, {}] tokens ({passed_by} passed by)",
@@ -354,297 +430,327 @@ impl BackendTask for RlTask<'_> {
                 config.max_input
             )));
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ self.stage.ctx.seed.rotate_left(41));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ run_seed.rotate_left(41));
         let mut queue: VecDeque<usize> = VecDeque::new();
         for _ in 0..config.epochs {
             let mut order: Vec<usize> = (0..tasks.len()).collect();
             order.shuffle(&mut rng);
             queue.extend(order);
         }
-        let mut total_steps = queue.len().div_ceil(config.prompts_per_step);
-        if let Some(max) = config.max_steps {
-            total_steps = total_steps.min(max);
-        }
-        let updates_per_step = config.prompts_per_step.div_ceil(config.mini_batch) * config.ppo_epochs;
-        let mut trainer = Trainer::<B, CausalLm<B>>::new(config.optim.clone());
-        let previous_state = self.policy.dir.join(OPTIMIZER_FILE);
-        let mut optimizer_carried = config.optimizer_state == OptimizerState::Carry && previous_state.is_file();
+        let total_steps = config.max_steps.map_or(usize::MAX, |m| m).min(queue.len().div_ceil(config.prompts_per_step));
+        let mut trainer = Trainer::<B, CausalLm<B>>::new(model, config.optim.clone());
+        let previous_state = inputs.policy.dir.join(OPTIMIZER_FILE);
+        let optimizer_carried = config.optimizer_state == OptimizerState::Carry && previous_state.is_file();
         if optimizer_carried {
             trainer = trainer.load_state(&previous_state, &device)?;
-            tracing::info!(stage = %io.label(), parameters = trainer.state_len(), "continuing the optimizer state of {}", self.policy.dir.display());
+            tracing::info!(stage = %io.label(), parameters = trainer.state_len(), "continuing the optimizer state of {}", inputs.policy.dir.display());
         }
-        let loss_config = LossConfig {
-            eps_low: config.eps_low,
-            eps_high: config.eps_high,
-            aggregation: config.aggregation,
-            kl_coef: config.kl_coef,
-            kl_estimator: config.kl_estimator,
-            entropy_coef: config.entropy_coef,
-            norm_length: config.max_output as f32,
-        };
         let mut stop_tokens = tokenizer.stop_ids.clone();
         stop_tokens.extend(model_config.eos_ids());
-        let progress = Progress::new(io.label(), total_steps as u64, "steps");
-        let started = Instant::now();
-        let (mut update, mut short_steps, mut metrics_lines, mut first_step) = (0usize, 0usize, 0usize, 0usize);
-        let mut totals = RolloutStats::default();
-        let mut last_reward_mean = f64::NAN;
-        // Every report sent, kept to be saved with checkpoints and replayed on resume.
-        let mut reports: Vec<DifficultyReport> = Vec::new();
-        if let Some((dir, state)) = checkpoints.as_ref().map(StageCheckpoints::latest).transpose()?.flatten() {
-            let resumed: ResumeState = serde_json::from_value(state)
-                .map_err(|e| StageError::Failed(format!("{}: unreadable checkpoint state ({e})", dir.join("state.json").display())))?;
-            model = load_model::<B>(&dir, &device)?.1;
-            trainer = trainer.load_state(&dir.join(OPTIMIZER_FILE), &device)?;
-            queue = resumed.queue.into_iter().collect();
-            (first_step, update, short_steps, metrics_lines) = (resumed.step, resumed.update, resumed.short_steps, resumed.metrics_lines);
-            (totals, last_reward_mean, optimizer_carried) =
-                (resumed.totals, resumed.last_reward_mean.unwrap_or(f64::NAN), resumed.optimizer_carried);
-            reports = read_reports(&dir.join(REPORTS_FILE))?;
-            if io.output_connected("reports") {
-                for report in &reports {
-                    io.send_report("reports", report.clone())?;
-                }
-            }
-            progress.skip(first_step as u64);
-            tracing::info!(stage = %io.label(), step = first_step, "resuming from {}", dir.display());
-        }
+        Ok(Self {
+            config: config.clone(),
+            run_seed,
+            policy_dir: inputs.policy.dir,
+            model_config,
+            device,
+            tokenizer,
+            trainer,
+            reference,
+            reward: inputs.reward,
+            tasks,
+            passed_by,
+            carried_tasks,
+            stop_tokens,
+            total_steps,
+            updates_per_step: config.prompts_per_step.div_ceil(config.mini_batch) * config.ppo_epochs,
+            loss: LossConfig {
+                eps_low: config.eps_low,
+                eps_high: config.eps_high,
+                aggregation: config.aggregation,
+                kl_coef: config.kl_coef,
+                kl_estimator: config.kl_estimator,
+                entropy_coef: config.entropy_coef,
+                norm_length: config.max_output as f32,
+            },
+            state: RlState { update: 0, short_steps: 0, queue, totals: RolloutStats::default(), last_reward_mean: None, optimizer_carried },
+            reports: Vec::new(),
+            started: Instant::now(),
+        })
+    }
 
-        for step in first_step..total_steps {
-            io.cancel_token().check()?;
-            // Rollouts with dynamic sampling: keep drawing prompts until the step is full.
-            let rollout_started = Instant::now();
-            let inference = model.valid();
-            let mut stats = RolloutStats::default();
-            let tries = config.prompts_per_step * config.max_tries;
-            let filled = fill_step(&mut queue, config.prompts_per_step, tries, |index| -> Result<Option<Group>, StageError> {
-                let (record, prompt) = &tasks[index];
-                let sampling = SamplingConfig {
-                    temperature: config.temperature,
-                    top_p: config.top_p,
-                    top_k: 0,
-                    max_new_tokens: config.max_output,
-                    stop_tokens: stop_tokens.clone(),
-                    seed: rng_seed(config.seed, self.stage.ctx.seed, step, index),
-                };
-                let rollout = rollout_group(&inference, &tokenizer, record, prompt, config.group, &sampling, &self.reward)?;
-                let (completions, outcomes) = (&rollout.completions, &rollout.outcomes);
-                let mut rewards = Vec::with_capacity(completions.len());
-                stats.truncated += rollout.truncated();
-                stats.correct += (0..completions.len()).filter(|&i| rollout.correct(i)).count();
-                for (completion, outcome) in completions.iter().zip(outcomes) {
-                    stats.responses += 1;
-                    stats.length_sum += completion.tokens.len();
-                    let shaped = outcome.score.map(|s| {
-                        if config.overlong_buffer > 0 {
-                            s + overlong_penalty(completion.tokens.len(), config.max_output, config.overlong_buffer)
-                        } else {
-                            s
-                        }
-                    });
-                    match shaped {
-                        Some(r) => stats.reward_sum += f64::from(r),
-                        None => stats.unscorable += 1,
-                    }
-                    rewards.push(shaped);
+    /// Samples groups until the step is full (dynamic sampling), sending a difficulty report
+    /// for every task tried.
+    fn rollouts(&mut self, step: usize, io: &mut StageIo) -> Result<(Vec<Group>, RolloutStats, bool), StageError> {
+        let inference = self.trainer.model().valid();
+        let mut stats = RolloutStats::default();
+        let tries = self.config.prompts_per_step * self.config.max_tries;
+        let mut queue = std::mem::take(&mut self.state.queue);
+        let filled =
+            fill_step(&mut queue, self.config.prompts_per_step, tries, |index| self.rollout_task(&inference, index, step, &mut stats, io));
+        self.state.queue = queue;
+        let filled = filled?;
+        stats.tried = filled.tried;
+        Ok((filled.kept, stats, filled.short))
+    }
+
+    /// One task's group: G samples, rewards with overlong shaping, its report; `None` when
+    /// dynamic sampling drops it.
+    fn rollout_task(
+        &mut self,
+        model: &CausalLm<B::InnerBackend>,
+        index: usize,
+        step: usize,
+        stats: &mut RolloutStats,
+        io: &mut StageIo,
+    ) -> Result<Option<Group>, StageError> {
+        let config = &self.config;
+        let (record, prompt) = &self.tasks[index];
+        let sampling = SamplingConfig {
+            temperature: config.temperature,
+            top_p: config.top_p,
+            top_k: 0,
+            max_new_tokens: config.max_output,
+            stop_tokens: self.stop_tokens.clone(),
+            seed: rng_seed(config.seed, self.run_seed, step, index),
+        };
+        let rollout = rollout_group(model, &self.tokenizer, record, prompt, config.group, &sampling, &self.reward)?;
+        stats.truncated += rollout.truncated();
+        stats.correct += (0..rollout.completions.len()).filter(|&i| rollout.correct(i)).count();
+        let mut rewards = Vec::with_capacity(rollout.completions.len());
+        for (completion, outcome) in rollout.completions.iter().zip(&rollout.outcomes) {
+            stats.responses += 1;
+            stats.length_sum += completion.tokens.len();
+            let shaped = outcome.score.map(|s| {
+                if config.overlong_buffer > 0 {
+                    s + overlong_penalty(completion.tokens.len(), config.max_output, config.overlong_buffer)
+                } else {
+                    s
                 }
-                stats.scorable += rewards.iter().filter(|r| r.is_some()).count();
-                let pass_rate = rollout.pass_rate();
-                stats.pass_rate_histogram[pass_rate_bin(pass_rate)] += 1;
-                let report = DifficultyReport { record: record.clone(), rewards: rewards.iter().flatten().copied().collect(), pass_rate };
-                if io.output_connected("reports") {
-                    io.send_report("reports", report.clone())?;
+            });
+            match shaped {
+                Some(r) => stats.reward_sum += f64::from(r),
+                None => stats.unscorable += 1,
+            }
+            rewards.push(shaped);
+        }
+        stats.scorable += rewards.iter().filter(|r| r.is_some()).count();
+        let pass_rate = rollout.pass_rate();
+        stats.pass_rate_histogram[pass_rate_bin(pass_rate)] += 1;
+        let difficulty = Difficulty::new(pass_rate, rewards.iter().flatten().copied().collect(), rewards.len());
+        let report = DifficultyReport { record: record.clone(), difficulty };
+        send_reports(io, std::slice::from_ref(&report))?;
+        self.reports.push(report);
+        match drop_reason(&rewards, pass_rate, config.dynamic_sampling, config.accuracy_band) {
+            None => Ok(Some(Group {
+                prompt: prompt.clone(),
+                responses: rollout.completions.iter().map(|c| c.tokens.clone()).collect(),
+                old_logprobs: rollout.completions.iter().map(|c| c.logprobs.clone()).collect(),
+                rewards,
+                advantages: Vec::new(),
+            })),
+            Some(reason) => {
+                match reason {
+                    DropReason::ZeroVariance => stats.dropped_zero_variance += 1,
+                    DropReason::OutsideBand => stats.dropped_band += 1,
+                    DropReason::Unscorable => stats.dropped_unscorable += 1,
                 }
-                reports.push(report);
-                match drop_reason(&rewards, pass_rate, config.dynamic_sampling, config.accuracy_band) {
-                    None => Ok(Some(Group {
-                        prompt: prompt.clone(),
-                        responses: completions.iter().map(|c| c.tokens.clone()).collect(),
-                        old_logprobs: completions.iter().map(|c| c.logprobs.clone()).collect(),
-                        rewards,
-                        advantages: Vec::new(),
-                    })),
-                    Some(Drop::ZeroVariance) => {
-                        stats.dropped_zero_variance += 1;
-                        Ok(None)
-                    }
-                    Some(Drop::OutsideBand) => {
-                        stats.dropped_band += 1;
-                        Ok(None)
-                    }
-                    Some(Drop::Unscorable) => {
-                        stats.dropped_unscorable += 1;
-                        Ok(None)
-                    }
-                }
-            })?;
-            stats.tried = filled.tried;
-            let mut groups = filled.kept;
-            stats.tokens = stats.length_sum;
-            let rollout_s = rollout_started.elapsed().as_secs_f64();
-            if filled.short {
-                short_steps += 1;
-                if short_steps == 1 || groups.is_empty() {
-                    tracing::warn!(
-                        stage = %io.label(),
-                        step,
-                        kept = groups.len(),
-                        wanted = config.prompts_per_step,
-                        tried = stats.tried,
-                        "{}",
-                        if queue.is_empty() {
-                            "the phase's prompts ran out before the step was full; training on the groups there are"
-                        } else {
-                            "the try bound was hit before the step was full (too many groups with equal rewards); training on the groups there are (raise max_tries or adjust the accuracy band)"
-                        }
-                    );
-                }
-            }
-            // Advantages.
-            let all: Vec<Option<f32>> = groups.iter().flat_map(|g| g.rewards.iter().copied()).collect();
-            let batch_std = mean_std(&all).map_or(0.0, |(_, s)| s);
-            for group in &mut groups {
-                group.advantages = group_advantages(&group.rewards, config.std_scaling, batch_std);
-            }
-            // Updates over mini-batches, in an order drawn from the step's own stream (so a
-            // resumed run draws the same).
-            let mut step_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed(config.seed ^ 0x5eed, self.stage.ctx.seed, step, 0));
-            let train_started = Instant::now();
-            let mut sums = LossSums::default();
-            let (mut loss_sum, mut grad_norm, mut lr, mut train_tokens) = (0.0f64, 0.0f64, 0.0f64, 0usize);
-            for _ in 0..config.ppo_epochs {
-                let mut order: Vec<usize> = (0..groups.len()).collect();
-                order.shuffle(&mut step_rng);
-                for chunk in order.chunks(config.mini_batch) {
-                    let normalizer = normalizer(&groups, chunk);
-                    if normalizer.responses == 0.0 {
-                        continue;
-                    }
-                    for &g in chunk {
-                        let (loss, part) =
-                            group_loss(&model, reference.as_ref(), &groups[g], config.temperature, &loss_config, normalizer, &device)?;
-                        loss_sum += f64::from(burn::tensor::ElementConversion::elem::<f32>(loss.clone().into_scalar()));
-                        sums.tokens += part.tokens;
-                        sums.clipped_tokens += part.clipped_tokens;
-                        sums.kl_sum += part.kl_sum;
-                        sums.entropy_sum += part.entropy_sum;
-                        sums.ratio_sum += part.ratio_sum;
-                        train_tokens += groups[g].prompt.len() + groups[g].responses.iter().map(Vec::len).sum::<usize>();
-                        trainer.backward(&model, loss);
-                    }
-                    let (next, info) = trainer.step(model, update, total_steps * updates_per_step);
-                    model = next;
-                    update += 1;
-                    grad_norm = info.grad_norm;
-                    lr = info.lr;
-                }
-            }
-            let train_s = train_started.elapsed().as_secs_f64();
-            let responses = stats.responses.max(1) as f64;
-            last_reward_mean = stats.reward_sum / stats.scorable.max(1) as f64;
-            let tokens = sums.tokens.max(1.0);
-            let mut fields = serde_json::Map::new();
-            fields.insert("reward_mean".into(), last_reward_mean.into());
-            fields.insert("accuracy".into(), (stats.correct as f64 / responses).into());
-            fields.insert("pass_rate_histogram".into(), serde_json::json!(stats.pass_rate_histogram));
-            fields.insert("entropy".into(), f64::from(sums.entropy_sum / tokens).into());
-            if config.kl_coef > 0.0 {
-                fields.insert("kl".into(), f64::from(sums.kl_sum / tokens).into());
-            }
-            fields.insert("clip_fraction".into(), f64::from(sums.clipped_tokens / tokens).into());
-            fields.insert("ratio_mean".into(), f64::from(sums.ratio_sum / tokens).into());
-            fields.insert("response_length".into(), (stats.length_sum as f64 / responses).into());
-            fields.insert("truncation_rate".into(), (stats.truncated as f64 / responses).into());
-            fields.insert("groups_kept".into(), groups.len().into());
-            fields.insert("groups_filtered".into(), (stats.dropped_zero_variance + stats.dropped_band + stats.dropped_unscorable).into());
-            fields.insert("groups_zero_variance".into(), stats.dropped_zero_variance.into());
-            fields.insert("groups_outside_band".into(), stats.dropped_band.into());
-            fields.insert("prompts_tried".into(), stats.tried.into());
-            fields.insert("unscorable".into(), stats.unscorable.into());
-            fields.insert("rollout_tokens_per_s".into(), (stats.tokens as f64 / rollout_s.max(1e-9)).into());
-            fields.insert("train_tokens_per_s".into(), (train_tokens as f64 / train_s.max(1e-9)).into());
-            fields.insert("loss".into(), loss_sum.into());
-            fields.insert("grad_norm".into(), grad_norm.into());
-            fields.insert("lr".into(), lr.into());
-            io.metrics().log(io.label(), step as u64, fields)?;
-            metrics_lines += 1;
-            progress.advance(&format!("reward {last_reward_mean:.3} acc {:.2}", stats.correct as f64 / responses));
-            accumulate(&mut totals, &stats);
-            if queue.is_empty() {
-                break;
-            }
-            let done_steps = step + 1;
-            if let Some(checkpoints) = checkpoints
-                .as_ref()
-                .filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps)
-            {
-                let state = ResumeState {
-                    step: done_steps,
-                    update,
-                    short_steps,
-                    metrics_lines,
-                    queue: queue.iter().copied().collect(),
-                    totals: totals.clone(),
-                    last_reward_mean: last_reward_mean.is_finite().then_some(last_reward_mean),
-                    optimizer_carried,
-                };
-                let state = serde_json::to_value(&state).map_err(|e| StageError::Failed(e.to_string()))?;
-                checkpoints.save(done_steps, &state, |dir| {
-                    write_training_state(dir, &model.valid(), &model_config, &self.policy.dir, &trainer)?;
-                    write_reports(&dir.join(REPORTS_FILE), &reports)
-                })?;
+                Ok(None)
             }
         }
-        progress.finish();
-        let dir = &self.stage.out_dir;
-        save_model(&model.valid(), &model_config, dir, config.save_dtype)?;
-        copy_tokenizer_files(&self.policy.dir, dir)?;
-        trainer.save_state(&dir.join(OPTIMIZER_FILE))?;
-        write_reports(&dir.join(REPORTS_FILE), &reports)?;
-        let responses = totals.responses.max(1) as f64;
-        let summary = io.summary_mut();
-        summary.insert("tasks".into(), tasks.len().into());
-        summary.insert("passed_by".into(), passed_by.into());
-        summary.insert("carried_tasks".into(), carried_tasks.into());
-        summary.insert("updates".into(), update.into());
-        summary.insert("optimizer_state".into(), (if optimizer_carried { "carried" } else { "fresh" }).into());
-        summary.insert("prompts_tried".into(), totals.tried.into());
-        summary.insert("groups_filtered".into(), (totals.dropped_zero_variance + totals.dropped_band + totals.dropped_unscorable).into());
-        summary.insert("short_steps".into(), short_steps.into());
-        summary.insert("unscorable".into(), totals.unscorable.into());
-        summary.insert("truncated".into(), totals.truncated.into());
-        summary.insert("accuracy".into(), (totals.correct as f64 / responses).into());
-        summary.insert("final_reward_mean".into(), last_reward_mean.into());
-        summary.insert("reports".into(), reports.len().into());
-        summary.insert("wall_s".into(), started.elapsed().as_secs_f64().into());
-        summary.insert("checkpoint".into(), dir.display().to_string().into());
-        let summary = summary.clone();
-        if let Some(checkpoints) = &checkpoints {
-            checkpoints.mark_done(&Done { model: Some(dir.clone()), summary, metrics_lines })?;
+    }
+
+    /// PPO-clip updates over mini-batches of the step's groups, in an order drawn from the
+    /// step's own stream (so a resumed run draws the same).
+    fn train(&mut self, groups: &[Group], step: usize) -> Result<TrainStats, StageError> {
+        let config = &self.config;
+        let mut step_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed(config.seed ^ 0x5eed, self.run_seed, step, 0));
+        let started = Instant::now();
+        let mut stats = TrainStats::default();
+        for _ in 0..config.ppo_epochs {
+            let mut order: Vec<usize> = (0..groups.len()).collect();
+            order.shuffle(&mut step_rng);
+            for chunk in order.chunks(config.mini_batch) {
+                let normalizer = normalizer(groups, chunk);
+                if normalizer.responses == 0.0 {
+                    continue;
+                }
+                for &g in chunk {
+                    let model = self.trainer.model();
+                    let (loss, part) =
+                        group_loss(model, self.reference.as_ref(), &groups[g], config.temperature, &self.loss, normalizer, &self.device)?;
+                    stats.loss += f64::from(loss.clone().into_scalar().elem::<f32>());
+                    stats.sums.tokens += part.tokens;
+                    stats.sums.clipped_tokens += part.clipped_tokens;
+                    stats.sums.kl_sum += part.kl_sum;
+                    stats.sums.entropy_sum += part.entropy_sum;
+                    stats.sums.ratio_sum += part.ratio_sum;
+                    stats.tokens += groups[g].prompt.len() + groups[g].responses.iter().map(Vec::len).sum::<usize>();
+                    self.trainer.backward(loss);
+                }
+                let info = self.trainer.step(self.state.update, self.total_steps * self.updates_per_step);
+                self.state.update += 1;
+                stats.grad_norm = info.grad_norm;
+                stats.lr = info.lr;
+            }
         }
-        io.send_model("model", ModelRef { dir: dir.clone() })
+        stats.seconds = started.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// Warns, the first time and whenever nothing was kept, that a step is short.
+    fn warn_short(&mut self, step: usize, kept: usize, tried: usize, label: &str) {
+        self.state.short_steps += 1;
+        if self.state.short_steps > 1 && kept > 0 {
+            return;
+        }
+        let message = if self.state.queue.is_empty() {
+            "the phase's prompts ran out before the step was full; training on the groups there are"
+        } else {
+            "the try bound was hit before the step was full (too many groups with equal rewards); training on the groups there are (raise max_tries or adjust the accuracy band)"
+        };
+        tracing::warn!(stage = %label, step, kept, wanted = self.config.prompts_per_step, tried, "{message}");
     }
 }
 
-/// Where a phase stands between steps: everything a resumed run needs besides the weights,
-/// the optimizer and the reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ResumeState {
-    /// Steps done.
-    step: usize,
-    /// Optimizer updates done (the schedule's position).
-    update: usize,
-    short_steps: usize,
-    metrics_lines: usize,
-    /// Task indices still to draw, in order.
-    queue: Vec<usize>,
-    totals: RolloutStats,
-    last_reward_mean: Option<f64>,
-    optimizer_carried: bool,
+impl<B: AutodiffBackend> StageRun<B> for RlRun<B> {
+    type State = RlState;
+    type Metrics = RlStepMetrics;
+
+    fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    fn restore(&mut self, dir: &Path, state: RlState, io: &mut StageIo) -> Result<(), StageError> {
+        let weights = load_model::<B>(dir, &self.device)?.1;
+        self.trainer = Trainer::new(weights, self.config.optim.clone()).load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
+        self.state = state;
+        self.reports = read_reports(&dir.join(REPORTS_FILE))?;
+        send_reports(io, &self.reports)
+    }
+
+    fn step(&mut self, step: usize, io: &mut StageIo) -> Result<StepOutcome<RlStepMetrics>, StageError> {
+        let rollout_started = Instant::now();
+        let (mut groups, stats, short) = self.rollouts(step, io)?;
+        let rollout_s = rollout_started.elapsed().as_secs_f64();
+        if short {
+            self.warn_short(step, groups.len(), stats.tried, io.label());
+        }
+        let all: Vec<Option<f32>> = groups.iter().flat_map(|g| g.rewards.iter().copied()).collect();
+        let batch_std = mean_std(&all).map_or(0.0, |(_, s)| s);
+        for group in &mut groups {
+            group.advantages = group_advantages(&group.rewards, self.config.std_scaling, batch_std);
+        }
+        let train = self.train(&groups, step)?;
+        let responses = stats.responses.max(1) as f64;
+        let reward_mean = stats.reward_sum / stats.scorable.max(1) as f64;
+        self.state.last_reward_mean = Some(reward_mean);
+        self.state.totals.accumulate(&stats);
+        let tokens = f64::from(train.sums.tokens.max(1.0));
+        let metrics = RlStepMetrics {
+            reward_mean,
+            accuracy: stats.correct as f64 / responses,
+            pass_rate_histogram: stats.pass_rate_histogram,
+            entropy: f64::from(train.sums.entropy_sum) / tokens,
+            kl: (self.config.kl_coef > 0.0).then(|| f64::from(train.sums.kl_sum) / tokens),
+            clip_fraction: f64::from(train.sums.clipped_tokens) / tokens,
+            ratio_mean: f64::from(train.sums.ratio_sum) / tokens,
+            response_length: stats.length_sum as f64 / responses,
+            truncation_rate: stats.truncated as f64 / responses,
+            groups_kept: groups.len(),
+            groups_filtered: stats.filtered(),
+            groups_zero_variance: stats.dropped_zero_variance,
+            groups_outside_band: stats.dropped_band,
+            prompts_tried: stats.tried,
+            unscorable: stats.unscorable,
+            rollout_tokens_per_s: stats.length_sum as f64 / rollout_s.max(1e-9),
+            train_tokens_per_s: train.tokens as f64 / train.seconds.max(1e-9),
+            loss: train.loss,
+            grad_norm: train.grad_norm,
+            lr: train.lr,
+        };
+        let status = format!("reward {reward_mean:.3} acc {:.2}", metrics.accuracy);
+        Ok(StepOutcome { metrics: Some(metrics), status, last: self.state.queue.is_empty() })
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<RlState, StageError> {
+        write_training_state(dir, &self.trainer, &self.model_config, &self.policy_dir)?;
+        write_reports(&dir.join(REPORTS_FILE), &self.reports)?;
+        Ok(self.state.clone())
+    }
+
+    fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
+        let dir = out_dir.ok_or_else(|| StageError::Invalid("rl_phase needs a run directory".into()))?;
+        save_model(&self.trainer.model().valid(), &self.model_config, dir, self.config.save_dtype)?;
+        copy_tokenizer_files(&self.policy_dir, dir)?;
+        self.trainer.save_state(&dir.join(OPTIMIZER_FILE))?;
+        write_reports(&dir.join(REPORTS_FILE), &self.reports)?;
+        let totals = &self.state.totals;
+        let summary = io.summary_mut();
+        summary.insert("tasks".into(), self.tasks.len().into());
+        summary.insert("passed_by".into(), self.passed_by.into());
+        summary.insert("carried_tasks".into(), self.carried_tasks.into());
+        summary.insert("updates".into(), self.state.update.into());
+        summary.insert("optimizer_state".into(), (if self.state.optimizer_carried { "carried" } else { "fresh" }).into());
+        summary.insert("prompts_tried".into(), totals.tried.into());
+        summary.insert("groups_filtered".into(), totals.filtered().into());
+        summary.insert("short_steps".into(), self.state.short_steps.into());
+        summary.insert("unscorable".into(), totals.unscorable.into());
+        summary.insert("truncated".into(), totals.truncated.into());
+        summary.insert("accuracy".into(), (totals.correct as f64 / totals.responses.max(1) as f64).into());
+        summary.insert("final_reward_mean".into(), self.state.last_reward_mean.unwrap_or(f64::NAN).into());
+        summary.insert("reports".into(), self.reports.len().into());
+        summary.insert("wall_s".into(), self.started.elapsed().as_secs_f64().into());
+        summary.insert("checkpoint".into(), dir.display().to_string().into());
+        Ok(Some(dir.to_path_buf()))
+    }
 }
 
-/// The reports a phase sent, saved beside its weights.
-const REPORTS_FILE: &str = "reports.jsonl";
+/// A phase's tasks with their encoded prompts, and how many were passed by and carried.
+type PhaseTasks = (Vec<(Record, Vec<u32>)>, usize, usize);
+
+/// The phase's tasks, inside (min_input, max_input] or carried by a buffer, with their
+/// prompts encoded once; and the counts of tasks passed by and carried.
+fn phase_tasks(config: &RlPhaseConfig, tokenizer: &ModelTokenizer, records: Vec<Record>) -> Result<PhaseTasks, StageError> {
+    let (mut tasks, mut passed_by, mut carried) = (Vec::new(), 0usize, 0usize);
+    for record in records {
+        let (prompt, _) = encode_prompt(tokenizer, &record, config.max_input + config.prompt_room)?;
+        let length = record.length(prompt.len());
+        // Tasks carried from an earlier phase's buffer keep their own length.
+        let is_carried = record.carried_from.is_some();
+        if !is_carried && (length <= config.min_input || length > config.max_input) {
+            passed_by += 1;
+            continue;
+        }
+        carried += usize::from(is_carried);
+        tasks.push((record, prompt));
+    }
+    Ok((tasks, passed_by, carried))
+}
+
+/// `tasks.jsonl` in the phase's directory: each task's id, length, prompt tokens and
+/// whether a buffer carried it.
+fn write_task_list(dir: &Path, tasks: &[(Record, Vec<u32>)]) -> Result<(), StageError> {
+    let mut lines = String::new();
+    for (record, prompt) in tasks {
+        let line = serde_json::json!({
+            "id": record.id,
+            "length": record.length(prompt.len()),
+            "prompt_tokens": prompt.len(),
+            "carried": record.carried_from.is_some(),
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    write_atomic(&dir.join("tasks.jsonl"), lines.as_bytes())
+}
+
+fn send_reports(io: &mut StageIo, reports: &[DifficultyReport]) -> Result<(), StageError> {
+    if io.output_connected("reports") {
+        for report in reports {
+            io.send_report("reports", report.clone())?;
+        }
+    }
+    Ok(())
+}
 
 fn write_reports(path: &Path, reports: &[DifficultyReport]) -> Result<(), StageError> {
     let mut text = String::new();
@@ -665,66 +771,6 @@ fn read_reports(path: &Path) -> Result<Vec<DifficultyReport>, StageError> {
         .collect()
 }
 
-fn accumulate(totals: &mut RolloutStats, stats: &RolloutStats) {
-    totals.tried += stats.tried;
-    totals.dropped_zero_variance += stats.dropped_zero_variance;
-    totals.dropped_band += stats.dropped_band;
-    totals.dropped_unscorable += stats.dropped_unscorable;
-    totals.scorable += stats.scorable;
-    totals.unscorable += stats.unscorable;
-    totals.truncated += stats.truncated;
-    totals.responses += stats.responses;
-    totals.correct += stats.correct;
-}
-
 fn rng_seed(seed: u64, run_seed: u64, step: usize, tried: usize) -> u64 {
     seed ^ run_seed.rotate_left(13) ^ ((step as u64) << 20) ^ tried as u64
-}
-
-/// Tokens and responses of a mini-batch (scorable responses only).
-pub fn normalizer(groups: &[Group], chunk: &[usize]) -> Normalizer {
-    let mut tokens = 0usize;
-    let mut responses = 0usize;
-    for &g in chunk {
-        for (response, advantage) in groups[g].responses.iter().zip(&groups[g].advantages) {
-            if advantage.is_some() {
-                tokens += response.len();
-                responses += 1;
-            }
-        }
-    }
-    Normalizer { tokens: tokens as f32, responses: responses as f32 }
-}
-
-/// The loss of one group's scorable responses.
-pub fn group_loss<B: AutodiffBackend>(
-    model: &CausalLm<B>,
-    reference: Option<&CausalLm<B::InnerBackend>>,
-    group: &Group,
-    temperature: f32,
-    config: &LossConfig,
-    normalizer: Normalizer,
-    device: &B::Device,
-) -> Result<(Tensor<B, 1>, LossSums), StageError> {
-    let rows: Vec<usize> = (0..group.responses.len()).filter(|&i| group.advantages[i].is_some()).collect();
-    let responses: Vec<Vec<u32>> = rows.iter().map(|&i| group.responses[i].clone()).collect();
-    let scores = score_group_at(model, &group.prompt, &responses, temperature)?;
-    let [n, len] = scores.logprobs.dims();
-    let mut old = vec![0.0f32; n * len];
-    for (row, &i) in rows.iter().enumerate() {
-        for (j, &lp) in group.old_logprobs[i].iter().enumerate().take(len) {
-            old[row * len + j] = lp;
-        }
-    }
-    let old = Tensor::<B, 2>::from_data(TensorData::new(old, [n, len]), device);
-    let advantages: Vec<f32> = rows.iter().map(|&i| group.advantages[i].unwrap_or(0.0)).collect();
-    let advantages = Tensor::<B, 1>::from_data(TensorData::new(advantages, [n]), device);
-    let ref_logp = match reference {
-        Some(reference) => {
-            let r = score_group_at(reference, &group.prompt, &responses, temperature)?;
-            Some(Tensor::<B, 2>::from_inner(r.logprobs))
-        }
-        None => None,
-    };
-    Ok(policy_loss(scores.logprobs, old, advantages, scores.mask, scores.entropy, ref_logp, config, normalizer))
 }

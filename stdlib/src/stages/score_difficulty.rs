@@ -3,25 +3,25 @@
 //! pass rate, mean reward and difficulty (1 / mean reward), so a recipe can filter tasks or
 //! fill a hard buffer by difficulty before RL. Its `reports` output feeds a `hard_buffer`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use longrl_backends::BackendTask;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Done;
+use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
+use crate::fsutil::write_atomic;
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::SamplingConfig;
-use crate::model::load_model;
-use crate::progress::Progress;
+use crate::model::{CausalLm, load_model};
 use crate::prompt::encode_prompt;
-use crate::record::Record;
-use crate::reward::RuleConfig;
-use crate::reward::hybrid::Reward;
-use crate::rl::buffer::Entry;
+use crate::record::{Difficulty, Record};
+use crate::reward::{Reward, RuleConfig};
 use crate::rl::rollout::rollout_group;
-use crate::stage::{DifficultyReport, ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+use crate::stage::{DifficultyReport, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `score_difficulty` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -36,15 +36,26 @@ pub struct ScoreDifficultyConfig {
     /// Most tokens per response.
     #[serde(default = "default_max_output")]
     pub max_output: usize,
+    /// Sampling temperature (must be positive: difficulty needs varied samples).
     #[serde(default = "default_temperature")]
     pub temperature: f32,
+    /// Nucleus sampling threshold (1 = off).
     #[serde(default = "default_top_p")]
     pub top_p: f32,
     /// Rule check when no `reward` edge is connected.
     #[serde(default)]
     pub rule: RuleConfig,
+    /// Seed of the sampling (mixed with the run seed).
     #[serde(default)]
     pub seed: u64,
+    /// Save the scores so far every this many tasks, for `longrl run --resume` (0 = only at
+    /// the end).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+}
+
+fn default_checkpoint_every() -> usize {
+    50
 }
 
 fn default_group() -> usize {
@@ -72,7 +83,7 @@ impl StageConfig for ScoreDifficultyConfig {
         PortSpec::optional("reward", PortKind::Reward, "the reward (default: the `rule` option)"),
     ];
     const OUTPUTS: &'static [PortSpec] = &[
-        PortSpec::optional("records", PortKind::Records, "the tasks, with metadata.difficulty"),
+        PortSpec::optional("records", PortKind::Records, "the tasks, each with its `difficulty`"),
         PortSpec::optional("reports", PortKind::Reports, "each task's rewards and pass rate (for a hard_buffer)"),
     ];
 
@@ -81,104 +92,186 @@ impl StageConfig for ScoreDifficultyConfig {
         if self.group == 0 || self.max_output == 0 || self.max_input == 0 {
             problems.push("group, max_input and max_output must be at least 1".into());
         }
-        if !(self.temperature > 0.0) {
+        if !self.temperature.is_finite() || self.temperature <= 0.0 {
             problems.push("temperature must be positive: difficulty needs sampled responses".into());
         }
         problems
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
-        Ok(Box::new(ScoreDifficulty { config: self, run_seed: ctx.seed, device: ctx.device }))
+        let out_dir = ctx.run_dir.as_ref().map(|d| d.join(format!("score_difficulty-{}", ctx.node)));
+        Ok(Driver::boxed(ScoreDifficulty { config: self, run_seed: ctx.seed }, ctx, out_dir))
     }
 }
 
+/// The `score_difficulty` stage, independent of the backend.
 struct ScoreDifficulty {
     config: ScoreDifficultyConfig,
     run_seed: u64,
-    device: longrl_backends::DeviceSpec,
 }
 
-impl Stage for ScoreDifficulty {
-    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let policy = io.recv_model("policy")?;
-        let reward = match io.recv_reward("reward")? {
-            Some(reward) => reward,
-            None => Arc::new(Reward::rule_only(self.config.rule.clone())),
-        };
-        let mut records = Vec::new();
-        while let Some(record) = io.recv_record("data")? {
-            records.push(record);
-        }
-        longrl_backends::dispatch(self.device, ScoreTask { stage: &self, io, policy, records, reward })
-            .map_err(|e| StageError::Failed(e.to_string()))?
+/// The scored tasks, saved with the stage's results (and replayed on resume).
+const SCORED_FILE: &str = "scored.jsonl";
+
+impl ModelStage for ScoreDifficulty {
+    type State = ScoreState;
+    type Run<B: AutodiffBackend> = ScoreRun<B>;
+
+    fn rule(&self) -> RuleConfig {
+        self.config.rule.clone()
     }
-}
 
-struct ScoreTask<'a> {
-    stage: &'a ScoreDifficulty,
-    io: &'a mut StageIo,
-    policy: ModelRef,
-    records: Vec<Record>,
-    reward: Arc<Reward>,
-}
+    fn cadence(&self) -> Cadence {
+        Cadence { every: self.config.checkpoint_every, keep: 1 }
+    }
 
-impl BackendTask for ScoreTask<'_> {
-    type Output = Result<(), StageError>;
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let config = &self.stage.config;
-        let io = self.io;
-        let tokenizer = ModelTokenizer::load(&self.policy.dir)?;
-        let (model_config, model) = load_model::<B>(&self.policy.dir, &device)?;
-        let model = model.valid();
+    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
+        let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
+        let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
         let mut stop_tokens = tokenizer.stop_ids.clone();
         stop_tokens.extend(model_config.eos_ids());
-        let progress = Progress::new(io.label(), self.records.len() as u64, "tasks");
-        let (mut unsolved, mut pass_sum, mut unscorable) = (0usize, 0.0f64, 0usize);
-        let total = self.records.len();
-        for (index, mut record) in self.records.into_iter().enumerate() {
-            io.cancel_token().check()?;
-            let (prompt, _) = encode_prompt(&tokenizer, &record, config.max_input)?;
-            let sampling = SamplingConfig {
-                temperature: config.temperature,
-                top_p: config.top_p,
-                top_k: 0,
-                max_new_tokens: config.max_output,
-                stop_tokens: stop_tokens.clone(),
-                seed: config.seed ^ self.stage.run_seed.rotate_left(17) ^ ((index as u64) << 24),
-            };
-            let rollout = rollout_group(&model, &tokenizer, &record, &prompt, config.group, &sampling, &self.reward)?;
-            let rewards: Vec<f32> = rollout.outcomes.iter().filter_map(|o| o.score).collect();
-            unscorable += rollout.outcomes.len() - rewards.len();
-            let pass_rate = rollout.pass_rate();
-            let entry = Entry { record: record.clone(), rewards: rewards.clone(), pass_rate };
-            let difficulty = entry.difficulty();
-            let mean = if rewards.is_empty() { f32::NAN } else { rewards.iter().sum::<f32>() / rewards.len() as f32 };
-            unsolved += usize::from(pass_rate <= 0.0);
-            pass_sum += f64::from(pass_rate);
-            record.metadata.insert(
-                "difficulty".into(),
-                serde_json::json!({
-                    "pass_rate": pass_rate,
-                    "mean_reward": if mean.is_finite() { serde_json::json!(mean) } else { serde_json::Value::Null },
-                    // Infinite (nothing earned) is written as null.
-                    "difficulty": if difficulty.is_finite() { serde_json::json!(difficulty) } else { serde_json::Value::Null },
-                    "rewards": rewards,
-                    "samples": config.group,
-                }),
-            );
-            if io.output_connected("reports") {
-                io.send_report("reports", DifficultyReport { record: record.clone(), rewards, pass_rate })?;
-            }
-            io.send_record("records", record)?;
-            progress.advance(&format!("mean pass rate {:.2}", pass_sum / (index + 1) as f64));
+        Ok(ScoreRun {
+            config: self.config.clone(),
+            run_seed: self.run_seed,
+            tokenizer,
+            model: model.valid(),
+            stop_tokens,
+            reward: inputs.reward,
+            records: inputs.records,
+            state: ScoreState { scored: Vec::new(), unscorable: 0 },
+        })
+    }
+
+    fn republish(&self, done: &Done, io: &mut StageIo) -> Result<(), StageError> {
+        let Some(dir) = done.summary.get("results").and_then(serde_json::Value::as_str) else { return Ok(()) };
+        for scored in read_scored(&Path::new(dir).join(SCORED_FILE))? {
+            emit(io, scored)?;
         }
-        progress.finish();
-        let summary = io.summary_mut();
-        summary.insert("tasks".into(), total.into());
-        summary.insert("unsolved".into(), unsolved.into());
-        summary.insert("mean_pass_rate".into(), (pass_sum / total.max(1) as f64).into());
-        summary.insert("unscorable".into(), unscorable.into());
         Ok(())
     }
+}
+
+/// The tasks scored so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoreState {
+    /// Each scored task's difficulty, in input order.
+    scored: Vec<Difficulty>,
+    /// Samples the reward could not score.
+    unscorable: usize,
+}
+
+/// Scoring logs no per-task metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct NoStepMetrics {}
+
+/// Difficulty scoring on one backend.
+pub struct ScoreRun<B: AutodiffBackend> {
+    config: ScoreDifficultyConfig,
+    run_seed: u64,
+    tokenizer: ModelTokenizer,
+    model: CausalLm<B::InnerBackend>,
+    stop_tokens: Vec<u32>,
+    reward: Arc<Reward>,
+    records: Vec<Record>,
+    state: ScoreState,
+}
+
+impl<B: AutodiffBackend> ScoreRun<B> {
+    /// Task `index` annotated with its score.
+    fn scored_record(&self, index: usize) -> Record {
+        let mut record = self.records[index].clone();
+        record.difficulty = self.state.scored.get(index).cloned();
+        record
+    }
+
+    fn mean_pass_rate(&self) -> f64 {
+        let sum: f64 = self.state.scored.iter().map(|d| f64::from(d.pass_rate)).sum();
+        sum / self.state.scored.len().max(1) as f64
+    }
+}
+
+impl<B: AutodiffBackend> StageRun<B> for ScoreRun<B> {
+    type State = ScoreState;
+    type Metrics = NoStepMetrics;
+
+    fn total_steps(&self) -> usize {
+        self.records.len()
+    }
+
+    fn restore(&mut self, _dir: &Path, state: ScoreState, io: &mut StageIo) -> Result<(), StageError> {
+        self.state = state;
+        for index in 0..self.state.scored.len() {
+            emit(io, self.scored_record(index))?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, index: usize, io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
+        let config = &self.config;
+        let record = &self.records[index];
+        let (prompt, _) = encode_prompt(&self.tokenizer, record, config.max_input)?;
+        let sampling = SamplingConfig {
+            temperature: config.temperature,
+            top_p: config.top_p,
+            top_k: 0,
+            max_new_tokens: config.max_output,
+            stop_tokens: self.stop_tokens.clone(),
+            seed: config.seed ^ self.run_seed.rotate_left(17) ^ ((index as u64) << 24),
+        };
+        let rollout = rollout_group(&self.model, &self.tokenizer, record, &prompt, config.group, &sampling, &self.reward)?;
+        let rewards: Vec<f32> = rollout.outcomes.iter().filter_map(|o| o.score).collect();
+        self.state.unscorable += rollout.outcomes.len() - rewards.len();
+        self.state.scored.push(Difficulty::new(rollout.pass_rate(), rewards, config.group));
+        emit(io, self.scored_record(index))?;
+        Ok(StepOutcome { metrics: None, status: format!("mean pass rate {:.2}", self.mean_pass_rate()), last: false })
+    }
+
+    fn checkpoint(&self, _dir: &Path) -> Result<ScoreState, StageError> {
+        Ok(self.state.clone())
+    }
+
+    fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
+        let mean_pass_rate = self.mean_pass_rate();
+        let unsolved = self.state.scored.iter().filter(|d| d.pass_rate <= 0.0).count();
+        if let Some(dir) = out_dir {
+            let scored: Vec<Record> = (0..self.state.scored.len()).map(|i| self.scored_record(i)).collect();
+            write_scored(&dir.join(SCORED_FILE), &scored)?;
+            io.summary_mut().insert("results".into(), dir.display().to_string().into());
+        }
+        let summary = io.summary_mut();
+        summary.insert("tasks".into(), self.records.len().into());
+        summary.insert("unsolved".into(), unsolved.into());
+        summary.insert("mean_pass_rate".into(), mean_pass_rate.into());
+        summary.insert("unscorable".into(), self.state.unscorable.into());
+        Ok(None)
+    }
+}
+
+/// Sends a scored task on `records` and its report on `reports`.
+fn emit(io: &mut StageIo, record: Record) -> Result<(), StageError> {
+    if io.output_connected("reports")
+        && let Some(difficulty) = record.difficulty.clone()
+    {
+        io.send_report("reports", DifficultyReport { record: record.clone(), difficulty })?;
+    }
+    io.send_record("records", record)
+}
+
+fn write_scored(path: &Path, records: &[Record]) -> Result<(), StageError> {
+    let mut text = String::new();
+    for record in records {
+        text.push_str(&serde_json::to_string(record).map_err(|e| StageError::Failed(e.to_string()))?);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+fn read_scored(path: &Path) -> Result<Vec<Record>, StageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| StageError::BadRecord { path: path.to_path_buf(), line: i + 1, message: e.to_string() })
+        })
+        .collect()
 }

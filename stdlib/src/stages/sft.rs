@@ -3,27 +3,27 @@
 //! batches built by a token budget, gradient accumulation, seeded shuffling, epochs. It
 //! publishes a Hugging Face checkpoint on its model edge.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use longrl_backends::BackendTask;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Done, StageCheckpoints, republish, write_training_state};
+use crate::checkpoint::write_training_state;
+use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
+use crate::model::config::ModelConfig;
 use crate::model::score::score_batch;
 use crate::model::{CausalLm, load_model, save_model};
-use crate::progress::Progress;
 use crate::prompt::{encode_prompt, reasoning_trace};
 use crate::record::Record;
-use crate::stage::{ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 use crate::train::{OPTIMIZER_FILE, OptimConfig, Trainer};
 
 /// Options of the `sft` stage.
@@ -100,7 +100,7 @@ impl StageConfig for SftConfig {
     const SUMMARY: &'static str = "Warm-up SFT on reasoning traces: response-only loss, AdamW, token-budget batches.";
     const INPUTS: &'static [PortSpec] = &[
         PortSpec::required("policy", PortKind::Model, "the model to train"),
-        PortSpec::required("data", PortKind::Records, "tasks with a trace (metadata.trace or supporting sentences)"),
+        PortSpec::required("data", PortKind::Records, "tasks with a trace (a `trace`, or supporting sentences in metadata)"),
     ];
     const OUTPUTS: &'static [PortSpec] = &[PortSpec::optional("model", PortKind::Model, "the trained checkpoint")];
 
@@ -121,27 +121,28 @@ impl StageConfig for SftConfig {
             .as_ref()
             .map(|d| d.join(format!("sft-{}", ctx.node)))
             .ok_or_else(|| StageError::Invalid("sft needs a run directory".into()))?;
-        Ok(Box::new(Sft { config: self, ctx: ctx.clone(), out_dir }))
+        Ok(Driver::boxed(Sft { config: self, run_seed: ctx.seed }, ctx, Some(out_dir)))
     }
 }
 
+/// The `sft` stage, independent of the backend.
 struct Sft {
     config: SftConfig,
-    ctx: StageContext,
-    out_dir: PathBuf,
+    run_seed: u64,
 }
 
 /// One training example: prompt ids and response ids.
 pub type Example = (Vec<u32>, Vec<u32>);
 
-/// Turns records into examples: templated prompt (cut to `max_input`), trace + end token.
+/// Turns records into examples: templated prompt (cut to `max_input`), trace + the token
+/// that ends an assistant turn.
 pub fn make_examples(
     tokenizer: &ModelTokenizer,
     records: &[Record],
     max_input: usize,
     max_response: usize,
 ) -> Result<(Vec<Example>, usize), StageError> {
-    let end = tokenizer.stop_ids.first().copied();
+    let end = tokenizer.end_of_turn;
     let mut examples = Vec::with_capacity(records.len());
     let mut skipped = 0;
     for record in records {
@@ -200,122 +201,137 @@ pub fn response_nll<B: burn::tensor::backend::Backend>(
     Ok(scores.logprobs.sum().neg().div_scalar(denominator))
 }
 
-impl Stage for Sft {
-    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let policy = io.recv_model("policy")?;
-        let mut records = Vec::new();
-        while let Some(record) = io.recv_record("data")? {
-            records.push(record);
-        }
-        let device = self.ctx.device;
-        let task = SftTask { stage: &self, io, policy, records };
-        longrl_backends::dispatch(device, task).map_err(|e| StageError::Failed(e.to_string()))?
+impl ModelStage for Sft {
+    type State = SftState;
+    type Run<B: AutodiffBackend> = SftRun<B>;
+
+    fn cadence(&self) -> Cadence {
+        Cadence { every: self.config.checkpoint_every, keep: self.config.keep_checkpoints }
     }
-}
 
-struct SftTask<'a> {
-    stage: &'a Sft,
-    io: &'a mut StageIo,
-    policy: ModelRef,
-    records: Vec<Record>,
-}
-
-impl BackendTask for SftTask<'_> {
-    type Output = Result<(), StageError>;
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        let config = &self.stage.config;
-        let io = self.io;
-        let tokenizer = ModelTokenizer::load(&self.policy.dir)?;
-        let checkpoints = self.stage.ctx.run_dir.as_ref().map(|run| StageCheckpoints::new(run, io.label(), config.keep_checkpoints));
-        if let Some(done) = checkpoints.as_ref().map(StageCheckpoints::done).transpose()?.flatten() {
-            return republish(io, done);
-        }
-        let (model_config, mut model) = load_model::<B>(&self.policy.dir, &device)?;
-        let (examples, skipped) = make_examples(&tokenizer, &self.records, config.max_input, config.max_response)?;
+    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<SftRun<B>, StageError> {
+        let config = &self.config;
+        let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
+        let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
+        let (examples, skipped) = make_examples(&tokenizer, &inputs.records, config.max_input, config.max_response)?;
         if examples.is_empty() {
             return Err(StageError::Failed(format!("{}: no record has a reasoning trace to train on", io.label())));
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ self.stage.ctx.seed.rotate_left(17));
-        let epochs: Vec<Vec<Vec<usize>>> = (0..config.epochs).map(|_| batches(&examples, config.batch_tokens, &mut rng)).collect();
-        let micro: usize = epochs.iter().map(Vec::len).sum();
-        let mut total_steps = micro.div_ceil(config.grad_accum);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(config.seed ^ self.run_seed.rotate_left(17));
+        let micro_batches: Vec<Vec<usize>> = (0..config.epochs).flat_map(|_| batches(&examples, config.batch_tokens, &mut rng)).collect();
+        let mut steps: Vec<Vec<Vec<usize>>> = micro_batches.chunks(config.grad_accum).map(<[Vec<usize>]>::to_vec).collect();
         if let Some(max) = config.max_steps {
-            total_steps = total_steps.min(max);
+            steps.truncate(max);
         }
-        tracing::info!(examples = examples.len(), skipped, steps = total_steps, "sft starts");
-        let mut trainer = Trainer::<B, CausalLm<B>>::new(config.optim.clone());
-        let (mut tokens_seen, mut last_loss, mut metrics_lines, mut first_step) = (0usize, f64::NAN, 0usize, 0usize);
-        if let Some((dir, state)) = checkpoints.as_ref().map(StageCheckpoints::latest).transpose()?.flatten() {
-            // Resume: weights, moments and position of the newest checkpoint.
-            model = load_model::<B>(&dir, &device)?.1;
-            trainer = trainer.load_state(&dir.join(OPTIMIZER_FILE), &device)?;
-            first_step = state["step"].as_u64().unwrap_or(0) as usize;
-            tokens_seen = state["tokens_seen"].as_u64().unwrap_or(0) as usize;
-            last_loss = state["last_loss"].as_f64().unwrap_or(f64::NAN);
-            metrics_lines = state["metrics_lines"].as_u64().unwrap_or(0) as usize;
-            tracing::info!(stage = %io.label(), step = first_step, "resuming from {}", dir.display());
+        tracing::info!(examples = examples.len(), skipped, steps = steps.len(), "sft starts");
+        Ok(SftRun {
+            config: config.clone(),
+            policy_dir: inputs.policy.dir,
+            model_config,
+            device,
+            trainer: Trainer::new(model, config.optim.clone()),
+            examples,
+            skipped,
+            steps,
+            state: SftState { tokens_seen: 0, last_loss: None },
+            started: Instant::now(),
+        })
+    }
+}
+
+/// Where SFT stands between steps (the step itself is the driver's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftState {
+    /// Prompt and response tokens trained on so far.
+    tokens_seen: usize,
+    /// The loss of the last step.
+    last_loss: Option<f64>,
+}
+
+/// One line of SFT's metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftStepMetrics {
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens_per_s: f64,
+    /// Tokens trained on so far.
+    tokens: usize,
+}
+
+/// SFT on one backend.
+pub struct SftRun<B: AutodiffBackend> {
+    config: SftConfig,
+    policy_dir: PathBuf,
+    model_config: ModelConfig,
+    device: B::Device,
+    trainer: Trainer<B, CausalLm<B>>,
+    examples: Vec<Example>,
+    skipped: usize,
+    /// Each optimizer step's micro-batches (indices into `examples`).
+    steps: Vec<Vec<Vec<usize>>>,
+    state: SftState,
+    started: Instant,
+}
+
+impl<B: AutodiffBackend> StageRun<B> for SftRun<B> {
+    type State = SftState;
+    type Metrics = SftStepMetrics;
+
+    fn total_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    fn restore(&mut self, dir: &Path, state: SftState, _io: &mut StageIo) -> Result<(), StageError> {
+        let weights = load_model::<B>(dir, &self.device)?.1;
+        self.trainer = Trainer::new(weights, self.config.optim.clone()).load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
+        self.state = state;
+        Ok(())
+    }
+
+    fn step(&mut self, step: usize, _io: &mut StageIo) -> Result<StepOutcome<SftStepMetrics>, StageError> {
+        let step_started = Instant::now();
+        let micro_batches = &self.steps[step];
+        // Every micro-batch's loss is divided by the step's response tokens: a token mean.
+        let denominator: usize = micro_batches.iter().flatten().map(|&i| self.examples[i].1.len()).sum();
+        let (mut loss_sum, mut step_tokens) = (0.0, 0);
+        for batch in micro_batches {
+            let pairs: Vec<Example> = batch.iter().map(|&i| self.examples[i].clone()).collect();
+            step_tokens += pairs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
+            let loss = response_nll(self.trainer.model(), &pairs, denominator as f64)?;
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            self.trainer.backward(loss);
         }
-        let progress = Progress::new(io.label(), total_steps as u64, "steps");
-        progress.skip(first_step as u64);
-        let all: Vec<&Vec<usize>> = epochs.iter().flatten().collect();
-        let started = Instant::now();
-        for (step, group) in all.chunks(config.grad_accum).take(total_steps).enumerate().skip(first_step) {
-            io.cancel_token().check()?;
-            let step_started = Instant::now();
-            let denominator: usize = group.iter().flat_map(|b| b.iter()).map(|&i| examples[i].1.len()).sum();
-            let mut loss_sum = 0.0;
-            let mut step_tokens = 0;
-            for batch in group {
-                let pairs: Vec<Example> = batch.iter().map(|&i| examples[i].clone()).collect();
-                step_tokens += pairs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
-                let loss = response_nll(&model, &pairs, denominator as f64)?;
-                loss_sum += loss.clone().into_scalar().elem::<f64>();
-                trainer.backward(&model, loss);
-            }
-            let (next, info) = trainer.step(model, step, total_steps);
-            model = next;
-            tokens_seen += step_tokens;
-            last_loss = loss_sum;
-            let tokens_per_s = step_tokens as f64 / step_started.elapsed().as_secs_f64();
-            progress.advance(&format!("loss {loss_sum:.4} lr {:.2e}", info.lr));
-            if step % config.log_every.max(1) == 0 || step + 1 == total_steps {
-                let mut fields = serde_json::Map::new();
-                fields.insert("loss".into(), loss_sum.into());
-                fields.insert("lr".into(), info.lr.into());
-                fields.insert("grad_norm".into(), info.grad_norm.into());
-                fields.insert("tokens_per_s".into(), tokens_per_s.into());
-                fields.insert("tokens".into(), tokens_seen.into());
-                io.metrics().log(io.label(), step as u64, fields)?;
-                metrics_lines += 1;
-                tracing::info!(step, loss = loss_sum, lr = info.lr, tokens_per_s, "sft step");
-            }
-            let done_steps = step + 1;
-            if let Some(checkpoints) = checkpoints
-                .as_ref()
-                .filter(|_| config.checkpoint_every > 0 && done_steps % config.checkpoint_every == 0 && done_steps < total_steps)
-            {
-                let state = serde_json::json!({ "step": done_steps, "tokens_seen": tokens_seen, "last_loss": last_loss, "metrics_lines": metrics_lines });
-                checkpoints
-                    .save(done_steps, &state, |dir| write_training_state(dir, &model.valid(), &model_config, &self.policy.dir, &trainer))?;
-            }
+        let info = self.trainer.step(step, self.steps.len());
+        self.state.tokens_seen += step_tokens;
+        self.state.last_loss = Some(loss_sum);
+        let tokens_per_s = step_tokens as f64 / step_started.elapsed().as_secs_f64();
+        let logged = step.is_multiple_of(self.config.log_every.max(1)) || step + 1 == self.steps.len();
+        if logged {
+            tracing::info!(step, loss = loss_sum, lr = info.lr, tokens_per_s, "sft step");
         }
-        progress.finish();
-        let wall = started.elapsed().as_secs_f64();
-        let dir = &self.stage.out_dir;
-        save_model(&model.valid(), &model_config, dir, config.save_dtype)?;
-        copy_tokenizer_files(&self.policy.dir, dir)?;
+        let metrics =
+            SftStepMetrics { loss: loss_sum, lr: info.lr, grad_norm: info.grad_norm, tokens_per_s, tokens: self.state.tokens_seen };
+        Ok(StepOutcome { metrics: logged.then_some(metrics), status: format!("loss {loss_sum:.4} lr {:.2e}", info.lr), last: false })
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<SftState, StageError> {
+        write_training_state(dir, &self.trainer, &self.model_config, &self.policy_dir)?;
+        Ok(self.state.clone())
+    }
+
+    fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
+        let wall = self.started.elapsed().as_secs_f64();
+        let dir = out_dir.ok_or_else(|| StageError::Invalid("sft needs a run directory".into()))?;
+        save_model(&self.trainer.model().valid(), &self.model_config, dir, self.config.save_dtype)?;
+        copy_tokenizer_files(&self.policy_dir, dir)?;
         let summary = io.summary_mut();
-        summary.insert("examples".into(), examples.len().into());
-        summary.insert("skipped_without_trace".into(), skipped.into());
-        summary.insert("steps".into(), total_steps.into());
-        summary.insert("final_loss".into(), last_loss.into());
-        summary.insert("tokens_per_s".into(), (tokens_seen as f64 / wall).into());
+        summary.insert("examples".into(), self.examples.len().into());
+        summary.insert("skipped_without_trace".into(), self.skipped.into());
+        summary.insert("steps".into(), self.steps.len().into());
+        summary.insert("final_loss".into(), self.state.last_loss.unwrap_or(f64::NAN).into());
+        summary.insert("tokens_per_s".into(), (self.state.tokens_seen as f64 / wall).into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());
-        let summary = summary.clone();
-        if let Some(checkpoints) = &checkpoints {
-            checkpoints.mark_done(&Done { model: Some(dir.clone()), summary, metrics_lines })?;
-        }
-        io.send_model("model", ModelRef { dir: dir.clone() })
+        Ok(Some(dir.to_path_buf()))
     }
 }

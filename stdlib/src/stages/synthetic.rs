@@ -406,12 +406,12 @@ fn assemble(
     let tokens = tokenizer.encode(&record.input_text())?.len();
     record.input_tokens = Some(tokens);
     let total = record.context.len().max(1) as f64;
+    record.length_budget = Some(length);
+    record.trace = Some(task.trace.clone());
     record.metadata.insert("question_id".into(), format!("syn{seed}-{index}").into());
-    record.metadata.insert("length_budget".into(), length.into());
     record.metadata.insert("supporting_sentences".into(), json!(task.gold));
     record.metadata.insert("fact_offsets".into(), json!(offsets));
     record.metadata.insert("depths".into(), json!(offsets.iter().map(|&o| o as f64 / total).collect::<Vec<_>>()));
-    record.metadata.insert("trace".into(), task.trace.clone().into());
     Ok((record, tokens))
 }
 

@@ -17,7 +17,7 @@ use longrl_stdlib::stage::StageCounters;
 use longrl_stdlib::{CancelToken, Item, PortSpec, Registry, StageContext, StageError, StageIo};
 use serde_json::Value;
 
-use crate::plan::ValidPlan;
+use crate::dataflow::plan::ValidPlan;
 
 /// How a run is set up.
 #[derive(Debug, Clone)]
@@ -61,6 +61,8 @@ pub enum StageStatus {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StageReport {
     pub node: usize,
+    /// The stage's registry name.
+    pub stage: String,
     pub label: String,
     pub line: usize,
     pub status: StageStatus,
@@ -194,7 +196,7 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
         let stage_options = node.options.clone();
         let done = done_tx.clone();
         let stage_cancel = cancel.clone();
-        let (node_id, line) = (node.id, node.position.line);
+        let (node_id, line, stage_name) = (node.id, node.position.line, node.stage.clone());
         let handle = std::thread::Builder::new()
             .name(label.clone())
             .spawn(move || {
@@ -221,6 +223,7 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
                 };
                 let report = StageReport {
                     node: node_id,
+                    stage: stage_name,
                     label,
                     line,
                     status,

@@ -8,8 +8,8 @@ use std::time::Instant;
 use longrl_stdlib::{CancelToken, Registry, StageContext};
 use rand::{Rng, SeedableRng};
 
-use crate::executor::{RunOptions, execute};
-use crate::recipe::{Params, load_plan};
+use crate::dataflow::executor::{RunOptions, execute};
+use crate::dataflow::recipe::{Params, load_plan};
 
 /// Figures of one pipeline variant.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use longrl_stdlib::record::{AnswerKind, Record};
-use longrl_stdlib::reward::hybrid::Reward;
+use longrl_stdlib::reward::Reward;
 use serde_json::Value;
 
 /// Reads `path` (one JSON object per line with `response`, `gold` and `kind`, optionally

@@ -11,7 +11,7 @@ use longrl_stdlib::{Registry, StageFactory};
 use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, Map, NativeCallContext};
 use serde_json::Value;
 
-use crate::plan::{Edge, Endpoint, Node, Plan, Position, Problem, Problems};
+use crate::dataflow::plan::{Edge, Endpoint, Node, Plan, Position, Problem, Problems};
 
 /// Limits of the recipe engine: a recipe declares a graph, so these are generous for that
 /// and stop runaway scripts (an endless loop ends at the operation limit).
@@ -257,10 +257,10 @@ fn register_param(engine: &mut Engine, builder: &Arc<Mutex<Builder>>, params: &P
                 )
                 .into());
             }
-            if default.is_float() {
-                if let Ok(int) = dynamic.as_int() {
-                    return Ok(Dynamic::from_float(int as rhai::FLOAT));
-                }
+            if default.is_float()
+                && let Ok(int) = dynamic.as_int()
+            {
+                return Ok(Dynamic::from_float(int as rhai::FLOAT));
             }
             Ok(dynamic)
         }

@@ -7,8 +7,8 @@ use longrl_stdlib::StageError;
 use longrl_stdlib::fsutil::write_atomic;
 use longrl_stdlib::metrics::Metrics;
 
-use crate::executor::RunReport;
-use crate::plan::ValidPlan;
+use crate::dataflow::executor::RunReport;
+use crate::dataflow::plan::ValidPlan;
 
 /// A freshly created run directory.
 #[derive(Debug, Clone)]

@@ -6,9 +6,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use longrl_stdlib::StageError;
 use longrl_stdlib::fsutil::write_atomic;
-use longrl_stdlib::rl::rollout::{PASS_RATE_BINS, pass_rate_bin};
+use longrl_stdlib::{Chart, Registry, ReportFigure, StageError};
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -35,7 +34,6 @@ struct Figure {
 
 /// Everything the report reads from a run directory.
 struct RunData {
-    dir: PathBuf,
     name: String,
     run_info: Value,
     stages: Vec<Value>,
@@ -76,7 +74,7 @@ fn load(run_dir: &Path) -> Result<RunData, StageError> {
     let stages = report.as_ref().and_then(|r| r["stages"].as_array().cloned()).unwrap_or_default();
     let run_info = read_json(&run_dir.join("run.json"))?.unwrap_or(Value::Null);
     let name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-    Ok(RunData { dir: run_dir.to_path_buf(), name, run_info, stages, metrics })
+    Ok(RunData { name, run_info, stages, metrics })
 }
 
 /// The newest modification time of the stages' checkpoint pointers (`latest.json`,
@@ -90,9 +88,10 @@ pub fn checkpoint_stamp(run_dir: &Path) -> Option<std::time::SystemTime> {
         .max()
 }
 
-/// Writes `report.html` into the run directory (atomically) and returns its path.
-pub fn write_report(run_dir: &Path) -> Result<PathBuf, StageError> {
-    let html = render(&load(run_dir)?)?;
+/// Writes `report.html` into the run directory (atomically) and returns its path. The
+/// stages of `registry` contribute their own figures.
+pub fn write_report(run_dir: &Path, registry: &Registry) -> Result<PathBuf, StageError> {
+    let html = render(&load(run_dir)?, registry)?;
     let path = run_dir.join("report.html");
     write_atomic(&path, html.as_bytes())?;
     Ok(path)
@@ -249,7 +248,38 @@ fn series_of(metrics: &[MetricLine], stage: &str, key: &str) -> Vec<(f64, f64)> 
     metrics.iter().filter(|l| l.stage == stage).filter_map(|l| l.get(key).map(|v| (l.step, v))).collect()
 }
 
-fn figures(data: &RunData, run_dir: &Path) -> Result<Vec<(String, Vec<Figure>)>, StageError> {
+/// The figures each stage contributes (see `StageConfig::report_figures`), drawn; shared
+/// bars of one kind are gathered into one chart.
+fn stage_figures(data: &RunData, registry: &Registry) -> Result<Vec<(&'static str, Figure)>, StageError> {
+    let mut contributed: Vec<ReportFigure> = Vec::new();
+    for stage in &data.stages {
+        let label = stage["label"].as_str().unwrap_or_default();
+        let name = stage["stage"].as_str().unwrap_or_else(|| label.split('#').next().unwrap_or_default());
+        let (Some(factory), Some(summary)) = (registry.get(name), stage["summary"].as_object()) else { continue };
+        for figure in factory.report_figures(label, summary) {
+            match (&figure.chart, contributed.iter_mut().find(|f| f.kind == figure.kind)) {
+                (Chart::SharedBar { bar, .. }, Some(ReportFigure { chart: Chart::Bars { bars, .. }, .. })) => bars.push(bar.clone()),
+                (Chart::SharedBar { title, y_label, bar, y_max }, None) => contributed.push(ReportFigure {
+                    chart: Chart::Bars { title: title.clone(), y_label: y_label.clone(), bars: vec![bar.clone()], y_max: *y_max },
+                    ..figure.clone()
+                }),
+                _ => contributed.push(figure),
+            }
+        }
+    }
+    contributed
+        .into_iter()
+        .map(|figure| {
+            let svg = match &figure.chart {
+                Chart::Bars { title, y_label, bars, y_max } => bar_chart(title, y_label, bars, *y_max)?,
+                Chart::SharedBar { title, y_label, bar, y_max } => bar_chart(title, y_label, std::slice::from_ref(bar), *y_max)?,
+            };
+            Ok((figure.section, Figure { kind: figure.kind, caption: figure.caption, svg }))
+        })
+        .collect()
+}
+
+fn figures(data: &RunData, registry: &Registry) -> Result<Vec<(String, Vec<Figure>)>, StageError> {
     let metrics = &data.metrics;
     let mut sections = Vec::new();
 
@@ -295,55 +325,12 @@ fn figures(data: &RunData, run_dir: &Path) -> Result<Vec<(String, Vec<Figure>)>,
         sections.push(("Training".to_string(), training));
     }
 
-    // Accuracy per RL phase (the rollouts' share of correct answers over the phase).
-    let phases: Vec<(String, f64)> = data
-        .stages
-        .iter()
-        .filter(|s| s["label"].as_str().is_some_and(|l| l.starts_with("rl_phase")))
-        .filter_map(|s| Some((s["label"].as_str()?.to_string(), s["summary"]["accuracy"].as_f64()?)))
-        .collect();
-    let mut curriculum = Vec::new();
-    if !phases.is_empty() {
-        curriculum.push(Figure {
-            kind: "phase-accuracy",
-            caption: "Accuracy of each RL phase's rollouts".into(),
-            svg: bar_chart("Accuracy per phase", "accuracy", &phases, Some(1.0))?,
-        });
-    }
-
-    // Hard-sample buffers: size, and the pass rates of what they saw and kept.
-    for stage in data.stages.iter().filter(|s| s["label"].as_str().is_some_and(|l| l.starts_with("hard_buffer"))) {
-        let label = stage["label"].as_str().unwrap_or_default().to_string();
-        let summary = &stage["summary"];
-        let bars: Vec<(String, f64)> = ["tasks_reported", "held", "carried", "fresh"]
-            .iter()
-            .filter_map(|k| summary[*k].as_f64().map(|v| (k.replace('_', " "), v)))
-            .collect();
-        curriculum.push(Figure {
-            kind: "buffer-size",
-            caption: format!("{label}: tasks reported, held, carried into the next phase, and fresh"),
-            svg: bar_chart(&format!("{label}: size"), "tasks", &bars, None)?,
-        });
-        if let Some(state) = summary["state"].as_str().map(PathBuf::from) {
-            let state = if state.is_absolute() || state.exists() { state } else { run_dir.join(state.file_name().unwrap_or_default()) };
-            if let Some(state) = read_json(&state)? {
-                let mut counts = [0f64; 5];
-                if let Some(reported) = state["reported"].as_object() {
-                    for entry in reported.values() {
-                        counts[pass_rate_bin(entry["pass_rate"].as_f64().unwrap_or(0.0) as f32)] += 1.0;
-                    }
-                }
-                let bars: Vec<(String, f64)> = PASS_RATE_BINS.iter().zip(counts).map(|(e, c)| (e.to_string(), c)).collect();
-                curriculum.push(Figure {
-                    kind: "difficulty",
-                    caption: format!("{label}: pass rates of the reported tasks (pass rate 0 = infinite difficulty; those are carried by `zero_accuracy`)"),
-                    svg: bar_chart(&format!("{label}: pass-rate distribution"), "tasks", &bars, None)?,
-                });
-            }
+    // Figures the stages contribute from their summaries, by section.
+    for figure in stage_figures(data, registry)? {
+        match sections.iter_mut().find(|(title, _)| title == figure.0) {
+            Some((_, figures)) => figures.push(figure.1),
+            None => sections.push((figure.0.to_string(), vec![figure.1])),
         }
-    }
-    if !curriculum.is_empty() {
-        sections.push(("Curriculum".to_string(), curriculum));
     }
 
     // Accuracy against input length, one line per evaluation.
@@ -378,7 +365,7 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn render(data: &RunData) -> Result<String, StageError> {
+fn render(data: &RunData, registry: &Registry) -> Result<String, StageError> {
     let run_dir_name = escape(&data.name);
     let mut html = String::new();
     let _ = write!(
@@ -403,7 +390,7 @@ td, th {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; }}
     if !data.run_info.is_null() {
         let _ = writeln!(html, "<p><code>{}</code></p>", escape(&data.run_info.to_string()));
     }
-    let sections = figures(data, &data.dir)?;
+    let sections = figures(data, registry)?;
     for (title, figures) in &sections {
         let _ = writeln!(html, "<h2>{}</h2>\n<div class=\"grid\">", escape(title));
         for figure in figures {
@@ -487,10 +474,10 @@ mod tests {
             line("evaluate#5", 0.0, serde_json::json!({ "eval": "sft", "bucket": 512, "pass_at_1": 0.4 })),
         ];
         let stages = vec![
-            serde_json::json!({ "label": "rl_phase#4", "line": 3, "status": "ok", "wall_s": 1.0, "items_in": 1, "items_out": 1, "summary": { "accuracy": 0.3 } }),
+            serde_json::json!({ "stage": "rl_phase", "label": "rl_phase#4", "line": 3, "status": "ok", "wall_s": 1.0, "items_in": 1, "items_out": 1, "summary": { "accuracy": 0.3 } }),
         ];
-        let data = RunData { dir: PathBuf::from("demo"), name: "demo".into(), run_info: Value::Null, stages, metrics };
-        let html = render(&data).expect("renders");
+        let data = RunData { name: "demo".into(), run_info: Value::Null, stages, metrics };
+        let html = render(&data, &Registry::standard()).expect("renders");
         for kind in ["loss", "reward", "length", "entropy", "phase-accuracy", "accuracy-length"] {
             assert!(html.contains(&format!("data-plot=\"{kind}\"")), "no {kind} plot");
         }

@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use longrl_stdlib::rl::chain::{ChainEdge, ChainNode, chain_problems};
 use longrl_stdlib::script::ScriptFn;
-use longrl_stdlib::{PortKind, Registry, StageContext};
+use longrl_stdlib::{PlanEdge, PlanNode, PlanView, PortKind, Registry, StageContext};
 use serde_json::Value;
 
 /// A line and column in the recipe (1-based; 0 when unknown).
@@ -214,14 +213,18 @@ impl Plan {
             problems.push(Problem::new(position, format!("the plan has a cycle: {} -> {}", names.join(" -> "), names[0])));
         }
 
-        // The curriculum: phases chained with growing, non-overlapping bands; buffers read
-        // by later phases.
-        let chain_nodes: Vec<ChainNode> =
-            self.nodes.iter().filter(|n| !n.unknown).map(|n| ChainNode { id: n.id, stage: &n.stage, options: &n.options }).collect();
-        let chain_edges: Vec<ChainEdge> =
-            resolved.iter().map(|e| ChainEdge { from: e.from, from_port: e.from_port, to: e.to, to_port: e.to_port }).collect();
-        for (id, message) in chain_problems(&chain_nodes, &chain_edges) {
-            problems.push(Problem::new(self.nodes[id].position, message));
+        // Checks stages make of the plan around them (e.g. a curriculum's chained phases).
+        let view_nodes: Vec<PlanNode> =
+            self.nodes.iter().filter(|n| !n.unknown).map(|n| PlanNode { id: n.id, stage: &n.stage, options: &n.options }).collect();
+        let view_edges: Vec<PlanEdge> =
+            resolved.iter().map(|e| PlanEdge { from: e.from, from_port: e.from_port, to: e.to, to_port: e.to_port }).collect();
+        let view = PlanView { nodes: &view_nodes, edges: &view_edges };
+        for node in self.nodes.iter().filter(|n| !n.unknown) {
+            let Some(factory) = registry.get(&node.stage) else { continue };
+            for (id, message) in factory.check_plan(&view, node.id) {
+                let position = self.nodes.get(id).map_or(node.position, |n| n.position);
+                problems.push(Problem::new(position, message));
+            }
         }
 
         if problems.is_empty() {
@@ -355,10 +358,10 @@ fn find_cycle(node_count: usize, edges: &[ResolvedEdge]) -> Option<Vec<usize>> {
         None
     }
     for node in 0..node_count {
-        if marks[node] == Mark::New {
-            if let Some(cycle) = visit(node, &successors, &mut marks, &mut path) {
-                return Some(cycle);
-            }
+        if marks[node] == Mark::New
+            && let Some(cycle) = visit(node, &successors, &mut marks, &mut path)
+        {
+            return Some(cycle);
         }
     }
     None

@@ -1,0 +1,261 @@
+//! `longrl run`, `longrl check` and `longrl graph`: check a recipe, then execute it into a
+//! new run directory (or continue a killed run with `--resume`), refreshing `report.html`
+//! while it runs and printing the stages' tables at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use longrl_backends::{BackendKind, DeviceSpec};
+use longrl_stdlib::{CancelToken, Registry};
+
+use crate::commands::report::{checkpoint_stamp, write_report};
+use crate::dataflow::executor::RunOptions;
+use crate::dataflow::recipe::parse_set;
+use crate::dataflow::resume::{plan_changes, rewind_metrics};
+use crate::dataflow::rundir::RunDir;
+use crate::dataflow::{CheckError, Params, ValidPlan, check_recipe, execute};
+
+/// A recipe and its parameters.
+#[derive(Args, Debug)]
+pub struct RecipeArgs {
+    /// The recipe file (.rhai).
+    pub recipe: PathBuf,
+    /// Set a recipe parameter read by `param("key", default)`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// Options of `longrl run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The recipe file (.rhai). With --resume it may be left out: the run's own copy is used.
+    pub recipe: Option<PathBuf>,
+    /// Set a recipe parameter read by `param("key", default)`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue a killed run in its directory: finished stages are not redone, interrupted
+    /// ones restart from their last checkpoint. Refused if the recipe's plan changed.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Name of the run directory (default: recipe name and time).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where run directories are created.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Compute backend.
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    pub backend: BackendKind,
+    /// Device index within the backend.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// Seed of every random choice in the run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Items each edge queues before its producer waits.
+    #[arg(long, default_value_t = 64)]
+    pub channel_capacity: usize,
+}
+
+/// Parses `--backend`.
+pub fn parse_backend(text: &str) -> Result<BackendKind, String> {
+    text.parse().map_err(|e: longrl_backends::BackendError| e.to_string())
+}
+
+/// `longrl check`: the plan, or every problem.
+pub fn check(args: &RecipeArgs, registry: &Registry) -> Result<ExitCode> {
+    let Some((_, plan)) = checked(args, registry)? else { return Ok(ExitCode::FAILURE) };
+    println!("{} is valid: {} stages, {} edges", args.recipe.display(), plan.nodes.len(), plan.edges.len());
+    print!("{}", plan.to_text());
+    print_warnings(&plan);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `longrl graph`: the plan as text or DOT.
+pub fn graph(args: &RecipeArgs, dot: bool, registry: &Registry) -> Result<ExitCode> {
+    let Some((_, plan)) = checked(args, registry)? else { return Ok(ExitCode::FAILURE) };
+    print!("{}", if dot { plan.to_dot() } else { plan.to_text() });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `longrl run`.
+pub fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
+    if let Some(resume) = &args.resume {
+        return resume_run(&args, resume, registry);
+    }
+    let Some(recipe) = args.recipe.clone() else { bail!("give a recipe to run (or --resume RUN_DIR)") };
+    let recipe_args = RecipeArgs { recipe, set: args.set.clone() };
+    let Some((source, plan)) = checked(&recipe_args, registry)? else { return Ok(ExitCode::FAILURE) };
+    print_warnings(&plan);
+    let device = DeviceSpec::new(args.backend, args.device);
+    longrl_backends::probe(device)?;
+    let run_dir = RunDir::create(&args.runs_dir, args.name.as_deref(), &recipe_args.recipe)?;
+    let info = serde_json::json!({
+        "recipe": recipe_args.recipe.display().to_string(),
+        "params": params(&recipe_args)?,
+        "backend": args.backend.as_str(),
+        "device": device.to_string(),
+        "seed": args.seed,
+        "longrl_version": env!("CARGO_PKG_VERSION"),
+    });
+    run_dir.record_inputs(&source, &plan, info)?;
+    eprintln!("run directory: {}", run_dir.path.display());
+    execute_in(plan, registry, run_dir, device, args.seed, args.channel_capacity)
+}
+
+fn params(args: &RecipeArgs) -> Result<Params> {
+    let mut params = Params::new();
+    for item in &args.set {
+        let (key, value) = parse_set(item).map_err(anyhow::Error::msg)?;
+        params.insert(key, value);
+    }
+    Ok(params)
+}
+
+/// A valid plan, or `None` after printing every problem.
+fn checked(args: &RecipeArgs, registry: &Registry) -> Result<Option<(String, ValidPlan)>> {
+    let base_dir = std::env::current_dir().context("cannot read the working directory")?;
+    match check_recipe(&args.recipe, registry, &params(args)?, &base_dir) {
+        Ok(found) => Ok(Some(found)),
+        Err(CheckError::Problems(problems)) => {
+            eprint!("error: {problems}");
+            Ok(None)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+fn print_warnings(plan: &ValidPlan) {
+    for warning in &plan.warnings {
+        eprintln!("warning: {}:{}:{}: {}", plan.recipe, warning.position.line, warning.position.column, warning.message);
+    }
+}
+
+fn read_json(path: &Path, what: &str) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read {what}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// `longrl run --resume DIR`: the same plan again, in the same directory, with the metrics
+/// of unfinished work dropped back to each stage's last checkpoint.
+fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCode> {
+    let run_dir = RunDir::open(dir)?;
+    let info = read_json(&dir.join("run.json"), "the run's settings")?;
+    let recipe = args.recipe.clone().unwrap_or_else(|| dir.join("recipe.rhai"));
+    let mut set: Vec<String> =
+        info["params"].as_object().map(|params| params.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
+    set.extend(args.set.iter().cloned());
+    let recipe_args = RecipeArgs { recipe, set };
+    let Some((_, plan)) = checked(&recipe_args, registry)? else { return Ok(ExitCode::FAILURE) };
+    let saved = read_json(&dir.join("plan.json"), "the run's plan")?;
+    let changes = plan_changes(&saved, &plan.to_json());
+    if !changes.is_empty() {
+        bail!(
+            "cannot resume {}: the recipe's plan changed since the run started, so its checkpoints do not fit:\n  {}\n(start a new run instead)",
+            dir.display(),
+            changes.join("\n  ")
+        );
+    }
+    let backend = info["backend"].as_str().map(parse_backend).transpose().map_err(anyhow::Error::msg)?.unwrap_or(args.backend);
+    let device = DeviceSpec::new(backend, info["device"].as_str().and_then(|d| d.rsplit(':').next()?.parse().ok()).unwrap_or(args.device));
+    longrl_backends::probe(device)?;
+    let seed = info["seed"].as_u64().unwrap_or(args.seed);
+    let labels: Vec<String> = plan.nodes.iter().map(|n| n.label()).collect();
+    let kept = rewind_metrics(dir, &labels)?;
+    eprintln!("resuming {} ({kept} metrics lines kept)", dir.display());
+    execute_in(plan, registry, run_dir, device, seed, args.channel_capacity)
+}
+
+/// The longest report.html goes without a rebuild during a run.
+const REPORT_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Rebuilds report.html after each checkpoint a stage writes (and at least every
+/// [`REPORT_REFRESH`]) until `running` is cleared.
+fn spawn_report_refresher(
+    dir: PathBuf,
+    registry: Registry,
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut last = std::time::Instant::now();
+        let mut seen = checkpoint_stamp(&dir);
+        while running.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let stamp = checkpoint_stamp(&dir);
+            if stamp != seen || last.elapsed() >= REPORT_REFRESH {
+                (seen, last) = (stamp, std::time::Instant::now());
+                if let Err(e) = write_report(&dir, &registry) {
+                    tracing::debug!("report refresh skipped: {e}");
+                }
+            }
+        }
+    })
+}
+
+/// Ctrl-C (and SIGTERM) set the run's cancel token; a second one exits at once.
+fn install_interrupt_handler(cancel: &CancelToken) -> Result<()> {
+    let cancel = cancel.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: stopping every stage (press Ctrl-C again to kill)");
+        if cancel.is_cancelled() {
+            std::process::exit(130);
+        }
+        cancel.cancel();
+    })
+    .context("cannot install the Ctrl-C handler")
+}
+
+fn execute_in(
+    plan: ValidPlan,
+    registry: &Registry,
+    run_dir: RunDir,
+    device: DeviceSpec,
+    seed: u64,
+    channel_capacity: usize,
+) -> Result<ExitCode> {
+    let cancel = CancelToken::new();
+    install_interrupt_handler(&cancel)?;
+    let options = RunOptions {
+        base_dir: std::env::current_dir().context("cannot read the working directory")?,
+        run_dir: Some(run_dir.path.clone()),
+        seed,
+        device,
+        channel_capacity,
+        metrics: run_dir.metrics()?,
+    };
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refresher = spawn_report_refresher(run_dir.path.clone(), registry.clone(), std::sync::Arc::clone(&running));
+    let report = execute(&plan, registry, &options, &cancel);
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = refresher.join();
+    let report = report?;
+    run_dir.record_report(&report)?;
+    match write_report(&run_dir.path, registry) {
+        Ok(path) => eprintln!("report: {}", path.display()),
+        Err(e) => eprintln!("warning: the report could not be written: {e}"),
+    }
+    eprintln!("{report}");
+    let mut tables = Vec::new();
+    for stage in &report.stages {
+        let mut summary = stage.summary.clone();
+        if let Some(serde_json::Value::String(table)) = summary.remove("table") {
+            tables.push(table);
+        }
+        summary.remove("rows");
+        if !summary.is_empty() {
+            eprintln!("  {}: {}", stage.label, serde_json::Value::Object(summary));
+        }
+    }
+    for table in tables {
+        println!("\n{table}");
+    }
+    match report.failure_message() {
+        None => {
+            eprintln!("done: {}", run_dir.path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(message) => bail!("{message}"),
+    }
+}

@@ -1,0 +1,255 @@
+//! The model-stage driver: what every stage that runs a model has in common, so that `sft`,
+//! `rl_phase`, `evaluate` and `score_difficulty` write only their preparation and their step.
+//!
+//! The driver receives the policy (with the reward and the records), picks the backend,
+//! republishes a stage that finished in an earlier attempt of the run, resumes from the
+//! newest checkpoint (a typed state), checks cancellation between steps, logs each step's
+//! typed metrics, saves a checkpoint every N steps, and at the end lets the stage save its
+//! results, marks the stage done and publishes its model.
+//!
+//! A stage plugs in with two traits: [`ModelStage`] (backend-independent: checkpoint
+//! cadence, preparation, replay of a finished stage) and [`StageRun`] (one backend: steps,
+//! checkpoint contents, final save).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::backend::AutodiffBackend;
+use longrl_backends::BackendTask;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Done, StageCheckpoints};
+use crate::error::StageError;
+use crate::progress::Progress;
+use crate::record::Record;
+use crate::reward::{Reward, RuleConfig};
+use crate::stage::{ModelRef, Stage, StageContext, StageIo};
+
+/// What a model stage receives on its inputs: the policy, the reward (the recipe's, or the
+/// stage's own rule check when no `reward` edge is connected) and every record.
+#[derive(Debug)]
+pub struct StageInputs {
+    pub policy: ModelRef,
+    pub reward: Arc<Reward>,
+    pub records: Vec<Record>,
+    /// Where the stage's results go (`None` without a run directory).
+    pub out_dir: Option<PathBuf>,
+}
+
+impl StageInputs {
+    /// Reads the `policy`, `reward` (when the stage has one) and `data` inputs.
+    fn receive(io: &mut StageIo, rule: &RuleConfig, out_dir: Option<PathBuf>) -> Result<Self, StageError> {
+        let policy = io.recv_model("policy")?;
+        let reward = match io.recv_reward("reward")? {
+            Some(reward) => reward,
+            None => Arc::new(Reward::rule_only(rule.clone())),
+        };
+        let mut records = Vec::new();
+        while let Some(record) = io.recv_record("data")? {
+            records.push(record);
+        }
+        Ok(Self { policy, reward, records, out_dir })
+    }
+}
+
+/// How often a stage saves a checkpoint, and how many it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cadence {
+    /// A checkpoint every this many steps (0: none before the end).
+    pub every: usize,
+    /// Checkpoints kept (the newest).
+    pub keep: usize,
+}
+
+impl Cadence {
+    /// No checkpoint before the end (the stage is cheap to redo).
+    pub const NONE: Self = Self { every: 0, keep: 1 };
+
+    /// Whether a checkpoint is due after `done` of `total` steps.
+    fn due(self, done: usize, total: usize) -> bool {
+        self.every > 0 && done.is_multiple_of(self.every) && done < total
+    }
+}
+
+/// A stage that runs a model, seen from the driver.
+pub trait ModelStage: Send + Sync + 'static {
+    /// Where the stage stands between steps (besides the files of its checkpoint).
+    type State: Serialize + DeserializeOwned;
+    /// The stage on one backend.
+    type Run<B: AutodiffBackend>: StageRun<B, State = Self::State>;
+
+    /// The rule check used when no `reward` edge is connected.
+    fn rule(&self) -> RuleConfig {
+        RuleConfig::default()
+    }
+
+    /// Checkpoint cadence.
+    fn cadence(&self) -> Cadence;
+
+    /// Loads the model and prepares the work: tasks, batches, optimizer.
+    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<Self::Run<B>, StageError>;
+
+    /// Sends again what the stage published besides its model, when it finished in an
+    /// earlier attempt of the run (the driver republishes the summary and the model).
+    fn republish(&self, _done: &Done, _io: &mut StageIo) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+/// One model stage on one backend.
+pub trait StageRun<B: AutodiffBackend> {
+    /// See [`ModelStage::State`].
+    type State;
+    /// What one step reports: a line of `metrics.jsonl`.
+    type Metrics: Serialize;
+
+    /// Steps the stage takes in all.
+    fn total_steps(&self) -> usize;
+
+    /// Continues from a checkpoint: reads its files in `dir` and takes its state; sends
+    /// again whatever the stage had sent before the checkpoint.
+    fn restore(&mut self, dir: &Path, state: Self::State, io: &mut StageIo) -> Result<(), StageError>;
+
+    /// Step `step` (0-based).
+    fn step(&mut self, step: usize, io: &mut StageIo) -> Result<StepOutcome<Self::Metrics>, StageError>;
+
+    /// Writes a checkpoint's files (weights, optimizer, ...) into `dir` and returns the
+    /// state saved beside them.
+    fn checkpoint(&self, dir: &Path) -> Result<Self::State, StageError>;
+
+    /// Saves the results into `out_dir` (when the run has a directory), fills the summary,
+    /// and returns the model directory to publish, if any.
+    fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError>;
+}
+
+/// What one step did.
+#[derive(Debug, Clone)]
+pub struct StepOutcome<M> {
+    /// The step's line of `metrics.jsonl` (`None`: nothing logged this step).
+    pub metrics: Option<M>,
+    /// A short status for the progress bar (e.g. the loss).
+    pub status: String,
+    /// The stage has no work left (its tasks ran out before `total_steps`).
+    pub last: bool,
+}
+
+/// The contents of a checkpoint's `state.json`: the driver's position and the stage's own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedState<S> {
+    /// Steps done.
+    pub step: usize,
+    /// Lines the stage had logged to `metrics.jsonl` (a resumed run keeps these).
+    pub metrics_lines: usize,
+    /// The stage's state.
+    pub stage: S,
+}
+
+/// Runs a [`ModelStage`] as a [`Stage`] of the executor.
+pub struct Driver<S: ModelStage> {
+    stage: S,
+    ctx: StageContext,
+    /// Where the stage's results go; `None` without a run directory.
+    out_dir: Option<PathBuf>,
+}
+
+impl<S: ModelStage> Driver<S> {
+    /// A driven stage whose results go to `out_dir` (a subdirectory of the run).
+    pub fn new(stage: S, ctx: &StageContext, out_dir: Option<PathBuf>) -> Self {
+        Self { stage, ctx: ctx.clone(), out_dir }
+    }
+
+    /// A boxed stage for the executor.
+    pub fn boxed(stage: S, ctx: &StageContext, out_dir: Option<PathBuf>) -> Box<dyn Stage> {
+        Box::new(Self::new(stage, ctx, out_dir))
+    }
+}
+
+impl<S: ModelStage> Stage for Driver<S> {
+    fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
+        let inputs = StageInputs::receive(io, &self.stage.rule(), self.out_dir.clone())?;
+        let checkpoints = self.ctx.run_dir.as_ref().map(|run| StageCheckpoints::new(run, io.label(), self.stage.cadence().keep));
+        if let Some(done) = checkpoints.as_ref().map(StageCheckpoints::done).transpose()?.flatten() {
+            tracing::info!(stage = %io.label(), "finished in an earlier attempt; republishing its results");
+            self.stage.republish(&done, io)?;
+            io.summary_mut().extend(done.summary);
+            if let Some(dir) = done.model {
+                io.send_model("model", ModelRef { dir })?;
+            }
+            return Ok(());
+        }
+        let task = DriverTask { driver: &self, io, inputs, checkpoints };
+        longrl_backends::dispatch(self.ctx.device, task).map_err(|e| StageError::Failed(e.to_string()))?
+    }
+}
+
+/// The driver's work on the backend the run chose.
+struct DriverTask<'a, S: ModelStage> {
+    driver: &'a Driver<S>,
+    io: &'a mut StageIo,
+    inputs: StageInputs,
+    checkpoints: Option<StageCheckpoints>,
+}
+
+impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
+    type Output = Result<(), StageError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let Self { driver, io, inputs, checkpoints } = self;
+        let cadence = driver.stage.cadence();
+        let mut run = driver.stage.prepare::<B>(inputs, device, io)?;
+        let total = run.total_steps();
+        let (first_step, resumed_lines) = match checkpoints.as_ref().map(|c| c.latest_state::<S::State>()).transpose()?.flatten() {
+            Some((dir, saved)) => {
+                if saved.step > total {
+                    return Err(StageError::Failed(format!(
+                        "{}: the checkpoint is at step {} but the stage has only {total} steps; it belongs to another run",
+                        dir.join("state.json").display(),
+                        saved.step
+                    )));
+                }
+                run.restore(&dir, saved.stage, io)?;
+                tracing::info!(stage = %io.label(), step = saved.step, "resuming from {}", dir.display());
+                (saved.step, saved.metrics_lines)
+            }
+            None => (0, 0),
+        };
+        let progress = Progress::new(io.label(), total as u64, "steps");
+        progress.skip(first_step as u64);
+        for step in first_step..total {
+            io.cancel_token().check()?;
+            let outcome = run.step(step, io)?;
+            if let Some(metrics) = &outcome.metrics {
+                io.log_metrics(step as u64, metrics_fields(metrics)?)?;
+            }
+            progress.advance(&outcome.status);
+            if outcome.last {
+                break;
+            }
+            let done = step + 1;
+            if let Some(checkpoints) = checkpoints.as_ref().filter(|_| cadence.due(done, total)) {
+                let metrics_lines = resumed_lines + io.metrics_logged();
+                checkpoints.save(done, |dir| Ok(SavedState { step: done, metrics_lines, stage: run.checkpoint(dir)? }))?;
+            }
+        }
+        progress.finish();
+        let model = run.finish(driver.out_dir.as_deref(), io)?;
+        if let Some(checkpoints) = &checkpoints {
+            let metrics_lines = resumed_lines + io.metrics_logged();
+            checkpoints.mark_done(&Done { model: model.clone(), summary: io.summary_mut().clone(), metrics_lines })?;
+        }
+        if let Some(dir) = model {
+            io.send_model("model", ModelRef { dir })?;
+        }
+        Ok(())
+    }
+}
+
+/// A step's typed metrics as the fields of a `metrics.jsonl` line.
+fn metrics_fields<M: Serialize>(metrics: &M) -> Result<serde_json::Map<String, serde_json::Value>, StageError> {
+    match serde_json::to_value(metrics) {
+        Ok(serde_json::Value::Object(fields)) => Ok(fields),
+        Ok(other) => Err(StageError::Failed(format!("step metrics must serialize to an object, got {other}"))),
+        Err(e) => Err(StageError::Failed(format!("cannot encode step metrics: {e}"))),
+    }
+}
