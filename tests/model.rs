@@ -64,7 +64,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Logits and greedy tokens of every reference checkpoint on backend `B`; returns the
 /// largest logit difference.
-fn golden<B: burn::tensor::backend::Backend>(device: &B::Device) -> f32 {
+fn golden<B: longrl_backends::CustomGrad>(device: &B::Device) -> f32 {
     let mut worst = 0.0f32;
     for dir in reference_dirs() {
         let (_, model) = load_model::<B>(&dir, device).expect("model loads");

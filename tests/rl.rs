@@ -8,14 +8,16 @@ use std::path::PathBuf;
 
 use burn::module::{AutodiffModule, Param};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use longrl_backends::CpuTrain;
+use longrl_backends::{Cpu, CpuTrain};
 use longrl_engine::dataflow::recipe::Params;
 use longrl_engine::execute;
 use longrl_engine::load_plan;
+use longrl_stdlib::model::Recompute;
 use longrl_stdlib::model::score::score_group_at;
 use longrl_stdlib::model::{CausalLm, load_model};
-use longrl_stdlib::rl::group::{Group, group_loss};
+use longrl_stdlib::rl::group::{Group, group_backward, group_loss};
 use longrl_stdlib::rl::loss::{Aggregation, KlEstimator, LossConfig, Normalizer};
+use longrl_stdlib::train::{OptimConfig, Schedule, Trainer};
 use longrl_stdlib::{CancelToken, Registry, StageContext};
 use support::{options_in, run_recipe, with_tiny, workspace};
 
@@ -34,6 +36,19 @@ fn shifted(model: &Model, delta: &[f32]) -> Model {
 
 fn to_vec<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().expect("f32")
+}
+
+fn optim() -> OptimConfig {
+    OptimConfig {
+        lr: 1e-3,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        min_lr_ratio: 1.0,
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+        grad_clip: 0.0,
+    }
 }
 
 #[test]
@@ -78,13 +93,21 @@ fn the_policy_loss_gradient_matches_finite_differences() {
             norm_length: 6.0,
         };
         let loss_at = |m: &Model| -> f64 {
-            let (loss, _) = group_loss(m, Some(&reference), &group, temperature, &config, normalizer, &device).expect("loss");
+            let (loss, _) = group_loss(m, Some(&reference), &group, temperature, &config, normalizer).expect("loss");
             loss.into_scalar().elem::<f64>()
         };
-        let (loss, sums) = group_loss(&model, Some(&reference), &group, temperature, &config, normalizer, &device).expect("loss");
+        let (loss, sums) = group_loss(&model, Some(&reference), &group, temperature, &config, normalizer).expect("loss");
         assert!(sums.clipped_tokens > 0.0 && sums.clipped_tokens < sums.tokens, "the batch mixes clipped and unclipped tokens");
         let grads = loss.backward();
         let grad = to_vec(model.embed_tokens.weight.grad(&grads).expect("embedding gradient"));
+        // The same gradient through the memory-saving path: recomputed layers, responses in
+        // micro-batches of at most 5 padded tokens that reuse one forward of the prompt.
+        let mut trainer = Trainer::new(model.clone().with_recompute(Recompute::Layer), optim());
+        group_backward(&mut trainer, Some(&reference), &group, temperature, &config, normalizer, 5).expect("backward");
+        let micro = trainer.take_gradients().get::<Cpu, 2>(model.embed_tokens.weight.id).expect("embedding gradient");
+        let micro = to_vec(micro);
+        let gap: f32 = grad.iter().zip(&micro).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(gap < 1e-5, "{aggregation:?}: the micro-batched, recomputed gradient differs by {gap}");
         // The five largest entries, one at a time, by central differences.
         let mut order: Vec<usize> = (0..grad.len()).collect();
         order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));

@@ -6,8 +6,11 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod custom;
+
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
+
+pub use custom::{CustomGrad, TrainBackend, Vjp};
 
 /// The CPU backend (burn-flex: pure Rust, `gemm` matmul).
 pub type Cpu = burn::backend::Flex;
@@ -111,10 +114,10 @@ pub enum BackendError {
 }
 
 /// Generic work to run on whichever backend the user chose. `run` is instantiated once
-/// per compiled-in backend.
+/// per compiled-in backend (its autodiff form, able to apply custom functions).
 pub trait BackendTask {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output;
 }
 
 /// Probes the device, then runs `task` on it.
@@ -247,7 +250,7 @@ mod tests {
     struct Sum;
     impl BackendTask for Sum {
         type Output = f32;
-        fn run<B: AutodiffBackend>(self, device: B::Device) -> f32 {
+        fn run<B: TrainBackend>(self, device: B::Device) -> f32 {
             use burn::tensor::{ElementConversion, Tensor};
             Tensor::<B, 1>::from_floats([1.0, 2.0, 3.5], &device).sum().into_scalar().elem()
         }

@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::tensor::backend::AutodiffBackend;
 use longrl_backends::BackendTask;
+use longrl_backends::TrainBackend;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -77,7 +77,7 @@ pub trait ModelStage: Send + Sync + 'static {
     /// Where the stage stands between steps (besides the files of its checkpoint).
     type State: Serialize + DeserializeOwned;
     /// The stage on one backend.
-    type Run<B: AutodiffBackend>: StageRun<B, State = Self::State>;
+    type Run<B: TrainBackend>: StageRun<B, State = Self::State>;
 
     /// The rule check used when no `reward` edge is connected.
     fn rule(&self) -> RuleConfig {
@@ -88,7 +88,7 @@ pub trait ModelStage: Send + Sync + 'static {
     fn cadence(&self) -> Cadence;
 
     /// Loads the model and prepares the work: tasks, batches, optimizer.
-    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<Self::Run<B>, StageError>;
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<Self::Run<B>, StageError>;
 
     /// Sends again what the stage published besides its model, when it finished in an
     /// earlier attempt of the run (the driver republishes the summary and the model).
@@ -98,7 +98,7 @@ pub trait ModelStage: Send + Sync + 'static {
 }
 
 /// One model stage on one backend.
-pub trait StageRun<B: AutodiffBackend> {
+pub trait StageRun<B: TrainBackend> {
     /// See [`ModelStage::State`].
     type State;
     /// What one step reports: a line of `metrics.jsonl`.
@@ -194,7 +194,7 @@ struct DriverTask<'a, S: ModelStage> {
 impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
     type Output = Result<(), StageError>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let Self { driver, io, inputs, checkpoints } = self;
         let cadence = driver.stage.cadence();
         let mut run = driver.stage.prepare::<B>(inputs, device, io)?;

@@ -16,6 +16,34 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
 
+/// Whether a training stage recomputes each decoder layer in the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RecomputeChoice {
+    /// `layer` when a sequence can exceed [`RECOMPUTE_FROM_TOKENS`], else `none`.
+    #[default]
+    Auto,
+    /// Keep only each layer's input; recompute the layer in the backward.
+    Layer,
+    /// Keep every activation.
+    None,
+}
+
+/// Sequences (prompt and response) longer than this get layer recomputation under `auto`.
+pub const RECOMPUTE_FROM_TOKENS: usize = 2048;
+
+impl RecomputeChoice {
+    /// The recomputation for sequences of at most `longest` tokens.
+    pub fn resolve(self, longest: usize) -> crate::model::Recompute {
+        match self {
+            Self::Layer => crate::model::Recompute::Layer,
+            Self::None => crate::model::Recompute::None,
+            Self::Auto if longest > RECOMPUTE_FROM_TOKENS => crate::model::Recompute::Layer,
+            Self::Auto => crate::model::Recompute::None,
+        }
+    }
+}
+
 /// The file, next to a model's weights, that holds its optimizer state.
 pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 
@@ -173,10 +201,23 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
     /// Adds the gradients of `loss`, a function of [`Trainer::model`] (scaled by the caller
     /// for accumulation).
     pub fn backward(&mut self, loss: Tensor<B, 1>) {
+        self.accumulate(loss.backward());
+    }
+
+    /// Adds the parameter gradients of a backward pass (one whose other gradients the caller
+    /// read first).
+    pub fn accumulate(&mut self, grads: B::Gradients) {
         let Some(model) = &self.model else { unreachable!("the trainer's weights are only absent inside `step`") };
-        let grads = GradientsParams::from_grads(loss.backward(), model);
+        let grads = GradientsParams::from_grads(grads, model);
         self.accumulator.accumulate(model, grads);
         self.pending += 1;
+    }
+
+    /// Takes the gradients accumulated since the last step (tests compare them; training
+    /// applies them with [`Trainer::step`]).
+    pub fn take_gradients(&mut self) -> GradientsParams {
+        self.pending = 0;
+        self.accumulator.grads()
     }
 
     /// Writes the optimizer's moments (keyed by parameter name hashes, see the model's

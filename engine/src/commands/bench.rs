@@ -152,7 +152,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
 impl longrl_backends::BackendTask for ModelBench {
     type Output = Result<Vec<Figure>, String>;
 
-    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: longrl_backends::TrainBackend>(self, device: B::Device) -> Self::Output {
         use longrl_stdlib::model::checkpoint::RandomInit;
         use longrl_stdlib::model::generate::{SamplingConfig, generate_group};
         use longrl_stdlib::model::score::score_batch;

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::AutodiffBackend;
 use longrl_backends::BackendTask;
+use longrl_backends::TrainBackend;
 use longrl_stdlib::model::chat::ModelTokenizer;
 use longrl_stdlib::model::generate::{SamplingConfig, generate_group};
 use longrl_stdlib::model::{ModelError, load_model};
@@ -27,7 +27,7 @@ pub struct GenerateRequest {
 impl BackendTask for GenerateRequest {
     type Output = Result<String, ModelError>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (config, model) = load_model::<B::InnerBackend>(&self.model, &device)?;
         let vocab = config.vocab_size;
         let mut sampling = self.sampling.clone();

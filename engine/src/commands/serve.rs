@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use burn::tensor::backend::AutodiffBackend;
 use longrl_backends::BackendTask;
+use longrl_backends::TrainBackend;
 use longrl_stdlib::model::chat::ModelTokenizer;
 use longrl_stdlib::model::generate::{FinishReason, SamplingConfig, generate_group};
 use longrl_stdlib::model::load_model;
@@ -55,7 +55,7 @@ fn default_top_p() -> f32 {
 impl BackendTask for ServeOptions {
     type Output = anyhow::Result<()>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (config, model) = load_model::<B::InnerBackend>(&self.model, &device)?;
         let tokenizer = ModelTokenizer::load(&self.model)?;
         let name = self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "longrl".into());
@@ -106,7 +106,7 @@ fn error_body(message: &str) -> Value {
 }
 
 /// Generates one chat completion.
-fn complete<B: burn::tensor::backend::Backend>(
+fn complete<B: longrl_backends::CustomGrad>(
     model: &longrl_stdlib::model::CausalLm<B>,
     tokenizer: &ModelTokenizer,
     name: &str,

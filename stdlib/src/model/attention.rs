@@ -1,28 +1,37 @@
 //! Grouped-query self-attention with a KV cache that may hold a prefix shared by every row
 //! (a group's common prompt, computed and stored once), and a chunked online-softmax path
 //! whose memory grows linearly with the input instead of materializing [heads, seq, seq].
+//! Under autodiff the chunked path is the custom operation of [`crate::model::flash`], whose
+//! backward recomputes the scores, so training memory is linear too.
 
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Tensor, TensorPrimitive};
+use longrl_backends::CustomGrad;
+
+use crate::model::flash::AttentionVjp;
 
 /// Score given to masked keys. Finite (not -inf) so that a row with every key masked (a
 /// padding row) stays finite instead of spreading NaN through later layers.
-const MASKED: f32 = -1.0e30;
+pub(crate) const MASKED: f32 = -1.0e30;
 
 /// Which attention implementation runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// The backend's fused attention (Burn's `attention` op: a flash kernel on the CPU and
-    /// GPU backends) when the keys are one unpadded segment; otherwise chunked above the
-    /// threshold and plain below it.
+    /// Under autodiff, [`AttentionKernel::Flash`] when batch x heads x queries x keys exceeds
+    /// the threshold. Otherwise the backend's fused attention (Burn's `attention` op: a flash
+    /// kernel on the CPU and GPU backends) when the keys are one unpadded segment, else
+    /// chunked above the threshold (queries x keys per head) and plain below it.
     Auto,
     /// Our matmul-softmax-matmul, materializing the scores.
     Plain,
     /// Our online-softmax over key blocks (linear memory).
     Chunked,
+    /// The online softmax as one custom autodiff operation that keeps only the output and
+    /// the rows' log-sum-exp and recomputes scores in the backward (linear training memory).
+    Flash,
 }
 
 /// When and how attention is computed in chunks.
@@ -95,7 +104,7 @@ pub struct SelfAttention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: CustomGrad> SelfAttention<B> {
     /// Attends the new tokens to the cache and to each other (causally), then stores their
     /// keys and values in the cache when `append` is set.
     ///
@@ -146,7 +155,7 @@ impl<B: Backend> SelfAttention<B> {
 /// - own_k, own_v: `[batch, kv_heads, past + seq, head_dim]`
 /// - key_padding: `[batch, past + seq]`, true = masked
 /// - returns `[batch, heads, seq, head_dim]`
-pub fn attend<B: Backend>(
+pub fn attend<B: CustomGrad>(
     q: Tensor<B, 4>,
     shared: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     own_k: Tensor<B, 4>,
@@ -160,6 +169,13 @@ pub fn attend<B: Backend>(
     let t = own_k.dims()[2];
     let prefix = shared.as_ref().map_or(0, |(k, _)| k.dims()[2]);
     let rep = h / kvh;
+    // Under autodiff the plain path keeps a few `[b, heads, queries, keys]` tensors per layer:
+    // fine for short inputs (and faster), not for long ones.
+    let autodiff_long = B::ad_enabled(&q.device()) && b * h * s * (prefix + t) > options.chunk_threshold;
+    let flash = options.kernel == AttentionKernel::Flash || (options.kernel == AttentionKernel::Auto && autodiff_long);
+    if flash {
+        return attend_flash(q, shared, own_k, own_v, past, key_padding, options);
+    }
     if options.kernel == AttentionKernel::Auto && shared.is_none() && key_padding.is_none() {
         return attend_fused(q, own_k, own_v, rep);
     }
@@ -168,7 +184,7 @@ pub fn attend<B: Backend>(
     let chunked = match options.kernel {
         AttentionKernel::Chunked => true,
         AttentionKernel::Plain => false,
-        AttentionKernel::Auto => s * (prefix + t) > options.chunk_threshold,
+        AttentionKernel::Auto | AttentionKernel::Flash => s * (prefix + t) > options.chunk_threshold,
     };
     let out = if chunked {
         attend_chunked(qg, shared, own_k, own_v, past, key_padding, rep, options)
@@ -176,6 +192,29 @@ pub fn attend<B: Backend>(
         attend_plain(qg, shared, own_k, own_v, past, key_padding, rep)
     };
     out.reshape([b, h, s, hd])
+}
+
+/// [`attend`] through the custom operation of [`crate::model::flash`].
+fn attend_flash<B: CustomGrad>(
+    q: Tensor<B, 4>,
+    shared: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    own_k: Tensor<B, 4>,
+    own_v: Tensor<B, 4>,
+    past: usize,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+    options: AttentionOptions,
+) -> Tensor<B, 4> {
+    let key_padding = key_padding.map(|padding| {
+        let [rows, keys] = padding.dims();
+        (padding.into_data().convert::<bool>().into_vec::<bool>().unwrap_or_default(), [rows, keys])
+    });
+    let vjp = AttentionVjp { past, shared: shared.is_some(), key_padding, key_chunk: options.key_chunk, query_chunk: options.query_chunk };
+    let mut inputs = vec![q.into_primitive().tensor(), own_k.into_primitive().tensor(), own_v.into_primitive().tensor()];
+    if let Some((k, v)) = shared {
+        inputs.push(k.into_primitive().tensor());
+        inputs.push(v.into_primitive().tensor());
+    }
+    Tensor::from_primitive(TensorPrimitive::Float(B::custom(vjp, inputs)))
 }
 
 /// Burn's fused attention over one segment of keys, causal aligned to the end (query i of
@@ -201,7 +240,7 @@ fn repeat_heads<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
 ///
 /// # Shapes
 /// - qg: `[b, kvh, rows, hd]`; keys: `[1, kvh, p, hd]`; returns `[b, kvh, rows, p]`
-fn scores_shared<B: Backend>(qg: Tensor<B, 4>, keys: Tensor<B, 4>) -> Tensor<B, 4> {
+pub(crate) fn scores_shared<B: Backend>(qg: Tensor<B, 4>, keys: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, kvh, rows, hd] = qg.dims();
     let p = keys.dims()[2];
     let folded = qg.swap_dims(0, 1).reshape([1, kvh, b * rows, hd]); // [1, kvh, b*rows, hd]
@@ -209,7 +248,7 @@ fn scores_shared<B: Backend>(qg: Tensor<B, 4>, keys: Tensor<B, 4>) -> Tensor<B, 
 }
 
 /// Weights `[b, kvh, rows, p]` times a batch-1 prefix's values `[1, kvh, p, hd]`.
-fn weighted_shared<B: Backend>(weights: Tensor<B, 4>, values: Tensor<B, 4>) -> Tensor<B, 4> {
+pub(crate) fn weighted_shared<B: Backend>(weights: Tensor<B, 4>, values: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, kvh, rows, p] = weights.dims();
     let hd = values.dims()[3];
     let folded = weights.swap_dims(0, 1).reshape([1, kvh, b * rows, p]);
@@ -221,7 +260,7 @@ fn weighted_shared<B: Backend>(weights: Tensor<B, 4>, values: Tensor<B, 4>) -> T
 /// # Shapes
 /// - scores: `[b, kvh, rep*rows, keys]` for query rows `q_start..q_start+rows` and own
 ///   keys `k_start..k_start+keys`; key_padding: `[b, all own keys]`
-fn mask_own<B: Backend>(
+pub(crate) fn mask_own<B: Backend>(
     scores: Tensor<B, 4>,
     rep: usize,
     past: usize,

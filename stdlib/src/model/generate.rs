@@ -5,6 +5,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
+use longrl_backends::CustomGrad;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -60,7 +61,7 @@ pub struct Completion {
 
 /// `group` samples of one prompt. The prompt is computed once; its keys and values are
 /// shared by every sample. Sample i draws from its own stream seeded by (seed, i).
-pub fn generate_group<B: Backend>(
+pub fn generate_group<B: CustomGrad>(
     model: &CausalLm<B>,
     prompt: &[u32],
     group: usize,
@@ -83,7 +84,7 @@ pub fn generate_group<B: Backend>(
 }
 
 /// One sample for each of several prompts, left-padded into one batch.
-pub fn generate_batch<B: Backend>(
+pub fn generate_batch<B: CustomGrad>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     config: &SamplingConfig,
@@ -124,7 +125,7 @@ pub fn generate_batch<B: Backend>(
 
 /// The decode loop: sample from `rows` (one logits row per active sample), feed the samples
 /// back, repeat. `padding` tracks each row's masked keys when the batch is left-padded.
-fn decode<B: Backend>(
+fn decode<B: CustomGrad>(
     model: &CausalLm<B>,
     mut cache: KvCache<B>,
     mut rows: Vec<Vec<f32>>,
@@ -205,7 +206,7 @@ fn sample_rng(seed: u64, sample: usize) -> ChaCha8Rng {
 ///
 /// # Shapes
 /// - hidden: `[batch, seq, hidden]` -> `[batch, vocab]`
-fn last_logits<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+fn last_logits<B: CustomGrad>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
     let [b, s, d] = hidden.dims();
     let last = hidden.slice([0..b, s - 1..s, 0..d]);
     let logits = model.logits(last); // [b, 1, vocab]

@@ -5,9 +5,12 @@ pub mod attention;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod flash;
 pub mod generate;
+pub mod head;
 pub mod llama;
 pub mod qwen2;
+pub mod recompute;
 pub mod rope;
 pub mod score;
 pub mod transformer;
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 pub use attention::AttentionOptions;
 pub use checkpoint::{SaveDtype, load_model, save_model};
 pub use config::{Architecture, ModelConfig};
-pub use transformer::{CausalLm, ForwardArgs, KvCache};
+pub use transformer::{CausalLm, ForwardArgs, KvCache, Recompute};
 
 use crate::error::StageError;
 

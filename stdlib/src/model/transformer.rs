@@ -7,11 +7,15 @@ use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, Int, Tensor, TensorData, TensorPrimitive};
+use longrl_backends::CustomGrad;
 
 use crate::model::ModelError;
 use crate::model::attention::{AttentionOptions, LayerKv, SelfAttention};
 use crate::model::config::ModelConfig;
+use crate::model::head::TokenScoresVjp;
+use crate::model::recompute::{KvVjp, LayerShape, LayerVjp};
 use crate::model::rope::Rope;
 
 /// Where parameter values come from when a model is built: a checkpoint or an initializer.
@@ -44,6 +48,117 @@ pub struct DecoderLayer<B: Backend> {
     pub self_attn: SelfAttention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
+}
+
+/// Whether training keeps each decoder layer's activations or recomputes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every activation for the backward (fastest, memory grows with the layers).
+    #[default]
+    None,
+    /// Keep only each layer's input and recompute the layer in the backward (gradient
+    /// checkpointing: about one more forward per step, activation memory of one layer).
+    Layer,
+}
+
+fn float<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+fn from_float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+impl<B: CustomGrad> DecoderLayer<B> {
+    fn shape(&self) -> LayerShape {
+        let a = &self.self_attn;
+        LayerShape {
+            heads: a.heads,
+            kv_heads: a.kv_heads,
+            head_dim: a.head_dim,
+            rms_norm_eps: self.input_layernorm.epsilon,
+            qkv_bias: a.q_proj.bias.is_some(),
+            o_bias: a.o_proj.bias.is_some(),
+        }
+    }
+
+    /// The layer's parameters in the order of [`LayerVjp`]'s inputs after `x`, `cos`, `sin`.
+    fn parameters(&self) -> Vec<FloatTensor<B>> {
+        let a = &self.self_attn;
+        let mut out = vec![
+            float(self.input_layernorm.gamma.val()),
+            float(a.q_proj.weight.val()),
+            float(a.k_proj.weight.val()),
+            float(a.v_proj.weight.val()),
+            float(a.o_proj.weight.val()),
+            float(self.post_attention_layernorm.gamma.val()),
+            float(self.mlp.gate_proj.weight.val()),
+            float(self.mlp.up_proj.weight.val()),
+            float(self.mlp.down_proj.weight.val()),
+        ];
+        for linear in [&a.q_proj, &a.k_proj, &a.v_proj] {
+            out.extend(linear.bias.as_ref().map(|b| float(b.val())));
+        }
+        out.extend(a.o_proj.bias.as_ref().map(|b| float(b.val())));
+        out
+    }
+
+    /// The layer as plain tensor ops (autodiff keeps every activation).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_plain(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        kv: &mut LayerKv<B>,
+        key_padding: Option<Tensor<B, 2, Bool>>,
+        options: AttentionOptions,
+        append: bool,
+    ) -> Tensor<B, 3> {
+        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), cos, sin, kv, key_padding, options, append);
+        let x = x + attn;
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+
+    /// The layer as one recomputed operation; with `append`, its keys and values (also
+    /// recomputed) go to the cache as the rows' own keys.
+    fn forward_recomputed(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        kv: &mut LayerKv<B>,
+        options: AttentionOptions,
+        append: bool,
+    ) -> Tensor<B, 3> {
+        let shape = self.shape();
+        let shared = kv.shared.clone();
+        let mut inputs = vec![float(x.clone()), float(cos.clone()), float(sin.clone())];
+        inputs.extend(self.parameters());
+        if append {
+            let a = &self.self_attn;
+            let mut kv_inputs = vec![float(x), float(cos), float(sin), float(self.input_layernorm.gamma.val())];
+            kv_inputs.push(float(a.k_proj.weight.val()));
+            kv_inputs.push(float(a.v_proj.weight.val()));
+            if shape.qkv_bias {
+                kv_inputs.extend(a.k_proj.bias.as_ref().map(|b| float(b.val())));
+                kv_inputs.extend(a.v_proj.bias.as_ref().map(|b| float(b.val())));
+            }
+            let keys_values: Tensor<B, 4> = from_float(B::custom(KvVjp { shape }, kv_inputs)); // [b, 2 kvh, s, hd]
+            let [b, _, s, hd] = keys_values.dims();
+            let kvh = shape.kv_heads;
+            let k = keys_values.clone().slice([0..b, 0..kvh, 0..s, 0..hd]);
+            let v = keys_values.slice([0..b, kvh..2 * kvh, 0..s, 0..hd]);
+            kv.own = Some((k, v));
+        }
+        if let Some((k, v)) = shared.clone() {
+            inputs.push(float(k));
+            inputs.push(float(v));
+        }
+        let vjp = LayerVjp { shape, shared: shared.is_some(), key_chunk: options.key_chunk, query_chunk: options.query_chunk };
+        from_float(B::custom(vjp, inputs))
+    }
 }
 
 /// Keys and values of every layer (see [`LayerKv`]).
@@ -108,6 +223,9 @@ pub struct CausalLm<B: Backend> {
     pub rope: Rope,
     #[module(skip)]
     pub attention: AttentionOptions,
+    /// Activation recomputation under autodiff.
+    #[module(skip)]
+    pub recompute: Recompute,
 }
 
 /// What a forward pass needs besides the tokens.
@@ -164,12 +282,26 @@ impl<B: Backend> CausalLm<B> {
         let norm = rms_norm(source, "model.norm", d, eps, device)?;
         let lm_head = if config.tie_word_embeddings { None } else { Some(linear(source, "lm_head", d, vocab, false, device)?) };
         let (theta, scaling) = config.rope().map_err(ModelError::Invalid)?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope: Rope::new(hd, theta, scaling), attention: AttentionOptions::default() })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(hd, theta, scaling),
+            attention: AttentionOptions::default(),
+            recompute: Recompute::None,
+        })
     }
 
     /// The same model with other attention chunking.
     pub fn with_attention(mut self, options: AttentionOptions) -> Self {
         self.attention = options;
+        self
+    }
+
+    /// The same model with other activation recomputation (it matters under autodiff).
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
         self
     }
 
@@ -190,27 +322,88 @@ impl<B: Backend> CausalLm<B> {
         KvCache::new(self.layers.len())
     }
 
+    /// Every parameter under its Hugging Face name and shape, in f32 row-major order.
+    pub fn export(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut out = Vec::new();
+        out.push(named("model.embed_tokens.weight", self.embed_tokens.weight.val()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push(named(&format!("{p}.input_layernorm.weight"), layer.input_layernorm.gamma.val()));
+            let a = &layer.self_attn;
+            for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                export_linear(&mut out, &format!("{p}.self_attn.{name}"), lin);
+            }
+            out.push(named(&format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.gamma.val()));
+            for (name, lin) in [("gate_proj", &layer.mlp.gate_proj), ("up_proj", &layer.mlp.up_proj), ("down_proj", &layer.mlp.down_proj)] {
+                export_linear(&mut out, &format!("{p}.mlp.{name}"), lin);
+            }
+        }
+        out.push(named("model.norm.weight", self.norm.gamma.val()));
+        if let Some(head) = &self.lm_head {
+            export_linear(&mut out, "lm_head", head);
+        }
+        out
+    }
+}
+
+impl<B: CustomGrad> CausalLm<B> {
     /// Final hidden states of new tokens, attending to the cache (if any) and to each other.
     ///
     /// # Shapes
     /// - tokens: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, args: ForwardArgs<B>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
+        self.norm.forward(self.forward_layers(tokens, args, cache))
+    }
+
+    /// The residual stream after the last layer, before the final norm (apply
+    /// [`CausalLm::final_norm`] to the positions that are needed).
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]` -> `[batch, seq, hidden]`
+    pub fn forward_layers(&self, tokens: Tensor<B, 2, Int>, args: ForwardArgs<B>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
         let (cos, sin) = self.rope.tables(args.positions);
         let mut x = self.embed_tokens.forward(tokens); // [b, s, d]
+        let autodiff = B::ad_enabled(&x.device());
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let attn = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                cos.clone(),
-                sin.clone(),
-                kv,
-                args.key_padding.clone(),
-                self.attention,
-                args.append,
-            );
-            x = x + attn;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            let recompute = self.recompute == Recompute::Layer && autodiff && args.key_padding.is_none() && kv.own.is_none();
+            x = if recompute {
+                layer.forward_recomputed(x, cos.clone(), sin.clone(), kv, self.attention, args.append)
+            } else {
+                layer.forward_plain(x, cos.clone(), sin.clone(), kv, args.key_padding.clone(), self.attention, args.append)
+            };
         }
+        x
+    }
+
+    /// The final norm.
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.norm.forward(x)
+    }
+
+    /// Log-probability of each target and the entropy at each position, computed over
+    /// chunks of positions (never `[positions, vocab]` at once), under
+    /// `softmax(logits / temperature)`. `entropy_grad`: whether the entropy's gradient is
+    /// needed (the loss has an entropy term).
+    ///
+    /// # Shapes
+    /// - hidden: `[n, hidden]` (final, normed); targets: `n` ids -> two `[n]` tensors
+    pub fn token_scores(
+        &self,
+        hidden: Tensor<B, 2>,
+        targets: Vec<i64>,
+        temperature: f32,
+        entropy_grad: bool,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let [n, _] = hidden.dims();
+        let (weight, tied) = match &self.lm_head {
+            Some(head) => (head.weight.val(), false),
+            None => (self.embed_tokens.weight.val(), true),
+        };
+        let vjp = TokenScoresVjp { targets, temperature, tied, entropy_grad };
+        let scores: Tensor<B, 2> = from_float(B::custom(vjp, vec![float(hidden), float(weight)])); // [n, 2]
+        let logprobs = scores.clone().slice([0..n, 0..1]).reshape([n]);
+        let entropy = scores.slice([0..n, 1..2]).reshape([n]);
+        (logprobs, entropy)
     }
 
     /// Logits of hidden states.
@@ -243,29 +436,6 @@ impl<B: Backend> CausalLm<B> {
         args.append = false;
         let hidden = self.forward_hidden(tokens, args, &mut cache);
         self.logits(hidden)
-    }
-
-    /// Every parameter under its Hugging Face name and shape, in f32 row-major order.
-    pub fn export(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-        let mut out = Vec::new();
-        out.push(named("model.embed_tokens.weight", self.embed_tokens.weight.val()));
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push(named(&format!("{p}.input_layernorm.weight"), layer.input_layernorm.gamma.val()));
-            let a = &layer.self_attn;
-            for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-                export_linear(&mut out, &format!("{p}.self_attn.{name}"), lin);
-            }
-            out.push(named(&format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.gamma.val()));
-            for (name, lin) in [("gate_proj", &layer.mlp.gate_proj), ("up_proj", &layer.mlp.up_proj), ("down_proj", &layer.mlp.down_proj)] {
-                export_linear(&mut out, &format!("{p}.mlp.{name}"), lin);
-            }
-        }
-        out.push(named("model.norm.weight", self.norm.gamma.val()));
-        if let Some(head) = &self.lm_head {
-            export_linear(&mut out, "lm_head", head);
-        }
-        out
     }
 }
 

@@ -63,6 +63,19 @@ pub struct LossSums {
     pub ratio_sum: f32,
 }
 
+impl LossSums {
+    /// The sums of two parts of a mini-batch.
+    pub fn add(&self, other: &LossSums) -> LossSums {
+        LossSums {
+            tokens: self.tokens + other.tokens,
+            clipped_tokens: self.clipped_tokens + other.clipped_tokens,
+            kl_sum: self.kl_sum + other.kl_sum,
+            entropy_sum: self.entropy_sum + other.entropy_sum,
+            ratio_sum: self.ratio_sum + other.ratio_sum,
+        }
+    }
+}
+
 /// The estimator's per-token KL.
 pub fn kl_per_token<B: Backend>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, estimator: KlEstimator) -> Tensor<B, 2> {
     match estimator {
@@ -74,21 +87,29 @@ pub fn kl_per_token<B: Backend>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, esti
     }
 }
 
-/// The loss of some responses of a mini-batch, scaled so that summing it over the
-/// mini-batch's parts gives the aggregated loss.
+/// Some responses of a mini-batch, scored.
 ///
 /// # Shapes
 /// - logp, old_logp, mask, entropy, ref_logp: `[responses, len]`; advantages: `[responses]`
-pub fn policy_loss<B: Backend>(
-    logp: Tensor<B, 2>,
-    old_logp: Tensor<B, 2>,
-    advantages: Tensor<B, 1>,
-    mask: Tensor<B, 2>,
-    entropy: Tensor<B, 2>,
-    ref_logp: Option<Tensor<B, 2>>,
-    config: &LossConfig,
-    normalizer: Normalizer,
-) -> (Tensor<B, 1>, LossSums) {
+#[derive(Debug, Clone)]
+pub struct ScoredResponses<B: Backend> {
+    /// Log-probs of the response tokens under the policy being trained.
+    pub logp: Tensor<B, 2>,
+    /// Log-probs under the policy that sampled them.
+    pub old_logp: Tensor<B, 2>,
+    pub advantages: Tensor<B, 1>,
+    /// 1 for response tokens, 0 for padding.
+    pub mask: Tensor<B, 2>,
+    /// Entropy of the policy's distribution at each token.
+    pub entropy: Tensor<B, 2>,
+    /// Log-probs under the frozen reference, when the loss has a KL term.
+    pub ref_logp: Option<Tensor<B, 2>>,
+}
+
+/// The loss of some responses of a mini-batch, scaled so that summing it over the
+/// mini-batch's parts gives the aggregated loss.
+pub fn policy_loss<B: Backend>(batch: ScoredResponses<B>, config: &LossConfig, normalizer: Normalizer) -> (Tensor<B, 1>, LossSums) {
+    let ScoredResponses { logp, old_logp, advantages, mask, entropy, ref_logp } = batch;
     let [n, len] = logp.dims();
     let adv = advantages.reshape([n, 1]).expand([n, len]); // [n, len]
     let ratio = (logp.clone() - old_logp).exp(); // [n, len]
@@ -144,13 +165,15 @@ mod tests {
     /// Two responses: lengths 2 and 1, advantages +1 and -2.
     /// ratios: e^0.5 = 1.6487 (clipped to 1.28 for A > 0), e^-0.1 = 0.9048 (inside), and
     /// e^-0.5 = 0.6065 (clipped to 0.8 for A < 0; min picks the clipped -1.6... see below).
-    fn batch() -> (Tensor<Cpu, 2>, Tensor<Cpu, 2>, Tensor<Cpu, 1>, Tensor<Cpu, 2>, Tensor<Cpu, 2>) {
-        let logp = t2(vec![-1.0, -2.0, -3.0, 0.0], [2, 2]);
-        let old = t2(vec![-1.5, -1.9, -2.5, 0.0], [2, 2]);
-        let adv = Tensor::<Cpu, 1>::from_floats([1.0, -2.0], &Default::default());
-        let mask = t2(vec![1.0, 1.0, 1.0, 0.0], [2, 2]);
-        let entropy = t2(vec![0.5, 0.5, 1.0, 9.0], [2, 2]);
-        (logp, old, adv, mask, entropy)
+    fn batch() -> ScoredResponses<Cpu> {
+        ScoredResponses {
+            logp: t2(vec![-1.0, -2.0, -3.0, 0.0], [2, 2]),
+            old_logp: t2(vec![-1.5, -1.9, -2.5, 0.0], [2, 2]),
+            advantages: Tensor::<Cpu, 1>::from_floats([1.0, -2.0], &Default::default()),
+            mask: t2(vec![1.0, 1.0, 1.0, 0.0], [2, 2]),
+            entropy: t2(vec![0.5, 0.5, 1.0, 9.0], [2, 2]),
+            ref_logp: None,
+        }
     }
 
     fn config(aggregation: Aggregation) -> LossConfig {
@@ -173,57 +196,28 @@ mod tests {
         //  t3: r = e^-0.5 = 0.60653, A = -2: min(-1.21306, -1.6) = -1.6 -> +1.6 (clipped)
         let (l1, l2, l3) = (-1.28f32, -(-0.1f32).exp(), 1.6f32);
         let normalizer = Normalizer { tokens: 3.0, responses: 2.0 };
-        let (logp, old, adv, mask, entropy) = batch();
-        let (loss, sums) = policy_loss(
-            logp.clone(),
-            old.clone(),
-            adv.clone(),
-            mask.clone(),
-            entropy.clone(),
-            None,
-            &config(Aggregation::Token),
-            normalizer,
-        );
+        let (loss, sums) = policy_loss(batch(), &config(Aggregation::Token), normalizer);
         assert!((value(loss) - (l1 + l2 + l3) / 3.0).abs() < 1e-5);
         assert_eq!(sums.tokens, 3.0);
         assert_eq!(sums.clipped_tokens, 2.0);
         assert!((sums.entropy_sum - 2.0).abs() < 1e-6, "padding is masked out");
-        let (loss, _) = policy_loss(
-            logp.clone(),
-            old.clone(),
-            adv.clone(),
-            mask.clone(),
-            entropy.clone(),
-            None,
-            &config(Aggregation::Sequence),
-            normalizer,
-        );
+        let (loss, _) = policy_loss(batch(), &config(Aggregation::Sequence), normalizer);
         assert!((value(loss) - ((l1 + l2) / 2.0 + l3) / 2.0).abs() < 1e-5);
-        let (loss, _) = policy_loss(logp, old, adv, mask, entropy, None, &config(Aggregation::TokenSumNorm), normalizer);
+        let (loss, _) = policy_loss(batch(), &config(Aggregation::TokenSumNorm), normalizer);
         assert!((value(loss) - (l1 + l2 + l3) / (2.0 * 4.0)).abs() < 1e-5);
     }
 
     #[test]
     fn kl_and_entropy_terms() {
         let normalizer = Normalizer { tokens: 3.0, responses: 2.0 };
-        let (logp, old, adv, mask, entropy) = batch();
         let reference = t2(vec![-1.0, -1.0, -3.0, 0.0], [2, 2]);
         // k3 per token: d = ref - logp = [0, 1, 0]; e^d - d - 1 = [0, e - 2, 0].
         let k3 = std::f32::consts::E - 2.0;
         let mut with_kl = config(Aggregation::Token);
         with_kl.kl_coef = 0.5;
         with_kl.entropy_coef = 0.1;
-        let (base, _) = policy_loss(
-            logp.clone(),
-            old.clone(),
-            adv.clone(),
-            mask.clone(),
-            entropy.clone(),
-            None,
-            &config(Aggregation::Token),
-            normalizer,
-        );
-        let (loss, sums) = policy_loss(logp, old, adv, mask, entropy, Some(reference), &with_kl, normalizer);
+        let (base, _) = policy_loss(batch(), &config(Aggregation::Token), normalizer);
+        let (loss, sums) = policy_loss(ScoredResponses { ref_logp: Some(reference), ..batch() }, &with_kl, normalizer);
         assert!((sums.kl_sum - k3).abs() < 1e-5);
         let expected = value(base) + (0.5 * k3 - 0.1 * 2.0) / 3.0;
         assert!((value(loss) - expected).abs() < 1e-5);

@@ -1,8 +1,6 @@
 //! One group rollout: G samples of a task's prompt (the prompt prefilled once and shared),
 //! decoded and scored by the reward. Shared by the RL phase and offline difficulty scoring.
 
-use burn::tensor::backend::Backend;
-
 use crate::error::StageError;
 use crate::model::CausalLm;
 use crate::model::chat::ModelTokenizer;
@@ -56,7 +54,7 @@ pub fn pass_rate_bin(pass_rate: f32) -> usize {
 }
 
 /// Samples `group` responses to `prompt` and scores them against `record`.
-pub fn rollout_group<B: Backend>(
+pub fn rollout_group<B: longrl_backends::CustomGrad>(
     model: &CausalLm<B>,
     tokenizer: &ModelTokenizer,
     record: &Record,

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::tensor::backend::AutodiffBackend;
+use longrl_backends::TrainBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
@@ -225,7 +225,7 @@ pub fn render_table(name: &str, rows: &[Row], samples: usize) -> String {
 
 impl ModelStage for Eval {
     type State = EvalState;
-    type Run<B: AutodiffBackend> = EvalRun<B>;
+    type Run<B: TrainBackend> = EvalRun<B>;
 
     fn rule(&self) -> RuleConfig {
         self.config.rule.clone()
@@ -235,7 +235,7 @@ impl ModelStage for Eval {
         Cadence::NONE
     }
 
-    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
         let (_, model) = load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?;
@@ -278,7 +278,7 @@ pub struct EvalState {}
 pub struct NoStepMetrics {}
 
 /// An evaluation on one backend.
-pub struct EvalRun<B: AutodiffBackend> {
+pub struct EvalRun<B: TrainBackend> {
     config: EvalConfig,
     name: String,
     tokenizer: ModelTokenizer,
@@ -294,7 +294,7 @@ pub struct EvalRun<B: AutodiffBackend> {
     steps: Vec<Vec<usize>>,
 }
 
-impl<B: AutodiffBackend> EvalRun<B> {
+impl<B: TrainBackend> EvalRun<B> {
     /// A completion's text, without its stop token.
     fn decode(&self, tokens: &[u32]) -> Result<String, StageError> {
         let mut tokens = tokens.to_vec();
@@ -333,7 +333,7 @@ impl<B: AutodiffBackend> EvalRun<B> {
     }
 }
 
-impl<B: AutodiffBackend> StageRun<B> for EvalRun<B> {
+impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
     type State = EvalState;
     type Metrics = NoStepMetrics;
 

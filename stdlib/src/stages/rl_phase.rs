@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::tensor::ElementConversion;
-use burn::tensor::backend::AutodiffBackend;
+use longrl_backends::TrainBackend;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -32,12 +31,12 @@ use crate::reward::{Reward, RuleConfig};
 use crate::rl::advantage::{StdScaling, group_advantages, mean_std};
 use crate::rl::chain::phase_problems;
 use crate::rl::dynamic::{DropReason, drop_reason, fill_step};
-use crate::rl::group::{Group, group_loss, normalizer};
+use crate::rl::group::{Group, group_backward, normalizer};
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums};
 use crate::rl::rollout::{pass_rate_bin, rollout_group};
 use crate::rl::shaping::overlong_penalty;
 use crate::stage::{Chart, DifficultyReport, PlanView, PortKind, PortSpec, ReportFigure, Stage, StageConfig, StageContext, StageIo};
-use crate::train::{OPTIMIZER_FILE, OptimConfig, Trainer};
+use crate::train::{OPTIMIZER_FILE, OptimConfig, RecomputeChoice, Trainer};
 
 /// Options of the `rl_phase` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -66,6 +65,17 @@ pub struct RlPhaseConfig {
     /// Prompts (groups) per step.
     #[serde(default = "default_prompts")]
     pub prompts_per_step: usize,
+    /// Padded response tokens per micro-batch of a group's backward (responses sorted by
+    /// length; every micro-batch reuses one forward of the group's prompt); 0 = the whole
+    /// group at once. Bounds training memory for long responses; the result is the same.
+    #[serde(default)]
+    pub micro_batch_tokens: usize,
+    /// Activation recomputation: `layer` keeps only each decoder layer's input and
+    /// recomputes the layer in the backward (activation memory of one layer, about one
+    /// more forward per step), `none` keeps every activation, `auto` picks `layer` when a
+    /// prompt and its response can exceed 2,048 tokens.
+    #[serde(default)]
+    pub recompute: RecomputeChoice,
     /// Prompts per optimizer step (mini-batch); `prompts_per_step / mini_batch` updates per step.
     #[serde(default = "default_mini_batch")]
     pub mini_batch: usize,
@@ -270,7 +280,7 @@ const REPORTS_FILE: &str = "reports.jsonl";
 
 impl ModelStage for RlPhase {
     type State = RlState;
-    type Run<B: AutodiffBackend> = RlRun<B>;
+    type Run<B: TrainBackend> = RlRun<B>;
 
     fn rule(&self) -> RuleConfig {
         self.config.rule.clone()
@@ -280,7 +290,7 @@ impl ModelStage for RlPhase {
         Cadence { every: self.config.checkpoint_every, keep: self.config.keep_checkpoints }
     }
 
-    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<RlRun<B>, StageError> {
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<RlRun<B>, StageError> {
         RlRun::prepare(&self.config, self.run_seed, inputs, device, io)
     }
 
@@ -382,7 +392,7 @@ pub struct RlStepMetrics {
 }
 
 /// An RL phase on one backend.
-pub struct RlRun<B: AutodiffBackend> {
+pub struct RlRun<B: TrainBackend> {
     config: RlPhaseConfig,
     run_seed: u64,
     policy_dir: PathBuf,
@@ -407,7 +417,7 @@ pub struct RlRun<B: AutodiffBackend> {
     started: Instant,
 }
 
-impl<B: AutodiffBackend> RlRun<B> {
+impl<B: TrainBackend> RlRun<B> {
     fn prepare(
         config: &RlPhaseConfig,
         run_seed: u64,
@@ -416,7 +426,9 @@ impl<B: AutodiffBackend> RlRun<B> {
         io: &mut StageIo,
     ) -> Result<Self, StageError> {
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
+        let recompute = config.recompute.resolve(config.max_input + config.prompt_room + config.max_output);
         let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
+        let model = model.with_recompute(recompute);
         let reference = (config.kl_coef > 0.0).then(|| model.valid());
         let (tasks, passed_by, carried_tasks) = phase_tasks(config, &tokenizer, inputs.records)?;
         if let Some(dir) = &inputs.out_dir {
@@ -575,17 +587,18 @@ impl<B: AutodiffBackend> RlRun<B> {
                     continue;
                 }
                 for &g in chunk {
-                    let model = self.trainer.model();
-                    let (loss, part) =
-                        group_loss(model, self.reference.as_ref(), &groups[g], config.temperature, &self.loss, normalizer, &self.device)?;
-                    stats.loss += f64::from(loss.clone().into_scalar().elem::<f32>());
-                    stats.sums.tokens += part.tokens;
-                    stats.sums.clipped_tokens += part.clipped_tokens;
-                    stats.sums.kl_sum += part.kl_sum;
-                    stats.sums.entropy_sum += part.entropy_sum;
-                    stats.sums.ratio_sum += part.ratio_sum;
+                    let (loss, part) = group_backward(
+                        &mut self.trainer,
+                        self.reference.as_ref(),
+                        &groups[g],
+                        config.temperature,
+                        &self.loss,
+                        normalizer,
+                        config.micro_batch_tokens,
+                    )?;
+                    stats.loss += loss;
+                    stats.sums = stats.sums.add(&part);
                     stats.tokens += groups[g].prompt.len() + groups[g].responses.iter().map(Vec::len).sum::<usize>();
-                    self.trainer.backward(loss);
                 }
                 let info = self.trainer.step(self.state.update, self.total_steps * self.updates_per_step);
                 self.state.update += 1;
@@ -612,7 +625,7 @@ impl<B: AutodiffBackend> RlRun<B> {
     }
 }
 
-impl<B: AutodiffBackend> StageRun<B> for RlRun<B> {
+impl<B: TrainBackend> StageRun<B> for RlRun<B> {
     type State = RlState;
     type Metrics = RlStepMetrics;
 
@@ -621,7 +634,7 @@ impl<B: AutodiffBackend> StageRun<B> for RlRun<B> {
     }
 
     fn restore(&mut self, dir: &Path, state: RlState, io: &mut StageIo) -> Result<(), StageError> {
-        let weights = load_model::<B>(dir, &self.device)?.1;
+        let weights = load_model::<B>(dir, &self.device)?.1.with_recompute(self.trainer.model().recompute);
         self.trainer = Trainer::new(weights, self.config.optim.clone()).load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
         self.state = state;
         self.reports = read_reports(&dir.join(REPORTS_FILE))?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
+use longrl_backends::TrainBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Done;
@@ -115,7 +115,7 @@ const SCORED_FILE: &str = "scored.jsonl";
 
 impl ModelStage for ScoreDifficulty {
     type State = ScoreState;
-    type Run<B: AutodiffBackend> = ScoreRun<B>;
+    type Run<B: TrainBackend> = ScoreRun<B>;
 
     fn rule(&self) -> RuleConfig {
         self.config.rule.clone()
@@ -125,7 +125,7 @@ impl ModelStage for ScoreDifficulty {
         Cadence { every: self.config.checkpoint_every, keep: 1 }
     }
 
-    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
         let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
         let mut stop_tokens = tokenizer.stop_ids.clone();
@@ -165,7 +165,7 @@ pub struct ScoreState {
 pub struct NoStepMetrics {}
 
 /// Difficulty scoring on one backend.
-pub struct ScoreRun<B: AutodiffBackend> {
+pub struct ScoreRun<B: TrainBackend> {
     config: ScoreDifficultyConfig,
     run_seed: u64,
     tokenizer: ModelTokenizer,
@@ -176,7 +176,7 @@ pub struct ScoreRun<B: AutodiffBackend> {
     state: ScoreState,
 }
 
-impl<B: AutodiffBackend> ScoreRun<B> {
+impl<B: TrainBackend> ScoreRun<B> {
     /// Task `index` annotated with its score.
     fn scored_record(&self, index: usize) -> Record {
         let mut record = self.records[index].clone();
@@ -190,7 +190,7 @@ impl<B: AutodiffBackend> ScoreRun<B> {
     }
 }
 
-impl<B: AutodiffBackend> StageRun<B> for ScoreRun<B> {
+impl<B: TrainBackend> StageRun<B> for ScoreRun<B> {
     type State = ScoreState;
     type Metrics = NoStepMetrics;
 

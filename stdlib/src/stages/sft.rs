@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
+use longrl_backends::TrainBackend;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,7 @@ use crate::model::{CausalLm, load_model, save_model};
 use crate::prompt::{encode_prompt, reasoning_trace};
 use crate::record::Record;
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
-use crate::train::{OPTIMIZER_FILE, OptimConfig, Trainer};
+use crate::train::{OPTIMIZER_FILE, OptimConfig, RecomputeChoice, Trainer};
 
 /// Options of the `sft` stage.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -39,6 +39,12 @@ pub struct SftConfig {
     /// Padded tokens per micro-batch (rows x longest row).
     #[serde(default = "default_batch_tokens")]
     pub batch_tokens: usize,
+    /// Activation recomputation: `layer` keeps only each decoder layer's input and
+    /// recomputes the layer in the backward (activation memory of one layer, about one
+    /// more forward per step), `none` keeps every activation, `auto` picks `layer` when an
+    /// example can exceed 2,048 tokens.
+    #[serde(default)]
+    pub recompute: RecomputeChoice,
     /// Micro-batches per optimizer step.
     #[serde(default = "default_accum")]
     pub grad_accum: usize,
@@ -192,7 +198,7 @@ pub fn batches(examples: &[Example], budget: usize, rng: &mut rand_chacha::ChaCh
 ///
 /// # Shapes
 /// - returns a `[1]` tensor
-pub fn response_nll<B: burn::tensor::backend::Backend>(
+pub fn response_nll<B: longrl_backends::CustomGrad>(
     model: &CausalLm<B>,
     batch: &[Example],
     denominator: f64,
@@ -203,16 +209,17 @@ pub fn response_nll<B: burn::tensor::backend::Backend>(
 
 impl ModelStage for Sft {
     type State = SftState;
-    type Run<B: AutodiffBackend> = SftRun<B>;
+    type Run<B: TrainBackend> = SftRun<B>;
 
     fn cadence(&self) -> Cadence {
         Cadence { every: self.config.checkpoint_every, keep: self.config.keep_checkpoints }
     }
 
-    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<SftRun<B>, StageError> {
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<SftRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
         let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
+        let model = model.with_recompute(config.recompute.resolve(config.max_input + config.max_response));
         let (examples, skipped) = make_examples(&tokenizer, &inputs.records, config.max_input, config.max_response)?;
         if examples.is_empty() {
             return Err(StageError::Failed(format!("{}: no record has a reasoning trace to train on", io.label())));
@@ -260,7 +267,7 @@ pub struct SftStepMetrics {
 }
 
 /// SFT on one backend.
-pub struct SftRun<B: AutodiffBackend> {
+pub struct SftRun<B: TrainBackend> {
     config: SftConfig,
     policy_dir: PathBuf,
     model_config: ModelConfig,
@@ -274,7 +281,7 @@ pub struct SftRun<B: AutodiffBackend> {
     started: Instant,
 }
 
-impl<B: AutodiffBackend> StageRun<B> for SftRun<B> {
+impl<B: TrainBackend> StageRun<B> for SftRun<B> {
     type State = SftState;
     type Metrics = SftStepMetrics;
 
@@ -283,7 +290,7 @@ impl<B: AutodiffBackend> StageRun<B> for SftRun<B> {
     }
 
     fn restore(&mut self, dir: &Path, state: SftState, _io: &mut StageIo) -> Result<(), StageError> {
-        let weights = load_model::<B>(dir, &self.device)?.1;
+        let weights = load_model::<B>(dir, &self.device)?.1.with_recompute(self.trainer.model().recompute);
         self.trainer = Trainer::new(weights, self.config.optim.clone()).load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
         self.state = state;
         Ok(())
