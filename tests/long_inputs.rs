@@ -17,7 +17,7 @@ use longrl_stdlib::model::score::score_batch;
 use longrl_stdlib::model::{CausalLm, Recompute, load_model};
 use longrl_stdlib::rl::group::{Group, group_backward, micro_batches};
 use longrl_stdlib::rl::loss::{Aggregation, KlEstimator, LossConfig, Normalizer, ScoredResponses, policy_loss};
-use longrl_stdlib::train::{OptimConfig, Schedule, Trainer};
+use longrl_stdlib::train::{OptimConfig, Schedule, Trainer, autodiff_lock};
 use support::workspace;
 
 type Model = CausalLm<CpuTrain>;
@@ -100,6 +100,7 @@ fn weights_mask(weights: &Tensor<CpuTrain, 4>) -> Tensor<CpuTrain, 4> {
 
 #[test]
 fn linear_memory_attention_matches_plain_attention_in_value_and_gradients() {
+    let _autodiff = autodiff_lock();
     // (shared prefix, key padding, past keys): the group layout, left padding, a cache.
     for (shared, padding, past) in [(true, false, 0), (false, true, 0), (false, false, 4), (true, true, 2)] {
         let plain = attention_run(AttentionKernel::Plain, shared, padding, past);
@@ -125,7 +126,9 @@ fn parameter_grads(model: &Model, grads: &GradientsParams) -> Vec<Vec<f32>> {
     }
     impl ModuleVisitor<CpuTrain> for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<CpuTrain, D>>) {
-            let grad = self.grads.get::<Cpu, D>(param.id).expect("every parameter has a gradient");
+            let Some(grad) = self.grads.get::<Cpu, D>(param.id) else {
+                panic!("parameter {} (of {:?}) has no gradient", self.out.len(), param.val().dims())
+            };
             self.out.push(to_vec(grad));
         }
     }
@@ -267,6 +270,7 @@ fn optim() -> OptimConfig {
 
 #[test]
 fn the_micro_batched_group_loss_on_the_long_input_path_matches_the_plain_loss() {
+    let _autodiff = autodiff_lock();
     let group = group();
     let normalizer = Normalizer { tokens: 16.0, responses: 4.0 };
     let temperature = 0.8;
@@ -299,6 +303,7 @@ fn the_micro_batched_group_loss_on_the_long_input_path_matches_the_plain_loss() 
 
 #[test]
 fn sft_on_the_long_input_path_matches_the_plain_loss() {
+    let _autodiff = autodiff_lock();
     // Right-padded rows of different prompt and response lengths.
     let batch =
         vec![(vec![5u32, 9, 13, 21], vec![30u32, 31, 2]), (vec![7u32, 8], vec![40u32, 41, 42, 2, 17, 18]), (vec![3u32; 9], vec![9u32])];
@@ -327,6 +332,7 @@ fn sft_on_the_long_input_path_matches_the_plain_loss() {
 /// gradient of the log-probs alone is unchanged.
 #[test]
 fn the_chunked_head_matches_full_logits_for_tied_and_untied_heads() {
+    let _autodiff = autodiff_lock();
     for (name, model) in models() {
         let [_, d] = model.embed_tokens.weight.val().dims();
         let n = 13;

@@ -311,6 +311,7 @@ fn sharded_checkpoints_load() {
 
 #[test]
 fn scoring_is_differentiable_on_the_autodiff_backend() {
+    let _autodiff = longrl_stdlib::train::autodiff_lock();
     let dir = workspace().join("tests/fixtures/reference/tiny-qwen2");
     let (_, model) = load_model::<CpuTrain>(&dir, &Default::default()).expect("model loads");
     let scores = score_group(&model, &[5, 6, 7, 8], &[vec![9, 10, 11], vec![12, 13]]).expect("scores");

@@ -53,6 +53,7 @@ fn optim() -> OptimConfig {
 
 #[test]
 fn the_policy_loss_gradient_matches_finite_differences() {
+    let _autodiff = longrl_stdlib::train::autodiff_lock();
     let dir = workspace().join("tests/fixtures/reference/tiny-llama");
     let device = Default::default();
     let (_, model) = load_model::<CpuTrain>(&dir, &device).expect("model");

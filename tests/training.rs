@@ -155,6 +155,7 @@ fn the_sft_loss_is_the_response_token_mean_of_transformers_logits() {
 
 #[test]
 fn one_sft_step_lowers_the_loss() {
+    let _autodiff = longrl_stdlib::train::autodiff_lock();
     let dir = workspace().join("tests/fixtures/reference/tiny-llama");
     let (_, model) = load_model::<CpuTrain>(&dir, &Default::default()).expect("model");
     let batch = vec![(vec![5u32, 9, 13, 21], vec![30u32, 31, 2]), (vec![7u32, 8], vec![40u32, 41, 42, 2])];

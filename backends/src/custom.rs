@@ -20,6 +20,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 
+use crate::kernels::Kernels;
+
 /// A function of float tensors with its vector-Jacobian product, on backend `B`.
 pub trait Vjp<B: Backend>: Clone + Send + Sync + Debug + 'static {
     /// What the forward keeps for the backward besides the inputs (e.g. a row's
@@ -41,10 +43,10 @@ pub trait Vjp<B: Backend>: Clone + Send + Sync + Debug + 'static {
 }
 
 /// A backend that can apply [`Vjp`] functions.
-pub trait CustomGrad: Backend {
+pub trait CustomGrad: Kernels {
     /// The backend the functions compute on: the backend itself, or the inner one under
     /// autodiff.
-    type Base: Backend;
+    type Base: Kernels;
 
     /// Applies `f` to `inputs` (at most [`MAX_INPUTS`]); differentiable under autodiff.
     fn custom<F: Vjp<Self::Base>>(f: F, inputs: Vec<FloatTensor<Self>>) -> FloatTensor<Self>;

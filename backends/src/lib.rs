@@ -6,11 +6,14 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod cpu;
 pub mod custom;
+pub mod kernels;
 
 use burn::backend::Autodiff;
 
 pub use custom::{CustomGrad, TrainBackend, Vjp};
+pub use kernels::{AttentionCall, AttentionCallGrads, Kernels};
 
 /// The CPU backend (burn-flex: pure Rust, `gemm` matmul).
 pub type Cpu = burn::backend::Flex;

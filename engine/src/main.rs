@@ -177,6 +177,27 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         concurrency: Vec<usize>,
     },
+    /// Peak memory and time of one training step per input length, each in a fresh process.
+    /// RL: one prompt of that length with a group of responses; SFT: one example of that
+    /// length (half prompt, half response).
+    Memory {
+        #[command(flatten)]
+        step: MemoryArgs,
+        /// Input lengths in tokens, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4096,16384")]
+        lengths: Vec<usize>,
+        /// One JSON object per line (`length`, `step`, `peak_rss_mib`, `seconds`, ...).
+        #[arg(long)]
+        json: bool,
+    },
+    /// (internal) one training step of `bench memory`; prints its figures as JSON.
+    #[command(hide = true)]
+    MemoryStep {
+        #[command(flatten)]
+        step: MemoryArgs,
+        #[arg(long)]
+        length: usize,
+    },
     /// (internal) one prefill of --len tokens; prints peak memory.
     #[command(hide = true)]
     PrefillMemory {
@@ -197,6 +218,69 @@ enum BenchCommand {
         #[arg(long, default_value = "examples/tokenizers/qwen2.5/tokenizer.json")]
         tokenizer: PathBuf,
     },
+}
+
+/// The step `bench memory` measures.
+#[derive(Args, Debug, Clone)]
+struct MemoryArgs {
+    /// Shape: tiny, smollm2-135m or qwen2-0.5b.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Which step: rl or sft.
+    #[arg(long, value_enum, default_value = "rl")]
+    step: longrl_engine::commands::bench::memory::StepKind,
+    /// Vocabulary size (default: the preset model's).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// RL: responses per group.
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    /// RL: tokens per response.
+    #[arg(long, default_value_t = 256)]
+    response_tokens: usize,
+    /// Activation recomputation: auto, layer or none.
+    #[arg(long, default_value = "auto", value_parser = parse_recompute)]
+    recompute: longrl_stdlib::train::RecomputeChoice,
+    /// RL: padded response tokens per micro-batch (0: the whole group at once).
+    #[arg(long, default_value_t = 0)]
+    micro_batch_tokens: usize,
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    backend: BackendKind,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+impl MemoryArgs {
+    fn step(&self, length: usize) -> longrl_engine::commands::bench::memory::MemoryStep {
+        longrl_engine::commands::bench::memory::MemoryStep {
+            preset: self.preset.clone(),
+            vocab: self.vocab,
+            step: self.step,
+            length,
+            group: self.group,
+            response_tokens: self.response_tokens,
+            recompute: self.recompute,
+            micro_batch_tokens: self.micro_batch_tokens,
+        }
+    }
+
+    /// The same options as command-line arguments, for the child process.
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["--preset".to_string(), self.preset.clone(), "--step".into()];
+        args.push(serde_json::to_value(self.step).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
+        if let Some(vocab) = self.vocab {
+            args.extend(["--vocab".to_string(), vocab.to_string()]);
+        }
+        args.extend(["--group".to_string(), self.group.to_string(), "--response-tokens".into(), self.response_tokens.to_string()]);
+        let recompute = serde_json::to_value(self.recompute).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        args.extend(["--recompute".to_string(), recompute, "--micro-batch-tokens".into(), self.micro_batch_tokens.to_string()]);
+        args.extend(["--backend".to_string(), self.backend.to_string(), "--device".into(), self.device.to_string()]);
+        args
+    }
+}
+
+fn parse_recompute(text: &str) -> Result<longrl_stdlib::train::RecomputeChoice, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| format!("`{text}` is not auto, layer or none"))
 }
 
 fn main() -> ExitCode {
@@ -304,6 +388,39 @@ fn generate(args: GenerateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `longrl bench memory`: each length's step in a fresh process.
+fn bench_memory(step: &MemoryArgs, lengths: &[usize], json: bool) -> Result<ExitCode> {
+    use longrl_engine::commands::bench::memory::MemoryFigures;
+    let exe = std::env::current_exe().context("cannot find the longrl executable")?;
+    if !json {
+        println!("{:?} step, preset {}, backend {} (one fresh process per length)", step.step, step.preset, step.backend);
+        println!("{:>9} {:>10} {:>14} {:>10}", "length", "recompute", "peak RSS MiB", "seconds");
+    }
+    for &length in lengths {
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "memory-step", "--length", &length.to_string()])
+            .args(step.to_args())
+            .output()
+            .context("cannot start the memory probe")?;
+        if !out.status.success() {
+            bail!("the step at {length} tokens failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let figures: MemoryFigures = serde_json::from_slice(&out.stdout).context("the memory probe printed no figures")?;
+        if json {
+            println!("{}", serde_json::to_string(&figures)?);
+        } else {
+            println!(
+                "{:>9} {:>10} {:>14.0} {:>10.2}",
+                figures.length,
+                format!("{:?}", figures.recompute).to_lowercase(),
+                figures.peak_rss_mib,
+                figures.seconds
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `longrl bench ...`.
 fn bench(command: BenchCommand) -> Result<ExitCode> {
     match command {
@@ -345,6 +462,13 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
             for (c, rate) in figures {
                 println!("  concurrency {c:>3}: {rate:>8.1} requests/s ({:.1}x)", rate / base);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Memory { step, lengths, json } => bench_memory(&step, &lengths, json),
+        BenchCommand::MemoryStep { step, length } => {
+            let figures =
+                longrl_backends::dispatch(DeviceSpec::new(step.backend, step.device), step.step(length))?.map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string(&figures)?);
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::PrefillMemory { len, vocab } => {

@@ -44,6 +44,16 @@ impl RecomputeChoice {
     }
 }
 
+/// Burn 0.21 keeps every autodiff graph of a process in one registry, and the clean-up that
+/// follows a backward can drop the entries of a graph another thread is still building (seen
+/// as a parameter left without a gradient when two threads train at once). Training work
+/// holds this lock from its first forward to its last backward, so that graphs are built and
+/// consumed one at a time; stages that train in parallel take turns step by step.
+pub fn autodiff_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The file, next to a model's weights, that holds its optimizer state.
 pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 

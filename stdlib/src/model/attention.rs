@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorPrimitive};
 use longrl_backends::CustomGrad;
 
-use crate::model::flash::AttentionVjp;
+use crate::model::flash::{AttentionInputs, AttentionVjp};
 
 /// Score given to masked keys. Finite (not -inf) so that a row with every key masked (a
 /// padding row) stays finite instead of spreading NaN through later layers.
@@ -176,6 +176,14 @@ pub fn attend<B: CustomGrad>(
     if flash {
         return attend_flash(q, shared, own_k, own_v, past, key_padding, options);
     }
+    if options.kernel == AttentionKernel::Auto && !B::ad_enabled(&q.device()) {
+        // Inference: the backend's fused kernel, when it has one.
+        let vjp = flash_vjp(past, shared.is_some(), key_padding.clone(), options);
+        let inputs = AttentionInputs { q: q.clone(), own_k: own_k.clone(), own_v: own_v.clone(), shared: shared.clone() };
+        if let Some((out, _)) = vjp.fused(&inputs) {
+            return out;
+        }
+    }
     if options.kernel == AttentionKernel::Auto && shared.is_none() && key_padding.is_none() {
         return attend_fused(q, own_k, own_v, rep);
     }
@@ -194,6 +202,15 @@ pub fn attend<B: CustomGrad>(
     out.reshape([b, h, s, hd])
 }
 
+/// The custom operation of [`crate::model::flash`] for one call.
+fn flash_vjp<B: Backend>(past: usize, shared: bool, key_padding: Option<Tensor<B, 2, Bool>>, options: AttentionOptions) -> AttentionVjp {
+    let key_padding = key_padding.map(|padding| {
+        let [rows, keys] = padding.dims();
+        (padding.into_data().convert::<bool>().into_vec::<bool>().unwrap_or_default(), [rows, keys])
+    });
+    AttentionVjp { past, shared, key_padding, key_chunk: options.key_chunk, query_chunk: options.query_chunk }
+}
+
 /// [`attend`] through the custom operation of [`crate::model::flash`].
 fn attend_flash<B: CustomGrad>(
     q: Tensor<B, 4>,
@@ -204,11 +221,7 @@ fn attend_flash<B: CustomGrad>(
     key_padding: Option<Tensor<B, 2, Bool>>,
     options: AttentionOptions,
 ) -> Tensor<B, 4> {
-    let key_padding = key_padding.map(|padding| {
-        let [rows, keys] = padding.dims();
-        (padding.into_data().convert::<bool>().into_vec::<bool>().unwrap_or_default(), [rows, keys])
-    });
-    let vjp = AttentionVjp { past, shared: shared.is_some(), key_padding, key_chunk: options.key_chunk, query_chunk: options.query_chunk };
+    let vjp = flash_vjp(past, shared.is_some(), key_padding, options);
     let mut inputs = vec![q.into_primitive().tensor(), own_k.into_primitive().tensor(), own_v.into_primitive().tensor()];
     if let Some((k, v)) = shared {
         inputs.push(k.into_primitive().tensor());

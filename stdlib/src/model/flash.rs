@@ -11,7 +11,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Tensor, TensorData, TensorPrimitive};
-use longrl_backends::Vjp;
+use longrl_backends::{AttentionCall, Kernels, Vjp};
 
 use crate::model::attention::{MASKED, mask_own, scores_shared, weighted_shared};
 
@@ -144,6 +144,52 @@ impl AttentionVjp {
         blocks(dims.t, self.key_chunk).into_iter().take_while(|&(start, _)| start < self.past + q_end).collect()
     }
 
+    /// The call as a backend's fused kernel takes it.
+    fn call<B: Backend>(&self, inputs: &AttentionInputs<B>) -> AttentionCall<B> {
+        AttentionCall {
+            q: primitive(inputs.q.clone()),
+            own_k: primitive(inputs.own_k.clone()),
+            own_v: primitive(inputs.own_v.clone()),
+            shared: inputs.shared.as_ref().map(|(k, v)| (primitive(k.clone()), primitive(v.clone()))),
+            past: self.past,
+            key_padding: self.key_padding.clone(),
+        }
+    }
+
+    /// The backend's fused kernel's output and log-sum-exp, if it has one.
+    pub fn fused<B: Kernels>(&self, inputs: &AttentionInputs<B>) -> Option<(Tensor<B, 4>, Tensor<B, 5>)> {
+        B::fused_attention(&self.call(inputs)).map(|(out, lse)| (tensor(&out), tensor(&lse)))
+    }
+
+    /// The output `[b, heads, s, hd]` and the log-sum-exp `[b, kvh, rep, s, 1]`, by the
+    /// backend's fused kernel when it has one.
+    pub fn attend<B: Kernels>(&self, inputs: &AttentionInputs<B>) -> (Tensor<B, 4>, Tensor<B, 5>) {
+        match B::fused_attention(&self.call(inputs)) {
+            Some((out, lse)) => (tensor(&out), tensor(&lse)),
+            None => self.attend_generic(inputs),
+        }
+    }
+
+    /// The input gradients, by the backend's fused kernel when it has one.
+    pub fn gradients<B: Kernels>(
+        &self,
+        inputs: &AttentionInputs<B>,
+        out: Tensor<B, 4>,
+        lse: Tensor<B, 5>,
+        d_out: Tensor<B, 4>,
+    ) -> AttentionGrads<B> {
+        let (out_p, lse_p, d_out_p) = (primitive(out.clone()), primitive(lse.clone()), primitive(d_out.clone()));
+        match B::fused_attention_backward(&self.call(inputs), &out_p, &lse_p, &d_out_p) {
+            Some(grads) => AttentionGrads {
+                q: tensor(&grads.q),
+                own_k: tensor(&grads.own_k),
+                own_v: tensor(&grads.own_v),
+                shared: grads.shared.map(|(k, v)| (tensor(&k), tensor(&v))),
+            },
+            None => self.gradients_generic(inputs, out, lse, d_out),
+        }
+    }
+
     /// The inputs as tensors: queries, own keys and values, and the shared prefix.
     fn unpack<B: Backend>(&self, inputs: &[FloatTensor<B>]) -> AttentionInputs<B> {
         AttentionInputs {
@@ -154,8 +200,8 @@ impl AttentionVjp {
         }
     }
 
-    /// The output `[b, heads, s, hd]` and the log-sum-exp `[b, kvh, rep, s, 1]`.
-    pub fn attend<B: Backend>(&self, inputs: &AttentionInputs<B>) -> (Tensor<B, 4>, Tensor<B, 5>) {
+    /// [`AttentionVjp::attend`] over tensor ops.
+    pub fn attend_generic<B: Backend>(&self, inputs: &AttentionInputs<B>) -> (Tensor<B, 4>, Tensor<B, 5>) {
         let AttentionInputs { q, own_k, own_v, shared } = inputs;
         let dims = Dims::of(&q, &own_k);
         let Dims { b, kv_heads: kvh, rep, s, hd, .. } = dims;
@@ -248,8 +294,9 @@ pub struct AttentionGrads<B: Backend> {
 
 impl AttentionVjp {
     /// The gradients of the inputs given the output's, from the output and log-sum-exp of
-    /// [`AttentionVjp::attend`] (FlashAttention-2's backward: scores recomputed per block).
-    pub fn gradients<B: Backend>(
+    /// [`AttentionVjp::attend`] (FlashAttention-2's backward: scores recomputed per block),
+    /// over tensor ops.
+    pub fn gradients_generic<B: Backend>(
         &self,
         inputs: &AttentionInputs<B>,
         out: Tensor<B, 4>,
@@ -320,7 +367,7 @@ impl AttentionVjp {
     }
 }
 
-impl<B: Backend> Vjp<B> for AttentionVjp {
+impl<B: Kernels> Vjp<B> for AttentionVjp {
     /// The output and the log-sum-exp of every query row.
     type Saved = (FloatTensor<B>, FloatTensor<B>);
 

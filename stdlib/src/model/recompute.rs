@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use longrl_backends::Vjp;
+use longrl_backends::{Kernels, Vjp};
 
 use crate::model::flash::{AttentionGrads, AttentionInputs, AttentionVjp, primitive, tensor};
 
@@ -187,7 +187,7 @@ impl LayerVjp {
     }
 
     /// Runs the layer, keeping every intermediate.
-    fn run<B: Backend>(&self, inputs: &[FloatTensor<B>]) -> LayerActs<B> {
+    fn run<B: Kernels>(&self, inputs: &[FloatTensor<B>]) -> LayerActs<B> {
         let slots = self.slots();
         let bias = |slot: Option<usize>| slot.map(|i| tensor::<B, 1>(&inputs[i]));
         let LayerShape { heads, kv_heads, rms_norm_eps: eps, .. } = self.shape;
@@ -214,7 +214,7 @@ impl LayerVjp {
 
     /// The MLP half's gradients: of `x1` (through the MLP and its norm, without the
     /// residual), and of norm2, gate, up and down.
-    fn mlp_backward<B: Backend>(
+    fn mlp_backward<B: Kernels>(
         &self,
         inputs: &[FloatTensor<B>],
         acts: &LayerActs<B>,
@@ -236,7 +236,7 @@ impl LayerVjp {
 
     /// The attention half's gradients given `d_x1`: of `x` (through attention and its norm,
     /// without the residual), and of norm1, the projections and the shared prefix.
-    fn attention_backward<B: Backend>(
+    fn attention_backward<B: Kernels>(
         &self,
         inputs: &[FloatTensor<B>],
         acts: &LayerActs<B>,
@@ -277,7 +277,7 @@ impl LayerVjp {
     }
 }
 
-impl<B: Backend> Vjp<B> for LayerVjp {
+impl<B: Kernels> Vjp<B> for LayerVjp {
     type Saved = ();
 
     fn forward(&self, inputs: &[FloatTensor<B>]) -> (FloatTensor<B>, ()) {

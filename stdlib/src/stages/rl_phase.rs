@@ -577,6 +577,7 @@ impl<B: TrainBackend> RlRun<B> {
         let config = &self.config;
         let mut step_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed(config.seed ^ 0x5eed, self.run_seed, step, 0));
         let started = Instant::now();
+        let _autodiff = crate::train::autodiff_lock();
         let mut stats = TrainStats::default();
         for _ in 0..config.ppo_epochs {
             let mut order: Vec<usize> = (0..groups.len()).collect();

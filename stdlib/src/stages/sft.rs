@@ -298,6 +298,7 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
 
     fn step(&mut self, step: usize, _io: &mut StageIo) -> Result<StepOutcome<SftStepMetrics>, StageError> {
         let step_started = Instant::now();
+        let _autodiff = crate::train::autodiff_lock();
         let micro_batches = &self.steps[step];
         // Every micro-batch's loss is divided by the step's response tokens: a token mean.
         let denominator: usize = micro_batches.iter().flatten().map(|&i| self.examples[i].1.len()).sum();

@@ -1,0 +1,725 @@
+//! Fused causal attention for the CPU backend: the online-softmax forward (keeping each
+//! query row's log-sum-exp) and the FlashAttention-2 backward, over f32 slices, parallel
+//! over (batch, key/value head, block) tasks with rayon. Scores are computed a key block at
+//! a time in vectorizable loops (the module is compiled for the CPU's vector unit at run
+//! time, see [`super::vectorized`]); no score tensor larger than a block ever exists, and
+//! inputs are read through their strides, so views (heads split from a projection) need no
+//! copy.
+//!
+//! Semantics match the tensor-op path of `longrl_stdlib::model::flash`: queries grouped by
+//! key/value head (`rep` query heads per kv head), an optional prefix every row attends to
+//! in full, causal own keys (query i sees own keys `..= past + i`), optional key padding,
+//! masked scores set to [`MASKED`].
+
+use rayon::prelude::*;
+
+use super::{Task, vectorized};
+
+/// Score given to masked keys (finite, as the tensor-op path).
+pub const MASKED: f32 = -1.0e30;
+
+/// Keys per block.
+const KEY_BLOCK: usize = 64;
+/// Query rows per task.
+const QUERY_BLOCK: usize = 32;
+
+/// A read-only 4-D f32 tensor whose last dimension is contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct View4<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    /// Strides of the first three dimensions (the last is 1).
+    pub strides: [usize; 3],
+    pub dims: [usize; 4],
+}
+
+impl<'a> View4<'a> {
+    /// The contiguous last-dimension row at `[a, b, c, ..]`.
+    #[inline(always)]
+    fn row(&self, a: usize, b: usize, c: usize) -> &'a [f32] {
+        let start = self.offset + a * self.strides[0] + b * self.strides[1] + c * self.strides[2];
+        &self.data[start..start + self.dims[3]]
+    }
+}
+
+/// One attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Problem<'a> {
+    /// `[b, heads, s, hd]`.
+    pub q: View4<'a>,
+    /// `[b, kv_heads, t, hd]`.
+    pub own_k: View4<'a>,
+    pub own_v: View4<'a>,
+    /// `[1, kv_heads, p, hd]`.
+    pub shared: Option<(View4<'a>, View4<'a>)>,
+    /// Own keys before the first query.
+    pub past: usize,
+    /// `[b, t]`, true = masked.
+    pub key_padding: Option<&'a [bool]>,
+}
+
+/// Sizes derived from a problem.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    b: usize,
+    heads: usize,
+    kvh: usize,
+    rep: usize,
+    s: usize,
+    hd: usize,
+    t: usize,
+    p: usize,
+    scale: f32,
+}
+
+impl Problem<'_> {
+    fn sizes(&self) -> Sizes {
+        let [b, heads, s, hd] = self.q.dims;
+        let [_, kvh, t, _] = self.own_k.dims;
+        let p = self.shared.map_or(0, |(k, _)| k.dims[2]);
+        Sizes { b, heads, kvh, rep: heads / kvh, s, hd, t, p, scale: 1.0 / (hd as f32).sqrt() }
+    }
+
+    /// How many keys of the own block `k0..k0 + nk` query `i` can see causally (a prefix
+    /// of the block); padding is applied separately.
+    #[inline(always)]
+    fn causal_keys(&self, i: usize, k0: usize, nk: usize) -> usize {
+        (self.past + i + 1).saturating_sub(k0).min(nk)
+    }
+
+    /// Padding flags of batch row `bi`'s own keys `k0..k0 + nk`, if the call has padding.
+    #[inline(always)]
+    fn padding(&self, bi: usize, t: usize, k0: usize, nk: usize) -> Option<&[bool]> {
+        self.key_padding.map(|pad| &pad[bi * t + k0..bi * t + k0 + nk])
+    }
+
+    /// Sets the scores of the keys query `i` may not see to [`MASKED`].
+    #[inline(always)]
+    fn mask_scores(&self, bi: usize, t: usize, i: usize, k0: usize, scores: &mut [f32]) {
+        let nk = scores.len();
+        scores[self.causal_keys(i, k0, nk)..].fill(MASKED);
+        if let Some(padding) = self.padding(bi, t, k0, nk) {
+            for (s, &pad) in scores.iter_mut().zip(padding) {
+                if pad {
+                    *s = MASKED;
+                }
+            }
+        }
+    }
+
+    /// Own key blocks query rows `..q_end` can see (whole blocks; the mask hides the rest).
+    #[inline(always)]
+    fn own_blocks(&self, sz: &Sizes, q_end: usize) -> impl Iterator<Item = (usize, usize)> {
+        let visible = self.past + q_end;
+        let t = sz.t;
+        (0..t).step_by(KEY_BLOCK).take_while(move |&start| start < visible).map(move |start| (start, (start + KEY_BLOCK).min(t)))
+    }
+}
+
+fn blocks(len: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len).step_by(size).map(move |start| (start, (start + size).min(len)))
+}
+
+/// A key block's keys transposed (`[hd][KEY_BLOCK]`), so that scores are axpys.
+#[inline(always)]
+fn transpose_block(view: &View4, bi: usize, g: usize, (k0, k1): (usize, usize), out: &mut [f32]) {
+    for (j, key) in (k0..k1).enumerate() {
+        for (d, &x) in view.row(bi, g, key).iter().enumerate() {
+            out[d * KEY_BLOCK + j] = x;
+        }
+    }
+}
+
+/// Query rows handled together by the tile kernels (their accumulators stay in registers).
+const GROUP: usize = 6;
+/// Columns of one tile (two AVX2 registers, one AVX-512 register).
+const WIDTH: usize = 16;
+
+/// Scores of a group of rows against a transposed key block:
+/// `out[r][j] = a_r . b_j` for every row `r < GROUP` (unused rows are zero) and `j <
+/// KEY_BLOCK`.
+#[inline(always)]
+fn tile_scores(a: &[&[f32]; GROUP], bt: &[f32], hd: usize, out: &mut [[f32; KEY_BLOCK]; GROUP]) {
+    for c in (0..KEY_BLOCK).step_by(WIDTH) {
+        let mut acc = [[0.0f32; WIDTH]; GROUP];
+        for d in 0..hd {
+            let b = &bt[d * KEY_BLOCK + c..d * KEY_BLOCK + c + WIDTH];
+            for r in 0..GROUP {
+                let x = a[r][d];
+                for w in 0..WIDTH {
+                    acc[r][w] = x.mul_add(b[w], acc[r][w]);
+                }
+            }
+        }
+        for r in 0..GROUP {
+            out[r][c..c + WIDTH].copy_from_slice(&acc[r]);
+        }
+    }
+}
+
+/// Rows `k0..` of one (batch row, kv head) of a key or value view.
+#[derive(Clone, Copy)]
+struct KeyRows<'a> {
+    view: &'a View4<'a>,
+    batch: usize,
+    g: usize,
+    k0: usize,
+}
+
+impl<'a> KeyRows<'a> {
+    #[inline(always)]
+    fn row(&self, j: usize) -> &'a [f32] {
+        self.view.row(self.batch, self.g, self.k0 + j)
+    }
+}
+
+/// `acc[r] += sum_j weights[r][j] * row_j` for the group's rows (`acc` is `[n][hd]`) over
+/// keys `j < nk` of a value (or key) block.
+#[inline(always)]
+fn tile_accumulate(acc: &mut [f32], n: usize, weights: &[[f32; KEY_BLOCK]; GROUP], nk: usize, rows: KeyRows, hd: usize) {
+    let full = hd / WIDTH * WIDTH;
+    for c in (0..full).step_by(WIDTH) {
+        let mut t = [[0.0f32; WIDTH]; GROUP];
+        for r in 0..n {
+            t[r].copy_from_slice(&acc[r * hd + c..r * hd + c + WIDTH]);
+        }
+        for j in 0..nk {
+            let b = &rows.row(j)[c..c + WIDTH];
+            for r in 0..GROUP {
+                let x = weights[r][j];
+                for w in 0..WIDTH {
+                    t[r][w] = x.mul_add(b[w], t[r][w]);
+                }
+            }
+        }
+        for r in 0..n {
+            acc[r * hd + c..r * hd + c + WIDTH].copy_from_slice(&t[r]);
+        }
+    }
+    for c in full..hd {
+        for r in 0..n {
+            let mut sum = acc[r * hd + c];
+            for j in 0..nk {
+                sum = weights[r][j].mul_add(rows.row(j)[c], sum);
+            }
+            acc[r * hd + c] = sum;
+        }
+    }
+}
+
+/// `out[j] += sum_r weights[r][j] * rows[r]` for keys `j < nk` (`out` is `[nk][hd]`): the
+/// key-side products of the backward (dV from P and dO, dK from dS and Q).
+#[inline(always)]
+fn tile_accumulate_keys(out: &mut [f32], nk: usize, weights: &[[f32; KEY_BLOCK]; GROUP], rows: &[&[f32]; GROUP], hd: usize) {
+    let full = hd / WIDTH * WIDTH;
+    for c in (0..full).step_by(WIDTH) {
+        let mut held = [[0.0f32; WIDTH]; GROUP];
+        for r in 0..GROUP {
+            held[r].copy_from_slice(&rows[r][c..c + WIDTH]);
+        }
+        for j in 0..nk {
+            let slot = &mut out[j * hd + c..j * hd + c + WIDTH];
+            let mut t = [0.0f32; WIDTH];
+            t.copy_from_slice(slot);
+            for r in 0..GROUP {
+                let x = weights[r][j];
+                for w in 0..WIDTH {
+                    t[w] = x.mul_add(held[r][w], t[w]);
+                }
+            }
+            slot.copy_from_slice(&t);
+        }
+    }
+    for c in full..hd {
+        for j in 0..nk {
+            let mut sum = out[j * hd + c];
+            for r in 0..GROUP {
+                sum = weights[r][j].mul_add(rows[r][c], sum);
+            }
+            out[j * hd + c] = sum;
+        }
+    }
+}
+
+/// `exp(x)` for x <= 0 within about 2e-7 relative, 0 below -87; written so that loops over
+/// it vectorize.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    let clamped = x.max(-87.0);
+    let t = clamped * std::f32::consts::LOG2_E;
+    // Round to nearest by adding and removing 1.5 * 2^23 (plain arithmetic, so it
+    // vectorizes without SSE4.1).
+    let n = (t + 12_582_912.0) - 12_582_912.0;
+    let y = (t - n) * std::f32::consts::LN_2;
+    let poly = 1.0 + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { poly * scale }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------------------
+
+/// The forward's results: output `[b, heads, s, hd]` and log-sum-exp `[b, kvh, rep, s]`.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub out: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+/// The query rows of one task: `rep` heads x `rows` positions, index `r * rows + i`.
+struct TaskRows {
+    /// Scaled queries, `[rep * rows][hd]`.
+    q: Vec<f32>,
+    rows: usize,
+    /// First query position.
+    q0: usize,
+}
+
+impl TaskRows {
+    #[inline(always)]
+    fn new(problem: &Problem, sz: &Sizes, bi: usize, g: usize, (q0, q1): (usize, usize)) -> Self {
+        let rows = q1 - q0;
+        let mut q = Vec::with_capacity(sz.rep * rows * sz.hd);
+        for r in 0..sz.rep {
+            for i in q0..q1 {
+                q.extend(problem.q.row(bi, g * sz.rep + r, i).iter().map(|x| x * sz.scale));
+            }
+        }
+        Self { q, rows, q0 }
+    }
+}
+
+/// The slices of `GROUP` consecutive rows of a `[n][hd]` buffer starting at `first` (rows
+/// past the end are `zero`).
+#[inline(always)]
+fn group_rows<'a>(buffer: &'a [f32], first: usize, n: usize, hd: usize, zero: &'a [f32]) -> [&'a [f32]; GROUP] {
+    std::array::from_fn(|r| if r < n { &buffer[(first + r) * hd..(first + r + 1) * hd] } else { zero })
+}
+
+/// One task's online softmax over key blocks: `rep * rows` query rows of one kv head.
+struct OnlineRows {
+    max: Vec<f32>,
+    norm: Vec<f32>,
+    /// Unnormalized outputs, `[rows][hd]`.
+    acc: Vec<f32>,
+}
+
+impl OnlineRows {
+    /// Folds a group's scores (masked) of one key block into rows `first..first + n`: the
+    /// scores become the block's weights and the rows' outputs are rescaled.
+    #[inline(always)]
+    fn update(&mut self, first: usize, n: usize, nk: usize, hd: usize, tile: &mut [[f32; KEY_BLOCK]; GROUP]) {
+        for (r, scores) in tile.iter_mut().enumerate() {
+            if r >= n {
+                scores.fill(0.0);
+                continue;
+            }
+            let row = first + r;
+            let block_max = scores[..nk].iter().copied().fold(MASKED, f32::max);
+            let new_max = self.max[row].max(block_max);
+            let correction = exp_nonpositive(self.max[row] - new_max);
+            let mut sum = 0.0;
+            for s in scores[..nk].iter_mut() {
+                *s = exp_nonpositive(*s - new_max);
+                sum += *s;
+            }
+            self.norm[row] = self.norm[row] * correction + sum;
+            self.max[row] = new_max;
+            if correction != 1.0 {
+                self.acc[row * hd..(row + 1) * hd].iter_mut().for_each(|a| *a *= correction);
+            }
+        }
+    }
+}
+
+/// One forward task's buffers: its query rows, online softmax state and scratch space.
+struct ForwardScratch {
+    rows: TaskRows,
+    state: OnlineRows,
+    kt: Vec<f32>,
+    zero: Vec<f32>,
+    tile: [[f32; KEY_BLOCK]; GROUP],
+}
+
+impl ForwardScratch {
+    /// Folds one key block into every row of the task.
+    #[inline(always)]
+    fn block(&mut self, problem: &Problem, sz: &Sizes, bi: usize, keys: KeyRows, values: KeyRows, k1: usize, own: bool) {
+        let (k0, g) = (keys.k0, keys.g);
+        transpose_block(keys.view, keys.batch, g, (k0, k1), &mut self.kt);
+        let nk = k1 - k0;
+        let total = self.state.max.len();
+        for first in (0..total).step_by(GROUP) {
+            let n = GROUP.min(total - first);
+            tile_scores(&group_rows(&self.rows.q, first, n, sz.hd, &self.zero), &self.kt, sz.hd, &mut self.tile);
+            if own {
+                for (r, scores) in self.tile.iter_mut().enumerate().take(n) {
+                    let i = self.rows.q0 + (first + r) % self.rows.rows;
+                    problem.mask_scores(bi, sz.t, i, k0, &mut scores[..nk]);
+                }
+            }
+            self.state.update(first, n, nk, sz.hd, &mut self.tile);
+            let acc = &mut self.state.acc[first * sz.hd..(first + n) * sz.hd];
+            tile_accumulate(acc, n, &self.tile, nk, values, sz.hd);
+        }
+    }
+}
+
+/// One forward task: query rows `q0..q1` of kv head `g` of batch row `bi`, all its query
+/// heads. Returns `(out [rep][rows][hd], lse [rep][rows])`.
+#[inline(always)]
+fn forward_task(problem: &Problem, sz: &Sizes, bi: usize, g: usize, span: (usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    let rows = TaskRows::new(problem, sz, bi, g, span);
+    let total = sz.rep * rows.rows;
+    let state = OnlineRows { max: vec![MASKED; total], norm: vec![0.0; total], acc: vec![0.0; total * sz.hd] };
+    let mut scratch =
+        ForwardScratch { rows, state, kt: vec![0.0f32; sz.hd * KEY_BLOCK], zero: vec![0.0f32; sz.hd], tile: [[0.0f32; KEY_BLOCK]; GROUP] };
+    if let Some((shared_k, shared_v)) = &problem.shared {
+        for (k0, k1) in blocks(sz.p, KEY_BLOCK) {
+            let (keys, values) = (KeyRows { view: shared_k, batch: 0, g, k0 }, KeyRows { view: shared_v, batch: 0, g, k0 });
+            scratch.block(problem, sz, bi, keys, values, k1, false);
+        }
+    }
+    for (k0, k1) in problem.own_blocks(sz, span.1) {
+        let (keys, values) = (KeyRows { view: &problem.own_k, batch: bi, g, k0 }, KeyRows { view: &problem.own_v, batch: bi, g, k0 });
+        scratch.block(problem, sz, bi, keys, values, k1, true);
+    }
+    let OnlineRows { max, norm, mut acc } = scratch.state;
+    for (r, row) in acc.chunks_mut(sz.hd).enumerate() {
+        let inverse = 1.0 / norm[r];
+        row.iter_mut().for_each(|a| *a *= inverse);
+    }
+    let lse = max.iter().zip(&norm).map(|(m, l)| m + l.ln()).collect();
+    (acc, lse)
+}
+
+struct ForwardTask<'a> {
+    problem: &'a Problem<'a>,
+    sz: &'a Sizes,
+    bi: usize,
+    g: usize,
+    q: (usize, usize),
+}
+
+impl Task for ForwardTask<'_> {
+    type Output = (Vec<f32>, Vec<f32>);
+
+    #[inline(always)]
+    fn run(self) -> Self::Output {
+        forward_task(self.problem, self.sz, self.bi, self.g, self.q)
+    }
+}
+
+/// Causal attention over the problem's keys, parallel over (batch, kv head, query block).
+pub fn forward(problem: &Problem) -> Forward {
+    let sz = problem.sizes();
+    let tasks: Vec<(usize, usize, (usize, usize))> =
+        (0..sz.b).flat_map(|bi| (0..sz.kvh).flat_map(move |g| blocks(sz.s, QUERY_BLOCK).map(move |q| (bi, g, q)))).collect();
+    let results: Vec<(Vec<f32>, Vec<f32>)> =
+        tasks.par_iter().map(|&(bi, g, q)| vectorized(ForwardTask { problem, sz: &sz, bi, g, q })).collect();
+    let mut out = vec![0.0f32; sz.b * sz.heads * sz.s * sz.hd];
+    let mut lse = vec![0.0f32; sz.b * sz.heads * sz.s];
+    for (&(bi, g, (q0, q1)), (task_out, task_lse)) in tasks.iter().zip(results) {
+        let rows = q1 - q0;
+        for r in 0..sz.rep {
+            let head = g * sz.rep + r;
+            let dst = ((bi * sz.heads + head) * sz.s + q0) * sz.hd;
+            out[dst..dst + rows * sz.hd].copy_from_slice(&task_out[r * rows * sz.hd..(r + 1) * rows * sz.hd]);
+            // lse layout [b, kvh, rep, s] = [b, heads, s] with heads = kvh * rep.
+            let dst = (bi * sz.heads + head) * sz.s + q0;
+            lse[dst..dst + rows].copy_from_slice(&task_lse[r * rows..(r + 1) * rows]);
+        }
+    }
+    Forward { out, lse }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------------------
+
+/// What the backward reads besides the problem: the forward's output and log-sum-exp, and
+/// the output's gradient (all contiguous, `[b, heads, s, hd]` and `[b, heads, s]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Saved<'a> {
+    pub out: &'a [f32],
+    pub lse: &'a [f32],
+    pub d_out: &'a [f32],
+}
+
+/// Input gradients, contiguous in the inputs' logical shapes.
+#[derive(Debug, Clone)]
+pub struct Backward {
+    pub d_q: Vec<f32>,
+    pub d_own_k: Vec<f32>,
+    pub d_own_v: Vec<f32>,
+    pub d_shared: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// A list of query rows gathered for the tile kernels: scaled queries, output gradients,
+/// log-sum-exp and rowsum(dO * O), and each row's (batch row, position).
+struct Gathered {
+    q: Vec<f32>,
+    d_out: Vec<f32>,
+    lse: Vec<f32>,
+    delta: Vec<f32>,
+    at: Vec<(usize, usize)>,
+}
+
+struct Grads<'a> {
+    problem: &'a Problem<'a>,
+    saved: Saved<'a>,
+    sz: Sizes,
+    /// rowsum(dO * O), `[b, heads, s]`.
+    delta: Vec<f32>,
+}
+
+impl<'a> Grads<'a> {
+    /// The rows `(bi, head, i)` listed, gathered contiguously.
+    #[inline(always)]
+    fn gather(&self, rows: impl Iterator<Item = (usize, usize, usize)>) -> Gathered {
+        let sz = &self.sz;
+        let mut out = Gathered { q: Vec::new(), d_out: Vec::new(), lse: Vec::new(), delta: Vec::new(), at: Vec::new() };
+        for (bi, head, i) in rows {
+            let index = (bi * sz.heads + head) * sz.s + i;
+            out.q.extend(self.problem.q.row(bi, head, i).iter().map(|x| x * sz.scale));
+            out.d_out.extend_from_slice(&self.saved.d_out[index * sz.hd..(index + 1) * sz.hd]);
+            out.lse.push(self.saved.lse[index]);
+            out.delta.push(self.delta[index]);
+            out.at.push((bi, i));
+        }
+        out
+    }
+
+    /// Probabilities (into `p`) and score gradients (into `d_s`) of a group of gathered rows
+    /// against a key block, masked entries 0.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn group_grads(
+        &self,
+        rows: &Gathered,
+        first: usize,
+        n: usize,
+        (kt, vt): (&[f32], &[f32]),
+        (k0, nk): (usize, usize),
+        own: bool,
+        zero: &[f32],
+        (p, d_s): (&mut [[f32; KEY_BLOCK]; GROUP], &mut [[f32; KEY_BLOCK]; GROUP]),
+    ) {
+        let hd = self.sz.hd;
+        tile_scores(&group_rows(&rows.q, first, n, hd, zero), kt, hd, p);
+        tile_scores(&group_rows(&rows.d_out, first, n, hd, zero), vt, hd, d_s);
+        for r in 0..GROUP {
+            if r >= n {
+                p[r].fill(0.0);
+                d_s[r].fill(0.0);
+                continue;
+            }
+            let (lse, delta) = (rows.lse[first + r], rows.delta[first + r]);
+            let (bi, i) = rows.at[first + r];
+            // Keys `visible..` are in the row's future or past the block's end.
+            let visible = if own { self.problem.causal_keys(i, k0, nk) } else { nk };
+            for j in 0..visible {
+                let prob = exp_nonpositive((p[r][j] - lse).min(0.0));
+                p[r][j] = prob;
+                d_s[r][j] = prob * (d_s[r][j] - delta);
+            }
+            p[r][visible..].fill(0.0);
+            d_s[r][visible..].fill(0.0);
+            if let Some(padding) = self.problem.padding(bi, self.sz.t, k0, nk).filter(|_| own) {
+                for (j, &pad) in padding.iter().enumerate() {
+                    if pad {
+                        p[r][j] = 0.0;
+                        d_s[r][j] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// dK and dV of one key block (`[nk][hd]` each) from the query rows that see it.
+    #[inline(always)]
+    fn key_block(
+        &self,
+        keys: (&View4, &View4, usize),
+        g: usize,
+        block: (usize, usize),
+        batches: std::ops::Range<usize>,
+        own: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let sz = &self.sz;
+        let (k_view, v_view, key_batch) = keys;
+        let nk = block.1 - block.0;
+        let (mut kt, mut vt) = (vec![0.0f32; sz.hd * KEY_BLOCK], vec![0.0f32; sz.hd * KEY_BLOCK]);
+        let (mut d_k, mut d_v) = (vec![0.0f32; nk * sz.hd], vec![0.0f32; nk * sz.hd]);
+        let (mut p, mut d_s) = ([[0.0f32; KEY_BLOCK]; GROUP], [[0.0f32; KEY_BLOCK]; GROUP]);
+        let zero = vec![0.0f32; sz.hd];
+        for bi in batches {
+            let kb = if own { bi } else { key_batch };
+            transpose_block(k_view, kb, g, block, &mut kt);
+            transpose_block(v_view, kb, g, block, &mut vt);
+            // Own keys are seen by queries from `block.0 - past` on.
+            let first = if own { block.0.saturating_sub(self.problem.past) } else { 0 };
+            let rows = self.gather((0..sz.rep).flat_map(|r| (first..sz.s).map(move |i| (bi, g * sz.rep + r, i))));
+            let total = rows.lse.len();
+            for start in (0..total).step_by(GROUP) {
+                let n = GROUP.min(total - start);
+                self.group_grads(&rows, start, n, (&kt, &vt), (block.0, nk), own, &zero, (&mut p, &mut d_s));
+                tile_accumulate_keys(&mut d_v, nk, &p, &group_rows(&rows.d_out, start, n, sz.hd, &zero), sz.hd);
+                tile_accumulate_keys(&mut d_k, nk, &d_s, &group_rows(&rows.q, start, n, sz.hd, &zero), sz.hd);
+            }
+        }
+        (d_k, d_v)
+    }
+
+    /// Adds one key block's part of dQ to rows `rows` of a query block.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn query_block_keys(
+        &self,
+        rows: &Gathered,
+        d_q: &mut [f32],
+        (keys, values): (KeyRows, KeyRows),
+        k1: usize,
+        own: bool,
+        (kt, vt): (&mut [f32], &mut [f32]),
+        scratch: (&mut [[f32; KEY_BLOCK]; GROUP], &mut [[f32; KEY_BLOCK]; GROUP]),
+        zero: &[f32],
+    ) {
+        let hd = self.sz.hd;
+        let k0 = keys.k0;
+        transpose_block(keys.view, keys.batch, keys.g, (k0, k1), kt);
+        transpose_block(values.view, values.batch, values.g, (k0, k1), vt);
+        let nk = k1 - k0;
+        let total = rows.lse.len();
+        let (p, d_s) = scratch;
+        for start in (0..total).step_by(GROUP) {
+            let n = GROUP.min(total - start);
+            self.group_grads(rows, start, n, (kt, vt), (k0, nk), own, zero, (&mut *p, &mut *d_s));
+            tile_accumulate(&mut d_q[start * hd..(start + n) * hd], n, d_s, nk, keys, hd);
+        }
+    }
+
+    /// dQ of query rows `q0..q1` of one head: `scale * sum_j dS_j k_j` over every key they
+    /// see, `[rows][hd]`.
+    #[inline(always)]
+    fn query_block(&self, bi: usize, head: usize, (q0, q1): (usize, usize)) -> Vec<f32> {
+        let sz = &self.sz;
+        let g = head / sz.rep;
+        let rows = self.gather((q0..q1).map(|i| (bi, head, i)));
+        let mut d_q = vec![0.0f32; (q1 - q0) * sz.hd];
+        let (mut kt, mut vt) = (vec![0.0f32; sz.hd * KEY_BLOCK], vec![0.0f32; sz.hd * KEY_BLOCK]);
+        let (mut p, mut d_s) = ([[0.0f32; KEY_BLOCK]; GROUP], [[0.0f32; KEY_BLOCK]; GROUP]);
+        let zero = vec![0.0f32; sz.hd];
+        if let Some((shared_k, shared_v)) = &self.problem.shared {
+            for (k0, k1) in blocks(sz.p, KEY_BLOCK) {
+                let pair = (KeyRows { view: shared_k, batch: 0, g, k0 }, KeyRows { view: shared_v, batch: 0, g, k0 });
+                self.query_block_keys(&rows, &mut d_q, pair, k1, false, (&mut kt, &mut vt), (&mut p, &mut d_s), &zero);
+            }
+        }
+        for (k0, k1) in self.problem.own_blocks(sz, q1) {
+            let pair = (KeyRows { view: &self.problem.own_k, batch: bi, g, k0 }, KeyRows { view: &self.problem.own_v, batch: bi, g, k0 });
+            self.query_block_keys(&rows, &mut d_q, pair, k1, true, (&mut kt, &mut vt), (&mut p, &mut d_s), &zero);
+        }
+        d_q.iter_mut().for_each(|x| *x *= sz.scale);
+        d_q
+    }
+}
+
+/// dK and dV of one key block (see [`Grads::key_block`]).
+struct KeyBlockTask<'a> {
+    grads: &'a Grads<'a>,
+    keys: (&'a View4<'a>, &'a View4<'a>, usize),
+    g: usize,
+    block: (usize, usize),
+    batches: std::ops::Range<usize>,
+    own: bool,
+}
+
+impl Task for KeyBlockTask<'_> {
+    type Output = (Vec<f32>, Vec<f32>);
+
+    #[inline(always)]
+    fn run(self) -> Self::Output {
+        self.grads.key_block(self.keys, self.g, self.block, self.batches, self.own)
+    }
+}
+
+/// dQ of one block of query rows of one head.
+struct QueryBlockTask<'a> {
+    grads: &'a Grads<'a>,
+    bi: usize,
+    head: usize,
+    rows: (usize, usize),
+}
+
+impl Task for QueryBlockTask<'_> {
+    type Output = Vec<f32>;
+
+    #[inline(always)]
+    fn run(self) -> Vec<f32> {
+        self.grads.query_block(self.bi, self.head, self.rows)
+    }
+}
+
+/// The FlashAttention-2 backward: dK and dV by key block, then dQ by query block, each
+/// block's scores recomputed from the saved log-sum-exp.
+pub fn backward(problem: &Problem, saved: Saved) -> Backward {
+    let sz = problem.sizes();
+    let delta: Vec<f32> =
+        saved.d_out.chunks(sz.hd).zip(saved.out.chunks(sz.hd)).map(|(g, o)| g.iter().zip(o).map(|(a, b)| a * b).sum()).collect();
+    let grads = Grads { problem, saved, sz, delta };
+    let d_own = own_key_grads(&grads);
+    let d_shared = problem.shared.as_ref().map(|shared| shared_key_grads(&grads, shared));
+    let d_q = query_grads(&grads);
+    Backward { d_q, d_own_k: d_own.0, d_own_v: d_own.1, d_shared }
+}
+
+/// dK, dV of the own keys, `[b, kvh, t, hd]`.
+fn own_key_grads(grads: &Grads) -> (Vec<f32>, Vec<f32>) {
+    let sz = grads.sz;
+    let tasks: Vec<(usize, usize, (usize, usize))> =
+        (0..sz.b).flat_map(|bi| (0..sz.kvh).flat_map(move |g| blocks(sz.t, KEY_BLOCK).map(move |k| (bi, g, k)))).collect();
+    let keys = (&grads.problem.own_k, &grads.problem.own_v, 0);
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(bi, g, block)| vectorized(KeyBlockTask { grads, keys, g, block, batches: bi..bi + 1, own: true }))
+        .collect();
+    let (mut d_k, mut d_v) = (vec![0.0f32; sz.b * sz.kvh * sz.t * sz.hd], vec![0.0f32; sz.b * sz.kvh * sz.t * sz.hd]);
+    for (&(bi, g, (k0, k1)), (bk, bv)) in tasks.iter().zip(results) {
+        let dst = ((bi * sz.kvh + g) * sz.t + k0) * sz.hd;
+        d_k[dst..dst + (k1 - k0) * sz.hd].copy_from_slice(&bk);
+        d_v[dst..dst + (k1 - k0) * sz.hd].copy_from_slice(&bv);
+    }
+    (d_k, d_v)
+}
+
+/// dK, dV of the shared prefix, `[1, kvh, p, hd]`, summed over the batch.
+fn shared_key_grads(grads: &Grads, shared: &(View4, View4)) -> (Vec<f32>, Vec<f32>) {
+    let sz = grads.sz;
+    let tasks: Vec<(usize, (usize, usize))> = (0..sz.kvh).flat_map(|g| blocks(sz.p, KEY_BLOCK).map(move |k| (g, k))).collect();
+    let keys = (&shared.0, &shared.1, 0);
+    let results: Vec<(Vec<f32>, Vec<f32>)> =
+        tasks.par_iter().map(|&(g, block)| vectorized(KeyBlockTask { grads, keys, g, block, batches: 0..sz.b, own: false })).collect();
+    let (mut d_k, mut d_v) = (vec![0.0f32; sz.kvh * sz.p * sz.hd], vec![0.0f32; sz.kvh * sz.p * sz.hd]);
+    for (&(g, (k0, k1)), (bk, bv)) in tasks.iter().zip(results) {
+        let dst = (g * sz.p + k0) * sz.hd;
+        d_k[dst..dst + (k1 - k0) * sz.hd].copy_from_slice(&bk);
+        d_v[dst..dst + (k1 - k0) * sz.hd].copy_from_slice(&bv);
+    }
+    (d_k, d_v)
+}
+
+/// dQ, `[b, heads, s, hd]`.
+fn query_grads(grads: &Grads) -> Vec<f32> {
+    let sz = grads.sz;
+    let tasks: Vec<(usize, usize, (usize, usize))> =
+        (0..sz.b).flat_map(|bi| (0..sz.heads).flat_map(move |h| blocks(sz.s, QUERY_BLOCK).map(move |q| (bi, h, q)))).collect();
+    let results: Vec<Vec<f32>> = tasks.par_iter().map(|&(bi, head, rows)| vectorized(QueryBlockTask { grads, bi, head, rows })).collect();
+    let mut d_q = vec![0.0f32; sz.b * sz.heads * sz.s * sz.hd];
+    for (&(bi, head, (q0, q1)), rows) in tasks.iter().zip(results) {
+        let dst = ((bi * sz.heads + head) * sz.s + q0) * sz.hd;
+        d_q[dst..dst + (q1 - q0) * sz.hd].copy_from_slice(&rows);
+    }
+    d_q
+}
