@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod driver;
 pub mod error;
 pub mod fsutil;
+pub mod guard;
 pub mod metrics;
 pub mod model;
 pub mod options;

@@ -88,6 +88,12 @@ impl WeightSource for SafetensorsSource {
         }
         let values =
             to_f32(view.dtype(), view.data()).map_err(|message| ModelError::checkpoint(&path, format!("tensor `{name}`: {message}")))?;
+        if let Some((at, bad)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(ModelError::checkpoint(
+                &path,
+                format!("tensor `{name}` holds {bad} at index {at}: the weights are damaged (or the training diverged)"),
+            ));
+        }
         self.used.insert(name.to_string());
         Ok(values)
     }

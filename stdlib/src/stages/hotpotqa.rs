@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::StageError;
+use crate::options::{at_most, limits};
 use crate::record::{AnswerKind, Record};
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 use crate::tokenizer::Tokenizer;
@@ -54,6 +55,7 @@ impl StageConfig for HotpotConfig {
         if self.lengths.is_empty() {
             problems.push("option `lengths` must list at least one length".into());
         }
+        problems.extend(self.lengths.iter().find_map(|&l| at_most("lengths", l, limits::TOKENS)));
         problems
     }
 
@@ -103,7 +105,7 @@ fn paragraph(title: &str, sentences: &[String]) -> String {
 
 impl Stage for Hotpot {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let end = self.config.count.map_or(self.questions.len(), |c| (self.config.offset + c).min(self.questions.len()));
+        let end = self.config.count.map_or(self.questions.len(), |c| self.config.offset.saturating_add(c).min(self.questions.len()));
         let (mut emitted, mut too_long) = (0u64, 0u64);
         for index in self.config.offset..end {
             for &length in &self.config.lengths {

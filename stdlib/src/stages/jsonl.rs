@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::error::StageError;
 use crate::record::{AnswerKind, ChatMessage, Record};
+use crate::reward::judge::judge_question;
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Which layout the file's objects have.
@@ -193,11 +194,12 @@ impl Mapping {
         };
         let mut question = text(Question)?.unwrap_or_default();
         if question.is_empty() && self.format == JsonlFormat::Verl {
-            // verl records keep the question inside the prompt: the last user turn.
+            // verl records keep the question inside the prompt: the last user turn's text
+            // after its document (the judge is shown the question, never the document).
             question = prompt
                 .as_ref()
                 .and_then(|turns| turns.iter().rev().find(|t| t.role == "user"))
-                .map(|t| t.content.clone())
+                .map(|t| judge_question(&t.content))
                 .unwrap_or_default();
         }
         let kind = match text(Kind)? {
@@ -253,6 +255,11 @@ fn read_annotations(object: &Value, record: &mut Record) -> Result<(), String> {
     record.length_budget = count("length_budget")?;
     record.trace = text("trace")?;
     record.carried_from = text("carried_from")?;
+    if let Some(value) = field("carry_share") {
+        let share = value.as_f64().filter(|s| (0.0..=1.0).contains(s));
+        record.carry_share =
+            Some(share.ok_or_else(|| format!("field `carry_share` must be a number within [0, 1], found {value}"))? as f32);
+    }
     if let Some(value) = field("difficulty") {
         let difficulty = serde_json::from_value(value.clone())
             .map_err(|e| format!("field `difficulty` must be {{pass_rate, rewards, samples}}: {e}"))?;
@@ -433,7 +440,7 @@ mod tests {
         assert_eq!(record.id, "7");
         assert_eq!(record.answers, ["12.5"]);
         assert_eq!(record.kind, AnswerKind::Number);
-        assert_eq!(record.question, "<text>..</text> What is x?");
+        assert_eq!(record.question, "What is x?");
         assert_eq!(record.prompt.as_ref().map(Vec::len), Some(1));
     }
 
