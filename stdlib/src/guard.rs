@@ -40,6 +40,12 @@ pub fn panic_text(payload: &(dyn Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// The first line of `text`, at most `max` characters (a decoder's message can run long).
+pub fn first_line(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.chars().count() <= max { line.to_string() } else { format!("{}...", line.chars().take(max).collect::<String>()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,8 @@ pub mod rl;
 pub mod script;
 pub mod stage;
 pub mod stages;
+#[cfg(test)]
+mod testing;
 pub mod tokenizer;
 pub mod train;
 

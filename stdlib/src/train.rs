@@ -202,7 +202,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
         // Burn's decoder panics on bytes it cannot read; the header check above catches
         // damage, this catches a file that was forged with a valid header.
         let record = guard::catch_quietly(|| recorder.load(payload.to_vec(), device))
-            .map_err(|panic| bad(format!("not a readable optimizer state ({panic})")))?
+            .map_err(|panic| bad(format!("not a readable optimizer state ({})", guard::first_line(&panic, 160))))?
             .map_err(|e| bad(format!("not a readable optimizer state ({e})")))?;
         check_moments::<B, M>(self.model(), &record).map_err(bad)?;
         Ok(Self { optim: self.optim.load_record(record), ..self })

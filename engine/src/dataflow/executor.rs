@@ -110,7 +110,8 @@ impl RunReport {
             ));
         }
         if cancelled > 0 {
-            message.push_str(&format!(" ({cancelled} other stage{} stopped)", if cancelled == 1 { "" } else { "s" }));
+            let other = if failed.is_empty() { "" } else { "other " };
+            message.push_str(&format!(" ({cancelled} {other}stage{} stopped)", if cancelled == 1 { "" } else { "s" }));
         }
         Some(message)
     }

@@ -90,3 +90,40 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::record::AnswerKind;
+    use crate::reward::{Outcome, RuleConfig};
+    use proptest::prelude::*;
+
+    fn letter() -> impl Strategy<Value = char> {
+        prop_oneof![Just('A'), Just('B'), Just('C'), Just('D')]
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::config(512))]
+
+        #[test]
+        fn choice_parsing_never_panics(prediction in any::<String>(), gold in any::<String>()) {
+            let score = score_choice(&prediction, &gold);
+            prop_assert!(score == 0.0 || score == 1.0);
+        }
+
+        #[test]
+        fn the_gold_letter_is_accepted_and_another_refused(gold in letter(), other in letter(), form in 0usize..4) {
+            let written = |l: char| match form {
+                0 => format!("({l})"),
+                1 => format!("{l}"),
+                2 => format!("{l}."),
+                _ => format!("option {l}"),
+            };
+            prop_assert_eq!(score_choice(&written(gold), &gold.to_string()), 1.0);
+            prop_assert_eq!(score_choice(&written(other), &gold.to_string()), f32::from(other == gold));
+            let response = format!("Reasoning.</think>\nThe correct answer is {}", written(gold));
+            let verdict = RuleConfig::default().score_against(&response, &[gold.to_string()], AnswerKind::Choice);
+            prop_assert_eq!(verdict.outcome, Outcome::Correct);
+        }
+    }
+}

@@ -117,3 +117,51 @@ mod tests {
         assert_eq!(extract_answer("the answer is:\n\n", false), Extracted::NoAnswer);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text without any marker phrase, so the answer written after one is the last.
+    fn plain_text() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9 ,;.\\n<>/]{0,80}".prop_filter("no marker", |t| !t.to_lowercase().contains("answer is"))
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::config(512))]
+
+        #[test]
+        fn extraction_never_panics(response in any::<String>(), require in any::<bool>()) {
+            if let Extracted::Answer(answer) = extract_answer(&response, require) {
+                prop_assert!(!answer.is_empty());
+                prop_assert!(!answer.contains('\n'));
+            }
+        }
+
+        #[test]
+        fn extraction_never_panics_near_markers(
+            parts in proptest::collection::vec(prop_oneof![
+                Just("the answer is".to_string()), Just("THE CORRECT ANSWER IS".to_string()), Just("</think>".to_string()),
+                Just(":\n".to_string()), Just("**".to_string()), Just("\\boxed{".to_string()), "\\PC{0,6}",
+            ], 0..12)
+        ) {
+            let response = parts.concat();
+            let _ = extract_answer(&response, false);
+            let _ = extract_answer(&response, true);
+        }
+
+        #[test]
+        fn the_answer_after_the_last_marker_is_read(
+            before in plain_text(),
+            answer in "[A-Za-z0-9][A-Za-z0-9 ]{0,20}[A-Za-z0-9]",
+            marker in prop_oneof![Just("the answer is"), Just("The correct answer is"), Just("the final answer is:")],
+            newline in any::<bool>(),
+        ) {
+            let gap = if newline { "\n" } else { " " };
+            let response = format!("{before} Therefore, {marker}{gap}{answer}.");
+            let extracted = extract_answer(&response, false);
+            prop_assert_eq!(extracted.answer(), Some(answer.as_str()));
+        }
+    }
+}

@@ -384,3 +384,68 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::testing::config(512))]
+
+        #[test]
+        fn parsing_and_scoring_never_panic(prediction in any::<String>(), gold in any::<String>()) {
+            let score = score_numeric(&prediction, &gold, &NumericMatch::default());
+            prop_assert!(score == 0.0 || score == 1.0);
+        }
+
+        #[test]
+        fn number_like_text_never_panics(text in "[-+$%.,0-9e^* kmbn]{0,40}") {
+            let _ = parse_value(&text);
+            let _ = score_numeric(&text, &text, &NumericMatch::default());
+        }
+
+        #[test]
+        fn a_prediction_equal_to_the_gold_is_accepted(value in -1e12f64..1e12, decimals in 0usize..6, percent in any::<bool>()) {
+            let gold = format!("{value:.decimals$}{}", if percent { "%" } else { "" });
+            prop_assert_eq!(score_numeric(&gold, &gold, &NumericMatch::default()), 1.0, "{}", gold);
+            // The same number written differently: with a currency sign and thousands separators.
+            let rounded: f64 = format!("{value:.decimals$}").parse().expect("number");
+            let spelled = format!("{}${}", if rounded < 0.0 { "-" } else { "" }, thousands(rounded.abs(), decimals));
+            if !percent {
+                prop_assert_eq!(score_numeric(&spelled, &gold, &NumericMatch::default()), 1.0, "{} vs {}", spelled, gold);
+            }
+        }
+
+        #[test]
+        fn a_prediction_off_by_more_than_the_tolerance_is_refused(
+            magnitude in 1.0f64..1e9,
+            negative in any::<bool>(),
+            off in prop_oneof![0.002f64..0.5, -0.5f64..-0.002],
+        ) {
+            let gold = if negative { -magnitude } else { magnitude };
+            let prediction = gold * (1.0 + off);
+            // Far enough apart that rounding at three places cannot join them either.
+            prop_assume!((prediction - gold).abs() > 1e-3);
+            let rule = NumericMatch::default();
+            prop_assert_eq!(score_numeric(&format!("{prediction}"), &format!("{gold}"), &rule), 0.0, "{} vs {}", prediction, gold);
+        }
+    }
+
+    /// `value` with comma thousands separators and `decimals` places.
+    fn thousands(value: f64, decimals: usize) -> String {
+        let text = format!("{value:.decimals$}");
+        let (whole, fraction) = text.split_once('.').map_or((text.as_str(), None), |(w, f)| (w, Some(f)));
+        let mut grouped = String::new();
+        for (i, digit) in whole.chars().enumerate() {
+            if i > 0 && (whole.len() - i) % 3 == 0 {
+                grouped.push(',');
+            }
+            grouped.push(digit);
+        }
+        match fraction {
+            Some(f) => format!("{grouped}.{f}"),
+            None => grouped,
+        }
+    }
+}
