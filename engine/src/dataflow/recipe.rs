@@ -138,6 +138,9 @@ fn describe_error(err: &EvalAltResult) -> String {
             format!("the recipe ran more than {} operations (an endless loop?); a recipe only declares stages", limits::MAX_OPERATIONS)
         }
         EvalAltResult::ErrorRuntime(value, _) => format!("recipe error: {value}"),
+        EvalAltResult::ErrorStackOverflow(_) => {
+            format!("the recipe calls functions more than {} levels deep (an endless recursion?)", limits::MAX_CALL_LEVELS)
+        }
         other => {
             // Rhai appends " (line L, position C)"; the position is printed separately.
             let text = other.to_string();
