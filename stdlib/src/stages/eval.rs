@@ -276,7 +276,7 @@ impl ModelStage for Eval {
         Cadence::NONE
     }
 
-    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
+    fn prepare<B: AutodiffBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
         let (_, model) = load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?;
@@ -290,6 +290,7 @@ impl ModelStage for Eval {
         };
         let mut prompts = Vec::with_capacity(inputs.records.len());
         for record in &inputs.records {
+            io.cancel_token().check()?;
             prompts.push(encode_prompt(&tokenizer, record, config.max_input)?);
         }
         // One step generates a batch of prompts (one sample each) or one prompt's samples.

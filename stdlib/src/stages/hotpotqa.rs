@@ -84,8 +84,10 @@ pub struct HotpotItem {
 
 /// Reads a HotpotQA JSON file, naming the file on error.
 pub fn load(path: &std::path::Path) -> Result<Vec<HotpotItem>, StageError> {
-    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| StageError::BadRecord {
+    let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
+    // A byte-order mark some editors write is not part of the JSON.
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    serde_json::from_slice(bytes).map_err(|e| StageError::BadRecord {
         path: path.to_path_buf(),
         line: e.line(),
         message: format!("not HotpotQA distractor JSON: {e}"),

@@ -536,6 +536,8 @@ impl<B: AutodiffBackend> RlRun<B> {
         stats: &mut RolloutStats,
         io: &mut StageIo,
     ) -> Result<Option<Group>, StageError> {
+        // A step samples many groups: a stopped run does not wait for all of them.
+        io.cancel_token().check()?;
         let config = &self.config;
         let (record, prompt) = &self.tasks[index];
         let sampling = SamplingConfig {
