@@ -119,19 +119,24 @@ impl StageCheckpoints {
     }
 
     /// What the stage published, when it finished in an earlier attempt of this run. A model
-    /// directory outside the run directory is refused (the file was edited or belongs to
-    /// another run).
+    /// directory outside the run directory is taken from this run when it has one of that
+    /// name (the run was moved or copied), and refused otherwise (the file was edited).
     pub fn done(&self) -> Result<Option<Done>, StageError> {
         let path = self.root.join("done.json");
-        let Some(done) = read_json::<Done>(&path)? else { return Ok(None) };
+        let Some(mut done) = read_json::<Done>(&path)? else { return Ok(None) };
         let run_dir = self.root.parent().and_then(Path::parent).unwrap_or(&self.root);
         if let Some(model) = done.model.as_ref().filter(|model| !lies_inside(model, run_dir)) {
-            return Err(StageError::Failed(format!(
-                "{}: names the model {}, outside the run directory {}; refusing it (delete the file to redo the stage)",
-                path.display(),
-                model.display(),
-                run_dir.display()
-            )));
+            let own = model.file_name().map(|name| run_dir.join(name)).filter(|own| own.is_dir() && lies_inside(own, run_dir));
+            let Some(own) = own else {
+                return Err(StageError::Failed(format!(
+                    "{}: names the model {}, outside the run directory {} (which has no directory of that name); refusing it (delete the file to redo the stage)",
+                    path.display(),
+                    model.display(),
+                    run_dir.display()
+                )));
+            };
+            tracing::info!(recorded = %model.display(), used = %own.display(), "the run was moved or copied; using its own copy of the model");
+            done.model = Some(own);
         }
         Ok(Some(done))
     }
@@ -274,6 +279,12 @@ mod tests {
         std::fs::write(&done, serde_json::json!({ "model": "/etc", "summary": {}, "metrics_lines": 0 }).to_string()).expect("forge");
         let error = checkpoints.done().expect_err("outside").to_string();
         assert!(error.contains("done.json") && error.contains("outside the run directory"), "{error}");
+        // A copied run: the model recorded in the original is taken from the copy.
+        std::fs::create_dir_all(run.path().join("sft-1")).expect("model dir");
+        let original = serde_json::json!({ "model": "/elsewhere/runs/original/sft-1", "summary": {}, "metrics_lines": 0 });
+        std::fs::write(&done, original.to_string()).expect("copied");
+        let done = checkpoints.done().expect("relocated").expect("done");
+        assert_eq!(done.model, Some(run.path().join("sft-1")));
     }
 
     #[test]

@@ -645,7 +645,7 @@ impl<B: AutodiffBackend> RlRun<B> {
         let message = if self.state.queue.is_empty() {
             "the phase's prompts ran out before the step was full; training on the groups there are"
         } else {
-            "the try bound was hit before the step was full (too many groups with equal rewards); training on the groups there are (raise max_tries or adjust the accuracy band)"
+            "the try bound was hit before the step was full (too many groups all correct or all wrong, or with equal rewards); training on the groups there are (raise max_tries or adjust the accuracy band; with a reward that is not a 0/1 correctness, set dynamic_sampling_metric: \"reward\")"
         };
         tracing::warn!(stage = %label, step, kept, wanted = self.config.prompts_per_step, tried, "{message}");
     }

@@ -211,7 +211,15 @@ impl<B: AutodiffBackend> StageRun<B> for ScoreRun<B> {
         self.records.len()
     }
 
-    fn restore(&mut self, _dir: &Path, state: ScoreState, io: &mut StageIo) -> Result<(), StageError> {
+    fn restore(&mut self, dir: &Path, state: ScoreState, io: &mut StageIo) -> Result<(), StageError> {
+        if state.scored.len() > self.records.len() {
+            return Err(StageError::Failed(format!(
+                "{}: the checkpoint holds scores of {} tasks, but the stage has {}; it belongs to another run",
+                dir.join("state.json").display(),
+                state.scored.len(),
+                self.records.len()
+            )));
+        }
         self.state = state;
         for index in 0..self.state.scored.len() {
             emit(io, self.scored_record(index))?;
