@@ -246,6 +246,9 @@ pub struct Judge {
 /// How long a judge that stopped answering is left alone before it is tried again.
 const REST: Duration = Duration::from_secs(30);
 
+/// The longest wait between two attempts (the backoff doubles up to it).
+const MAX_BACKOFF: Duration = Duration::from_secs(120);
+
 /// One cached verdict as a line of the cache file.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CacheLine {
@@ -394,7 +397,7 @@ impl Judge {
             if attempt > 0 {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 self.pause(delay);
-                delay *= 2;
+                delay = delay.saturating_mul(2).min(MAX_BACKOFF);
             }
             if let Some(reason) = self.refusal() {
                 last = reason;
