@@ -121,9 +121,31 @@ impl Stage for Broken {
     }
 }
 
+/// Busy for `seconds` without looking at the stop flag (a long computation, a request).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Stubborn {
+    seconds: u64,
+}
+
+impl StageConfig for Stubborn {
+    const NAME: &'static str = "stubborn";
+    const SUMMARY: &'static str = "test stage that ignores a stop";
+    fn build(self, _: &StageContext) -> Result<Box<dyn Stage>, StageError> {
+        Ok(Box::new(self))
+    }
+}
+
+impl Stage for Stubborn {
+    fn run(self: Box<Self>, _io: &mut StageIo) -> Result<(), StageError> {
+        std::thread::sleep(Duration::from_secs(self.seconds));
+        Ok(())
+    }
+}
+
 fn test_registry() -> Registry {
     let mut registry = Registry::standard();
-    registry.add::<CountSource>().add::<SlowSink>().add::<Broken>();
+    registry.add::<CountSource>().add::<SlowSink>().add::<Broken>().add::<Stubborn>();
     registry
 }
 
@@ -179,6 +201,20 @@ fn every_failing_stage_is_reported() {
     assert!(message.contains("first failure") && message.contains("second failure"), "{message}");
     assert_eq!(report.stages.iter().filter(|s| s.status == StageStatus::Failed).count(), 2, "{report}");
     assert_eq!(report.stages.iter().filter(|s| s.status == StageStatus::Cancelled).count(), 2, "{report}");
+}
+
+#[test]
+fn a_stage_that_ignores_the_stop_does_not_hold_the_run_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    let report = run("stubborn(#{ seconds: 60 });\nbroken(#{ message: \"out of disk\" });", dir.path(), &test_registry(), 4);
+    let elapsed = started.elapsed();
+    let grace = longrl_engine::dataflow::executor::STOP_GRACE;
+    assert!(elapsed < grace + Duration::from_secs(3), "the run took {elapsed:?}, waiting for a stage that ignored the stop");
+    let stubborn = report.stages.iter().find(|s| s.stage == "stubborn").expect("reported");
+    assert_eq!(stubborn.status, StageStatus::Cancelled, "{report}");
+    assert!(stubborn.error.as_deref().is_some_and(|e| e.contains("did not stop")), "{report}");
+    assert!(report.failure_message().expect("a failure").contains("out of disk"));
 }
 
 #[test]

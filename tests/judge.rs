@@ -141,6 +141,38 @@ fn the_judge_cache_file_survives_a_restart() {
     assert_eq!(counts.lock().expect("counts")["ok-yes"], 1);
 }
 
+/// A judge that accepts connections and reads requests but never replies.
+fn silent_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _held = stream;
+                std::thread::sleep(Duration::from_secs(60));
+            });
+        }
+    });
+    format!("http://127.0.0.1:{port}/v1")
+}
+
+#[test]
+fn a_judge_that_never_replies_is_rested_not_waited_for_per_answer() {
+    let config = JudgeConfig { concurrency: 2, retries: 1, timeout_s: 0.3, backoff_ms: 10, ..judge_config(silent_server()) };
+    let judge = Judge::new(config).expect("judge");
+    let requests: Vec<JudgeRequest> = (0..40).map(|i| request(&format!("answer {i}"))).collect();
+    let started = std::time::Instant::now();
+    let verdicts = judge.judge_all(&requests);
+    let elapsed = started.elapsed();
+    assert!(verdicts.iter().all(|v| matches!(v, JudgeVerdict::Unscorable { .. })), "{verdicts:?}");
+    let rested =
+        verdicts.iter().filter(|v| matches!(v, JudgeVerdict::Unscorable { reason } if reason.contains("is not answering"))).count();
+    assert!(rested >= 30, "most answers were not sent to a judge that had stopped answering: {rested}");
+    // Without the rest: 40 answers x 2 attempts x 0.3 s / 2 workers = 12 s.
+    assert!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
+    assert!(judge.stats.requests.load(Ordering::Relaxed) <= 10, "{} requests", judge.stats.requests.load(Ordering::Relaxed));
+}
+
 fn record(gold: &str, kind: AnswerKind) -> Record {
     let mut r = Record::new("r", "Where is the red box kept?");
     r.answers = vec![gold.into()];

@@ -24,7 +24,11 @@ let letters = reward(#{ script: |response, record| {
 } });
 let short = synthetic(#{ count: 24, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 3 });
 let long = synthetic(#{ count: 12, lengths: [160], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 4 });
-let phase = #{ reward: letters, max_output: 8, group: 4, prompts_per_step: 2, mini_batch: 1, lr: 3e-3, temperature: 1.0, top_p: 1.0, seed: 1, checkpoint_every: 1 };
+// The letter-count reward says nothing about correctness: groups are filtered on its variance.
+let phase = #{
+    reward: letters, dynamic_sampling_metric: "reward", max_output: 8, group: 4, prompts_per_step: 2, mini_batch: 1, lr: 3e-3,
+    temperature: 1.0, top_p: 1.0, seed: 1, checkpoint_every: 1,
+};
 let first = rl_phase(warm, short, phase + #{ max_input: 100, max_steps: 5 });
 let hard = hard_buffer(first.output("reports"), long, #{ policy: "hardest", count: 4, mix: 0.5 });
 let second = rl_phase(first, hard, phase + #{ min_input: 100, max_input: 200, max_steps: 5 });

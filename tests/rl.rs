@@ -159,8 +159,9 @@ let letters = reward(#{ script: |response, record| {
     for c in response { if c == 'e' { hits += 1; } }
     if response.len() == 0 { 0.0 } else { hits.to_float() / response.len().to_float() }
 } });
+// The letter share is a graded reward, not correctness: groups are filtered on its variance.
 let phase = #{
-    reward: letters, max_input: 256, max_output: 12, group: 6, prompts_per_step: 4, mini_batch: 2,
+    reward: letters, dynamic_sampling_metric: "reward", max_input: 256, max_output: 12, group: 6, prompts_per_step: 4, mini_batch: 2,
     lr: 3e-3, schedule: "constant", warmup_steps: 0, temperature: 1.0, top_p: 1.0, seed: 5,
 };
 let first = rl_phase(policy, tasks, phase + #{ max_steps: 12 });

@@ -4,5 +4,6 @@
 
 pub mod commands;
 pub mod dataflow;
+pub mod out;
 
 pub use dataflow::{CheckError, Params, Plan, Problems, RunOptions, RunReport, ValidPlan, check_recipe, execute, load_plan};

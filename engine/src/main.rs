@@ -3,11 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::io::IsTerminal;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use longrl_backends::{BackendKind, DeviceSpec};
 use longrl_engine::commands::run::{RecipeArgs, RunArgs, parse_backend};
 use longrl_engine::commands::{report, run, stages};
+use longrl_engine::out::{error_text, is_broken_pipe};
+use longrl_engine::{errln, out, outln};
 use longrl_stdlib::Registry;
 
 /// longrl: teach language models to reason over long documents with reinforcement learning.
@@ -81,8 +85,8 @@ struct ScoreArgs {
     /// JSON Lines with `response`, `gold` (string or list) and `kind` (text, number, choice).
     file: PathBuf,
     /// How text answers compare: exact, contains or f1.
-    #[arg(long, default_value = "contains")]
-    text_match: String,
+    #[arg(long, default_value = "contains", value_parser = parse_text_match)]
+    text_match: longrl_stdlib::reward::TextMatch,
     /// Score 0 when a response has no `</think>`.
     #[arg(long)]
     require_think_end: bool,
@@ -101,6 +105,25 @@ struct ScoreArgs {
     /// Ask the judge about every answer, not only rule misses.
     #[arg(long)]
     judge_always: bool,
+    /// Seconds the judge may take to answer one request before it is retried.
+    #[arg(long, default_value_t = 20.0, value_parser = parse_timeout)]
+    judge_timeout: f64,
+    /// Retries of a judge request that failed or timed out (0 = none).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
+    judge_retries: u32,
+}
+
+/// Parses `--text-match`.
+fn parse_text_match(text: &str) -> Result<longrl_stdlib::reward::TextMatch, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| "use exact, contains or f1".to_string())
+}
+
+/// Parses `--judge-timeout`: seconds, positive, at most an hour.
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Ok(s),
+        _ => Err(format!("`{text}` is not a number of seconds within (0, 3600]")),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -288,17 +311,25 @@ fn main() -> ExitCode {
     init_tracing();
     match dispatch(cli) {
         Ok(code) => code,
+        // The reader of stdout went away (`longrl stages | head -1`): nothing left to say.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            errln!("error: {}", error_text(&err));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Logs to stderr; colour codes only when stderr is a terminal (never in a file or pipe).
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,longrl_engine=info,longrl_stdlib=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
@@ -309,7 +340,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Graph { recipe, dot } => run::graph(&recipe, dot, &registry),
         Command::Report { run_dir } => {
             let path = report::write_report(&run_dir, &registry)?;
-            println!("{}", path.display());
+            outln!("{}", path.display())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Stages { name } => {
@@ -340,9 +371,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
 /// `longrl score`.
 fn score(args: ScoreArgs) -> Result<ExitCode> {
     use longrl_stdlib::reward::{JudgeWhen, Reward};
-    let text: longrl_stdlib::reward::TextMatch = serde_json::from_value(serde_json::Value::String(args.text_match.clone()))
-        .map_err(|_| anyhow::anyhow!("--text-match must be exact, contains or f1"))?;
-    let rule = longrl_stdlib::reward::RuleConfig { require_think_end: args.require_think_end, text, ..Default::default() };
+    let rule = longrl_stdlib::reward::RuleConfig { require_think_end: args.require_think_end, text: args.text_match, ..Default::default() };
     let mut reward = Reward::rule_only(rule);
     if let Some(url) = args.judge_url {
         let config = longrl_stdlib::reward::judge::JudgeConfig {
@@ -351,9 +380,9 @@ fn score(args: ScoreArgs) -> Result<ExitCode> {
             api_key_env: args.judge_api_key_env,
             concurrency: args.judge_concurrency,
             max_requests_per_s: 0.0,
-            retries: 3,
+            retries: args.judge_retries,
             backoff_ms: 500,
-            timeout_s: 60.0,
+            timeout_s: args.judge_timeout,
             max_tokens: 512,
         };
         reward.judge = Some(std::sync::Arc::new(longrl_stdlib::reward::judge::Judge::new(config)?));
@@ -383,8 +412,12 @@ fn generate(args: GenerateArgs) -> Result<ExitCode> {
             seed: args.seed,
         },
     };
+    let problems = request.problems();
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
     let text = longrl_backends::dispatch(DeviceSpec::new(args.backend, args.device), request)??;
-    println!("{text}");
+    outln!("{text}")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -435,12 +468,12 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
                 train_seq,
             };
             let figures = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
-            println!("model bench: preset {preset}, vocab {vocab}, backend {backend}");
+            outln!("model bench: preset {preset}, vocab {vocab}, backend {backend}")?;
             for f in figures {
-                println!("  {:<52} {:>12.1} {}", f.name, f.value, f.unit);
+                outln!("  {:<52} {:>12.1} {}", f.name, f.value, f.unit)?;
             }
             if !memory.is_empty() {
-                println!("prefill peak memory (tiny preset, fresh process each):");
+                outln!("prefill peak memory (tiny preset, fresh process each):")?;
                 let exe = std::env::current_exe().context("cannot find the longrl executable")?;
                 for len in memory {
                     let out = std::process::Command::new(&exe)
@@ -450,17 +483,17 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
                     if !out.status.success() {
                         bail!("prefill of {len} tokens failed: {}", String::from_utf8_lossy(&out.stderr));
                     }
-                    print!("  {len:>7} tokens: {}", String::from_utf8_lossy(&out.stdout));
+                    out!("  {len:>7} tokens: {}", String::from_utf8_lossy(&out.stdout))?;
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Judge { requests, delay_ms, concurrency } => {
             let figures = longrl_engine::commands::bench::judge_throughput(requests, delay_ms, &concurrency).map_err(anyhow::Error::msg)?;
-            println!("judge pool: {requests} requests, server delay {delay_ms} ms");
+            outln!("judge pool: {requests} requests, server delay {delay_ms} ms")?;
             let base = figures.first().map_or(1.0, |f| f.1);
             for (c, rate) in figures {
-                println!("  concurrency {c:>3}: {rate:>8.1} requests/s ({:.1}x)", rate / base);
+                outln!("  concurrency {c:>3}: {rate:>8.1} requests/s ({:.1}x)", rate / base)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -473,15 +506,15 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
         }
         BenchCommand::PrefillMemory { len, vocab } => {
             let (peak_mib, wall) = longrl_engine::commands::bench::prefill_peak_memory(len, vocab).map_err(anyhow::Error::msg)?;
-            println!("peak RSS {peak_mib:.0} MiB, prefill {wall:.1} s ({:.0} tokens/s)", len as f64 / wall);
+            outln!("peak RSS {peak_mib:.0} MiB, prefill {wall:.1} s ({:.0} tokens/s)", len as f64 / wall)?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Pipeline { records, words, tokenizer } => {
             let figures = longrl_engine::commands::bench::pipeline(records, words, &tokenizer).map_err(anyhow::Error::msg)?;
-            println!("pipeline jsonl -> filter -> write_jsonl, {records} records of {words} words");
-            println!("{:<32} {:>10} {:>9} {:>12} {:>9}", "variant", "records", "wall s", "records/s", "MB/s");
+            outln!("pipeline jsonl -> filter -> write_jsonl, {records} records of {words} words")?;
+            outln!("{:<32} {:>10} {:>9} {:>12} {:>9}", "variant", "records", "wall s", "records/s", "MB/s")?;
             for f in figures {
-                println!("{:<32} {:>10} {:>9.2} {:>12.0} {:>9.1}", f.variant, f.records, f.wall_s, f.records_per_s, f.mb_per_s);
+                outln!("{:<32} {:>10} {:>9.2} {:>12.0} {:>9.1}", f.variant, f.records, f.wall_s, f.records_per_s, f.mb_per_s)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -80,6 +80,25 @@ pub struct StageCheckpoints {
     keep: usize,
 }
 
+/// Whether `name` is a checkpoint directory's name, `step-` and digits: a pointer naming
+/// anything else (a path, `..`) would read outside the stage's checkpoints.
+fn is_step_name(name: &str) -> bool {
+    name.strip_prefix("step-").is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `path` lies inside `dir`: lexically (no `..`), and, when both exist, once links
+/// are resolved.
+fn lies_inside(path: &Path, dir: &Path) -> bool {
+    use std::path::Component;
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return false;
+    }
+    match (path.canonicalize(), dir.canonicalize()) {
+        (Ok(real), Ok(real_dir)) => real.starts_with(real_dir),
+        _ => path.starts_with(dir),
+    }
+}
+
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StageError> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
@@ -99,9 +118,27 @@ impl StageCheckpoints {
         Self { root: stage_dir(run_dir, label), keep: keep.max(1) }
     }
 
-    /// What the stage published, when it finished in an earlier attempt of this run.
+    /// What the stage published, when it finished in an earlier attempt of this run. A model
+    /// directory outside the run directory is taken from this run when it has one of that
+    /// name (the run was moved or copied), and refused otherwise (the file was edited).
     pub fn done(&self) -> Result<Option<Done>, StageError> {
-        read_json(&self.root.join("done.json"))
+        let path = self.root.join("done.json");
+        let Some(mut done) = read_json::<Done>(&path)? else { return Ok(None) };
+        let run_dir = self.root.parent().and_then(Path::parent).unwrap_or(&self.root);
+        if let Some(model) = done.model.as_ref().filter(|model| !lies_inside(model, run_dir)) {
+            let own = model.file_name().map(|name| run_dir.join(name)).filter(|own| own.is_dir() && lies_inside(own, run_dir));
+            let Some(own) = own else {
+                return Err(StageError::Failed(format!(
+                    "{}: names the model {}, outside the run directory {} (which has no directory of that name); refusing it (delete the file to redo the stage)",
+                    path.display(),
+                    model.display(),
+                    run_dir.display()
+                )));
+            };
+            tracing::info!(recorded = %model.display(), used = %own.display(), "the run was moved or copied; using its own copy of the model");
+            done.model = Some(own);
+        }
+        Ok(Some(done))
     }
 
     /// Records that the stage finished.
@@ -112,8 +149,16 @@ impl StageCheckpoints {
 
     /// The newest complete checkpoint: its directory and raw state.
     pub fn latest(&self) -> Result<Option<(PathBuf, Value)>, StageError> {
-        let Some(latest) = read_json::<Latest>(&self.root.join("latest.json"))? else { return Ok(None) };
+        let pointer = self.root.join("latest.json");
+        let Some(latest) = read_json::<Latest>(&pointer)? else { return Ok(None) };
         let dir = self.root.join(&latest.dir);
+        if !is_step_name(&latest.dir) || !lies_inside(&dir, &self.root) {
+            return Err(StageError::Failed(format!(
+                "{}: points at `{}`, which is not a checkpoint of this stage (a step-NNNNNN directory beside it); refusing to read outside the run directory",
+                pointer.display(),
+                latest.dir
+            )));
+        }
         let state_path = dir.join("state.json");
         let state: Value = read_json(&state_path)?.ok_or_else(|| {
             StageError::Failed(format!("{}: missing; the checkpoint {} is incomplete", state_path.display(), dir.display()))
@@ -217,6 +262,29 @@ mod tests {
         assert_eq!(state["step"], 1);
         assert_eq!(std::fs::read(dir.join("weights.bin")).expect("weights"), b"first");
         assert!(!stage_dir(run.path(), "rl_phase#4").join("step-000002").exists());
+    }
+
+    #[test]
+    fn a_pointer_outside_the_run_directory_is_refused() {
+        let run = tempfile::tempdir().expect("tempdir");
+        let checkpoints = StageCheckpoints::new(run.path(), "sft#1", 1);
+        checkpoints.save(1, write_weights(b"w", serde_json::json!({}))).expect("saves");
+        let latest = stage_dir(run.path(), "sft#1").join("latest.json");
+        for dir in ["../../../etc", "/etc", "step-000001/../../..", "", "step-"] {
+            std::fs::write(&latest, serde_json::json!({ "dir": dir, "step": 1 }).to_string()).expect("forge");
+            let error = checkpoints.latest().expect_err(dir).to_string();
+            assert!(error.contains("latest.json") && error.contains("refusing"), "{dir}: {error}");
+        }
+        let done = stage_dir(run.path(), "sft#1").join("done.json");
+        std::fs::write(&done, serde_json::json!({ "model": "/etc", "summary": {}, "metrics_lines": 0 }).to_string()).expect("forge");
+        let error = checkpoints.done().expect_err("outside").to_string();
+        assert!(error.contains("done.json") && error.contains("outside the run directory"), "{error}");
+        // A copied run: the model recorded in the original is taken from the copy.
+        std::fs::create_dir_all(run.path().join("sft-1")).expect("model dir");
+        let original = serde_json::json!({ "model": "/elsewhere/runs/original/sft-1", "summary": {}, "metrics_lines": 0 });
+        std::fs::write(&done, original.to_string()).expect("copied");
+        let done = checkpoints.done().expect("relocated").expect("done");
+        assert_eq!(done.model, Some(run.path().join("sft-1")));
     }
 
     #[test]

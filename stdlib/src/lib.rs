@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod driver;
 pub mod error;
 pub mod fsutil;
+pub mod guard;
 pub mod metrics;
 pub mod model;
 pub mod options;
@@ -17,6 +18,8 @@ pub mod rl;
 pub mod script;
 pub mod stage;
 pub mod stages;
+#[cfg(test)]
+mod testing;
 pub mod tokenizer;
 pub mod train;
 

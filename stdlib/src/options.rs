@@ -171,6 +171,42 @@ fn type_label(schema: &Value, defs: &Value) -> String {
     }
 }
 
+/// The largest sizes a recipe may ask for. Beyond them a value is a typo or an attack: it
+/// would take the machine's memory or years of compute before anything useful happened, so
+/// `longrl check` refuses it with the limit in the message.
+pub mod limits {
+    /// Tokens of one input or output budget (eight times QwenLong-L1's 128K).
+    pub const TOKENS: usize = 1 << 20;
+    /// Records a source generates or a stage counts.
+    pub const RECORDS: usize = 10_000_000;
+    /// Responses sampled per prompt, prompts per step, samples per evaluation item.
+    pub const GROUP: usize = 4096;
+    /// Passes over the data, tries, accumulations.
+    pub const PASSES: usize = 100_000;
+    /// Distractor facts of a synthetic task.
+    pub const DISTRACTORS: usize = 1000;
+}
+
+/// A problem when `value` of `option` exceeds `max`.
+pub fn at_most(option: &str, value: usize, max: usize) -> Option<String> {
+    (value > max).then(|| format!("option `{option}` is {value}, above the limit of {max}"))
+}
+
+/// Problems with sampling settings: the temperature must be finite and positive (or 0 for
+/// greedy decoding, when `greedy_allowed`), top-p within (0, 1].
+pub fn sampling_problems(temperature: f32, top_p: f32, greedy_allowed: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let greedy = greedy_allowed && temperature == 0.0;
+    if !temperature.is_finite() || (temperature <= 0.0 && !greedy) {
+        let allowed = if greedy_allowed { "0 (greedy) or positive" } else { "positive" };
+        out.push(format!("temperature must be {allowed}, got {temperature}"));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        out.push(format!("top_p must be within (0, 1], got {top_p}"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +261,18 @@ mod tests {
         assert_eq!(docs[1].ty, "integer");
         assert_eq!(docs[1].default.as_deref(), Some("4096"));
         assert_eq!(docs[2].ty, "boolean");
+    }
+
+    #[test]
+    fn sampling_settings_outside_their_range_are_named() {
+        assert!(sampling_problems(0.7, 0.95, false).is_empty());
+        assert!(sampling_problems(0.0, 1.0, true).is_empty());
+        assert_eq!(sampling_problems(0.0, 1.0, false).len(), 1);
+        assert_eq!(sampling_problems(f32::NAN, 1.0, true).len(), 1);
+        assert_eq!(sampling_problems(-1.0, 1.0, true).len(), 1);
+        assert!(sampling_problems(1.0, 0.0, true)[0].contains("top_p"));
+        assert!(sampling_problems(1.0, 1.5, true)[0].contains("top_p"));
+        assert!(sampling_problems(1.0, f32::NAN, true)[0].contains("top_p"));
+        assert!(at_most("count", 5, 4).is_some_and(|p| p.contains("limit of 4")));
     }
 }

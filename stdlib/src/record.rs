@@ -84,6 +84,10 @@ pub struct Record {
     /// a carried task trains in the next phase whatever its length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carried_from: Option<String>,
+    /// The most a carried task's buffer lets carried tasks make of the phase that trains on
+    /// them (its `mix`); the phase counts its own tasks in band against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carry_share: Option<f32>,
     /// Anything else the source carried (free-form, never read by the standard stages).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub metadata: serde_json::Map<String, serde_json::Value>,
@@ -91,34 +95,51 @@ pub struct Record {
 
 /// How hard one task was for a policy: the outcome of its group of sampled responses.
 /// Build it with [`Difficulty::new`], which fills the derived figures.
+///
+/// Difficulty comes from correctness (QwenLong-L1's 1 / mean group reward with rewards of 0
+/// or 1), not from rewards after overlong shaping; a task none of whose samples could be
+/// scored has no pass rate and no difficulty: it is unknown, not the hardest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Difficulty {
-    /// Fraction of the scorable samples judged correct.
-    pub pass_rate: f32,
-    /// One reward per scorable sample (unscorable ones left out).
+    /// Fraction of the scorable samples judged correct; absent when no sample was scorable.
+    pub pass_rate: Option<f32>,
+    /// The reward's score of each scorable sample (unscorable ones left out), before any
+    /// length shaping.
     pub rewards: Vec<f32>,
     /// Samples drawn, scorable or not.
     pub samples: usize,
     /// Mean of `rewards` (absent when no sample was scorable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_reward: Option<f32>,
-    /// QwenLong-L1's difficulty, 1 / mean reward; absent when infinite (nothing earned).
+    /// 1 / pass rate; absent when infinite (nothing solved) or unknown (nothing scorable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub difficulty: Option<f32>,
 }
 
 impl Difficulty {
-    /// The difficulty of a group: its pass rate, its scorable samples' rewards, and how many
-    /// samples were drawn.
-    pub fn new(pass_rate: f32, rewards: Vec<f32>, samples: usize) -> Self {
-        let mean_reward = (!rewards.is_empty()).then(|| rewards.iter().sum::<f32>() / rewards.len() as f32);
-        let difficulty = mean_reward.filter(|&mean| mean > 0.0).map(|mean| 1.0 / mean);
+    /// The difficulty of a group: how many samples were correct, the scorable samples'
+    /// rewards (before shaping), and how many samples were drawn.
+    pub fn new(correct: usize, rewards: Vec<f32>, samples: usize) -> Self {
+        let scorable = rewards.len();
+        let pass_rate = (scorable > 0).then(|| correct.min(scorable) as f32 / scorable as f32);
+        let mean_reward = (scorable > 0).then(|| rewards.iter().sum::<f32>() / scorable as f32);
+        let difficulty = pass_rate.filter(|&rate| rate > 0.0).map(|rate| 1.0 / rate);
         Self { pass_rate, rewards, samples, mean_reward, difficulty }
     }
 
-    /// 1 / mean reward, infinite when the mean is zero or below or nothing was scored.
-    pub fn score(&self) -> f32 {
-        self.difficulty.unwrap_or(f32::INFINITY)
+    /// Whether at least one sample could be scored.
+    pub fn scored(&self) -> bool {
+        self.pass_rate.is_some()
+    }
+
+    /// Scored, and no sample was correct (QwenLong-L1's carried tasks).
+    pub fn unsolved(&self) -> bool {
+        self.pass_rate.is_some_and(|rate| rate <= 0.0)
+    }
+
+    /// 1 / pass rate: infinite when nothing was solved, `None` when nothing was scorable.
+    pub fn score(&self) -> Option<f32> {
+        self.pass_rate.map(|_| self.difficulty.unwrap_or(f32::INFINITY))
     }
 }
 
@@ -138,6 +159,7 @@ impl Record {
             trace: None,
             difficulty: None,
             carried_from: None,
+            carry_share: None,
             metadata: serde_json::Map::new(),
         }
     }

@@ -514,6 +514,15 @@ pub trait StageConfig: DeserializeOwned + schemars::JsonSchema + Send + 'static 
         Vec::new()
     }
 
+    /// Whether the stage writes files of its own (then [`StageConfig::writes`] names them).
+    const WRITES_FILES: bool = false;
+
+    /// The files and directories the stage writes: relative paths are in the run directory.
+    /// Plan validation refuses two stages writing the same one.
+    fn writes(&self, _ctx: &StageContext) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
     /// Turns the options into a runnable stage (loading what it needs).
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError>;
 }
@@ -545,7 +554,11 @@ pub struct PlanEdge<'a> {
 impl<'a> PlanView<'a> {
     /// The node with this id.
     pub fn node(&self, id: usize) -> Option<&'a PlanNode<'a>> {
-        self.nodes.iter().find(|n| n.id == id)
+        // Nodes come in id order; a search keeps checks of large plans fast.
+        match self.nodes.binary_search_by_key(&id, |n| n.id) {
+            Ok(at) => self.nodes.get(at),
+            Err(_) => self.nodes.iter().find(|n| n.id == id),
+        }
     }
 
     /// Whether node `id` is a stage named `stage`.
@@ -600,6 +613,8 @@ pub trait StageFactory: Send + Sync {
     fn check_plan(&self, plan: &PlanView, node: usize) -> Vec<(usize, String)>;
     /// See [`StageConfig::report_figures`].
     fn report_figures(&self, label: &str, summary: &serde_json::Map<String, Value>) -> Vec<ReportFigure>;
+    /// See [`StageConfig::writes`]; empty when the options do not parse.
+    fn writes(&self, options: &Value, ctx: &StageContext) -> Vec<PathBuf>;
     fn build(&self, options: &Value, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError>;
 }
 
@@ -656,6 +671,13 @@ impl<C: StageConfig> StageFactory for ConfigFactory<C> {
 
     fn report_figures(&self, label: &str, summary: &serde_json::Map<String, Value>) -> Vec<ReportFigure> {
         C::report_figures(label, summary)
+    }
+
+    fn writes(&self, options: &Value, ctx: &StageContext) -> Vec<PathBuf> {
+        if !C::WRITES_FILES {
+            return Vec::new();
+        }
+        parse_options::<C>(options).map(|config| config.writes(ctx)).unwrap_or_default()
     }
 
     fn build(&self, options: &Value, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {

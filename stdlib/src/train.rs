@@ -4,6 +4,7 @@
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
@@ -15,6 +16,7 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
+use crate::guard;
 
 /// Whether a training stage recomputes each decoder layer in the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema)]
@@ -231,20 +233,29 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
     }
 
     /// Writes the optimizer's moments (keyed by parameter name hashes, see the model's
-    /// loader) to `path`, atomically.
+    /// loader) to `path`, atomically, behind a header with their length and checksum (see
+    /// [`optimizer_file`]).
     pub fn save_state(&self, path: &Path) -> Result<(), StageError> {
         let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
             .record(self.optim.to_record(), ())
             .map_err(|e| StageError::Failed(format!("{}: cannot encode the optimizer state: {e}", path.display())))?;
-        write_atomic(path, &bytes)
+        write_atomic(path, &optimizer_file::encode(&bytes))
     }
 
-    /// Restores moments written by [`Trainer::save_state`] for the same model.
+    /// Restores moments written by [`Trainer::save_state`] for the same model. A damaged,
+    /// cut or foreign file, or moments that do not fit the model's parameters, is an error
+    /// naming the file; nothing of it reaches the optimizer.
     pub fn load_state(self, path: &Path, device: &B::Device) -> Result<Self, StageError> {
+        let bad = |message: String| StageError::Failed(format!("{}: {message}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
-        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-            .load(bytes, device)
-            .map_err(|e| StageError::Failed(format!("{}: not a readable optimizer state ({e})", path.display())))?;
+        let payload = optimizer_file::decode(&bytes).map_err(bad)?;
+        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        // Burn's decoder panics on bytes it cannot read; the header check above catches
+        // damage, this catches a file that was forged with a valid header.
+        let record = guard::catch_quietly(|| recorder.load(payload.to_vec(), device))
+            .map_err(|panic| bad(format!("not a readable optimizer state ({})", guard::first_line(&panic, 160))))?
+            .map_err(|e| bad(format!("not a readable optimizer state ({e})")))?;
+        check_moments::<B, M>(self.model(), &record).map_err(bad)?;
         Ok(Self { optim: self.optim.load_record(record), ..self })
     }
 
@@ -272,6 +283,109 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
             Some(model) => model,
             None => unreachable!("the trainer's weights are only absent inside `step`"),
         }
+    }
+}
+
+/// The optimizer's moments as Burn records them, by parameter id.
+type MomentRecord<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
+
+/// Checks that each moment of a loaded optimizer state has its parameter's rank and shape
+/// (a state saved for another model would fail inside the first update).
+fn check_moments<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, record: &MomentRecord<B, M>) -> Result<(), String> {
+    struct Fit<'a, B: AutodiffBackend, M: AutodiffModule<B>> {
+        record: &'a MomentRecord<B, M>,
+        problem: Option<String>,
+        checked: usize,
+    }
+    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Fit<'_, B, M> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let Some(AdaptorRecord::V1(state)) = self.record.get(&param.id).filter(|_| self.problem.is_none()) else { return };
+            let rank = adaptor_rank(state);
+            let expected = param.val().dims().to_vec();
+            if rank != D {
+                self.problem = Some(format!("holds rank-{rank} moments for a parameter of shape {expected:?}"));
+                return;
+            }
+            let moments = AdaptorRecord::<AdamW, B>::V1(state.clone()).into_state::<D>().momentum;
+            let found = moments.moment_1.dims().to_vec();
+            let second = moments.moment_2.dims().to_vec();
+            if found != expected || second != expected {
+                self.problem = Some(format!("holds moments of shape {found:?} for a parameter of shape {expected:?}"));
+            }
+            self.checked += 1;
+        }
+    }
+    let mut fit = Fit::<B, M> { record, problem: None, checked: 0 };
+    model.visit(&mut fit);
+    match fit.problem {
+        Some(problem) => Err(format!("{problem}: the optimizer state belongs to another model")),
+        None if fit.checked < record.len() => {
+            Err(format!("holds moments for {} parameters the model does not have: it belongs to another model", record.len() - fit.checked))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The rank of an optimizer record's state.
+fn adaptor_rank<O: burn::optim::SimpleOptimizer<Bk>, Bk: burn::tensor::backend::Backend>(state: &AdaptorRecordV1<O, Bk>) -> usize {
+    match state {
+        AdaptorRecordV1::Rank0(_) => 0,
+        AdaptorRecordV1::Rank1(_) => 1,
+        AdaptorRecordV1::Rank2(_) => 2,
+        AdaptorRecordV1::Rank3(_) => 3,
+        AdaptorRecordV1::Rank4(_) => 4,
+        AdaptorRecordV1::Rank5(_) => 5,
+        AdaptorRecordV1::Rank6(_) => 6,
+        AdaptorRecordV1::Rank7(_) => 7,
+        AdaptorRecordV1::Rank8(_) => 8,
+    }
+}
+
+/// The layout of `optimizer.bin`: a magic line, the payload's length and FNV-1a checksum (each
+/// a little-endian u64), then the payload (Burn's encoding of the moments). The header lets a
+/// cut or damaged file be named before any decoder sees it.
+pub mod optimizer_file {
+    /// The first bytes of every optimizer file longrl writes.
+    pub const MAGIC: &[u8; 16] = b"longrl-optim-v1\n";
+    const HEADER: usize = MAGIC.len() + 16;
+
+    /// The file's bytes for `payload`.
+    pub fn encode(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&fnv1a(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// The payload of a file's bytes, or why they are not a complete optimizer file.
+    pub fn decode(bytes: &[u8]) -> Result<&[u8], String> {
+        if bytes.is_empty() {
+            return Err("the optimizer state is empty (0 bytes)".into());
+        }
+        if !bytes.starts_with(&MAGIC[..bytes.len().min(MAGIC.len())]) {
+            return Err("not an optimizer state written by longrl (unknown header); delete the checkpoint, or set optimizer_state: \"reset\" to start with fresh moments".into());
+        }
+        if bytes.len() < HEADER {
+            return Err(format!("the optimizer state is cut short: {} bytes, less than its {HEADER}-byte header", bytes.len()));
+        }
+        let word = |at: usize| bytes[at..at + 8].iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        let (declared, checksum) = (word(MAGIC.len()), word(MAGIC.len() + 8));
+        let payload = &bytes[HEADER..];
+        if payload.len() as u64 != declared {
+            let how = if (payload.len() as u64) < declared { "cut short" } else { "longer than written" };
+            return Err(format!("the optimizer state is {how}: {} bytes of moments where {declared} were written", payload.len()));
+        }
+        if fnv1a(payload) != checksum {
+            return Err("the optimizer state is damaged (its checksum does not match)".into());
+        }
+        Ok(payload)
+    }
+
+    /// The 64-bit FNV-1a hash.
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     }
 }
 
@@ -328,6 +442,26 @@ mod tests {
             weight_decay: 0.0,
             grad_clip: 1.0,
         }
+    }
+
+    #[test]
+    fn a_cut_or_damaged_optimizer_file_is_named_before_decoding() {
+        let payload = b"moments moments moments".to_vec();
+        let file = optimizer_file::encode(&payload);
+        assert_eq!(optimizer_file::decode(&file), Ok(&payload[..]));
+        for cut in [1, 10, 20, file.len() - 1] {
+            let err = optimizer_file::decode(&file[..cut]).expect_err("cut");
+            assert!(err.contains("cut short"), "{cut}: {err}");
+        }
+        let mut flipped = file.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(optimizer_file::decode(&flipped).expect_err("damaged").contains("checksum"));
+        assert!(optimizer_file::decode(b"").expect_err("empty").contains("empty"));
+        assert!(optimizer_file::decode(b"PK\x03\x04 a zip").expect_err("foreign").contains("not an optimizer state"));
+        let mut longer = file;
+        longer.push(0);
+        assert!(optimizer_file::decode(&longer).expect_err("long").contains("longer than written"));
     }
 
     #[test]

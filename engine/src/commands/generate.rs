@@ -24,6 +24,22 @@ pub struct GenerateRequest {
     pub sampling: SamplingConfig,
 }
 
+impl GenerateRequest {
+    /// Problems with the sampling settings, found before the model is loaded.
+    pub fn problems(&self) -> Vec<String> {
+        let sampling = &self.sampling;
+        let mut problems: Vec<String> = longrl_stdlib::options::sampling_problems(sampling.temperature, sampling.top_p, true)
+            .into_iter()
+            .map(|p| format!("--{}", p.replacen("top_p", "top-p", 1)))
+            .collect();
+        let limit = longrl_stdlib::options::limits::TOKENS;
+        if sampling.max_new_tokens == 0 || sampling.max_new_tokens > limit {
+            problems.push(format!("--max-new-tokens must be within 1..={limit}, got {}", sampling.max_new_tokens));
+        }
+        problems
+    }
+}
+
 impl BackendTask for GenerateRequest {
     type Output = Result<String, ModelError>;
 
@@ -42,6 +58,12 @@ impl BackendTask for GenerateRequest {
         }
         let tokenizer_dir = self.tokenizer.clone().unwrap_or_else(|| self.model.clone());
         let tokenizer = ModelTokenizer::load(&tokenizer_dir)?;
+        if self.chat && tokenizer.template.is_none() {
+            return Err(ModelError::Invalid(format!(
+                "{}: --chat, but the model has no chat template (chat_template.jinja, or `chat_template` in tokenizer_config.json); leave out --chat to use the prompt as it is",
+                tokenizer_dir.display()
+            )));
+        }
         let text = self.prompt.clone().unwrap_or_default();
         let ids = if self.chat {
             let turn = ChatMessage { role: "user".into(), content: text };

@@ -23,8 +23,13 @@ pub struct RecipeArgs {
     /// The recipe file (.rhai).
     pub recipe: PathBuf,
     /// Set a recipe parameter read by `param("key", default)`; repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = check_set)]
     pub set: Vec<String>,
+}
+
+/// Checks a `--set KEY=VALUE` on the command line (a malformed one is a usage error).
+fn check_set(text: &str) -> Result<String, String> {
+    parse_set(text).map(|_| text.to_string())
 }
 
 /// Options of `longrl run`.
@@ -33,7 +38,7 @@ pub struct RunArgs {
     /// The recipe file (.rhai). With --resume it may be left out: the run's own copy is used.
     pub recipe: Option<PathBuf>,
     /// Set a recipe parameter read by `param("key", default)`; repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = check_set)]
     pub set: Vec<String>,
     /// Continue a killed run in its directory: finished stages are not redone, interrupted
     /// ones restart from their last checkpoint. Refused if the recipe's plan changed.
@@ -51,9 +56,9 @@ pub struct RunArgs {
     /// Device index within the backend.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
-    /// Seed of every random choice in the run.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of every random choice in the run (default 0; a resumed run keeps its own).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Items each edge queues before its producer waits.
     #[arg(long, default_value_t = 64)]
     pub channel_capacity: usize,
@@ -67,8 +72,8 @@ pub fn parse_backend(text: &str) -> Result<BackendKind, String> {
 /// `longrl check`: the plan, or every problem.
 pub fn check(args: &RecipeArgs, registry: &Registry) -> Result<ExitCode> {
     let Some((_, plan)) = checked(args, registry)? else { return Ok(ExitCode::FAILURE) };
-    println!("{} is valid: {} stages, {} edges", args.recipe.display(), plan.nodes.len(), plan.edges.len());
-    print!("{}", plan.to_text());
+    crate::outln!("{} is valid: {} stages, {} edges", args.recipe.display(), plan.nodes.len(), plan.edges.len())?;
+    crate::out!("{}", plan.to_text())?;
     print_warnings(&plan);
     Ok(ExitCode::SUCCESS)
 }
@@ -76,7 +81,7 @@ pub fn check(args: &RecipeArgs, registry: &Registry) -> Result<ExitCode> {
 /// `longrl graph`: the plan as text or DOT.
 pub fn graph(args: &RecipeArgs, dot: bool, registry: &Registry) -> Result<ExitCode> {
     let Some((_, plan)) = checked(args, registry)? else { return Ok(ExitCode::FAILURE) };
-    print!("{}", if dot { plan.to_dot() } else { plan.to_text() });
+    crate::out!("{}", if dot { plan.to_dot() } else { plan.to_text() })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -97,12 +102,12 @@ pub fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
         "params": params(&recipe_args)?,
         "backend": args.backend.as_str(),
         "device": device.to_string(),
-        "seed": args.seed,
+        "seed": args.seed.unwrap_or(0),
         "longrl_version": env!("CARGO_PKG_VERSION"),
     });
     run_dir.record_inputs(&source, &plan, info)?;
-    eprintln!("run directory: {}", run_dir.path.display());
-    execute_in(plan, registry, run_dir, device, args.seed, args.channel_capacity)
+    crate::errln!("run directory: {}", run_dir.path.display());
+    execute_in(plan, registry, run_dir, device, args.seed.unwrap_or(0), args.channel_capacity)
 }
 
 fn params(args: &RecipeArgs) -> Result<Params> {
@@ -120,7 +125,7 @@ fn checked(args: &RecipeArgs, registry: &Registry) -> Result<Option<(String, Val
     match check_recipe(&args.recipe, registry, &params(args)?, &base_dir) {
         Ok(found) => Ok(Some(found)),
         Err(CheckError::Problems(problems)) => {
-            eprint!("error: {problems}");
+            crate::errln!("error: {}", problems.to_string().trim_end());
             Ok(None)
         }
         Err(other) => Err(other.into()),
@@ -129,7 +134,7 @@ fn checked(args: &RecipeArgs, registry: &Registry) -> Result<Option<(String, Val
 
 fn print_warnings(plan: &ValidPlan) {
     for warning in &plan.warnings {
-        eprintln!("warning: {}:{}:{}: {}", plan.recipe, warning.position.line, warning.position.column, warning.message);
+        crate::errln!("warning: {}:{}:{}: {}", plan.recipe, warning.position.line, warning.position.column, warning.message);
     }
 }
 
@@ -143,6 +148,13 @@ fn read_json(path: &Path, what: &str) -> Result<serde_json::Value> {
 fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCode> {
     let run_dir = RunDir::open(dir)?;
     let info = read_json(&dir.join("run.json"), "the run's settings")?;
+    let seed = info["seed"].as_u64().unwrap_or(0);
+    if let Some(asked) = args.seed {
+        bail!(
+            "--seed {asked} with --resume: the run {} keeps the seed it started with ({seed}), or its checkpoints would not fit; leave out --seed (or start a new run)",
+            dir.display()
+        );
+    }
     let recipe = args.recipe.clone().unwrap_or_else(|| dir.join("recipe.rhai"));
     let mut set: Vec<String> =
         info["params"].as_object().map(|params| params.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
@@ -161,10 +173,9 @@ fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCod
     let backend = info["backend"].as_str().map(parse_backend).transpose().map_err(anyhow::Error::msg)?.unwrap_or(args.backend);
     let device = DeviceSpec::new(backend, info["device"].as_str().and_then(|d| d.rsplit(':').next()?.parse().ok()).unwrap_or(args.device));
     longrl_backends::probe(device)?;
-    let seed = info["seed"].as_u64().unwrap_or(args.seed);
     let labels: Vec<String> = plan.nodes.iter().map(|n| n.label()).collect();
     let kept = rewind_metrics(dir, &labels)?;
-    eprintln!("resuming {} ({kept} metrics lines kept)", dir.display());
+    crate::errln!("resuming {} ({kept} metrics lines kept)", dir.display());
     execute_in(plan, registry, run_dir, device, seed, args.channel_capacity)
 }
 
@@ -198,7 +209,7 @@ fn spawn_report_refresher(
 fn install_interrupt_handler(cancel: &CancelToken) -> Result<()> {
     let cancel = cancel.clone();
     ctrlc::set_handler(move || {
-        eprintln!("\ninterrupted: stopping every stage (press Ctrl-C again to kill)");
+        crate::errln!("\ninterrupted: stopping every stage (press Ctrl-C again to kill)");
         if cancel.is_cancelled() {
             std::process::exit(130);
         }
@@ -233,10 +244,10 @@ fn execute_in(
     let report = report?;
     run_dir.record_report(&report)?;
     match write_report(&run_dir.path, registry) {
-        Ok(path) => eprintln!("report: {}", path.display()),
-        Err(e) => eprintln!("warning: the report could not be written: {e}"),
+        Ok(path) => crate::errln!("report: {}", path.display()),
+        Err(e) => crate::errln!("warning: the report could not be written: {e}"),
     }
-    eprintln!("{report}");
+    crate::errln!("{report}");
     let mut tables = Vec::new();
     for stage in &report.stages {
         let mut summary = stage.summary.clone();
@@ -245,15 +256,15 @@ fn execute_in(
         }
         summary.remove("rows");
         if !summary.is_empty() {
-            eprintln!("  {}: {}", stage.label, serde_json::Value::Object(summary));
+            crate::errln!("  {}: {}", stage.label, serde_json::Value::Object(summary));
         }
     }
     for table in tables {
-        println!("\n{table}");
+        crate::outln!("\n{table}")?;
     }
     match report.failure_message() {
         None => {
-            eprintln!("done: {}", run_dir.path.display());
+            crate::errln!("done: {}", run_dir.path.display());
             Ok(ExitCode::SUCCESS)
         }
         Some(message) => bail!("{message}"),

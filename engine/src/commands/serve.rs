@@ -62,7 +62,7 @@ impl BackendTask for ServeOptions {
         let server = tiny_http::Server::http((self.host.as_str(), self.port))
             .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port))?;
         let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(self.port);
-        println!("listening on http://{}:{port}/v1 (model {name})", self.host);
+        crate::outln!("listening on http://{}:{port}/v1 (model {name})", self.host)?;
         let mut stop_ids = tokenizer.stop_ids.clone();
         stop_ids.extend(config.eos_ids());
         let mut served = 0usize;
@@ -76,7 +76,7 @@ impl BackendTask for ServeOptions {
                 ("GET", "/health") => (200, json!({ "status": "ok" })),
                 ("POST", "/v1/chat/completions") => {
                     let mut text = String::new();
-                    match request.as_reader().read_to_string(&mut text) {
+                    match std::io::Read::read_to_string(&mut std::io::Read::take(request.as_reader(), MAX_BODY_BYTES), &mut text) {
                         Err(e) => (400, error_body(&format!("cannot read the request body: {e}"))),
                         Ok(_) => match serde_json::from_str::<ChatRequest>(&text) {
                             Err(e) => (400, error_body(&format!("invalid request: {e}"))),
@@ -101,6 +101,9 @@ impl BackendTask for ServeOptions {
     }
 }
 
+/// The largest request body read (the rest of a longer one is ignored, and its JSON fails).
+const MAX_BODY_BYTES: u64 = 16 << 20;
+
 fn error_body(message: &str) -> Value {
     json!({ "error": { "message": message, "type": "invalid_request_error" } })
 }
@@ -118,6 +121,10 @@ fn complete<B: longrl_backends::CustomGrad>(
     if chat.messages.is_empty() {
         return (400, error_body("messages must not be empty"));
     }
+    let problems = longrl_stdlib::options::sampling_problems(chat.temperature, chat.top_p, true);
+    if !problems.is_empty() {
+        return (400, error_body(&problems.join("; ")));
+    }
     let ids = match tokenizer.encode_chat(&chat.messages, true, &json!({ "enable_thinking": true })) {
         Ok(ids) if !ids.is_empty() => ids,
         Ok(_) => return (400, error_body("the prompt is empty")),
@@ -128,8 +135,8 @@ fn complete<B: longrl_backends::CustomGrad>(
     }
     let max_tokens = chat.max_completion_tokens.or(chat.max_tokens).unwrap_or(256).clamp(1, cap);
     let sampling = SamplingConfig {
-        temperature: chat.temperature.max(0.0),
-        top_p: chat.top_p.clamp(0.0, 1.0),
+        temperature: chat.temperature,
+        top_p: chat.top_p,
         top_k: 0,
         max_new_tokens: max_tokens,
         stop_tokens: stop_ids.to_vec(),

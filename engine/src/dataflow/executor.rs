@@ -110,7 +110,8 @@ impl RunReport {
             ));
         }
         if cancelled > 0 {
-            message.push_str(&format!(" ({cancelled} other stage{} stopped)", if cancelled == 1 { "" } else { "s" }));
+            let other = if failed.is_empty() { "" } else { "other " };
+            message.push_str(&format!(" ({cancelled} {other}stage{} stopped)", if cancelled == 1 { "" } else { "s" }));
         }
         Some(message)
     }
@@ -246,21 +247,58 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
     // The executor's own senders would keep channels open: drop them so ends propagate.
     drop(port_senders);
 
-    let mut reports: BTreeMap<usize, StageReport> = BTreeMap::new();
-    while reports.len() < plan.nodes.len() {
-        match done_rx.recv_timeout(Duration::from_millis(200)) {
+    let mut reports = collect_reports(&done_rx, plan.nodes.len(), cancel);
+    // A stage still busy after the grace period (inside one long computation or a request)
+    // is left behind: its report says so, and the process exit ends its thread.
+    let missing: Vec<&crate::dataflow::plan::Node> = plan.nodes.iter().filter(|n| !reports.contains_key(&n.id)).collect();
+    for node in missing {
+        tracing::warn!(stage = %node.label(), "the stage did not stop within {} s of the stop; leaving it behind", STOP_GRACE.as_secs());
+        reports.insert(node.id, abandoned(node, started));
+    }
+    for handle in handles.into_iter().filter(|h| h.is_finished()) {
+        let _ = handle.join();
+    }
+    let interrupted = cancel.is_cancelled() && reports.values().all(|r| r.status != StageStatus::Failed);
+    Ok(RunReport { stages: reports.into_values().collect(), wall_s: started.elapsed().as_secs_f64(), interrupted })
+}
+
+/// How long stages get to wind down once the run is stopped (a failure, Ctrl-C, SIGTERM).
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The stages' reports as they finish: all of them, or those in by [`STOP_GRACE`] after the
+/// run was stopped.
+fn collect_reports(done_rx: &Receiver<(usize, StageReport)>, stages: usize, cancel: &CancelToken) -> BTreeMap<usize, StageReport> {
+    let mut reports = BTreeMap::new();
+    let mut stopped_at: Option<Instant> = None;
+    while reports.len() < stages {
+        match done_rx.recv_timeout(Duration::from_millis(100)) {
             Ok((id, report)) => {
                 reports.insert(id, report);
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         }
+        if cancel.is_cancelled() && stopped_at.get_or_insert_with(Instant::now).elapsed() >= STOP_GRACE {
+            break;
+        }
     }
-    for handle in handles {
-        let _ = handle.join();
+    reports
+}
+
+/// The report of a stage that did not stop in time.
+fn abandoned(node: &crate::dataflow::plan::Node, started: Instant) -> StageReport {
+    StageReport {
+        node: node.id,
+        stage: node.stage.clone(),
+        label: node.label(),
+        line: node.position.line,
+        status: StageStatus::Cancelled,
+        items_in: 0,
+        items_out: 0,
+        wall_s: started.elapsed().as_secs_f64(),
+        summary: serde_json::Map::new(),
+        error: Some(format!("did not stop within {} s of the stop; left behind", STOP_GRACE.as_secs())),
     }
-    let interrupted = cancel.is_cancelled() && reports.values().all(|r| r.status != StageStatus::Failed);
-    Ok(RunReport { stages: reports.into_values().collect(), wall_s: started.elapsed().as_secs_f64(), interrupted })
 }
 
 /// Errors a stage raises only because its neighbours stopped (a closed input mid-stream).

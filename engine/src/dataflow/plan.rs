@@ -2,8 +2,9 @@
 //! edges between their ports; validation that reports every problem at once; text and DOT
 //! renderings for `longrl check` and `longrl graph`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use longrl_stdlib::script::ScriptFn;
@@ -182,10 +183,20 @@ impl Plan {
             }
         }
 
+        if self.nodes.is_empty() && problems.is_empty() {
+            problems.push(Problem::new(Position::default(), "the recipe declares no stages"));
+        }
+        // Edges by port, so that large plans check in linear time.
+        let mut into_ports: BTreeMap<(usize, &str), usize> = BTreeMap::new();
+        let mut used_outputs: BTreeSet<(usize, &str)> = BTreeSet::new();
+        for edge in &resolved {
+            *into_ports.entry((edge.to, edge.to_port)).or_default() += 1;
+            used_outputs.insert((edge.from, edge.from_port));
+        }
         for node in self.nodes.iter().filter(|n| !n.unknown) {
             let Some(factory) = registry.get(&node.stage) else { continue };
             for port in factory.inputs() {
-                let count = resolved.iter().filter(|e| e.to == node.id && e.to_port == port.name).count();
+                let count = into_ports.get(&(node.id, port.name)).copied().unwrap_or(0);
                 if port.required && count == 0 {
                     problems.push(Problem::new(
                         node.position,
@@ -200,7 +211,7 @@ impl Plan {
                 }
             }
             for port in factory.outputs() {
-                let used = resolved.iter().any(|e| e.from == node.id && e.from_port == port.name);
+                let used = used_outputs.contains(&(node.id, port.name));
                 if !used && factory.outputs().len() == 1 && port.kind == PortKind::Records {
                     warnings.push(Problem::new(node.position, format!("{}: output `{}` is not used by any stage", node.stage, port.name)));
                 }
@@ -212,6 +223,8 @@ impl Plan {
             let position = self.nodes[cycle[0]].position;
             problems.push(Problem::new(position, format!("the plan has a cycle: {} -> {}", names.join(" -> "), names[0])));
         }
+
+        problems.extend(shared_writes(&self.nodes, registry, &node_ctx));
 
         // Checks stages make of the plan around them (e.g. a curriculum's chained phases).
         let view_nodes: Vec<PlanNode> =
@@ -322,7 +335,8 @@ fn wrong_kind(from: &Node, to: &Node, input: &longrl_stdlib::PortSpec, count: us
     }
 }
 
-/// A cycle among the edges, as node ids in order, if there is one.
+/// A cycle among the edges, as node ids in order, if there is one. Depth-first with an
+/// explicit stack, so a chain of any length cannot overflow the thread's stack.
 fn find_cycle(node_count: usize, edges: &[ResolvedEdge]) -> Option<Vec<usize>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -330,41 +344,76 @@ fn find_cycle(node_count: usize, edges: &[ResolvedEdge]) -> Option<Vec<usize>> {
         Active,
         Done,
     }
-    let mut successors: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for edge in edges {
-        successors.entry(edge.from).or_default().push(edge.to);
+    let mut successors: Vec<Vec<usize>> = vec![Vec::new(); node_count];
+    for edge in edges.iter().filter(|e| e.from < node_count && e.to < node_count) {
+        successors[edge.from].push(edge.to);
     }
     let mut marks = vec![Mark::New; node_count];
-    let mut path = Vec::new();
-    fn visit(node: usize, successors: &BTreeMap<usize, Vec<usize>>, marks: &mut [Mark], path: &mut Vec<usize>) -> Option<Vec<usize>> {
-        marks[node] = Mark::Active;
-        path.push(node);
-        for &next in successors.get(&node).map(Vec::as_slice).unwrap_or(&[]) {
-            match marks[next] {
+    for root in 0..node_count {
+        if marks[root] != Mark::New {
+            continue;
+        }
+        // The path from the root, each node with the index of its next successor to visit.
+        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+        marks[root] = Mark::Active;
+        while let Some((node, next)) = path.last_mut() {
+            let node = *node;
+            let Some(&child) = successors[node].get(*next) else {
+                marks[node] = Mark::Done;
+                path.pop();
+                continue;
+            };
+            *next += 1;
+            match marks[child] {
                 Mark::Active => {
-                    let start = path.iter().position(|&n| n == next).unwrap_or(0);
-                    return Some(path[start..].to_vec());
+                    let start = path.iter().position(|&(n, _)| n == child).unwrap_or(0);
+                    return Some(path[start..].iter().map(|&(n, _)| n).collect());
                 }
                 Mark::New => {
-                    if let Some(cycle) = visit(next, successors, marks, path) {
-                        return Some(cycle);
-                    }
+                    marks[child] = Mark::Active;
+                    path.push((child, 0));
                 }
                 Mark::Done => {}
             }
         }
-        path.pop();
-        marks[node] = Mark::Done;
-        None
-    }
-    for node in 0..node_count {
-        if marks[node] == Mark::New
-            && let Some(cycle) = visit(node, &successors, &mut marks, &mut path)
-        {
-            return Some(cycle);
-        }
     }
     None
+}
+
+/// Files the run directory itself holds: no stage may write them.
+const RUN_FILES: [&str; 8] =
+    ["recipe.rhai", "plan.json", "run.json", "metrics.jsonl", "report.json", "report.html", "stages", "checkpoints"];
+
+/// Problems of stages that would write the same file or directory (or one of the run's own).
+fn shared_writes<'a>(nodes: &'a [Node], registry: &Registry, ctx: &dyn Fn(&Node) -> StageContext) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut writers: BTreeMap<PathBuf, &'a Node> = BTreeMap::new();
+    for node in nodes.iter().filter(|n| !n.unknown) {
+        let Some(factory) = registry.get(&node.stage) else { continue };
+        for path in factory.writes(&node.options, &ctx(node)) {
+            let path: PathBuf = path.components().filter(|c| !matches!(c, Component::CurDir)).collect();
+            if path.is_relative() && RUN_FILES.iter().any(|f| path == Path::new(f)) {
+                problems.push(Problem::new(
+                    node.position,
+                    format!("{}: writes {}, a file of the run directory itself; pick another name", node.stage, path.display()),
+                ));
+            } else if let Some(first) = writers.get(&path) {
+                problems.push(Problem::new(
+                    node.position,
+                    format!(
+                        "{}: writes {}, which {} (line {}) writes too; give one of them another path or name",
+                        node.stage,
+                        path.display(),
+                        first.label(),
+                        first.position.line
+                    ),
+                ));
+            } else {
+                writers.insert(path, node);
+            }
+        }
+    }
+    problems
 }
 
 impl ValidPlan {
@@ -406,5 +455,34 @@ impl ValidPlan {
     /// The plan as JSON (saved in the run directory).
     pub fn to_json(&self) -> Value {
         serde_json::json!({ "recipe": self.recipe, "nodes": self.nodes, "edges": self.edges })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(length: usize) -> Vec<ResolvedEdge> {
+        (1..length).map(|to| ResolvedEdge { from: to - 1, from_port: "records", to, to_port: "input", kind: PortKind::Records }).collect()
+    }
+
+    #[test]
+    fn a_chain_of_a_hundred_thousand_stages_does_not_overflow_the_stack() {
+        let edges = chain(100_000);
+        // A small stack: a recursive walk would overflow it long before the end.
+        let found = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || find_cycle(100_000, &edges))
+            .expect("thread")
+            .join()
+            .expect("no overflow");
+        assert_eq!(found, None);
+    }
+
+    #[test]
+    fn a_cycle_is_found_in_order() {
+        let mut edges = chain(5);
+        edges.push(ResolvedEdge { from: 4, from_port: "records", to: 2, to_port: "input", kind: PortKind::Records });
+        assert_eq!(find_cycle(5, &edges), Some(vec![2, 3, 4]));
     }
 }

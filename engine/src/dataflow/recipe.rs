@@ -24,6 +24,8 @@ pub mod limits {
     pub const MAX_ARRAY_SIZE: usize = 100_000;
     pub const MAX_MAP_SIZE: usize = 10_000;
     pub const MAX_VARIABLES: usize = 10_000;
+    /// Stages a recipe may declare: each runs on its own thread.
+    pub const MAX_STAGES: usize = 10_000;
 }
 
 /// Stage functions accept up to this many arguments (inputs, positional values, options).
@@ -136,6 +138,9 @@ fn describe_error(err: &EvalAltResult) -> String {
             format!("the recipe ran more than {} operations (an endless loop?); a recipe only declares stages", limits::MAX_OPERATIONS)
         }
         EvalAltResult::ErrorRuntime(value, _) => format!("recipe error: {value}"),
+        EvalAltResult::ErrorStackOverflow(_) => {
+            format!("the recipe calls functions more than {} levels deep (an endless recursion?)", limits::MAX_CALL_LEVELS)
+        }
         other => {
             // Rhai appends " (line L, position C)"; the position is printed separately.
             let text = other.to_string();
@@ -169,8 +174,8 @@ fn build_engine(registry: &Registry, builder: &Arc<Mutex<Builder>>, params: &Par
         .set_strict_variables(true)
         .set_fail_on_invalid_map_property(true)
         .disable_symbol("eval");
-    engine.on_print(|text| eprintln!("{text}"));
-    engine.on_debug(|text, _, pos| eprintln!("[recipe {pos}] {text}"));
+    engine.on_print(|text| crate::errln!("{text}"));
+    engine.on_debug(|text, _, pos| crate::errln!("[recipe {pos}] {text}"));
 
     engine
         .register_type_with_name::<StageHandle>("Stage")
@@ -190,6 +195,7 @@ fn build_engine(registry: &Registry, builder: &Arc<Mutex<Builder>>, params: &Par
             engine.register_raw_fn(factory.name(), types, move |ctx: NativeCallContext, args: &mut [&mut Dynamic]| {
                 let pos = Position::from_rhai(ctx.call_position());
                 let mut state = builder.lock().map_err(|_| "recipe builder poisoned".to_string())?;
+                check_stage_count(&state, ctx.call_position())?;
                 Ok(add_stage(&mut state, factory.as_ref(), pos, args))
             });
         }
@@ -204,6 +210,7 @@ fn build_engine(registry: &Registry, builder: &Arc<Mutex<Builder>>, params: &Par
             engine.register_raw_fn(name.clone(), types, move |ctx: NativeCallContext, _args: &mut [&mut Dynamic]| {
                 let pos = Position::from_rhai(ctx.call_position());
                 let mut state = builder.lock().map_err(|_| "recipe builder poisoned".to_string())?;
+                check_stage_count(&state, ctx.call_position())?;
                 state.problems.push(Problem::new(pos, format!("unknown stage `{name}`{suggestion}")));
                 let id = state.nodes.len();
                 state.nodes.push(Node { id, stage: name.clone(), options: Value::Null, position: pos, unknown: true });
@@ -218,6 +225,18 @@ fn build_engine(registry: &Registry, builder: &Arc<Mutex<Builder>>, params: &Par
     });
     engine.register_fn("env", |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string()));
     engine
+}
+
+/// An error at the call that would declare one stage more than [`limits::MAX_STAGES`].
+fn check_stage_count(state: &Builder, pos: rhai::Position) -> Result<(), Box<EvalAltResult>> {
+    if state.nodes.len() < limits::MAX_STAGES {
+        return Ok(());
+    }
+    let message = format!(
+        "the recipe declares more than {} stages (each runs on its own thread); split the work into several recipes",
+        limits::MAX_STAGES
+    );
+    Err(EvalAltResult::ErrorRuntime(message.into(), pos).into())
 }
 
 fn handle_name(handle: &StageHandle) -> String {

@@ -88,6 +88,12 @@ impl WeightSource for SafetensorsSource {
         }
         let values =
             to_f32(view.dtype(), view.data()).map_err(|message| ModelError::checkpoint(&path, format!("tensor `{name}`: {message}")))?;
+        if let Some((at, bad)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(ModelError::checkpoint(
+                &path,
+                format!("tensor `{name}` holds {bad} at index {at}: the weights are damaged (or the training diverged)"),
+            ));
+        }
         self.used.insert(name.to_string());
         Ok(values)
     }
@@ -220,4 +226,56 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<(), ModelError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Opens `bytes` as a model directory's model.safetensors and reads every tensor it
+    /// names: whatever the bytes, an error or values, never a panic.
+    fn open_and_read(bytes: &[u8]) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("model.safetensors"), bytes).expect("write");
+        let Ok(mut source) = SafetensorsSource::open(dir.path()) else { return };
+        let Ok(tensors) = SafeTensors::deserialize(bytes) else { panic!("open accepted what the reader refuses") };
+        let shapes: Vec<(String, Vec<usize>)> = tensors.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        for (name, shape) in shapes {
+            let _ = source.tensor(&name, &shape);
+            let _ = source.tensor(&name, &[shape.iter().product::<usize>().saturating_add(1)]);
+        }
+        let _ = source.tensor("absent", &[1]);
+    }
+
+    /// A header entry: a dtype (some not weights), a shape, and data offsets.
+    fn entry() -> impl Strategy<Value = serde_json::Value> {
+        let dtype = prop_oneof![Just("F32"), Just("F16"), Just("BF16"), Just("F64"), Just("I64"), Just("U8"), Just("BOOL"), Just("X9")];
+        let dim = prop_oneof![0usize..4, Just(usize::MAX), Just(1 << 40)];
+        (dtype, proptest::collection::vec(dim, 0..4), 0u64..64, 0u64..64)
+            .prop_map(|(dtype, shape, a, b)| serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [a.min(b), a.max(b)] }))
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::config(256))]
+
+        #[test]
+        fn any_bytes_open_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            open_and_read(&bytes);
+        }
+
+        #[test]
+        fn any_header_opens_or_fails(
+            entries in proptest::collection::btree_map("[a-z.]{1,12}", entry(), 0..4),
+            data in proptest::collection::vec(any::<u8>(), 0..80),
+            declared in prop_oneof![Just(None), any::<u64>().prop_map(Some)],
+        ) {
+            let header = serde_json::to_vec(&entries).expect("json");
+            let length = declared.unwrap_or(header.len() as u64);
+            let mut bytes = length.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&header);
+            bytes.extend_from_slice(&data);
+            open_and_read(&bytes);
+        }
+    }
 }

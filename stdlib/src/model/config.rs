@@ -108,6 +108,37 @@ fn default_eps() -> f64 {
     1e-6
 }
 
+/// The largest value of each dimension, in the order [`ModelConfig::check_sizes`] checks them.
+const SIZE_LIMITS: [(&str, usize); 7] = [
+    ("vocab_size", 1 << 22),
+    ("hidden_size", 1 << 17),
+    ("intermediate_size", 1 << 20),
+    ("num_hidden_layers", 1024),
+    ("num_attention_heads", 1024),
+    ("num_key_value_heads", 1024),
+    ("head_dim", 4096),
+];
+
+/// Bytes of memory available to new allocations (Linux `MemAvailable`); `None` elsewhere.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// A byte count for people: `1.5 GiB`.
+fn human_bytes(bytes: f64) -> String {
+    let units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{value:.0} {}", units[0]) } else { format!("{value:.1} {}", units[unit]) }
+}
+
 fn default_act() -> String {
     "silu".into()
 }
@@ -117,13 +148,34 @@ fn default_max_pos() -> usize {
 }
 
 impl ModelConfig {
-    /// Reads and checks `config.json`.
+    /// Reads and checks `config.json`, and that the weights it implies fit in the memory
+    /// this machine has available.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let config: Self =
-            serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
-        config.check().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
+            serde_json::from_str(text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+        let invalid = |message| ModelError::Config { path: path.to_path_buf(), message };
+        // Memory first: its figure says more than a size limit would.
+        config.check_memory(available_memory()).map_err(invalid)?;
+        config.check().map_err(invalid)?;
         Ok(config)
+    }
+
+    /// An error when the model's f32 weights alone need more than `available` bytes (the
+    /// figure is in the message); `None` skips the check (memory unknown).
+    pub fn check_memory(&self, available: Option<u64>) -> Result<(), String> {
+        let Some(available) = available else { return Ok(()) };
+        let params = self.param_count();
+        let bytes = params * 4.0;
+        if bytes > available as f64 {
+            return Err(format!(
+                "the model has {params:.3e} parameters: {} as f32 weights alone, more than the {} of memory available on this machine",
+                human_bytes(bytes),
+                human_bytes(available as f64)
+            ));
+        }
+        Ok(())
     }
 
     /// Which architecture this is; an unsupported `model_type` is an error.
@@ -148,6 +200,13 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_hidden_layers == 0 || self.hidden_size == 0 {
             return Err("num_attention_heads, num_hidden_layers and hidden_size must be positive".into());
         }
+        if self.vocab_size == 0 || self.intermediate_size == 0 {
+            return Err("vocab_size and intermediate_size must be positive".into());
+        }
+        self.check_sizes()?;
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(format!("rms_norm_eps must be a positive number, got {}", self.rms_norm_eps));
+        }
         let kv = self.kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})", self.num_attention_heads));
@@ -159,6 +218,26 @@ impl ModelConfig {
             return Err("mlp_bias = true is not supported".into());
         }
         self.rope()?;
+        Ok(())
+    }
+
+    /// Each dimension within [`SIZE_LIMITS`] (far above any released model), so that the
+    /// figures derived from them cannot overflow.
+    fn check_sizes(&self) -> Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim()),
+        ];
+        for ((name, value), (_, max)) in sizes.iter().zip(SIZE_LIMITS) {
+            if *value > max {
+                return Err(format!("{name} is {value}, above the largest longrl accepts ({max})"));
+            }
+        }
         Ok(())
     }
 
@@ -214,12 +293,18 @@ impl ModelConfig {
 
     /// Number of parameters the config implies.
     pub fn num_params(&self) -> usize {
-        let (d, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let (h, kv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_dim());
-        let attn = d * h * hd + 2 * d * kv * hd + h * hd * d + if self.qkv_bias() { h * hd + 2 * kv * hd } else { 0 };
-        let layer = attn + 3 * d * i + 2 * d;
-        let head = if self.tie_word_embeddings { 0 } else { v * d };
-        v * d + self.num_hidden_layers * layer + d + head
+        self.param_count() as usize
+    }
+
+    /// Number of parameters the config implies, in floating point (never overflows, for
+    /// configs of any size).
+    pub fn param_count(&self) -> f64 {
+        let (d, i, v) = (self.hidden_size as f64, self.intermediate_size as f64, self.vocab_size as f64);
+        let (h, kv, hd) = (self.num_attention_heads as f64, self.kv_heads() as f64, self.head_dim() as f64);
+        let attn = d * h * hd + 2.0 * d * kv * hd + h * hd * d + if self.qkv_bias() { h * hd + 2.0 * kv * hd } else { 0.0 };
+        let layer = attn + 3.0 * d * i + 2.0 * d;
+        let head = if self.tie_word_embeddings { 0.0 } else { v * d };
+        v * d + self.num_hidden_layers as f64 * layer + d + head
     }
 
     /// A named built-in shape: `tiny` (the embedded default, a few million parameters),
@@ -327,6 +412,36 @@ mod tests {
         let mut odd = base();
         odd["num_key_value_heads"] = 3.into();
         assert!(parse(odd).check().expect_err("gqa").contains("multiple"));
+    }
+
+    #[test]
+    fn a_model_too_big_for_memory_names_the_figures() {
+        let mut huge = base();
+        huge["num_hidden_layers"] = 1000.into();
+        huge["hidden_size"] = 65536.into();
+        huge["intermediate_size"] = 131072.into();
+        huge["num_attention_heads"] = 512.into();
+        huge["num_key_value_heads"] = 512.into();
+        let config = parse(huge);
+        assert!(config.check().is_ok());
+        let err = config.check_memory(Some(16 << 30)).expect_err("too big");
+        assert!(
+            err.contains("e13 parameters") && err.contains("TiB as f32 weights") && err.contains("16.0 GiB of memory available"),
+            "{err}"
+        );
+        assert!(config.check_memory(None).is_ok());
+        let mut absurd = base();
+        absurd["num_hidden_layers"] = 100_000.into();
+        assert!(parse(absurd).check().expect_err("layers").contains("num_hidden_layers is 100000"));
+    }
+
+    #[test]
+    fn a_negative_or_nan_norm_epsilon_is_refused() {
+        for eps in [serde_json::json!(-1e-6), serde_json::json!(0.0)] {
+            let mut config = base();
+            config["rms_norm_eps"] = eps;
+            assert!(parse(config).check().expect_err("eps").contains("rms_norm_eps"));
+        }
     }
 
     #[test]

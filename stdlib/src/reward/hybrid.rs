@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::StageError;
 use crate::record::{AnswerKind, Record};
-use crate::reward::judge::{Judge, JudgeRequest, JudgeVerdict};
+use crate::reward::judge::{Judge, JudgeRequest, JudgeVerdict, judge_question};
 use crate::reward::{RuleConfig, Verdict};
 use crate::script::{ScriptFn, to_dynamic};
 
@@ -103,7 +103,7 @@ impl Reward {
             let requests: Vec<JudgeRequest> = wanted
                 .iter()
                 .map(|&i| JudgeRequest {
-                    question: items[i].0.question.clone(),
+                    question: judge_question(&items[i].0.question),
                     prediction: outcomes[i].rule.answer.clone().unwrap_or_default(),
                     gold: items[i].0.answers.join(" | "),
                 })

@@ -3,7 +3,9 @@
 //! `[[YES]]`/`[[NO]]` verdict strictly. Requests run in a bounded pool with a rate limit,
 //! retries with backoff on 429, 5xx and timeouts, a timeout each, and a cache so no
 //! (question, prediction, gold, judge model) is paid twice. A sample the judge cannot score
-//! is unscorable, never a silent 0.
+//! is unscorable, never a silent 0. A judge that stops answering (timeouts, refused
+//! connections on every request in flight) is given a rest instead of a wait per sample, and
+//! a stopped run stops asking.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,17 +75,35 @@ fn default_max_tokens() -> usize {
     512
 }
 
+/// Bounds of the judge's settings: beyond them a run would stall for hours on one answer.
+const MAX_CONCURRENCY: usize = 1024;
+const MAX_TIMEOUT_S: f64 = 3600.0;
+const MAX_RETRIES: u32 = 100;
+const MAX_BACKOFF_MS: u64 = 60_000;
+
 impl JudgeConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             out.push(format!("judge url `{}` must start with http:// or https://", self.url));
         }
-        if self.concurrency == 0 {
-            out.push("judge concurrency must be at least 1".into());
+        if self.concurrency == 0 || self.concurrency > MAX_CONCURRENCY {
+            out.push(format!("judge concurrency must be within 1..={MAX_CONCURRENCY}, got {}", self.concurrency));
         }
-        if !self.timeout_s.is_finite() || self.timeout_s <= 0.0 {
-            out.push("judge timeout_s must be positive".into());
+        if !self.timeout_s.is_finite() || self.timeout_s <= 0.0 || self.timeout_s > MAX_TIMEOUT_S {
+            out.push(format!("judge timeout_s must be positive and at most {MAX_TIMEOUT_S}, got {}", self.timeout_s));
+        }
+        if self.retries > MAX_RETRIES {
+            out.push(format!("judge retries must be at most {MAX_RETRIES}, got {}", self.retries));
+        }
+        if self.backoff_ms > MAX_BACKOFF_MS {
+            out.push(format!("judge backoff_ms must be at most {MAX_BACKOFF_MS}, got {}", self.backoff_ms));
+        }
+        if !self.max_requests_per_s.is_finite() || self.max_requests_per_s < 0.0 {
+            out.push(format!("judge max_requests_per_s must be 0 (no limit) or positive, got {}", self.max_requests_per_s));
+        }
+        if self.max_tokens == 0 || self.max_tokens > crate::options::limits::TOKENS {
+            out.push(format!("judge max_tokens must be within 1..={}, got {}", crate::options::limits::TOKENS, self.max_tokens));
         }
         if let Some(var) = &self.api_key_env
             && std::env::var(var).is_err()
@@ -122,6 +142,33 @@ pub struct JudgeRequest {
     pub question: String,
     pub prediction: String,
     pub gold: String,
+}
+
+/// Most characters of a question sent to the judge; a longer one keeps its end (where the
+/// question proper sits, after any document).
+pub const MAX_QUESTION_CHARS: usize = 2000;
+
+/// The question to show the judge: a prompt's text after its document (the last
+/// `</text>`), or, without that marker, its last paragraph when the whole is too long;
+/// never more than [`MAX_QUESTION_CHARS`] characters. The judge never sees a document.
+pub fn judge_question(question: &str) -> String {
+    let after_document = match question.rfind("</text>") {
+        Some(at) => &question[at + "</text>".len()..],
+        None if question.chars().count() > MAX_QUESTION_CHARS => last_paragraph(question),
+        None => question,
+    };
+    let text = after_document.trim();
+    let count = text.chars().count();
+    if count <= MAX_QUESTION_CHARS {
+        return text.to_string();
+    }
+    let tail: String = text.chars().skip(count - MAX_QUESTION_CHARS).collect();
+    format!("...{}", tail.trim_start())
+}
+
+/// The last paragraph (after the last blank line) that has text.
+fn last_paragraph(text: &str) -> &str {
+    text.trim_end().rsplit("\n\n").find(|p| !p.trim().is_empty()).unwrap_or(text)
 }
 
 /// The judge's prompt (our own wording): the question, not the document.
@@ -187,8 +234,20 @@ pub struct Judge {
     /// Where verdicts are appended, so a resumed run does not pay for them again.
     cache_file: Option<Mutex<std::fs::File>>,
     next_start: Mutex<Instant>,
+    /// Attempts in a row that got no reply at all (timeouts, connection errors).
+    unreachable_in_a_row: AtomicU64,
+    /// Until when the judge is not asked, after too many attempts in a row got no reply.
+    resting_until: Mutex<Option<Instant>>,
+    /// The run's stop flag, once the stage that publishes the judge runs.
+    cancel: std::sync::OnceLock<crate::stage::CancelToken>,
     pub stats: JudgeStats,
 }
+
+/// How long a judge that stopped answering is left alone before it is tried again.
+const REST: Duration = Duration::from_secs(30);
+
+/// The longest wait between two attempts (the backoff doubles up to it).
+const MAX_BACKOFF: Duration = Duration::from_secs(120);
 
 /// One cached verdict as a line of the cache file.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -208,8 +267,10 @@ impl std::fmt::Debug for Judge {
 
 /// How one attempt failed.
 enum Attempt {
-    /// Worth retrying: 429, 5xx, timeout, connection trouble.
+    /// Worth retrying: 429, 5xx, a reply that is not the API's JSON.
     Retry(String),
+    /// No reply at all: a timeout or connection trouble (retried; counts toward a rest).
+    Unreachable(String),
     /// Will not improve: a 4xx, a reply without a verdict.
     Final(String),
 }
@@ -233,6 +294,9 @@ impl Judge {
             cache: Mutex::new(HashMap::new()),
             cache_file: None,
             next_start: Mutex::new(Instant::now()),
+            unreachable_in_a_row: AtomicU64::new(0),
+            resting_until: Mutex::new(None),
+            cancel: std::sync::OnceLock::new(),
             stats: JudgeStats::default(),
         })
     }
@@ -260,6 +324,12 @@ impl Judge {
         }
         self.cache_file = Some(Mutex::new(file));
         Ok(self)
+    }
+
+    /// Stops asking once `cancel` is set (the run was stopped): remaining answers are
+    /// unscorable at once, and retries are not waited for.
+    pub fn watch(&self, cancel: &crate::stage::CancelToken) {
+        let _ = self.cancel.set(cancel.clone());
     }
 
     /// Verdicts in the cache.
@@ -326,12 +396,18 @@ impl Judge {
         for attempt in 0..=self.config.retries {
             if attempt > 0 {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(delay);
-                delay *= 2;
+                self.pause(delay);
+                delay = delay.saturating_mul(2).min(MAX_BACKOFF);
+            }
+            if let Some(reason) = self.refusal() {
+                last = reason;
+                break;
             }
             self.wait_for_rate_limit();
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            match self.ask(request) {
+            let outcome = self.ask(request);
+            self.note_reachability(&outcome);
+            match outcome {
                 Ok(yes) => {
                     if let Ok(mut cache) = self.cache.lock() {
                         cache.insert(request.clone(), yes);
@@ -339,7 +415,7 @@ impl Judge {
                     self.append_to_cache_file(request, yes);
                     return if yes { JudgeVerdict::Yes } else { JudgeVerdict::No };
                 }
-                Err(Attempt::Retry(reason)) => {
+                Err(Attempt::Retry(reason) | Attempt::Unreachable(reason)) => {
                     tracing::debug!(attempt, reason = %reason, "judge request failed; retrying");
                     last = reason;
                 }
@@ -352,6 +428,48 @@ impl Judge {
         self.stats.unscorable.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(reason = %last, "the judge could not score an answer; it is marked unscorable");
         JudgeVerdict::Unscorable { reason: last }
+    }
+
+    /// Why no attempt should be made now: the run was stopped, or the judge is resting.
+    fn refusal(&self) -> Option<String> {
+        if self.cancel.get().is_some_and(crate::stage::CancelToken::is_cancelled) {
+            return Some("the run was stopped".into());
+        }
+        let resting = self.resting_until.lock().ok().and_then(|until| *until).is_some_and(|until| Instant::now() < until);
+        resting.then(|| {
+            format!(
+                "the judge at {} is not answering ({} attempts in a row got no reply); not asked for {} s",
+                self.config.url,
+                self.unreachable_in_a_row.load(Ordering::Relaxed),
+                REST.as_secs()
+            )
+        })
+    }
+
+    /// Counts attempts without a reply; enough in a row (one per request in flight, at
+    /// least four) give the judge a rest, any reply ends the count.
+    fn note_reachability(&self, outcome: &Result<bool, Attempt>) {
+        if !matches!(outcome, Err(Attempt::Unreachable(_))) {
+            self.unreachable_in_a_row.store(0, Ordering::Relaxed);
+            return;
+        }
+        let count = self.unreachable_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if count >= self.config.concurrency.max(4) as u64
+            && let Ok(mut until) = self.resting_until.lock()
+        {
+            if until.is_none_or(|t| t <= Instant::now()) {
+                tracing::warn!(url = %self.config.url, attempts = count, "the judge is not answering; giving it a rest");
+            }
+            *until = Some(Instant::now() + REST);
+        }
+    }
+
+    /// Sleeps `delay`, waking early when the run is stopped.
+    fn pause(&self, delay: Duration) {
+        let end = Instant::now() + delay;
+        while Instant::now() < end && self.refusal().is_none() {
+            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+        }
     }
 
     fn wait_for_rate_limit(&self) {
@@ -385,13 +503,15 @@ impl Judge {
         }
         let mut response = match call.send(body.to_string()) {
             Ok(response) => response,
-            Err(ureq::Error::Timeout(_)) => return Err(Attempt::Retry("the request timed out".into())),
-            Err(err) => return Err(Attempt::Retry(format!("request failed: {err}"))),
+            Err(ureq::Error::Timeout(_)) => {
+                return Err(Attempt::Unreachable(format!("no reply within {} s (--judge-timeout / timeout_s)", self.config.timeout_s)));
+            }
+            Err(err) => return Err(Attempt::Unreachable(format!("request failed: {err}"))),
         };
         let status = response.status().as_u16();
-        let text = match response.body_mut().read_to_string() {
+        let text = match response.body_mut().with_config().limit(MAX_REPLY_BYTES).lossy_utf8(true).read_to_string() {
             Ok(text) => text,
-            Err(ureq::Error::Timeout(_)) => return Err(Attempt::Retry("the reply timed out".into())),
+            Err(ureq::Error::Timeout(_)) => return Err(Attempt::Unreachable("the reply timed out".into())),
             Err(err) => return Err(Attempt::Retry(format!("cannot read the reply: {err}"))),
         };
         if status == 429 || status >= 500 {
@@ -408,6 +528,9 @@ impl Judge {
         parse_verdict(content).ok_or_else(|| Attempt::Final("the reply ends without a [[YES]] or [[NO]] verdict".into()))
     }
 }
+
+/// The longest reply read from the judge (a verdict fits in far less).
+const MAX_REPLY_BYTES: u64 = 1 << 20;
 
 /// A shared judge.
 pub type SharedJudge = Arc<Judge>;
@@ -437,5 +560,19 @@ mod tests {
     fn the_prompt_has_the_question_not_the_document() {
         let prompt = judge_prompt(&JudgeRequest { question: "Q?".into(), prediction: "p".into(), gold: "g".into() });
         assert!(prompt.contains("Question: Q?") && prompt.contains("Reference answer: g") && prompt.ends_with("[[NO]] if not."));
+    }
+
+    #[test]
+    fn a_long_document_never_reaches_the_judge() {
+        let document = "Filler sentence about the harbor. ".repeat(5000);
+        let turn = format!("<text>\n{document}\n</text>\n\nWho owns the red box?\n\nReason step by step.");
+        assert_eq!(judge_question(&turn), "Who owns the red box?\n\nReason step by step.");
+        // Without the markers: the last paragraph, cut to the limit.
+        let bare = format!("{document}\n\nWho owns the red box?");
+        assert_eq!(judge_question(&bare), "Who owns the red box?");
+        let endless = "word ".repeat(3000);
+        let cut = judge_question(&endless);
+        assert!(cut.starts_with("...") && cut.chars().count() <= MAX_QUESTION_CHARS + 3, "{}", cut.len());
+        assert_eq!(judge_question("  Who?  "), "Who?");
     }
 }

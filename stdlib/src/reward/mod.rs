@@ -58,6 +58,11 @@ pub struct Verdict {
 }
 
 impl RuleConfig {
+    /// Problems with the values, for a stage's validation.
+    pub fn problems(&self) -> Vec<String> {
+        self.numeric.problems()
+    }
+
     /// Scores a response against a record's gold answers (the best over them).
     pub fn score(&self, response: &str, record: &Record) -> Verdict {
         self.score_against(response, &record.answers, self.kind.unwrap_or(record.kind))
@@ -95,11 +100,21 @@ mod tests {
         assert_eq!(v.outcome, Outcome::Incorrect);
         let v = rule.score_against("I give up.", &golds, AnswerKind::Number);
         assert_eq!((v.score, v.outcome, v.answer), (0.0, Outcome::NoAnswer, None));
-        let v = rule.score_against("The correct answer is (B).", &["B".into()], AnswerKind::Choice);
-        assert_eq!(v.outcome, Outcome::NoAnswer, "needs 'the answer is'");
         let v = rule.score_against("So the answer is (B).", &["B".into()], AnswerKind::Choice);
         assert_eq!(v.outcome, Outcome::Correct);
         let v = rule.score_against("the answer is the Eiffel Tower", &["Tower".into(), "Eiffel Tower".into()], AnswerKind::Text);
         assert_eq!(v.score, 1.0);
+    }
+
+    #[test]
+    fn choice_answers_phrased_as_docqa_prompts_ask_are_scored() {
+        let rule = RuleConfig::default();
+        let gold = vec!["B".to_string()];
+        for response in ["The correct answer is (B).", "<think>..</think>The correct answer is B", "The correct answer is:\n(B)"] {
+            let v = rule.score_against(response, &gold, AnswerKind::Choice);
+            assert_eq!((v.score, v.outcome), (1.0, Outcome::Correct), "{response:?}");
+        }
+        let v = rule.score_against("The correct answer is A bank may refuse.", &["A".into()], AnswerKind::Choice);
+        assert_eq!(v.outcome, Outcome::Incorrect, "an article is not choice A");
     }
 }

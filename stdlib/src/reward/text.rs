@@ -94,3 +94,43 @@ mod tests {
         assert_eq!(score_text("110", "11", TextMatch::Contains), 0.0);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mode() -> impl Strategy<Value = TextMatch> {
+        prop_oneof![Just(TextMatch::Exact), Just(TextMatch::Contains), Just(TextMatch::F1)]
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::config(512))]
+
+        #[test]
+        fn text_scores_never_panic_and_stay_in_range(prediction in any::<String>(), gold in any::<String>(), mode in mode()) {
+            let score = score_text(&prediction, &gold, mode);
+            prop_assert!((0.0..=1.0).contains(&score), "{}", score);
+        }
+
+        #[test]
+        fn a_prediction_equal_to_the_gold_is_accepted(gold in "\\PC{1,40}", mode in mode()) {
+            prop_assume!(!normalize(&gold).is_empty());
+            prop_assert_eq!(score_text(&gold, &gold, mode), 1.0);
+            // Case, punctuation and articles do not matter.
+            let dressed = format!("The {}.", gold.to_uppercase());
+            if normalize(&dressed) == normalize(&gold) {
+                prop_assert_eq!(score_text(&dressed, &gold, mode), 1.0);
+            }
+        }
+
+        #[test]
+        fn answers_without_a_common_word_are_refused(
+            prediction in proptest::collection::vec("[a-m]{2,6}", 1..5),
+            gold in proptest::collection::vec("[n-z]{2,6}", 1..5),
+            mode in mode(),
+        ) {
+            prop_assert_eq!(score_text(&prediction.join(" "), &gold.join(" "), mode), 0.0);
+        }
+    }
+}

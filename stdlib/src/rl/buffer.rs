@@ -1,13 +1,15 @@
 //! The hard-sample buffer (difficulty-aware retrospective sampling): it keeps the tasks a
 //! phase found hardest, by a policy chosen in the recipe, so the next phase trains on them
-//! again. Difficulty is 1 / mean group reward (infinite when no rollout earned anything), see
-//! [`Difficulty::score`].
+//! again. Difficulty is 1 / pass rate (infinite when no rollout was correct), see
+//! [`Difficulty::score`]; a task none of whose rollouts could be scored is never selected
+//! (its difficulty is unknown, not the highest).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::record::{Difficulty, Record};
 use crate::stage::DifficultyReport;
 
 /// Which tasks are carried.
@@ -56,14 +58,13 @@ impl HardBuffer {
         self.reported.insert(report.record.id.clone(), report);
     }
 
-    /// Ids of the reported tasks, hardest first (ties: lower pass rate, then id).
+    /// Ids of the reported tasks that were scored, hardest first (ties: lower pass rate,
+    /// then id). Tasks none of whose samples could be scored are left out.
     pub fn by_difficulty(&self) -> Vec<&str> {
-        let mut ids: Vec<&DifficultyReport> = self.reported.values().collect();
-        ids.sort_by(|a, b| {
-            let (da, db) = (&a.difficulty, &b.difficulty);
-            db.score().total_cmp(&da.score()).then(da.pass_rate.total_cmp(&db.pass_rate)).then(a.record.id.cmp(&b.record.id))
-        });
-        ids.into_iter().map(|e| e.record.id.as_str()).collect()
+        let mut scored: Vec<(f32, f32, &str)> =
+            self.reported.values().filter_map(|e| Some((e.difficulty.score()?, e.difficulty.pass_rate?, e.record.id.as_str()))).collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(b.2)));
+        scored.into_iter().map(|(_, _, id)| id).collect()
     }
 
     /// Selects the held tasks from what was reported.
@@ -75,18 +76,17 @@ impl HardBuffer {
             (None, None) => total,
         };
         let mut held: Vec<String> = match selection.policy {
-            BufferPolicy::ZeroAccuracy => ranked
-                .iter()
-                .filter(|id| {
-                    let d = &self.reported[**id].difficulty;
-                    !d.rewards.is_empty() && d.pass_rate <= 0.0
-                })
-                .map(|id| id.to_string())
-                .collect(),
+            BufferPolicy::ZeroAccuracy => {
+                ranked.iter().filter(|id| self.reported[**id].difficulty.unsolved()).map(|id| id.to_string()).collect()
+            }
             BufferPolicy::Hardest => ranked.iter().take(wanted(ranked.len())).map(|id| id.to_string()).collect(),
             BufferPolicy::Band => {
                 let [a, b] = selection.band.unwrap_or([0.0, 0.0]);
-                ranked.iter().filter(|id| (a..=b).contains(&self.reported[**id].difficulty.pass_rate)).map(|id| id.to_string()).collect()
+                ranked
+                    .iter()
+                    .filter(|id| self.reported[**id].difficulty.pass_rate.is_some_and(|rate| (a..=b).contains(&rate)))
+                    .map(|id| id.to_string())
+                    .collect()
             }
             BufferPolicy::Importance => {
                 // Weighted sampling without replacement (Efraimidis-Spirakis): the largest
@@ -95,7 +95,8 @@ impl HardBuffer {
                 let mut keyed: Vec<(f64, &str)> = ranked
                     .iter()
                     .map(|id| {
-                        let weight = f64::from(self.reported[*id].difficulty.score().min(selection.max_weight).max(1e-6));
+                        let score = self.reported[*id].difficulty.score().unwrap_or(1.0);
+                        let weight = f64::from(score.min(selection.max_weight).max(1e-6));
                         let u: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
                         (u.powf(1.0 / weight), *id)
                     })
@@ -117,15 +118,40 @@ impl HardBuffer {
     }
 }
 
+/// The positions of the carried tasks among a phase's `tasks` that exceed their buffer's
+/// share (`carry_share`, its `mix`): carried tasks may be at most `share / (1 - share)` times
+/// the phase's own tasks (those in its band, not every fresh task the buffer saw). The
+/// hardest carried tasks are kept; nothing is dropped without fresh tasks or a share.
+pub fn carried_beyond_share(tasks: &[&Record]) -> BTreeSet<usize> {
+    let fresh = tasks.iter().filter(|r| r.carried_from.is_none()).count();
+    let share = tasks.iter().filter_map(|r| r.carry_share).reduce(f32::min);
+    let Some(share) = share.filter(|&s| fresh > 0 && s < 1.0) else { return BTreeSet::new() };
+    let allowed = ((share * fresh as f32) / (1.0 - share)).round() as usize;
+    let mut carried: Vec<(usize, &Record)> = tasks.iter().copied().enumerate().filter(|(_, r)| r.carried_from.is_some()).collect();
+    if carried.len() <= allowed {
+        return BTreeSet::new();
+    }
+    // Hardest first: highest difficulty (unknown last), then lowest pass rate, then id.
+    let rank = |r: &Record| {
+        let d = r.difficulty.as_ref();
+        (d.and_then(Difficulty::score).unwrap_or(f32::NEG_INFINITY), d.and_then(|d| d.pass_rate).unwrap_or(1.0))
+    };
+    carried.sort_by(|(_, a), (_, b)| {
+        let ((da, pa), (db, pb)) = (rank(a), rank(b));
+        db.total_cmp(&da).then(pa.total_cmp(&pb)).then(a.id.cmp(&b.id))
+    });
+    carried[allowed..].iter().map(|(i, _)| *i).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn report(id: &str, rewards: &[f32]) -> DifficultyReport {
-        let pass_rate = rewards.iter().filter(|r| **r >= 1.0).count() as f32 / rewards.len().max(1) as f32;
+        let correct = rewards.iter().filter(|r| **r >= 1.0).count();
         DifficultyReport {
             record: serde_json::from_value(serde_json::json!({ "id": id })).expect("record"),
-            difficulty: crate::record::Difficulty::new(pass_rate, rewards.to_vec(), rewards.len()),
+            difficulty: crate::record::Difficulty::new(correct, rewards.to_vec(), rewards.len()),
         }
     }
 
@@ -152,10 +178,10 @@ mod tests {
     #[test]
     fn difficulty_is_the_inverse_mean_reward() {
         let buffer = filled(10);
-        assert_eq!(buffer.reported["a"].difficulty.score(), f32::INFINITY);
-        assert_eq!(buffer.reported["c"].difficulty.score(), 4.0);
-        assert_eq!(buffer.reported["d"].difficulty.score(), 2.0);
-        assert_eq!(buffer.reported["f"].difficulty.score(), 1.0);
+        assert_eq!(buffer.reported["a"].difficulty.score(), Some(f32::INFINITY));
+        assert_eq!(buffer.reported["c"].difficulty.score(), Some(4.0));
+        assert_eq!(buffer.reported["d"].difficulty.score(), Some(2.0));
+        assert_eq!(buffer.reported["f"].difficulty.score(), Some(1.0));
         assert_eq!(buffer.by_difficulty(), vec!["a", "b", "c", "d", "e", "f"]);
     }
 
@@ -214,6 +240,61 @@ mod tests {
         x.select(&s);
         y.select(&s);
         assert_eq!(x.held, y.held);
+    }
+
+    #[test]
+    fn a_task_no_rollout_of_which_could_be_scored_is_not_the_hardest() {
+        let unscorable = DifficultyReport {
+            record: serde_json::from_value(serde_json::json!({ "id": "0-unscorable" })).expect("record"),
+            difficulty: crate::record::Difficulty::new(0, Vec::new(), 4),
+        };
+        assert_eq!((unscorable.difficulty.pass_rate, unscorable.difficulty.score()), (None, None));
+        let mut buffer = filled(10);
+        buffer.observe(unscorable);
+        assert!(!buffer.by_difficulty().contains(&"0-unscorable"));
+        for policy in [BufferPolicy::ZeroAccuracy, BufferPolicy::Hardest, BufferPolicy::Band, BufferPolicy::Importance] {
+            buffer.select(&Selection { count: Some(10), band: Some([0.0, 1.0]), ..selection(policy) });
+            assert!(!buffer.held.iter().any(|id| id == "0-unscorable"), "{policy:?} held it");
+        }
+    }
+
+    #[test]
+    fn difficulty_comes_from_correctness_not_from_shaped_rewards() {
+        // Two of four correct; one more sample could not be scored. Difficulty 1 / (2 / 4).
+        let partial = crate::record::Difficulty::new(2, vec![1.0, 1.0, 0.0, 0.0], 5);
+        assert_eq!((partial.pass_rate, partial.score(), partial.samples), (Some(0.5), Some(2.0), 5));
+        let none = crate::record::Difficulty::new(0, vec![0.0, 0.0], 2);
+        assert!(none.unsolved() && none.score() == Some(f32::INFINITY));
+    }
+
+    #[test]
+    fn the_mix_share_counts_the_fresh_tasks_the_phase_trains_on() {
+        // The buffer saw 300 fresh tasks and let 100 carried ones through (mix 0.25); the
+        // phase trains on 60 of the fresh ones (its band): 20 carried at most.
+        let mut tasks: Vec<Record> = (0..60).map(|i| Record::new(format!("fresh{i}"), "q")).collect();
+        for i in 0..100 {
+            let mut carried = Record::new(format!("hard{i:03}"), "q");
+            carried.carried_from = Some("hard_buffer#7".into());
+            carried.carry_share = Some(0.25);
+            // Every tenth one was solved once in eight (difficulty 8); the rest never.
+            let correct = usize::from(i % 10 == 0);
+            carried.difficulty = Some(Difficulty::new(correct, vec![0.0; 8], 8));
+            tasks.push(carried);
+        }
+        let refs: Vec<&Record> = tasks.iter().collect();
+        let dropped = carried_beyond_share(&refs);
+        assert_eq!(dropped.len(), 80);
+        let kept: Vec<&str> = tasks.iter().enumerate().filter(|(i, _)| !dropped.contains(i)).map(|(_, r)| r.id.as_str()).collect();
+        let kept_carried: Vec<&&str> = kept.iter().filter(|id| id.starts_with("hard")).collect();
+        assert_eq!(kept_carried.len(), 20);
+        // The never-solved ones are the hardest and go first.
+        assert!(kept_carried.iter().all(|id| !id.ends_with('0')), "{kept_carried:?}");
+        assert_eq!(kept.iter().filter(|id| id.starts_with("fresh")).count(), 60);
+        // Without fresh tasks in band, or with mix 1, every carried task stays.
+        assert!(carried_beyond_share(&refs[60..]).is_empty());
+        let mut all = tasks.clone();
+        all.iter_mut().for_each(|r| r.carry_share = r.carry_share.map(|_| 1.0));
+        assert!(carried_beyond_share(&all.iter().collect::<Vec<_>>()).is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Dynamic sampling (DAPO): a step's batch is filled with groups that teach something. A
-//! group whose rewards are all equal (or whose pass rate is outside a chosen band) is dropped
-//! and the next prompt of the stream is sampled in its place, until the batch is full or a
-//! bound on tries is reached.
+//! group whose samples are all correct or all wrong (DAPO's accuracy rule; or, as an option,
+//! whose rewards are all equal), or whose pass rate is outside a chosen band, is dropped and
+//! the next prompt of the stream is sampled in its place, until the batch is full or a bound
+//! on tries is reached.
 
 use std::collections::VecDeque;
 
@@ -41,27 +42,54 @@ pub fn fill_step<T, E>(
     Ok(filled)
 }
 
+/// What dynamic sampling looks at to decide that a group teaches nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterMetric {
+    /// The samples' correctness: a group all correct or all wrong is dropped (DAPO).
+    #[default]
+    Accuracy,
+    /// The rewards after shaping: a group whose rewards are all equal is dropped.
+    Reward,
+}
+
 /// Why a group is dropped, if it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
     /// No response could be scored.
     Unscorable,
-    /// Every scorable reward is the same: every advantage is zero.
+    /// Every sample alike under the filter metric (all correct or all wrong; or all rewards
+    /// equal): the group has no learning signal.
     ZeroVariance,
     /// The pass rate is outside the accuracy band.
     OutsideBand,
 }
 
-/// Whether a group is dropped under dynamic sampling and the accuracy band.
-pub fn drop_reason(rewards: &[Option<f32>], pass_rate: f32, dynamic: bool, band: Option<[f32; 2]>) -> Option<DropReason> {
-    if rewards.iter().all(Option::is_none) {
-        Some(DropReason::Unscorable)
-    } else if dynamic && zero_variance(rewards) {
-        Some(DropReason::ZeroVariance)
-    } else if band.is_some_and(|[a, b]| !(a..=b).contains(&pass_rate)) {
-        Some(DropReason::OutsideBand)
-    } else {
-        None
+/// How dynamic sampling and the accuracy band filter groups.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupFilter {
+    /// Drop groups without a learning signal (see [`FilterMetric`]).
+    pub dynamic: bool,
+    pub metric: FilterMetric,
+    /// Keep only groups whose pass rate lies within [a, b].
+    pub band: Option<[f32; 2]>,
+}
+
+impl GroupFilter {
+    /// Why a group with these (shaped) rewards and this pass rate is dropped, if it is.
+    pub fn drop_reason(&self, rewards: &[Option<f32>], pass_rate: Option<f32>) -> Option<DropReason> {
+        let Some(rate) = pass_rate.filter(|_| rewards.iter().any(Option::is_some)) else { return Some(DropReason::Unscorable) };
+        let alike = match self.metric {
+            FilterMetric::Accuracy => rate <= 0.0 || rate >= 1.0,
+            FilterMetric::Reward => zero_variance(rewards),
+        };
+        if self.dynamic && alike {
+            Some(DropReason::ZeroVariance)
+        } else if self.band.is_some_and(|[a, b]| !(a..=b).contains(&rate)) {
+            Some(DropReason::OutsideBand)
+        } else {
+            None
+        }
     }
 }
 
@@ -75,7 +103,8 @@ mod tests {
     }
 
     fn rollout(index: usize) -> Result<Option<usize>, ()> {
-        Ok(drop_reason(&rewards_of(index), 0.5, true, None).is_none().then_some(index))
+        let filter = GroupFilter { dynamic: true, metric: FilterMetric::Reward, band: None };
+        Ok(filter.drop_reason(&rewards_of(index), Some(0.5)).is_none().then_some(index))
     }
 
     #[test]
@@ -102,10 +131,27 @@ mod tests {
 
     #[test]
     fn without_dynamic_sampling_every_scorable_group_is_kept() {
-        assert_eq!(drop_reason(&[Some(1.0), Some(1.0)], 1.0, false, None), None);
-        assert_eq!(drop_reason(&[Some(1.0), Some(1.0)], 1.0, true, None), Some(DropReason::ZeroVariance));
-        assert_eq!(drop_reason(&[None, None], 0.0, false, None), Some(DropReason::Unscorable));
-        assert_eq!(drop_reason(&[Some(1.0), Some(0.0)], 0.5, true, Some([0.1, 0.4])), Some(DropReason::OutsideBand));
-        assert_eq!(drop_reason(&[Some(1.0), Some(0.0)], 0.5, true, Some([0.1, 0.9])), None);
+        let filter = |dynamic, metric, band| GroupFilter { dynamic, metric, band };
+        let reward = FilterMetric::Reward;
+        assert_eq!(filter(false, reward, None).drop_reason(&[Some(1.0), Some(1.0)], Some(1.0)), None);
+        assert_eq!(filter(true, reward, None).drop_reason(&[Some(1.0), Some(1.0)], Some(1.0)), Some(DropReason::ZeroVariance));
+        assert_eq!(filter(false, reward, None).drop_reason(&[None, None], None), Some(DropReason::Unscorable));
+        let band = Some([0.1, 0.4]);
+        assert_eq!(filter(true, reward, band).drop_reason(&[Some(1.0), Some(0.0)], Some(0.5)), Some(DropReason::OutsideBand));
+        assert_eq!(filter(true, reward, Some([0.1, 0.9])).drop_reason(&[Some(1.0), Some(0.0)], Some(0.5)), None);
+    }
+
+    #[test]
+    fn dynamic_sampling_filters_on_accuracy_not_on_shaped_rewards() {
+        // All four wrong, but overlong shaping made their rewards differ: no accuracy signal.
+        let shaped = [Some(0.0), Some(-0.25), Some(-1.0), Some(0.0)];
+        let accuracy = GroupFilter { dynamic: true, metric: FilterMetric::Accuracy, band: None };
+        assert_eq!(accuracy.drop_reason(&shaped, Some(0.0)), Some(DropReason::ZeroVariance));
+        // The reward-variance rule keeps it.
+        let reward = GroupFilter { metric: FilterMetric::Reward, ..accuracy };
+        assert_eq!(reward.drop_reason(&shaped, Some(0.0)), None);
+        // All correct is dropped too; a mixed group is kept.
+        assert_eq!(accuracy.drop_reason(&[Some(1.0), Some(0.9)], Some(1.0)), Some(DropReason::ZeroVariance));
+        assert_eq!(accuracy.drop_reason(&[Some(1.0), Some(0.0)], Some(0.5)), None);
     }
 }

@@ -5,7 +5,7 @@ use crate::error::StageError;
 use crate::model::CausalLm;
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::{Completion, FinishReason, SamplingConfig, generate_group};
-use crate::record::Record;
+use crate::record::{Difficulty, Record};
 use crate::reward::{Reward, RewardOutcome};
 
 /// The samples of one prompt and their scores.
@@ -22,11 +22,21 @@ impl GroupRollout {
         outcome.rule.score >= 1.0 || outcome.score.is_some_and(|s| s >= 1.0)
     }
 
-    /// Correct samples over scorable ones (0 when none is scorable).
-    pub fn pass_rate(&self) -> f32 {
-        let scorable = self.outcomes.iter().filter(|o| o.score.is_some()).count();
-        let correct = (0..self.outcomes.len()).filter(|&i| self.correct(i)).count();
-        correct as f32 / scorable.max(1) as f32
+    /// Samples fully correct.
+    pub fn correct_count(&self) -> usize {
+        (0..self.outcomes.len()).filter(|&i| self.correct(i)).count()
+    }
+
+    /// Correct samples over scorable ones; `None` when no sample could be scored.
+    pub fn pass_rate(&self) -> Option<f32> {
+        self.difficulty().pass_rate
+    }
+
+    /// How hard the task was: from the samples' correctness and their rewards before any
+    /// length shaping.
+    pub fn difficulty(&self) -> Difficulty {
+        let rewards: Vec<f32> = self.outcomes.iter().filter_map(|o| o.score).collect();
+        Difficulty::new(self.correct_count(), rewards, self.outcomes.len())
     }
 
     /// Samples that hit the token limit.

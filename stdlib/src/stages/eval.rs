@@ -17,6 +17,7 @@ use crate::fsutil::{AtomicFile, write_atomic};
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::{SamplingConfig, generate_batch, generate_group};
 use crate::model::{CausalLm, load_model};
+use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::Record;
 use crate::reward::{Reward, RewardOutcome, RuleConfig};
@@ -85,20 +86,41 @@ impl StageConfig for EvalConfig {
     ];
 
     fn validate(&self, _ctx: &StageContext) -> Vec<String> {
-        let mut problems = Vec::new();
-        if self.samples == 0 || self.batch == 0 || self.max_new_tokens == 0 {
-            problems.push("samples, batch and max_new_tokens must be at least 1".into());
+        let mut problems = self.rule.problems();
+        if self.samples == 0 || self.batch == 0 || self.max_new_tokens == 0 || self.max_input == 0 {
+            problems.push("samples, batch, max_input and max_new_tokens must be at least 1".into());
         }
+        problems.extend(sampling_problems(self.temperature, self.top_p, true));
         if self.samples > 1 && self.temperature <= 0.0 {
             problems.push("pass@k with several samples needs temperature > 0".into());
         }
+        let sizes = [
+            ("max_input", self.max_input, limits::TOKENS),
+            ("max_new_tokens", self.max_new_tokens, limits::TOKENS),
+            ("samples", self.samples, limits::GROUP),
+            ("batch", self.batch, limits::GROUP),
+        ];
+        problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
         problems
     }
 
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<PathBuf> {
+        vec![ctx.output_path(Path::new(&self.dir_name(ctx)))]
+    }
+
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
-        let name = self.name.clone().unwrap_or_else(|| format!("eval-{}", ctx.node));
+        let name = self.dir_name(ctx);
         let out_dir = ctx.run_dir.as_ref().map(|d| d.join(&name));
         Ok(Driver::boxed(Eval { config: self, run_seed: ctx.seed, name }, ctx, out_dir))
+    }
+}
+
+impl EvalConfig {
+    /// The evaluation's name, which is also its directory in the run.
+    fn dir_name(&self, ctx: &StageContext) -> String {
+        self.name.clone().unwrap_or_else(|| format!("eval-{}", ctx.node))
     }
 }
 
@@ -120,10 +142,11 @@ pub struct ItemResult {
     pub gold: Vec<String>,
     pub responses: Vec<String>,
     pub verdicts: Vec<RewardOutcome>,
-    /// Mean score over the scorable samples.
-    pub pass_at_1: f64,
-    /// 1 when any sample is fully correct.
-    pub pass_at_k: f64,
+    /// Mean score over the scorable samples; absent when no sample could be scored (the
+    /// item is then left out of the accuracies and counted apart).
+    pub pass_at_1: Option<f64>,
+    /// 1 when any sample is fully correct; absent when no sample could be scored.
+    pub pass_at_k: Option<f64>,
     /// Samples the reward could not score (left out of the means).
     pub unscorable: usize,
 }
@@ -139,7 +162,8 @@ impl ItemResult {
         verdicts: Vec<RewardOutcome>,
     ) -> Self {
         let scores: Vec<f64> = verdicts.iter().filter_map(|v| v.score).map(f64::from).collect();
-        let pass_at_1 = if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 };
+        let scored = !scores.is_empty();
+        let pass_at_1 = scored.then(|| scores.iter().sum::<f64>() / scores.len() as f64);
         Self {
             id: record.id.clone(),
             data_source: record.data_source.clone(),
@@ -148,7 +172,7 @@ impl ItemResult {
             truncated,
             gold: record.answers.clone(),
             pass_at_1,
-            pass_at_k: if scores.iter().any(|&s| s >= 1.0) { 1.0 } else { 0.0 },
+            pass_at_k: scored.then(|| if scores.iter().any(|&s| s >= 1.0) { 1.0 } else { 0.0 }),
             unscorable: verdicts.len() - scores.len(),
             responses,
             verdicts,
@@ -162,9 +186,14 @@ pub struct Row {
     pub data_source: String,
     /// Bucket edge in tokens (0 for the all-lengths row).
     pub bucket: usize,
+    /// Items with at least one scorable sample (the accuracies are over these).
     pub n: usize,
-    pub pass_at_1: f64,
-    pub pass_at_k: f64,
+    /// Mean pass@1 of the `n` items; absent when `n` is 0.
+    pub pass_at_1: Option<f64>,
+    pub pass_at_k: Option<f64>,
+    /// Items none of whose samples could be scored, left out of the accuracies.
+    #[serde(default)]
+    pub unscorable: usize,
 }
 
 /// The bucket of a task: its length (see [`Record::length`]) rounded up to an edge.
@@ -188,35 +217,47 @@ pub fn summarize(items: &[ItemResult]) -> Vec<Row> {
     groups
         .into_iter()
         .map(|((data_source, bucket), members)| {
-            let n = members.len();
+            let mean = |values: Vec<f64>| (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
+            let pass_at_1: Vec<f64> = members.iter().filter_map(|m| m.pass_at_1).collect();
+            let pass_at_k: Vec<f64> = members.iter().filter_map(|m| m.pass_at_k).collect();
             Row {
                 data_source,
                 bucket,
-                n,
-                pass_at_1: members.iter().map(|m| m.pass_at_1).sum::<f64>() / n as f64,
-                pass_at_k: members.iter().map(|m| m.pass_at_k).sum::<f64>() / n as f64,
+                n: pass_at_1.len(),
+                unscorable: members.len() - pass_at_1.len(),
+                pass_at_1: mean(pass_at_1),
+                pass_at_k: mean(pass_at_k),
             }
         })
         .collect()
 }
 
-/// The summary as an aligned text table (a pass@k column only when k > 1).
+/// The summary as an aligned text table (a pass@k column only when k > 1, an unscorable
+/// column only when some item could not be scored).
 pub fn render_table(name: &str, rows: &[Row], samples: usize) -> String {
+    let with_unscorable = rows.iter().any(|r| r.unscorable > 0);
     let mut out = format!("{name}: accuracy by data source and input length\n");
     out.push_str(&format!("{:<24} {:>10} {:>6} {:>8}", "data source", "length", "n", "pass@1"));
     if samples > 1 {
         out.push_str(&format!(" {:>8}", format!("pass@{samples}")));
     }
+    if with_unscorable {
+        out.push_str(&format!(" {:>11}", "unscorable"));
+    }
     out.push('\n');
+    let percent = |value: Option<f64>| value.map_or_else(|| format!("{:>8}", "-"), |v| format!("{:>7.1}%", 100.0 * v));
     for row in rows {
         let length = match row.bucket {
             0 => "all".to_string(),
             usize::MAX => "longer".to_string(),
             b => format!("<={b}"),
         };
-        out.push_str(&format!("{:<24} {:>10} {:>6} {:>7.1}%", row.data_source, length, row.n, 100.0 * row.pass_at_1));
+        out.push_str(&format!("{:<24} {:>10} {:>6} {}", row.data_source, length, row.n, percent(row.pass_at_1)));
         if samples > 1 {
-            out.push_str(&format!(" {:>7.1}%", 100.0 * row.pass_at_k));
+            out.push_str(&format!(" {}", percent(row.pass_at_k)));
+        }
+        if with_unscorable {
+            out.push_str(&format!(" {:>11}", row.unscorable));
         }
         out.push('\n');
     }
@@ -235,7 +276,7 @@ impl ModelStage for Eval {
         Cadence::NONE
     }
 
-    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
         let (_, model) = load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?;
@@ -249,6 +290,7 @@ impl ModelStage for Eval {
         };
         let mut prompts = Vec::with_capacity(inputs.records.len());
         for record in &inputs.records {
+            io.cancel_token().check()?;
             prompts.push(encode_prompt(&tokenizer, record, config.max_input)?);
         }
         // One step generates a batch of prompts (one sample each) or one prompt's samples.
@@ -379,21 +421,28 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
             self.write_files(dir, &items, &rows)?;
         }
         for row in rows.iter().filter(|r| r.data_source == "all") {
+            let (Some(pass_at_1), Some(pass_at_k)) = (row.pass_at_1, row.pass_at_k) else { continue };
             let mut fields = serde_json::Map::new();
             fields.insert("eval".into(), self.name.clone().into());
             fields.insert("bucket".into(), row.bucket.into());
-            fields.insert("pass_at_1".into(), row.pass_at_1.into());
-            fields.insert("pass_at_k".into(), row.pass_at_k.into());
+            fields.insert("pass_at_1".into(), pass_at_1.into());
+            fields.insert("pass_at_k".into(), pass_at_k.into());
             fields.insert("n".into(), row.n.into());
             io.log_metrics(0, fields)?;
         }
         let unscorable: usize = items.iter().map(|i| i.unscorable).sum();
+        let unscorable_items = items.iter().filter(|i| i.pass_at_1.is_none()).count();
         if unscorable > 0 {
-            tracing::warn!(unscorable, "samples could not be scored and are left out of the accuracies");
+            tracing::warn!(
+                unscorable,
+                unscorable_items,
+                "samples could not be scored and are left out of the accuracies (items none of whose samples could be scored are left out of pass@1 and counted apart)"
+            );
         }
         let judge_stats = self.reward.judge.as_ref().map(|j| j.stats.snapshot());
         let summary = io.summary_mut();
         summary.insert("unscorable".into(), unscorable.into());
+        summary.insert("unscorable_items".into(), unscorable_items.into());
         if let Some(stats) = judge_stats {
             summary.extend(stats);
         }
@@ -438,13 +487,48 @@ mod tests {
             .collect();
         let rows = summarize(&items);
         let find = |source: &str, bucket: usize| rows.iter().find(|r| r.data_source == source && r.bucket == bucket).cloned().expect("row");
-        assert_eq!(find("qa", 512), Row { data_source: "qa".into(), bucket: 512, n: 2, pass_at_1: 0.75, pass_at_k: 1.0 });
-        assert_eq!(find("qa", 2048), Row { data_source: "qa".into(), bucket: 2048, n: 1, pass_at_1: 0.0, pass_at_k: 0.0 });
-        assert_eq!(find("qa", 0).pass_at_1, 0.5);
-        assert_eq!(find("math", 2048).pass_at_1, 0.5);
-        assert_eq!(find("all", 0), Row { data_source: "all".into(), bucket: 0, n: 4, pass_at_1: 0.5, pass_at_k: 0.75 });
+        let row = |source: &str, bucket, n, pass_at_1, pass_at_k| Row {
+            data_source: String::from(source),
+            bucket,
+            n,
+            pass_at_1: Some(pass_at_1),
+            pass_at_k: Some(pass_at_k),
+            unscorable: 0,
+        };
+        assert_eq!(find("qa", 512), row("qa", 512, 2, 0.75, 1.0));
+        assert_eq!(find("qa", 2048), row("qa", 2048, 1, 0.0, 0.0));
+        assert_eq!(find("qa", 0).pass_at_1, Some(0.5));
+        assert_eq!(find("math", 2048).pass_at_1, Some(0.5));
+        assert_eq!(find("all", 0), row("all", 0, 4, 0.5, 0.75));
         let table = render_table("demo", &rows, 2);
         assert!(table.contains("pass@2") && table.contains("<=512"), "{table}");
+    }
+
+    #[test]
+    fn items_no_sample_of_which_could_be_scored_are_left_out_of_pass_at_1() {
+        use crate::reward::{Outcome, Verdict};
+        let outcome = |score: Option<f32>| RewardOutcome {
+            score,
+            rule: Verdict { score: 0.0, outcome: Outcome::Incorrect, answer: Some("x".into()) },
+            judge: None,
+            script: None,
+        };
+        let item = |id: &str, scores: &[Option<f32>]| {
+            let r = record(id, "qa", 512, "gold");
+            let texts = vec![String::new(); scores.len()];
+            ItemResult::from_outcomes(&r, 512, 0, false, texts, scores.iter().map(|s| outcome(*s)).collect())
+        };
+        let items = vec![item("a", &[Some(1.0), None]), item("b", &[None, None]), item("c", &[Some(0.0), Some(0.0)])];
+        assert_eq!(items[1].pass_at_1, None);
+        let rows = summarize(&items);
+        let all = rows.iter().find(|r| r.data_source == "all" && r.bucket == 0).expect("row");
+        assert_eq!((all.n, all.unscorable, all.pass_at_1, all.pass_at_k), (2, 1, Some(0.5), Some(0.5)));
+        let table = render_table("demo", &rows, 2);
+        assert!(table.contains("unscorable"), "{table}");
+        // A bucket with nothing scorable has no accuracy, not 0%.
+        let rows = summarize(&items[1..2]);
+        assert!(rows.iter().all(|r| r.pass_at_1.is_none() && r.n == 0 && r.unscorable == 1));
+        assert!(render_table("demo", &rows, 1).contains("       -"));
     }
 
     #[test]

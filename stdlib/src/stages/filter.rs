@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::error::StageError;
+use crate::options::{at_most, limits};
 use crate::record::Record;
 use crate::script::{ScriptFn, to_dynamic};
 use crate::stage::{ClosureRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
@@ -73,6 +74,7 @@ impl StageConfig for FilterConfig {
         if self.batch == 0 {
             problems.push("option `batch` must be at least 1".into());
         }
+        problems.extend(at_most("batch", self.batch, limits::GROUP * 16));
         problems
     }
 

@@ -36,8 +36,9 @@ pub struct HardBufferConfig {
     /// Most tasks held; the hardest are kept.
     #[serde(default = "default_capacity")]
     pub capacity: usize,
-    /// Share of carried tasks in the output when fresh tasks are connected (carried tasks are
-    /// at most `mix * total`; the hardest go first). 1 = emit every held task.
+    /// Share of carried tasks among the tasks the next phase trains on, when fresh tasks are
+    /// connected (carried tasks are at most `mix` of the phase's tasks in band plus carried;
+    /// the hardest go first). 1 = every held task.
     #[serde(default = "default_mix")]
     pub mix: f32,
     /// Importance weights are `min(difficulty, max_weight)` (difficulty is infinite for tasks
@@ -62,7 +63,8 @@ pub struct BufferSummary {
     pub carried: usize,
     /// Fresh tasks received.
     pub fresh: usize,
-    /// Reported tasks by pass rate: 0, (0, 1/4], (1/4, 1/2], (1/2, 1), 1.
+    /// Reported tasks by pass rate: 0, (0, 1/4], (1/4, 1/2], (1/2, 1), 1 (tasks nothing could
+    /// be scored for are left out).
     pub pass_rate_histogram: [usize; 5],
     /// The buffer's saved state, when the run has a directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,7 +112,7 @@ impl StageConfig for HardBufferConfig {
             }
             _ => {}
         }
-        if self.max_weight <= 0.0 {
+        if !(self.max_weight.is_finite() && self.max_weight > 0.0) {
             problems.push("max_weight must be positive".into());
         }
         problems
@@ -151,6 +153,12 @@ impl StageConfig for HardBufferConfig {
                 },
             },
         ]
+    }
+
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<PathBuf> {
+        vec![ctx.output_path(std::path::Path::new(&format!("hard_buffer-{}.json", ctx.node)))]
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
@@ -226,11 +234,14 @@ impl HardBufferStage {
         Ok((buffer, fresh, reports))
     }
 
-    /// The held tasks to emit, hardest first, marked as carried: at most `mix` of the
-    /// output when fresh tasks are connected.
+    /// The held tasks to emit, hardest first, marked as carried with the buffer's share:
+    /// at most `mix` of the output when fresh tasks are connected. The phase that reads them
+    /// caps them again against the fresh tasks it actually trains on (those in its band),
+    /// which this stage cannot measure; counting every fresh task here only bounds them.
     fn carried_records(&self, buffer: &HardBuffer, fresh: usize, label: &str) -> Vec<Record> {
         let mix = self.config.mix;
-        let wanted = if fresh == 0 || mix >= 1.0 { buffer.held.len() } else { ((mix * fresh as f32) / (1.0 - mix)).round() as usize };
+        let capped = fresh > 0 && mix < 1.0;
+        let wanted = if capped { ((mix * fresh as f32) / (1.0 - mix)).round() as usize } else { buffer.held.len() };
         buffer
             .held_entries()
             .take(wanted)
@@ -238,6 +249,7 @@ impl HardBufferStage {
                 let mut record = entry.record.clone();
                 record.difficulty = Some(entry.difficulty.clone());
                 record.carried_from = Some(label.to_string());
+                record.carry_share = capped.then_some(mix);
                 record
             })
             .collect()
@@ -246,8 +258,8 @@ impl HardBufferStage {
     /// The typed summary (read back by the report figures) and one metrics line.
     fn summarize(&self, io: &mut StageIo, buffer: &HardBuffer, reports: usize, carried: usize, fresh: usize) -> Result<(), StageError> {
         let mut pass_rate_histogram = [0usize; 5];
-        for entry in buffer.reported.values() {
-            pass_rate_histogram[pass_rate_bin(entry.difficulty.pass_rate)] += 1;
+        for rate in buffer.reported.values().filter_map(|entry| entry.difficulty.pass_rate) {
+            pass_rate_histogram[pass_rate_bin(rate)] += 1;
         }
         let figures = BufferSummary {
             reports,
@@ -261,7 +273,7 @@ impl HardBufferStage {
         if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&figures) {
             io.summary_mut().extend(fields);
         }
-        let held_pass_rates: Vec<f32> = buffer.held_entries().map(|e| e.difficulty.pass_rate).collect();
+        let held_pass_rates: Vec<f32> = buffer.held_entries().filter_map(|e| e.difficulty.pass_rate).collect();
         io.log_metrics(
             0,
             serde_json::Map::from_iter([

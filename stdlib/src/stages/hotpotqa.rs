@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::StageError;
+use crate::options::{at_most, limits};
 use crate::record::{AnswerKind, Record};
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 use crate::tokenizer::Tokenizer;
@@ -54,6 +55,7 @@ impl StageConfig for HotpotConfig {
         if self.lengths.is_empty() {
             problems.push("option `lengths` must list at least one length".into());
         }
+        problems.extend(self.lengths.iter().find_map(|&l| at_most("lengths", l, limits::TOKENS)));
         problems
     }
 
@@ -82,8 +84,10 @@ pub struct HotpotItem {
 
 /// Reads a HotpotQA JSON file, naming the file on error.
 pub fn load(path: &std::path::Path) -> Result<Vec<HotpotItem>, StageError> {
-    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| StageError::BadRecord {
+    let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
+    // A byte-order mark some editors write is not part of the JSON.
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    serde_json::from_slice(bytes).map_err(|e| StageError::BadRecord {
         path: path.to_path_buf(),
         line: e.line(),
         message: format!("not HotpotQA distractor JSON: {e}"),
@@ -103,7 +107,7 @@ fn paragraph(title: &str, sentences: &[String]) -> String {
 
 impl Stage for Hotpot {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let end = self.config.count.map_or(self.questions.len(), |c| (self.config.offset + c).min(self.questions.len()));
+        let end = self.config.count.map_or(self.questions.len(), |c| self.config.offset.saturating_add(c).min(self.questions.len()));
         let (mut emitted, mut too_long) = (0u64, 0u64);
         for index in self.config.offset..end {
             for &length in &self.config.lengths {

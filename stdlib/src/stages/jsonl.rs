@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::error::StageError;
 use crate::record::{AnswerKind, ChatMessage, Record};
+use crate::reward::judge::judge_question;
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Which layout the file's objects have.
@@ -86,7 +87,14 @@ impl StageConfig for JsonlConfig {
     const POSITIONAL: &'static [&'static str] = &["path"];
 
     fn validate(&self, ctx: &StageContext) -> Vec<String> {
-        ctx.require_file("path", &self.path).into_iter().collect()
+        if let Some(problem) = ctx.require_file("path", &self.path) {
+            return vec![problem];
+        }
+        let path = ctx.input_path(&self.path);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() == 0 => vec![format!("option `path`: {} is empty (0 bytes): it holds no records", path.display())],
+            _ => Vec::new(),
+        }
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
@@ -193,11 +201,12 @@ impl Mapping {
         };
         let mut question = text(Question)?.unwrap_or_default();
         if question.is_empty() && self.format == JsonlFormat::Verl {
-            // verl records keep the question inside the prompt: the last user turn.
+            // verl records keep the question inside the prompt: the last user turn's text
+            // after its document (the judge is shown the question, never the document).
             question = prompt
                 .as_ref()
                 .and_then(|turns| turns.iter().rev().find(|t| t.role == "user"))
-                .map(|t| t.content.clone())
+                .map(|t| judge_question(&t.content))
                 .unwrap_or_default();
         }
         let kind = match text(Kind)? {
@@ -253,6 +262,11 @@ fn read_annotations(object: &Value, record: &mut Record) -> Result<(), String> {
     record.length_budget = count("length_budget")?;
     record.trace = text("trace")?;
     record.carried_from = text("carried_from")?;
+    if let Some(value) = field("carry_share") {
+        let share = value.as_f64().filter(|s| (0.0..=1.0).contains(s));
+        record.carry_share =
+            Some(share.ok_or_else(|| format!("field `carry_share` must be a number within [0, 1], found {value}"))? as f32);
+    }
     if let Some(value) = field("difficulty") {
         let difficulty = serde_json::from_value(value.clone())
             .map_err(|e| format!("field `difficulty` must be {{pass_rate, rewards, samples}}: {e}"))?;
@@ -298,6 +312,8 @@ struct JsonlSource {
 
 impl JsonlSource {
     fn parse_line(&self, bytes: &[u8], line: usize) -> Result<Record, String> {
+        // A byte-order mark some editors put at the start of a file is not part of the JSON.
+        let bytes = if line == 1 { bytes.strip_prefix(BOM).unwrap_or(bytes) } else { bytes };
         let text = std::str::from_utf8(bytes).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1))?;
         let object: Value = serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
         let mut record = self.mapping.record(&object, line, &self.default_source)?;
@@ -349,6 +365,9 @@ impl Stage for JsonlSource {
         if !skipped.is_empty() {
             tracing::warn!(file = %self.path.display(), count = skipped.len(), "bad lines were skipped");
         }
+        if emitted == 0 && skipped.is_empty() && self.limit != Some(0) {
+            return Err(StageError::Failed(format!("{}: holds no records (only blank lines)", self.path.display())));
+        }
         let summary = io.summary_mut();
         summary.insert("file".into(), self.path.display().to_string().into());
         summary.insert("records".into(), emitted.into());
@@ -359,6 +378,9 @@ impl Stage for JsonlSource {
         Ok(())
     }
 }
+
+/// The UTF-8 byte-order mark.
+const BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// A line without its `\n` / `\r\n` ending.
 fn trim_line(bytes: &[u8]) -> &[u8] {
@@ -380,7 +402,7 @@ pub fn read_all(path: &Path, format: JsonlFormat) -> Result<Vec<Record>, StageEr
     let mut records = Vec::new();
     for (index, line) in text.split(|b| *b == b'\n').enumerate() {
         let line_bytes = trim_line(line);
-        if line_bytes.iter().all(u8::is_ascii_whitespace) {
+        if line_bytes.iter().all(u8::is_ascii_whitespace) || (index == 0 && line_bytes == BOM) {
             continue;
         }
         let record = source.parse_line(line_bytes, index + 1).map_err(|message| StageError::BadRecord {
@@ -398,7 +420,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn source(format: JsonlFormat) -> JsonlSource {
+    pub(super) fn source(format: JsonlFormat) -> JsonlSource {
         JsonlSource {
             path: "t.jsonl".into(),
             mapping: Mapping::new(format, &BTreeMap::new()),
@@ -433,7 +455,7 @@ mod tests {
         assert_eq!(record.id, "7");
         assert_eq!(record.answers, ["12.5"]);
         assert_eq!(record.kind, AnswerKind::Number);
-        assert_eq!(record.question, "<text>..</text> What is x?");
+        assert_eq!(record.question, "What is x?");
         assert_eq!(record.prompt.as_ref().map(Vec::len), Some(1));
     }
 
@@ -454,9 +476,120 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_order_mark_on_the_first_line_is_accepted() {
+        let s = source(JsonlFormat::Longrl);
+        let record = s.parse_line(b"\xef\xbb\xbf{\"question\": \"q\"}", 1).expect("BOM skipped");
+        assert_eq!(record.question, "q");
+        let err = s.parse_line(b"\xef\xbb\xbf{\"question\": \"q\"}", 2).expect_err("only at the start of the file");
+        assert!(err.contains("malformed JSON"), "{err}");
+    }
+
+    #[test]
+    fn verl_records_without_a_question_give_the_judge_the_question_not_the_document() {
+        let document = "A long clause about insurance. ".repeat(2000);
+        let line = json!({
+            "data_source": "docqa_choices",
+            "prompt": [{"role": "user", "content": format!("<text>\n{document}\n</text>\n\nWhich clause applies? (A) x (B) y")}],
+            "reward_model": {"ground_truth": "B"},
+        });
+        let record = source(JsonlFormat::Verl).parse_line(line.to_string().as_bytes(), 1).expect("valid");
+        assert_eq!(record.question, "Which clause applies? (A) x (B) y");
+        assert_eq!(record.kind, AnswerKind::Choice);
+    }
+
+    #[test]
     fn missing_ids_fall_back_to_file_and_line() {
         let record = source(JsonlFormat::Longrl).parse_line(br#"{"question": "q", "answers": "a"}"#, 12).expect("valid");
         assert_eq!(record.id, "t:12");
         assert_eq!(record.answers, ["a"]);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::tests::source;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Arbitrary JSON values, nested a few levels.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "\\PC{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("question".to_string()),
+                        Just("answers".to_string()),
+                        Just("prompt".to_string()),
+                        Just("kind".to_string()),
+                        Just("difficulty".to_string()),
+                        Just("reward_model".to_string()),
+                        Just("ground_truth".to_string()),
+                        Just("extra_info".to_string()),
+                        Just("id".to_string()),
+                        Just("length_budget".to_string()),
+                        Just("carry_share".to_string()),
+                        "[a-z_]{1,8}",
+                    ],
+                    inner,
+                    0..6,
+                )
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn format() -> impl Strategy<Value = JsonlFormat> {
+        prop_oneof![Just(JsonlFormat::Longrl), Just(JsonlFormat::Longbench), Just(JsonlFormat::Verl)]
+    }
+
+    proptest! {
+        #![proptest_config(crate::testing::config(512))]
+
+        #[test]
+        fn any_bytes_give_a_record_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..200), format in format(), line in 1usize..4) {
+            let _ = source(format).parse_line(&bytes, line);
+        }
+
+        #[test]
+        fn any_json_gives_a_record_or_an_error(value in json_value(), format in format()) {
+            let text = value.to_string();
+            if let Ok(record) = source(format).parse_line(text.as_bytes(), 1) {
+                prop_assert!(!record.id.is_empty());
+                prop_assert!(record.carry_share.is_none_or(|s| (0.0..=1.0).contains(&s)));
+            }
+        }
+
+        #[test]
+        fn any_file_reads_or_names_its_bad_line(lines in proptest::collection::vec(prop_oneof![
+            json_value().prop_map(|v| v.to_string().into_bytes()),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ], 0..6)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("data.jsonl");
+            std::fs::write(&path, lines.join(&b'\n')).expect("write");
+            match read_all(&path, JsonlFormat::Longrl) {
+                Ok(records) => prop_assert!(records.len() <= lines.len()),
+                Err(StageError::BadRecord { path: bad, line, .. }) => {
+                    prop_assert_eq!(bad, path);
+                    prop_assert!(line >= 1 && line <= lines.len().max(1));
+                }
+                Err(other) => prop_assert!(false, "unexpected error {}", other),
+            }
+        }
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+        let deep = format!("{{\"question\": {}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let err = source(JsonlFormat::Longrl).parse_line(deep.as_bytes(), 1).expect_err("too deep");
+        assert!(err.contains("malformed JSON") && err.contains("recursion limit"), "{err}");
     }
 }

@@ -70,6 +70,15 @@ impl StageConfig for ModelConfigOptions {
         problems
     }
 
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<PathBuf> {
+        match self.init {
+            Init::Random => vec![ctx.output_path(std::path::Path::new(&format!("model-{}", ctx.node)))],
+            Init::Checkpoint => Vec::new(),
+        }
+    }
+
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         Ok(Box::new(ModelSource { config: self.clone(), dir: ctx.input_path(&self.path), ctx: ctx.clone() }))
     }

@@ -43,15 +43,25 @@ impl StageConfig for RewardConfig {
     const OUTPUTS: &'static [PortSpec] = &[PortSpec::optional("reward", PortKind::Reward, "the reward, for RL phases and evaluations")];
 
     fn validate(&self, _ctx: &StageContext) -> Vec<String> {
-        self.judge.as_ref().map(JudgeConfig::problems).unwrap_or_default()
+        let mut problems = self.rule.problems();
+        problems.extend(self.judge.as_ref().map(JudgeConfig::problems).unwrap_or_default());
+        problems
+    }
+
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<std::path::PathBuf> {
+        let cache = std::path::PathBuf::from(format!("judge_cache-{}.jsonl", ctx.node));
+        self.judge.iter().map(|_| ctx.output_path(&cache)).collect()
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
-        let mut judge = self.judge.clone().map(Judge::new).transpose()?;
-        if let (Some(j), Some(run_dir)) = (judge.take(), &ctx.run_dir) {
+        let judge = match (self.judge.clone().map(Judge::new).transpose()?, &ctx.run_dir) {
             // The run's judge verdicts persist, so a resumed run pays for none twice.
-            judge = Some(j.with_cache_file(&run_dir.join(format!("judge_cache-{}.jsonl", ctx.node)))?);
-        }
+            (Some(judge), Some(run_dir)) => Some(judge.with_cache_file(&run_dir.join(format!("judge_cache-{}.jsonl", ctx.node)))?),
+            // Without a run directory (library use) the judge is kept, with its cache in memory.
+            (judge, _) => judge,
+        };
         let judge = judge.map(Arc::new);
         let script = self.script.map(|r| ctx.closure(r)).transpose()?;
         let reward =
@@ -66,6 +76,30 @@ struct RewardSource {
 
 impl Stage for RewardSource {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
+        if let Some(judge) = &self.reward.judge {
+            judge.watch(io.cancel_token());
+        }
         io.send_reward("reward", Arc::clone(&self.reward))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_judge_is_kept_when_the_stage_runs_without_a_run_directory() {
+        let options = serde_json::json!({ "judge": { "url": "http://127.0.0.1:9/v1", "model": "judge" } });
+        let config: RewardConfig = serde_json::from_value(options).expect("options");
+        let ctx = StageContext::for_check(".");
+        assert!(ctx.run_dir.is_none());
+        let stage = config.build(&ctx).expect("builds");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let outputs = vec![(RewardConfig::OUTPUTS[0], vec![tx])];
+        let metrics = crate::metrics::Metrics::discard();
+        let mut io = StageIo::new("reward#0", Vec::new(), outputs, Default::default(), Default::default(), metrics);
+        stage.run(&mut io).expect("runs");
+        let Ok(crate::stage::Item::Reward(reward)) = rx.recv() else { panic!("a reward is published") };
+        assert!(reward.judge.is_some(), "the judge was dropped");
     }
 }

@@ -25,12 +25,14 @@ use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
 use crate::model::config::ModelConfig;
 use crate::model::generate::SamplingConfig;
 use crate::model::{CausalLm, load_model, save_model};
+use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
-use crate::record::{Difficulty, Record};
+use crate::record::Record;
 use crate::reward::{Reward, RuleConfig};
 use crate::rl::advantage::{StdScaling, group_advantages, mean_std};
+use crate::rl::buffer::carried_beyond_share;
 use crate::rl::chain::phase_problems;
-use crate::rl::dynamic::{DropReason, drop_reason, fill_step};
+use crate::rl::dynamic::{DropReason, FilterMetric, GroupFilter, fill_step};
 use crate::rl::group::{Group, group_backward, normalizer};
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums};
 use crate::rl::rollout::{pass_rate_bin, rollout_group};
@@ -118,9 +120,13 @@ pub struct RlPhaseConfig {
     /// Entropy bonus.
     #[serde(default)]
     pub entropy_coef: f32,
-    /// Drop groups whose rewards are all equal and sample the next prompts instead.
+    /// Drop groups without a learning signal and sample the next prompts instead.
     #[serde(default = "default_true")]
     pub dynamic_sampling: bool,
+    /// What dynamic sampling looks at: `accuracy` drops groups whose samples are all correct
+    /// or all wrong (DAPO); `reward` drops groups whose rewards (after shaping) are all equal.
+    #[serde(default)]
+    pub dynamic_sampling_metric: FilterMetric,
     /// Keep only groups whose pass rate lies within [a, b].
     #[serde(default)]
     pub accuracy_band: Option<[f32; 2]>,
@@ -229,9 +235,7 @@ impl StageConfig for RlPhaseConfig {
         if self.overlong_buffer > self.max_output {
             problems.push("overlong_buffer must not exceed max_output".into());
         }
-        if !self.temperature.is_finite() || self.temperature <= 0.0 {
-            problems.push("temperature must be positive for sampling".into());
-        }
+        problems.extend(self.bound_problems());
         if let Some([a, b]) = self.accuracy_band
             && (!(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) || a > b)
         {
@@ -259,6 +263,12 @@ impl StageConfig for RlPhaseConfig {
         }]
     }
 
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<PathBuf> {
+        vec![ctx.output_path(Path::new(&format!("rl-{}", ctx.node)))]
+    }
+
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let out_dir = ctx
             .run_dir
@@ -266,6 +276,29 @@ impl StageConfig for RlPhaseConfig {
             .map(|d| d.join(format!("rl-{}", ctx.node)))
             .ok_or_else(|| StageError::Invalid("rl_phase needs a run directory".into()))?;
         Ok(Driver::boxed(RlPhase { config: self, run_seed: ctx.seed }, ctx, Some(out_dir)))
+    }
+}
+
+impl RlPhaseConfig {
+    /// Sampling settings, sizes within [`limits`], and the reward rule.
+    fn bound_problems(&self) -> Vec<String> {
+        let mut problems = self.rule.problems();
+        if self.max_output == 0 || self.epochs == 0 || self.ppo_epochs == 0 || self.max_tries == 0 {
+            problems.push("max_output, epochs, ppo_epochs and max_tries must be at least 1".into());
+        }
+        problems.extend(sampling_problems(self.temperature, self.top_p, false));
+        let sizes = [
+            ("max_input", self.max_input, limits::TOKENS),
+            ("prompt_room", self.prompt_room, limits::TOKENS),
+            ("max_output", self.max_output, limits::TOKENS),
+            ("group", self.group, limits::GROUP),
+            ("prompts_per_step", self.prompts_per_step, limits::GROUP),
+            ("epochs", self.epochs, limits::PASSES),
+            ("ppo_epochs", self.ppo_epochs, limits::PASSES),
+            ("max_tries", self.max_tries, limits::PASSES),
+        ];
+        problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
+        problems
     }
 }
 
@@ -515,6 +548,8 @@ impl<B: TrainBackend> RlRun<B> {
         stats: &mut RolloutStats,
         io: &mut StageIo,
     ) -> Result<Option<Group>, StageError> {
+        // A step samples many groups: a stopped run does not wait for all of them.
+        io.cancel_token().check()?;
         let config = &self.config;
         let (record, prompt) = &self.tasks[index];
         let sampling = SamplingConfig {
@@ -546,13 +581,17 @@ impl<B: TrainBackend> RlRun<B> {
             rewards.push(shaped);
         }
         stats.scorable += rewards.iter().filter(|r| r.is_some()).count();
-        let pass_rate = rollout.pass_rate();
-        stats.pass_rate_histogram[pass_rate_bin(pass_rate)] += 1;
-        let difficulty = Difficulty::new(pass_rate, rewards.iter().flatten().copied().collect(), rewards.len());
+        // Difficulty and filtering follow correctness, not the shaped rewards.
+        let difficulty = rollout.difficulty();
+        let pass_rate = difficulty.pass_rate;
+        if let Some(rate) = pass_rate {
+            stats.pass_rate_histogram[pass_rate_bin(rate)] += 1;
+        }
         let report = DifficultyReport { record: record.clone(), difficulty };
         send_reports(io, std::slice::from_ref(&report))?;
         self.reports.push(report);
-        match drop_reason(&rewards, pass_rate, config.dynamic_sampling, config.accuracy_band) {
+        let filter = GroupFilter { dynamic: config.dynamic_sampling, metric: config.dynamic_sampling_metric, band: config.accuracy_band };
+        match filter.drop_reason(&rewards, pass_rate) {
             None => Ok(Some(Group {
                 prompt: prompt.clone(),
                 responses: rollout.completions.iter().map(|c| c.tokens.clone()).collect(),
@@ -620,7 +659,7 @@ impl<B: TrainBackend> RlRun<B> {
         let message = if self.state.queue.is_empty() {
             "the phase's prompts ran out before the step was full; training on the groups there are"
         } else {
-            "the try bound was hit before the step was full (too many groups with equal rewards); training on the groups there are (raise max_tries or adjust the accuracy band)"
+            "the try bound was hit before the step was full (too many groups all correct or all wrong, or with equal rewards); training on the groups there are (raise max_tries or adjust the accuracy band; with a reward that is not a 0/1 correctness, set dynamic_sampling_metric: \"reward\")"
         };
         tracing::warn!(stage = %label, step, kept, wanted = self.config.prompts_per_step, tried, "{message}");
     }
@@ -635,6 +674,13 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
     }
 
     fn restore(&mut self, dir: &Path, state: RlState, io: &mut StageIo) -> Result<(), StageError> {
+        if let Some(bad) = state.queue.iter().find(|&&index| index >= self.tasks.len()) {
+            return Err(StageError::Failed(format!(
+                "{}: the checkpoint's task queue names task {bad}, but the phase has {} tasks; it belongs to another run",
+                dir.join("state.json").display(),
+                self.tasks.len()
+            )));
+        }
         let weights = load_model::<B>(dir, &self.device)?.1.with_recompute(self.trainer.model().recompute);
         self.trainer = Trainer::new(weights, self.config.optim.clone()).load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
         self.state = state;
@@ -738,7 +784,20 @@ fn phase_tasks(config: &RlPhaseConfig, tokenizer: &ModelTokenizer, records: Vec<
         carried += usize::from(is_carried);
         tasks.push((record, prompt));
     }
-    Ok((tasks, passed_by, carried))
+    let beyond_share = cap_carried(&mut tasks);
+    Ok((tasks, passed_by + beyond_share, carried - beyond_share))
+}
+
+/// Drops the carried tasks beyond their buffer's share of the phase's tasks (see
+/// [`carried_beyond_share`]). Returns how many were dropped.
+fn cap_carried(tasks: &mut Vec<(Record, Vec<u32>)>) -> usize {
+    let dropped = carried_beyond_share(&tasks.iter().map(|(r, _)| r).collect::<Vec<_>>());
+    let mut index = 0;
+    tasks.retain(|_| {
+        index += 1;
+        !dropped.contains(&(index - 1))
+    });
+    dropped.len()
 }
 
 /// `tasks.jsonl` in the phase's directory: each task's id, length, prompt tokens and

@@ -17,6 +17,7 @@ use crate::fsutil::write_atomic;
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::SamplingConfig;
 use crate::model::{CausalLm, load_model};
+use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::{Difficulty, Record};
 use crate::reward::{Reward, RuleConfig};
@@ -88,14 +89,25 @@ impl StageConfig for ScoreDifficultyConfig {
     ];
 
     fn validate(&self, _ctx: &StageContext) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.rule.problems();
         if self.group == 0 || self.max_output == 0 || self.max_input == 0 {
             problems.push("group, max_input and max_output must be at least 1".into());
         }
-        if !self.temperature.is_finite() || self.temperature <= 0.0 {
-            problems.push("temperature must be positive: difficulty needs sampled responses".into());
-        }
+        // Difficulty needs sampled responses: greedy decoding is not allowed here.
+        problems.extend(sampling_problems(self.temperature, self.top_p, false));
+        let sizes = [
+            ("group", self.group, limits::GROUP),
+            ("max_input", self.max_input, limits::TOKENS),
+            ("max_output", self.max_output, limits::TOKENS),
+        ];
+        problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
         problems
+    }
+
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<PathBuf> {
+        vec![ctx.output_path(Path::new(&format!("score_difficulty-{}", ctx.node)))]
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
@@ -184,9 +196,10 @@ impl<B: TrainBackend> ScoreRun<B> {
         record
     }
 
+    /// Mean pass rate of the tasks that could be scored.
     fn mean_pass_rate(&self) -> f64 {
-        let sum: f64 = self.state.scored.iter().map(|d| f64::from(d.pass_rate)).sum();
-        sum / self.state.scored.len().max(1) as f64
+        let rates: Vec<f64> = self.state.scored.iter().filter_map(|d| d.pass_rate).map(f64::from).collect();
+        rates.iter().sum::<f64>() / rates.len().max(1) as f64
     }
 }
 
@@ -198,7 +211,15 @@ impl<B: TrainBackend> StageRun<B> for ScoreRun<B> {
         self.records.len()
     }
 
-    fn restore(&mut self, _dir: &Path, state: ScoreState, io: &mut StageIo) -> Result<(), StageError> {
+    fn restore(&mut self, dir: &Path, state: ScoreState, io: &mut StageIo) -> Result<(), StageError> {
+        if state.scored.len() > self.records.len() {
+            return Err(StageError::Failed(format!(
+                "{}: the checkpoint holds scores of {} tasks, but the stage has {}; it belongs to another run",
+                dir.join("state.json").display(),
+                state.scored.len(),
+                self.records.len()
+            )));
+        }
         self.state = state;
         for index in 0..self.state.scored.len() {
             emit(io, self.scored_record(index))?;
@@ -219,9 +240,9 @@ impl<B: TrainBackend> StageRun<B> for ScoreRun<B> {
             seed: config.seed ^ self.run_seed.rotate_left(17) ^ ((index as u64) << 24),
         };
         let rollout = rollout_group(&self.model, &self.tokenizer, record, &prompt, config.group, &sampling, &self.reward)?;
-        let rewards: Vec<f32> = rollout.outcomes.iter().filter_map(|o| o.score).collect();
-        self.state.unscorable += rollout.outcomes.len() - rewards.len();
-        self.state.scored.push(Difficulty::new(rollout.pass_rate(), rewards, config.group));
+        let difficulty = rollout.difficulty();
+        self.state.unscorable += difficulty.samples - difficulty.rewards.len();
+        self.state.scored.push(difficulty);
         emit(io, self.scored_record(index))?;
         Ok(StepOutcome { metrics: None, status: format!("mean pass rate {:.2}", self.mean_pass_rate()), last: false })
     }
@@ -232,7 +253,7 @@ impl<B: TrainBackend> StageRun<B> for ScoreRun<B> {
 
     fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
         let mean_pass_rate = self.mean_pass_rate();
-        let unsolved = self.state.scored.iter().filter(|d| d.pass_rate <= 0.0).count();
+        let unsolved = self.state.scored.iter().filter(|d| d.unsolved()).count();
         if let Some(dir) = out_dir {
             let scored: Vec<Record> = (0..self.state.scored.len()).map(|i| self.scored_record(i)).collect();
             write_scored(&dir.join(SCORED_FILE), &scored)?;

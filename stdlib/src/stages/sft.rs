@@ -21,6 +21,7 @@ use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
 use crate::model::config::ModelConfig;
 use crate::model::score::score_batch;
 use crate::model::{CausalLm, load_model, save_model};
+use crate::options::{at_most, limits};
 use crate::prompt::{encode_prompt, reasoning_trace};
 use crate::record::Record;
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
@@ -115,10 +116,24 @@ impl StageConfig for SftConfig {
         if self.epochs == 0 {
             problems.push("epochs must be at least 1".into());
         }
-        if self.grad_accum == 0 || self.batch_tokens == 0 {
-            problems.push("grad_accum and batch_tokens must be at least 1".into());
+        if self.grad_accum == 0 || self.batch_tokens == 0 || self.max_input == 0 || self.max_response == 0 {
+            problems.push("grad_accum, batch_tokens, max_input and max_response must be at least 1".into());
         }
+        let sizes = [
+            ("epochs", self.epochs, limits::PASSES),
+            ("grad_accum", self.grad_accum, limits::PASSES),
+            ("batch_tokens", self.batch_tokens, limits::TOKENS),
+            ("max_input", self.max_input, limits::TOKENS),
+            ("max_response", self.max_response, limits::TOKENS),
+        ];
+        problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
         problems
+    }
+
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<PathBuf> {
+        vec![ctx.output_path(Path::new(&format!("sft-{}", ctx.node)))]
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {

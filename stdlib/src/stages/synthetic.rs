@@ -12,8 +12,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::StageError;
+use crate::options::{at_most, limits};
 use crate::record::{AnswerKind, Record};
-use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
+use crate::stage::{CancelToken, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 use crate::tokenizer::Tokenizer;
 
 /// A kind of generated task.
@@ -93,12 +94,39 @@ impl StageConfig for SyntheticConfig {
         if self.kinds.is_empty() {
             problems.push("option `kinds` must list at least one kind".into());
         }
+        problems.extend(self.size_problems());
         problems
     }
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let tokenizer = Tokenizer::load(&ctx.input_path(&self.tokenizer))?;
         Ok(Box::new(Synthetic { config: self, tokenizer }))
+    }
+}
+
+impl SyntheticConfig {
+    /// Counts and lengths within [`limits`]: a typo like a count of 10^18 would otherwise
+    /// run until the machine's memory or the user's patience ran out.
+    fn size_problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self.lengths.iter().find_map(|&l| at_most("lengths", l, limits::TOKENS)).into_iter().collect();
+        problems.extend(at_most("count", self.count, limits::RECORDS));
+        problems.extend(at_most("distractors", self.distractors, limits::DISTRACTORS));
+        let tasks = self.count.saturating_mul(self.lengths.len());
+        if self.count <= limits::RECORDS && tasks > limits::RECORDS {
+            problems.push(format!(
+                "count x lengths is {tasks} tasks, above the limit of {} (generate fewer questions or fewer lengths)",
+                limits::RECORDS
+            ));
+        }
+        problems
+    }
+
+    /// The (question, length) pairs in emission order, generated lazily.
+    fn pairs(&self) -> Box<dyn Iterator<Item = (usize, usize)> + '_> {
+        match self.order {
+            Order::Question => Box::new((0..self.count).flat_map(|q| self.lengths.iter().map(move |&l| (q, l)))),
+            Order::Length => Box::new(self.lengths.iter().flat_map(|&l| (0..self.count).map(move |q| (q, l)))),
+        }
     }
 }
 
@@ -109,15 +137,12 @@ struct Synthetic {
 
 impl Stage for Synthetic {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
-        let pairs: Vec<(usize, usize)> = match self.config.order {
-            Order::Question => (0..self.config.count).flat_map(|q| self.config.lengths.iter().map(move |&l| (q, l))).collect(),
-            Order::Length => self.config.lengths.iter().flat_map(|&l| (0..self.config.count).map(move |q| (q, l))).collect(),
-        };
         let mut worst_gap = 0usize;
-        for (index, length) in pairs {
+        let cancel = io.cancel_token().clone();
+        for (index, length) in self.config.pairs() {
             let kind = self.config.kinds[index % self.config.kinds.len()];
             let task = make_task(self.config.seed, index, kind, self.config.distractors);
-            let record = render(&task, length, self.config.seed, index, &self.tokenizer)?;
+            let record = render(&task, length, self.config.seed, index, &self.tokenizer, &cancel)?;
             worst_gap = worst_gap.max(length.abs_diff(record.input_tokens.unwrap_or(0)));
             io.send_record("records", record)?;
         }
@@ -323,7 +348,7 @@ fn filler(rng: &mut ChaCha8Rng) -> String {
 }
 
 /// Lays a task out at `length` tokens: filler and distractors, gold facts at random depths.
-fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Tokenizer) -> Result<Record, StageError> {
+fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Tokenizer, cancel: &CancelToken) -> Result<Record, StageError> {
     let mut rng = rng_for(seed, index, 2 + length as u64);
     let count = |text: &str| tokenizer.encode(text).map(|ids| ids.len());
     let question_tokens = count(&format!("\n\n{}", task.question))?;
@@ -332,6 +357,7 @@ fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Token
     let mut estimate: usize =
         question_tokens + task.gold.iter().chain(&task.distractors).map(|s| count(&format!(" {s}"))).sum::<Result<usize, _>>()?;
     while estimate < length {
+        cancel.check()?;
         let sentence = filler(&mut rng);
         estimate += count(&format!(" {sentence}"))?;
         body.push(sentence);
@@ -349,6 +375,7 @@ fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Token
     // Remove filler from the end while over budget, add while under.
     let mut guard = 0;
     while tokens > length && guard < 10_000 {
+        cancel.check()?;
         guard += 1;
         // Filler sentences run about ten tokens: drop enough of them at once.
         let mut excess = (tokens - length).div_ceil(10).max(1);
@@ -364,6 +391,7 @@ fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Token
         }
     }
     while tokens + tolerance < length && guard < 10_000 {
+        cancel.check()?;
         guard += 1;
         let at = rng.random_range(0..=body.len());
         body.insert(at, filler(&mut rng));
@@ -422,7 +450,7 @@ pub fn generate(config: &SyntheticConfig, tokenizer: &Tokenizer) -> Result<Vec<R
         let kind = config.kinds[index % config.kinds.len()];
         let task = make_task(config.seed, index, kind, config.distractors);
         for &length in &config.lengths {
-            out.push(render(&task, length, config.seed, index, tokenizer)?);
+            out.push(render(&task, length, config.seed, index, tokenizer, &CancelToken::new())?);
         }
     }
     Ok(out)

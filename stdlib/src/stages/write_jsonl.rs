@@ -31,6 +31,12 @@ impl StageConfig for WriteJsonlConfig {
         if self.path.as_os_str().is_empty() { vec!["option `path` is empty".into()] } else { Vec::new() }
     }
 
+    const WRITES_FILES: bool = true;
+
+    fn writes(&self, ctx: &StageContext) -> Vec<PathBuf> {
+        vec![ctx.output_path(&self.path)]
+    }
+
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let path = ctx.output_path(&self.path);
         let file = AtomicFile::create(&path, self.overwrite)?;
