@@ -1,5 +1,6 @@
 //! Answer extraction: the final answer of a response is the text after the last `</think>`
-//! (optionally required), then after the last "the answer is", trimmed of markup.
+//! (optionally required), then after the last "the answer is" (or "the correct answer is",
+//! the DocQA multiple-choice phrasing), trimmed of markup.
 
 /// What extraction found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +22,8 @@ impl Extracted {
     }
 }
 
-const MARKER: &str = "the answer is";
+/// Phrases the answer follows; the last one in the response wins.
+const MARKERS: [&str; 2] = ["the answer is", "the correct answer is"];
 
 /// Extracts the final answer of `response`.
 pub fn extract_answer(response: &str, require_think_end: bool) -> Extracted {
@@ -32,21 +34,25 @@ pub fn extract_answer(response: &str, require_think_end: bool) -> Extracted {
     };
     let lower = after_think.to_lowercase();
     // Lowercasing can change byte lengths (rare scripts); search on a char-aligned copy.
-    let Some(at) = find_last_ascii_case_insensitive(after_think, &lower) else { return Extracted::NoAnswer };
-    let tail = &after_think[at + MARKER.len()..];
+    let Some(end) =
+        MARKERS.iter().filter_map(|marker| find_last_ascii_case_insensitive(after_think, &lower, marker).map(|at| at + marker.len())).max()
+    else {
+        return Extracted::NoAnswer;
+    };
+    let tail = &after_think[end..];
     let answer = clean(tail);
     if answer.is_empty() { Extracted::NoAnswer } else { Extracted::Answer(answer) }
 }
 
-/// Byte offset in `text` of the last case-insensitive "the answer is".
-fn find_last_ascii_case_insensitive(text: &str, lower: &str) -> Option<usize> {
+/// Byte offset in `text` of the last case-insensitive `marker` (lowercase ASCII).
+fn find_last_ascii_case_insensitive(text: &str, lower: &str, marker: &str) -> Option<usize> {
     if lower.len() == text.len() {
-        return lower.rfind(MARKER);
+        return lower.rfind(marker);
     }
     let bytes = text.as_bytes();
-    (0..=bytes.len().saturating_sub(MARKER.len()))
+    (0..=bytes.len().saturating_sub(marker.len()))
         .rev()
-        .find(|&i| text.is_char_boundary(i) && bytes[i..i + MARKER.len()].eq_ignore_ascii_case(MARKER.as_bytes()))
+        .find(|&i| text.is_char_boundary(i) && bytes[i..i + marker.len()].eq_ignore_ascii_case(marker.as_bytes()))
 }
 
 /// The answer's first line without markup: leading ':' and spaces, bold/italics markers,
@@ -87,6 +93,9 @@ mod tests {
             ("so the answer is \\boxed{42}.", false, Extracted::Answer("42".into())),
             ("the answer is", false, Extracted::NoAnswer),
             ("", false, Extracted::NoAnswer),
+            // The DocQA multiple-choice phrasing.
+            ("<think>(B) fits</think>\n\nThe correct answer is (B).", true, Extracted::Answer("(B)".into())),
+            ("The correct answer is (A). On reflection, the answer is (C).", false, Extracted::Answer("(C)".into())),
         ];
         for (response, require, expected) in cases {
             assert_eq!(&extract_answer(response, *require), expected, "{response:?}");
