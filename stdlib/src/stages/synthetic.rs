@@ -57,6 +57,8 @@ pub struct SyntheticConfig {
     #[serde(default = "default_kinds")]
     pub kinds: Vec<TaskKind>,
     /// Distractor facts of the same form per question (half share the color or the object).
+    /// The harder kinds always set their traps and add look-alike chains (1 + distractors / 2)
+    /// or other companies' figures (distractors / 3) on top.
     #[serde(default = "default_distractors")]
     pub distractors: usize,
     /// Question stream: different seeds give different questions (train vs held-out).

@@ -196,3 +196,43 @@ fn strings(value: Option<&Value>, key: &str) -> Result<Vec<String>, GgufErrorKin
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| GgufErrorKind::BadValue { key: key.into(), message: "is not an array of strings".into() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(model: &str, pre: &str, merges: &[&str]) -> BTreeMap<String, Value> {
+        let strings = |items: &[&str]| Value::Array(items.iter().map(|s| Value::String((*s).into())).collect());
+        BTreeMap::from([
+            ("tokenizer.ggml.model".to_string(), Value::String(model.into())),
+            ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+            ("tokenizer.ggml.tokens".to_string(), strings(&["a", "b", "ab", "<|end|>"])),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(vec![Value::I32(1), Value::I32(1), Value::I32(1), Value::I32(3)])),
+            ("tokenizer.ggml.merges".to_string(), strings(merges)),
+            ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(3)),
+        ])
+    }
+
+    #[test]
+    fn a_bpe_vocabulary_becomes_a_tokenizer_that_loads() {
+        let vocab = GgufVocab::from_metadata(&metadata("gpt2", "llama-bpe", &["a b"])).expect("reads");
+        let json = vocab.tokenizer_json().expect("builds");
+        assert_eq!(json["added_tokens"][0]["content"], "<|end|>");
+        assert_eq!(json["model"]["merges"][0], serde_json::json!(["a", "b"]));
+        let tokenizer = json.to_string().parse::<tokenizers::Tokenizer>().expect("the tokenizers crate loads it");
+        let ids = tokenizer.encode("ab<|end|>", false).expect("encodes").get_ids().to_vec();
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(vocab.tokenizer_config(Some(128))["eos_token"], "<|end|>");
+    }
+
+    #[test]
+    fn unsupported_vocabularies_say_what_is_missing() {
+        let err = GgufVocab::from_metadata(&metadata("llama", "default", &[])).expect_err("sentencepiece");
+        assert!(err.to_string().contains("tokenizer model `llama` is not supported"), "{err}");
+        let err = GgufVocab::from_metadata(&metadata("gpt2", "default", &["ab"])).expect_err("bad merge");
+        assert!(err.to_string().contains("entry 0 (\"ab\") is not two tokens"), "{err}");
+        let vocab = GgufVocab::from_metadata(&metadata("gpt2", "mystery", &[])).expect("reads");
+        let err = vocab.tokenizer_json().expect_err("unknown pre-tokenizer");
+        assert!(err.to_string().contains("pre-tokenizer `mystery` is not known"), "{err}");
+    }
+}
