@@ -19,9 +19,9 @@
 # 1.96 * 0.5 / sqrt(1100) = 2.95 points for one run. The table shows that per-run interval
 # beside the interval across seeds (Student t over the seeds' means).
 #
-# Wall time on 2 CPU cores (release build, estimated from the 100-question runs in the
-# README, evaluation dominating): about 25 minutes per recipe run at 1,100 questions and
-# three lengths, 3 runs per seed, so 3-4 hours for three seeds. Runs that already finished
+# Wall time on 2 CPU cores (release build; an estimate scaled from the 100-question runs in
+# the README, evaluation dominating): 20-30 minutes per recipe run at 1,100 questions and
+# three lengths, plus the SFT, so 1.5-2 hours per seed. Runs that already finished
 # (every stage ok in their report.json) are skipped, so an interrupted grid continues.
 set -euo pipefail
 
