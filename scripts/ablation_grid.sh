@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
         --kinds) kinds="$2"; shift 2 ;;
         --set) extra+=(--set "$2"); shift 2 ;;
         --smoke) smoke=true; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
