@@ -44,6 +44,13 @@ fn check_prints_the_quickstart_plan() {
         let out = longrl(&["check", recipe]);
         assert!(out.status.success(), "{recipe}: {}", text(&out.stderr));
     }
+    // The ablation grid's settings (scripts/ablation_grid.sh): the harder task mix.
+    for recipe in ["scripts/qwenlong_l1.rhai", "scripts/ablation_single_phase.rhai", "scripts/ablation_no_retrospective.rhai"] {
+        let harder = r#"kinds=["chain","aggregate","docqa_choice"]"#;
+        let out =
+            longrl(&["check", recipe, "--set", harder, "--set", "distractors=6", "--set", "sft_length=192", "--set", "eval_count=1100"]);
+        assert!(out.status.success(), "{recipe}: {}", text(&out.stderr));
+    }
 }
 
 #[test]

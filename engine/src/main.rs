@@ -13,6 +13,7 @@ use longrl_engine::commands::{report, run, stages};
 use longrl_engine::out::{error_text, is_broken_pipe};
 use longrl_engine::{errln, out, outln};
 use longrl_stdlib::Registry;
+use longrl_stdlib::model::SaveDtype;
 
 /// longrl: teach language models to reason over long documents with reinforcement learning.
 #[derive(Parser, Debug)]
@@ -55,6 +56,32 @@ enum Command {
         /// The run directory, e.g. runs/<name>.
         run_dir: PathBuf,
     },
+    /// Convert a model from another format into a Hugging Face model directory.
+    #[command(subcommand)]
+    Convert(ConvertCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConvertCommand {
+    /// A llama.cpp GGUF file (Llama architecture, gpt2 BPE tokenizer) into safetensors,
+    /// config.json, tokenizer.json and tokenizer_config.json (with the chat template).
+    Gguf {
+        /// The .gguf file.
+        file: PathBuf,
+        /// The model directory to write (created if needed).
+        out_dir: PathBuf,
+        /// Precision of the written weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+        dtype: SaveDtype,
+        /// Write into OUT_DIR even if it already holds files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_dtype(text: &str) -> Result<SaveDtype, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_ascii_lowercase()))
+        .map_err(|_| format!("unknown dtype `{text}` (f32, bf16 or f16)"))
 }
 
 #[derive(Args, Debug)]
@@ -352,6 +379,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Score(args) => score(args),
         Command::Generate(args) => generate(args),
         Command::Bench(command) => bench(command),
+        Command::Convert(ConvertCommand::Gguf { file, out_dir, dtype, force }) => {
+            use longrl_engine::commands::convert::{GgufConversion, convert, describe};
+            let summary = convert(&GgufConversion { file, out_dir, dtype, force })?;
+            println!("{}", describe(&summary));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -28,6 +28,7 @@ impl Registry {
     pub fn standard() -> Self {
         let mut registry = Self::empty();
         registry.add::<crate::stages::jsonl::JsonlConfig>();
+        registry.add::<crate::stages::parquet::ParquetConfig>();
         registry.add::<crate::stages::filter::FilterConfig>();
         registry.add::<crate::stages::write_jsonl::WriteJsonlConfig>();
         registry.add::<crate::stages::model::ModelConfigOptions>();

@@ -2,6 +2,7 @@
 //! of [`crate::dataflow`].
 
 pub mod bench;
+pub mod convert;
 pub mod generate;
 pub mod report;
 pub mod run;

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod flash;
 pub mod generate;
+pub mod gguf;
 pub mod head;
 pub mod llama;
 pub mod qwen2;

@@ -97,6 +97,9 @@ mod tests {
             ("the answer is 3; on reflection the correct answer is (B)", false, Extracted::Answer("(B)".into())),
             ("Straße: the answer is Köln.", false, Extracted::Answer("Köln".into())),
             ("İİİ the answer is x", false, Extracted::Answer("x".into())),
+            // The DocQA multiple-choice phrasing.
+            ("<think>(B) fits</think>\n\nThe correct answer is (B).", true, Extracted::Answer("(B)".into())),
+            ("The correct answer is (A). On reflection, the answer is (C).", false, Extracted::Answer("(C)".into())),
         ];
         for (response, require, expected) in cases {
             assert_eq!(&extract_answer(response, *require), expected, "{response:?}");

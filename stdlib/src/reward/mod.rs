@@ -100,6 +100,8 @@ mod tests {
         assert_eq!(v.outcome, Outcome::Incorrect);
         let v = rule.score_against("I give up.", &golds, AnswerKind::Number);
         assert_eq!((v.score, v.outcome, v.answer), (0.0, Outcome::NoAnswer, None));
+        let v = rule.score_against("The correct answer is (B).", &["B".into()], AnswerKind::Choice);
+        assert_eq!(v.outcome, Outcome::Correct, "the DocQA phrasing counts");
         let v = rule.score_against("So the answer is (B).", &["B".into()], AnswerKind::Choice);
         assert_eq!(v.outcome, Outcome::Correct);
         let v = rule.score_against("the answer is the Eiffel Tower", &["Tower".into(), "Eiffel Tower".into()], AnswerKind::Text);

@@ -106,15 +106,16 @@ impl StageConfig for JsonlConfig {
     }
 }
 
-/// Where each record field is read from, and whether it must be there.
+/// Where each record field is read from, and whether it must be there (shared with the
+/// `parquet` source, whose rows are read as JSON objects).
 #[derive(Debug, Clone)]
-struct Mapping {
+pub(crate) struct Mapping {
     format: JsonlFormat,
     paths: BTreeMap<RecordField, (String, bool)>,
 }
 
 impl Mapping {
-    fn new(format: JsonlFormat, overrides: &BTreeMap<RecordField, String>) -> Self {
+    pub(crate) fn new(format: JsonlFormat, overrides: &BTreeMap<RecordField, String>) -> Self {
         use RecordField::*;
         let defaults: &[(RecordField, &str, bool)] = match format {
             JsonlFormat::Longrl => &[
@@ -165,6 +166,31 @@ impl Mapping {
 
     fn path(&self, field: RecordField) -> &str {
         self.paths.get(&field).map_or("?", |(p, _)| p.as_str())
+    }
+
+    /// The top-level keys that every object must have (the first part of required paths).
+    pub(crate) fn required_keys(&self) -> Vec<&str> {
+        self.paths.values().filter(|(_, required)| *required).filter_map(|(path, _)| path.split('.').next()).collect()
+    }
+
+    /// A record from one object, with the default data_source and answer kind where the
+    /// object does not give them (`index` numbers records without an id).
+    pub(crate) fn read(
+        &self,
+        object: &Value,
+        index: usize,
+        default_source: &str,
+        default_kind: Option<AnswerKind>,
+    ) -> Result<Record, String> {
+        let mut record = self.record(object, index, default_source)?;
+        if record.data_source.is_empty() {
+            record.data_source = default_source.to_string();
+        }
+        let has_kind = self.get(object, RecordField::Kind).ok().flatten().is_some();
+        if !has_kind {
+            record.kind = default_kind.unwrap_or_else(|| infer_kind(&record.data_source));
+        }
+        Ok(record)
     }
 
     /// Builds a record from one parsed line.
@@ -316,15 +342,7 @@ impl JsonlSource {
         let bytes = if line == 1 { bytes.strip_prefix(BOM).unwrap_or(bytes) } else { bytes };
         let text = std::str::from_utf8(bytes).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1))?;
         let object: Value = serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
-        let mut record = self.mapping.record(&object, line, &self.default_source)?;
-        if record.data_source.is_empty() {
-            record.data_source = self.default_source.clone();
-        }
-        let has_kind = self.mapping.get(&object, RecordField::Kind).ok().flatten().is_some();
-        if !has_kind {
-            record.kind = self.default_kind.unwrap_or_else(|| infer_kind(&record.data_source));
-        }
-        Ok(record)
+        self.mapping.read(&object, line, &self.default_source, self.default_kind)
     }
 }
 

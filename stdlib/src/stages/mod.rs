@@ -6,6 +6,7 @@ pub mod hard_buffer;
 pub mod hotpotqa;
 pub mod jsonl;
 pub mod model;
+pub mod parquet;
 pub mod reward;
 pub mod rl_phase;
 pub mod score_difficulty;

@@ -1,6 +1,8 @@
 //! `model` source: names a Hugging Face format model directory and publishes it on a model
 //! edge, so training stages start from it. With `init: "random"`, the directory needs only
 //! config.json and the tokenizer: seeded random weights are written into the run directory.
+//! A llama.cpp `.gguf` file is converted into the run directory first (see
+//! [`crate::model::gguf`]).
 
 use std::path::PathBuf;
 
@@ -8,6 +10,7 @@ use serde::Deserialize;
 
 use crate::error::StageError;
 use crate::model::checkpoint::{RandomInit, SaveDtype, copy_tokenizer_files};
+use crate::model::gguf::{ConvertOptions, GgufFile, convert_gguf};
 use crate::model::{CausalLm, ModelConfig, save_model};
 use crate::stage::{ModelRef, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
@@ -26,7 +29,9 @@ pub enum Init {
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfigOptions {
-    /// A directory with config.json, tokenizer.json and (unless `init` is random) weights.
+    /// A directory with config.json, tokenizer.json and (unless `init` is random) weights,
+    /// or a llama.cpp `.gguf` file (Llama, gpt2 BPE tokenizer), converted into the run
+    /// directory as f32 safetensors.
     pub path: PathBuf,
     /// `checkpoint` (load the weights) or `random` (initialize them).
     #[serde(default)]
@@ -51,6 +56,9 @@ impl StageConfig for ModelConfigOptions {
 
     fn validate(&self, ctx: &StageContext) -> Vec<String> {
         let dir = ctx.input_path(&self.path);
+        if is_gguf(&dir) {
+            return self.validate_gguf(&dir);
+        }
         if !dir.is_dir() {
             return vec![format!("option `path`: model directory {} does not exist", dir.display())];
         }
@@ -84,6 +92,32 @@ impl StageConfig for ModelConfigOptions {
     }
 }
 
+/// Whether `path` names a GGUF file (by its extension).
+fn is_gguf(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+impl ModelConfigOptions {
+    /// A GGUF path must be a readable GGUF file, loaded as a checkpoint.
+    fn validate_gguf(&self, file: &std::path::Path) -> Vec<String> {
+        if !file.is_file() {
+            return vec![format!("option `path`: GGUF file {} does not exist", file.display())];
+        }
+        let mut problems = Vec::new();
+        if self.init == Init::Random {
+            problems.push("option `init`: a .gguf model brings its weights; `random` applies to model directories".into());
+        }
+        match GgufFile::open(file) {
+            Ok(gguf) if gguf.get("general.architecture").and_then(|v| v.as_str()) != Some("llama") => {
+                problems.push(format!("option `path`: {} is not a llama GGUF model", file.display()));
+            }
+            Ok(_) => {}
+            Err(err) => problems.push(format!("option `path`: {err}")),
+        }
+        problems
+    }
+}
+
 struct ModelSource {
     config: ModelConfigOptions,
     dir: PathBuf,
@@ -93,6 +127,14 @@ struct ModelSource {
 impl Stage for ModelSource {
     fn run(self: Box<Self>, io: &mut StageIo) -> Result<(), StageError> {
         let dir = match self.config.init {
+            Init::Checkpoint if is_gguf(&self.dir) => {
+                let run_dir = self.ctx.run_dir.as_ref().ok_or_else(|| StageError::Invalid("a .gguf model needs a run directory".into()))?;
+                let out = run_dir.join(format!("model-{}", self.ctx.node));
+                let summary = convert_gguf(&self.dir, &out, &ConvertOptions::default())?;
+                io.summary_mut().insert("converted_from".into(), self.dir.display().to_string().into());
+                io.summary_mut().insert("parameters".into(), summary.parameters.into());
+                out
+            }
             Init::Checkpoint => self.dir.clone(),
             Init::Random => {
                 let run_dir = self.ctx.run_dir.as_ref().ok_or_else(|| StageError::Invalid("random init needs a run directory".into()))?;

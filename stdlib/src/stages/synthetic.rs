@@ -1,7 +1,11 @@
 //! `synthetic` source: generated long-context tasks at chosen token budgets: retrieval and
 //! multi-hop chains over facts hidden among distractor facts and filler text (text answers),
 //! arithmetic over figures stated in a long report (numeric answers) and multiple choice A-D.
-//! The same question is rendered at every requested length; gold facts sit at random depths.
+//! The harder kinds (`chain`, `aggregate`, `docqa_choice`, in [`harder`]) chain up to three
+//! facts among traps that reuse their names and figures. The same question is rendered at
+//! every requested length; gold facts sit at random depths.
+
+mod harder;
 
 use std::path::PathBuf;
 
@@ -13,13 +17,13 @@ use serde_json::json;
 
 use crate::error::StageError;
 use crate::options::{at_most, limits};
-use crate::record::{AnswerKind, Record};
+use crate::record::{AnswerKind, ChatMessage, Record};
 use crate::stage::{CancelToken, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 use crate::tokenizer::Tokenizer;
 
 /// A kind of generated task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     /// Find one fact: where is the <color> <object> kept?
     Retrieval,
@@ -29,6 +33,15 @@ pub enum TaskKind {
     Arithmetic,
     /// Retrieval asked as multiple choice A-D.
     Choice,
+    /// Chain two or three facts (owner, closest friend, home city) among traps that reuse
+    /// the chain's names: the person's other city, the chain one hop off, look-alike objects.
+    Chain,
+    /// Sum, difference or percentage over a company's yearly figures (numeric answer), among
+    /// figures of other years, of costs and of other companies, some with equal numbers.
+    Aggregate,
+    /// A chain or aggregate question as multiple choice A-D in the DocQA phrasing ("The
+    /// correct answer is (A)"); the wrong options are the answers the traps lead to.
+    DocqaChoice,
 }
 
 /// Options of the `synthetic` source.
@@ -45,6 +58,8 @@ pub struct SyntheticConfig {
     #[serde(default = "default_kinds")]
     pub kinds: Vec<TaskKind>,
     /// Distractor facts of the same form per question (half share the color or the object).
+    /// The harder kinds always set their traps and add look-alike chains (1 + distractors / 2)
+    /// or other companies' figures (distractors / 3) on top.
     #[serde(default = "default_distractors")]
     pub distractors: usize,
     /// Question stream: different seeds give different questions (train vs held-out).
@@ -75,7 +90,7 @@ fn default_distractors() -> usize {
 
 impl StageConfig for SyntheticConfig {
     const NAME: &'static str = "synthetic";
-    const SUMMARY: &'static str = "Generates long-context tasks (retrieval, multi-hop, arithmetic, choice) at given token lengths.";
+    const SUMMARY: &'static str = "Generates long-context tasks (retrieval, multi-hop, arithmetic, choice; harder: chain, aggregate, docqa_choice) at given token lengths.";
     const OUTPUTS: &'static [PortSpec] = &[PortSpec::optional("records", PortKind::Records, "the generated tasks")];
 
     fn validate(&self, ctx: &StageContext) -> Vec<String> {
@@ -191,6 +206,9 @@ struct Task {
     gold: Vec<String>,
     distractors: Vec<String>,
     trace: String,
+    /// The task's own instruction: the record then carries a prebuilt prompt with it
+    /// (instead of the standard prompt's "Therefore, the answer is").
+    instruction: Option<&'static str>,
 }
 
 fn rng_for(seed: u64, index: usize, salt: u64) -> ChaCha8Rng {
@@ -249,6 +267,7 @@ fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Tas
                     gold: vec![facts[0].clone()],
                     distractors: facts[1..].to_vec(),
                     trace,
+                    instruction: None,
                 };
             }
             let mut options: Vec<&str> = cities.iter().take(4).copied().collect();
@@ -271,6 +290,7 @@ fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Tas
                 gold: vec![facts[0].clone()],
                 distractors: facts[1..].to_vec(),
                 trace,
+                instruction: None,
             }
         }
         TaskKind::Multihop => {
@@ -292,6 +312,7 @@ fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Tas
                 gold,
                 distractors: others,
                 trace,
+                instruction: None,
             }
         }
         TaskKind::Arithmetic => {
@@ -326,8 +347,12 @@ fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Tas
                 gold,
                 distractors: others,
                 trace,
+                instruction: None,
             }
         }
+        TaskKind::Chain => harder::chain_task(&mut rng, distractors),
+        TaskKind::Aggregate => harder::aggregate_task(&mut rng, distractors),
+        TaskKind::DocqaChoice => harder::docqa_choice_task(&mut rng, distractors),
     }
 }
 
@@ -390,6 +415,12 @@ fn render(task: &Task, length: usize, seed: u64, index: usize, tokenizer: &Token
             break;
         }
     }
+    // Still over: the facts alone exceed the budget; drop distractors, last listed first.
+    while tokens > length {
+        let Some(pos) = task.distractors.iter().rev().find_map(|d| body.iter().position(|s| s == d)) else { break };
+        body.remove(pos);
+        (record, tokens) = assemble(task, &body, index, seed, length, tokenizer)?;
+    }
     while tokens + tolerance < length && guard < 10_000 {
         cancel.check()?;
         guard += 1;
@@ -431,6 +462,10 @@ fn assemble(
     record.kind = task.answer_kind;
     record.data_source =
         format!("synthetic-{}", serde_json::to_value(task.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
+    if let Some(instruction) = task.instruction {
+        let content = format!("<text>\n{}\n</text>\n\n{}\n\n{instruction}", record.context, record.question);
+        record.prompt = Some(vec![ChatMessage { role: "user".into(), content }]);
+    }
     let tokens = tokenizer.encode(&record.input_text())?.len();
     record.input_tokens = Some(tokens);
     let total = record.context.len().max(1) as f64;
@@ -454,4 +489,35 @@ pub fn generate(config: &SyntheticConfig, tokenizer: &Tokenizer) -> Result<Vec<R
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_tokenizer() -> Tokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/tiny");
+        Tokenizer::load(&dir).expect("the tiny model's tokenizer")
+    }
+
+    fn config(kinds: Vec<TaskKind>, lengths: Vec<usize>, distractors: usize, seed: u64, count: usize) -> SyntheticConfig {
+        SyntheticConfig { count, lengths, tokenizer: PathBuf::new(), kinds, distractors, seed, order: Order::Question }
+    }
+
+    /// FNV-1a over the records' JSON: a stable digest across Rust versions.
+    fn digest(records: &[Record]) -> u64 {
+        let text = serde_json::to_string(records).expect("records serialize");
+        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+    }
+
+    #[test]
+    fn the_retrieval_era_kinds_render_as_before() {
+        // Pins the output of the first four kinds (the quickstart's tasks) bit for bit.
+        let tokenizer = tiny_tokenizer();
+        let quickstart = config(vec![TaskKind::Retrieval], vec![64, 128, 256, 512], 0, 2, 12);
+        let all =
+            config(vec![TaskKind::Retrieval, TaskKind::Multihop, TaskKind::Arithmetic, TaskKind::Choice], vec![100, 300, 1200], 6, 7, 8);
+        let got = [digest(&generate(&quickstart, &tokenizer).expect("generates")), digest(&generate(&all, &tokenizer).expect("generates"))];
+        assert_eq!(got, [6_186_910_761_619_993_361, 12_213_820_711_518_674_989]);
+    }
 }

@@ -1,0 +1,93 @@
+"""The ablation table of scripts/ablation_grid.sh: held-out pass@1 by recipe and input length,
+the mean over seeds with two 95% intervals, from the evaluations' items.jsonl files.
+
+    python3 scripts/grid_table.py runs/grid-harder-s1-qwenlong_l1 runs/grid-harder-s2-... > table.md
+
+Each run directory holds one folder per `evaluate` stage (sft, single_phase,
+no_retrospective, qwenlong_l1) with items.jsonl: one line per held-out question with its
+length bucket and its pass@1 (mean score over its samples). For a recipe and a length:
+- mean: the mean over seeds of each run's pass@1 (mean over its questions);
+- ± seeds: half-width of the 95% Student-t interval of that mean across seeds (training,
+  sampling and evaluation noise together; needs 2 seeds or more);
+- ± eval: the mean over runs of each run's own 95% interval from its questions
+  (1.96 sd / sqrt(n)): the noise of the held-out set alone.
+It also lists what the hard-sample buffers carried (from the runs' stage summaries).
+Standard library only.
+"""
+
+import json
+import math
+import pathlib
+import statistics
+import sys
+
+ORDER = [("sft", "SFT only"), ("single_phase", "SFT + one RL phase"), ("no_retrospective", "SFT + phased RL"),
+         ("qwenlong_l1", "SFT + phased RL + retrospective buffer")]
+# Two-sided 95% Student t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def run_scores(run_dir):
+    """{(eval name, bucket): [item pass@1, ...]} of one run, plus an 'all' bucket."""
+    scores = {}
+    for items in sorted(pathlib.Path(run_dir).glob("*/items.jsonl")):
+        name = items.parent.name
+        for line in items.read_text().splitlines():
+            item = json.loads(line)
+            for bucket in (item["bucket"], "all"):
+                scores.setdefault((name, bucket), []).append(item["pass_at_1"])
+    return scores
+
+
+def buffers(run_dir):
+    out = []
+    for path in sorted(pathlib.Path(run_dir).glob("stages/*hard_buffer*.json")):
+        summary = json.loads(path.read_text())
+        summary = summary.get("summary", summary)
+        if "carried" in summary:
+            out.append(f"{pathlib.Path(run_dir).name}: carried {summary['carried']} of {summary.get('fresh', '?')} fresh tasks "
+                       f"(held {summary.get('held', '?')}; pass-rate histogram {summary.get('pass_rate_histogram')})")
+    return out
+
+
+def cell(per_seed):
+    """'mean ± seeds [± eval]' in points from each seed's item scores."""
+    means = [statistics.fmean(s) for s in per_seed]
+    mean = 100 * statistics.fmean(means)
+    evals = [1.96 * statistics.pstdev(s) / math.sqrt(len(s)) for s in per_seed if len(s) > 1]
+    eval_half = 100 * statistics.fmean(evals) if evals else float("nan")
+    if len(means) >= 2:
+        seeds_half = 100 * T95.get(len(means) - 1, 1.96) * statistics.stdev(means) / math.sqrt(len(means))
+        return f"{mean:.1f} ± {seeds_half:.1f} [± {eval_half:.1f}]"
+    return f"{mean:.1f} [± {eval_half:.1f}]"
+
+
+def main(run_dirs):
+    pooled = {}
+    notes = []
+    for run_dir in run_dirs:
+        for key, values in run_scores(run_dir).items():
+            pooled.setdefault(key, []).append(values)
+        notes.extend(buffers(run_dir))
+    buckets = sorted({b for (_, b) in pooled if b != "all"}) + ["all"]
+    seeds = max((len(v) for v in pooled.values()), default=0)
+    print(f"Held-out pass@1 (%), {seeds} seed(s): mean ± 95% interval across seeds [± per-run 95% interval "
+          "from the held-out questions]; n = questions per run and length.\n")
+    print("| recipe | " + " | ".join(f"<={b}" if b != "all" else "all" for b in buckets) + " |")
+    print("|---" * (len(buckets) + 1) + "|")
+    for name, label in ORDER:
+        cells = []
+        for bucket in buckets:
+            per_seed = pooled.get((name, bucket))
+            cells.append(f"{cell(per_seed)} (n={len(per_seed[0])})" if per_seed else "–")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if notes:
+        print("\nHard-sample buffers:\n")
+        for note in notes:
+            print(f"- {note}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: grid_table.py RUN_DIR...")
+    main(sys.argv[1:])
