@@ -55,8 +55,9 @@ fn leaf<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<CpuTrain, D> {
 // ---------------------------------------------------------------------------------------
 
 /// Output and input gradients of `attend` with one kernel, for a weighted sum of the output.
-fn attention_run(kernel: AttentionKernel, shared: bool, padding: bool, past: usize) -> Vec<Vec<f32>> {
-    let (b, heads, kv_heads, s, hd, prefix) = (2, 4, 2, 37, 8, 23);
+/// `(s, hd, prefix)`: own positions, head size and shared-prefix length.
+fn attention_run(kernel: AttentionKernel, shared: bool, padding: bool, past: usize, (s, hd, prefix): (usize, usize, usize)) -> Vec<Vec<f32>> {
+    let (b, heads, kv_heads) = (2, 4, 2);
     let q = leaf([b, heads, s, hd], 1);
     let own_k = leaf([b, kv_heads, past + s, hd], 2);
     let own_v = leaf([b, kv_heads, past + s, hd], 3);
@@ -102,14 +103,18 @@ fn weights_mask(weights: &Tensor<CpuTrain, 4>) -> Tensor<CpuTrain, 4> {
 fn linear_memory_attention_matches_plain_attention_in_value_and_gradients() {
     let _autodiff = autodiff_lock();
     // (shared prefix, key padding, past keys): the group layout, left padding, a cache.
-    for (shared, padding, past) in [(true, false, 0), (false, true, 0), (false, false, 4), (true, true, 2)] {
-        let plain = attention_run(AttentionKernel::Plain, shared, padding, past);
-        let flash = attention_run(AttentionKernel::Flash, shared, padding, past);
-        let names = ["output", "d q", "d own_k", "d own_v", "d shared_k", "d shared_v"];
-        for ((reference, other), name) in plain.iter().zip(&flash).zip(names) {
-            let error = relative_error(reference, other);
-            eprintln!("shared {shared} padding {padding} past {past}: {name} relative error {error:.2e}");
-            assert!(error < 1e-5, "shared {shared} padding {padding} past {past}: {name} differs by {error:.2e}");
+    // Small shapes (one key block) and larger ones: several query and key blocks of the CPU
+    // kernel, partial last blocks, and a head size that is not a multiple of the SIMD width.
+    for dims in [(37, 8, 23), (150, 40, 70)] {
+        for (shared, padding, past) in [(true, false, 0), (false, true, 0), (false, false, 4), (true, true, 2)] {
+            let plain = attention_run(AttentionKernel::Plain, shared, padding, past, dims);
+            let flash = attention_run(AttentionKernel::Flash, shared, padding, past, dims);
+            let names = ["output", "d q", "d own_k", "d own_v", "d shared_k", "d shared_v"];
+            for ((reference, other), name) in plain.iter().zip(&flash).zip(names) {
+                let error = relative_error(reference, other);
+                eprintln!("{dims:?} shared {shared} padding {padding} past {past}: {name} relative error {error:.2e}");
+                assert!(error < 1e-5, "{dims:?} shared {shared} padding {padding} past {past}: {name} differs by {error:.2e}");
+            }
         }
     }
 }

@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use pulp::Simd;
+
 use super::{Task, vectorized};
 
 /// Score given to masked keys (finite, as the tensor-op path).
@@ -130,29 +132,41 @@ fn transpose_block(view: &View4, bi: usize, g: usize, (k0, k1): (usize, usize), 
     }
 }
 
-/// Query rows handled together by the tile kernels (their accumulators stay in registers).
+/// Query rows handled together by the tile kernels: with two vectors per row, their 12
+/// accumulators stay in registers and hide the FMAs' latency.
 const GROUP: usize = 6;
-/// Columns of one tile (two AVX2 registers, one AVX-512 register).
-const WIDTH: usize = 16;
+
+/// The first two vectors of a slice of `2 * lanes` floats.
+#[inline(always)]
+fn load2<S: Simd>(slice: &[f32]) -> [S::f32s; 2] {
+    let v = S::as_simd_f32s(slice).0;
+    [v[0], v[1]]
+}
 
 /// Scores of a group of rows against a transposed key block:
 /// `out[r][j] = a_r . b_j` for every row `r < GROUP` (unused rows are zero) and `j <
 /// KEY_BLOCK`.
 #[inline(always)]
-fn tile_scores(a: &[&[f32]; GROUP], bt: &[f32], hd: usize, out: &mut [[f32; KEY_BLOCK]; GROUP]) {
-    for c in (0..KEY_BLOCK).step_by(WIDTH) {
-        let mut acc = [[0.0f32; WIDTH]; GROUP];
+fn tile_scores<S: Simd>(simd: S, a: &[&[f32]; GROUP], bt: &[f32], hd: usize, out: &mut [[f32; KEY_BLOCK]; GROUP]) {
+    let step = 2 * S::F32_LANES;
+    // Exact lengths let the compiler drop the bounds checks of the inner loops.
+    let a: [&[f32]; GROUP] = a.map(|row| &row[..hd]);
+    let bt = &bt[..hd * KEY_BLOCK];
+    for c in (0..KEY_BLOCK).step_by(step) {
+        let zero = simd.splat_f32s(0.0);
+        let mut acc = [[zero; 2]; GROUP];
         for d in 0..hd {
-            let b = &bt[d * KEY_BLOCK + c..d * KEY_BLOCK + c + WIDTH];
+            let [b0, b1] = load2::<S>(&bt[d * KEY_BLOCK + c..d * KEY_BLOCK + c + step]);
             for r in 0..GROUP {
-                let x = a[r][d];
-                for w in 0..WIDTH {
-                    acc[r][w] = x.mul_add(b[w], acc[r][w]);
-                }
+                let x = simd.splat_f32s(a[r][d]);
+                acc[r][0] = simd.mul_add_f32s(x, b0, acc[r][0]);
+                acc[r][1] = simd.mul_add_f32s(x, b1, acc[r][1]);
             }
         }
         for r in 0..GROUP {
-            out[r][c..c + WIDTH].copy_from_slice(&acc[r]);
+            let dst = S::as_mut_simd_f32s(&mut out[r][c..c + step]).0;
+            dst[0] = acc[r][0];
+            dst[1] = acc[r][1];
         }
     }
 }
@@ -176,24 +190,27 @@ impl<'a> KeyRows<'a> {
 /// `acc[r] += sum_j weights[r][j] * row_j` for the group's rows (`acc` is `[n][hd]`) over
 /// keys `j < nk` of a value (or key) block.
 #[inline(always)]
-fn tile_accumulate(acc: &mut [f32], n: usize, weights: &[[f32; KEY_BLOCK]; GROUP], nk: usize, rows: KeyRows, hd: usize) {
-    let full = hd / WIDTH * WIDTH;
-    for c in (0..full).step_by(WIDTH) {
-        let mut t = [[0.0f32; WIDTH]; GROUP];
+fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32; KEY_BLOCK]; GROUP], nk: usize, rows: KeyRows, hd: usize) {
+    let step = 2 * S::F32_LANES;
+    let full = hd / step * step;
+    for c in (0..full).step_by(step) {
+        let zero = simd.splat_f32s(0.0);
+        let mut t = [[zero; 2]; GROUP];
         for r in 0..n {
-            t[r].copy_from_slice(&acc[r * hd + c..r * hd + c + WIDTH]);
+            t[r] = load2::<S>(&acc[r * hd + c..r * hd + c + step]);
         }
         for j in 0..nk {
-            let b = &rows.row(j)[c..c + WIDTH];
+            let [b0, b1] = load2::<S>(&rows.row(j)[c..c + step]);
             for r in 0..GROUP {
-                let x = weights[r][j];
-                for w in 0..WIDTH {
-                    t[r][w] = x.mul_add(b[w], t[r][w]);
-                }
+                let x = simd.splat_f32s(weights[r][j]);
+                t[r][0] = simd.mul_add_f32s(x, b0, t[r][0]);
+                t[r][1] = simd.mul_add_f32s(x, b1, t[r][1]);
             }
         }
         for r in 0..n {
-            acc[r * hd + c..r * hd + c + WIDTH].copy_from_slice(&t[r]);
+            let dst = S::as_mut_simd_f32s(&mut acc[r * hd + c..r * hd + c + step]).0;
+            dst[0] = t[r][0];
+            dst[1] = t[r][1];
         }
     }
     for c in full..hd {
@@ -210,24 +227,21 @@ fn tile_accumulate(acc: &mut [f32], n: usize, weights: &[[f32; KEY_BLOCK]; GROUP
 /// `out[j] += sum_r weights[r][j] * rows[r]` for keys `j < nk` (`out` is `[nk][hd]`): the
 /// key-side products of the backward (dV from P and dO, dK from dS and Q).
 #[inline(always)]
-fn tile_accumulate_keys(out: &mut [f32], nk: usize, weights: &[[f32; KEY_BLOCK]; GROUP], rows: &[&[f32]; GROUP], hd: usize) {
-    let full = hd / WIDTH * WIDTH;
-    for c in (0..full).step_by(WIDTH) {
-        let mut held = [[0.0f32; WIDTH]; GROUP];
-        for r in 0..GROUP {
-            held[r].copy_from_slice(&rows[r][c..c + WIDTH]);
-        }
+fn tile_accumulate_keys<S: Simd>(simd: S, out: &mut [f32], nk: usize, weights: &[[f32; KEY_BLOCK]; GROUP], rows: &[&[f32]; GROUP], hd: usize) {
+    let step = 2 * S::F32_LANES;
+    let full = hd / step * step;
+    for c in (0..full).step_by(step) {
+        let held: [[S::f32s; 2]; GROUP] = std::array::from_fn(|r| load2::<S>(&rows[r][c..c + step]));
         for j in 0..nk {
-            let slot = &mut out[j * hd + c..j * hd + c + WIDTH];
-            let mut t = [0.0f32; WIDTH];
-            t.copy_from_slice(slot);
+            let slot = S::as_mut_simd_f32s(&mut out[j * hd + c..j * hd + c + step]).0;
+            let (mut t0, mut t1) = (slot[0], slot[1]);
             for r in 0..GROUP {
-                let x = weights[r][j];
-                for w in 0..WIDTH {
-                    t[w] = x.mul_add(held[r][w], t[w]);
-                }
+                let x = simd.splat_f32s(weights[r][j]);
+                t0 = simd.mul_add_f32s(x, held[r][0], t0);
+                t1 = simd.mul_add_f32s(x, held[r][1], t1);
             }
-            slot.copy_from_slice(&t);
+            slot[0] = t0;
+            slot[1] = t1;
         }
     }
     for c in full..hd {
@@ -307,23 +321,27 @@ struct OnlineRows {
 
 impl OnlineRows {
     /// Folds a group's scores (masked) of one key block into rows `first..first + n`: the
-    /// scores become the block's weights and the rows' outputs are rescaled.
+    /// scores become the block's weights and the rows' outputs are rescaled. Reductions run
+    /// over vector lanes (a sequential float sum would be a chain of dependent
+    /// additions as slow as the block's products).
     #[inline(always)]
-    fn update(&mut self, first: usize, n: usize, nk: usize, hd: usize, tile: &mut [[f32; KEY_BLOCK]; GROUP]) {
+    fn update<S: Simd>(&mut self, simd: S, first: usize, n: usize, nk: usize, hd: usize, tile: &mut [[f32; KEY_BLOCK]; GROUP]) {
         for (r, scores) in tile.iter_mut().enumerate() {
             if r >= n {
                 scores.fill(0.0);
                 continue;
             }
+            scores[nk..].fill(MASKED);
             let row = first + r;
-            let block_max = scores[..nk].iter().copied().fold(MASKED, f32::max);
+            let vectors = S::as_simd_f32s(scores).0;
+            let block_max = simd.reduce_max_f32s(vectors.iter().fold(simd.splat_f32s(MASKED), |m, &v| simd.max_f32s(m, v)));
             let new_max = self.max[row].max(block_max);
             let correction = exp_nonpositive(self.max[row] - new_max);
-            let mut sum = 0.0;
-            for s in scores[..nk].iter_mut() {
-                *s = exp_nonpositive(*s - new_max);
-                sum += *s;
+            for x in scores.iter_mut() {
+                *x = exp_nonpositive(*x - new_max);
             }
+            let vectors = S::as_simd_f32s(scores).0;
+            let sum = simd.reduce_sum_f32s(vectors.iter().fold(simd.splat_f32s(0.0), |t, &v| simd.add_f32s(t, v)));
             self.norm[row] = self.norm[row] * correction + sum;
             self.max[row] = new_max;
             if correction != 1.0 {
@@ -345,23 +363,23 @@ struct ForwardScratch {
 impl ForwardScratch {
     /// Folds one key block into every row of the task.
     #[inline(always)]
-    fn block(&mut self, problem: &Problem, sz: &Sizes, bi: usize, keys: KeyRows, values: KeyRows, k1: usize, own: bool) {
+    fn block<S: Simd>(&mut self, simd: S, problem: &Problem, sz: &Sizes, bi: usize, keys: KeyRows, values: KeyRows, k1: usize, own: bool) {
         let (k0, g) = (keys.k0, keys.g);
         transpose_block(keys.view, keys.batch, g, (k0, k1), &mut self.kt);
         let nk = k1 - k0;
         let total = self.state.max.len();
         for first in (0..total).step_by(GROUP) {
             let n = GROUP.min(total - first);
-            tile_scores(&group_rows(&self.rows.q, first, n, sz.hd, &self.zero), &self.kt, sz.hd, &mut self.tile);
+            tile_scores(simd, &group_rows(&self.rows.q, first, n, sz.hd, &self.zero), &self.kt, sz.hd, &mut self.tile);
             if own {
                 for (r, scores) in self.tile.iter_mut().enumerate().take(n) {
                     let i = self.rows.q0 + (first + r) % self.rows.rows;
                     problem.mask_scores(bi, sz.t, i, k0, &mut scores[..nk]);
                 }
             }
-            self.state.update(first, n, nk, sz.hd, &mut self.tile);
+            self.state.update(simd, first, n, nk, sz.hd, &mut self.tile);
             let acc = &mut self.state.acc[first * sz.hd..(first + n) * sz.hd];
-            tile_accumulate(acc, n, &self.tile, nk, values, sz.hd);
+            tile_accumulate(simd, acc, n, &self.tile, nk, values, sz.hd);
         }
     }
 }
@@ -369,7 +387,7 @@ impl ForwardScratch {
 /// One forward task: query rows `q0..q1` of kv head `g` of batch row `bi`, all its query
 /// heads. Returns `(out [rep][rows][hd], lse [rep][rows])`.
 #[inline(always)]
-fn forward_task(problem: &Problem, sz: &Sizes, bi: usize, g: usize, span: (usize, usize)) -> (Vec<f32>, Vec<f32>) {
+fn forward_task<S: Simd>(simd: S, problem: &Problem, sz: &Sizes, bi: usize, g: usize, span: (usize, usize)) -> (Vec<f32>, Vec<f32>) {
     let rows = TaskRows::new(problem, sz, bi, g, span);
     let total = sz.rep * rows.rows;
     let state = OnlineRows { max: vec![MASKED; total], norm: vec![0.0; total], acc: vec![0.0; total * sz.hd] };
@@ -378,12 +396,12 @@ fn forward_task(problem: &Problem, sz: &Sizes, bi: usize, g: usize, span: (usize
     if let Some((shared_k, shared_v)) = &problem.shared {
         for (k0, k1) in blocks(sz.p, KEY_BLOCK) {
             let (keys, values) = (KeyRows { view: shared_k, batch: 0, g, k0 }, KeyRows { view: shared_v, batch: 0, g, k0 });
-            scratch.block(problem, sz, bi, keys, values, k1, false);
+            scratch.block(simd, problem, sz, bi, keys, values, k1, false);
         }
     }
     for (k0, k1) in problem.own_blocks(sz, span.1) {
         let (keys, values) = (KeyRows { view: &problem.own_k, batch: bi, g, k0 }, KeyRows { view: &problem.own_v, batch: bi, g, k0 });
-        scratch.block(problem, sz, bi, keys, values, k1, true);
+        scratch.block(simd, problem, sz, bi, keys, values, k1, true);
     }
     let OnlineRows { max, norm, mut acc } = scratch.state;
     for (r, row) in acc.chunks_mut(sz.hd).enumerate() {
@@ -406,8 +424,8 @@ impl Task for ForwardTask<'_> {
     type Output = (Vec<f32>, Vec<f32>);
 
     #[inline(always)]
-    fn run(self) -> Self::Output {
-        forward_task(self.problem, self.sz, self.bi, self.g, self.q)
+    fn run<S: Simd>(self, simd: S) -> Self::Output {
+        forward_task(simd, self.problem, self.sz, self.bi, self.g, self.q)
     }
 }
 
@@ -495,8 +513,9 @@ impl<'a> Grads<'a> {
     /// against a key block, masked entries 0.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn group_grads(
+    fn group_grads<S: Simd>(
         &self,
+        simd: S,
         rows: &Gathered,
         first: usize,
         n: usize,
@@ -507,8 +526,8 @@ impl<'a> Grads<'a> {
         (p, d_s): (&mut [[f32; KEY_BLOCK]; GROUP], &mut [[f32; KEY_BLOCK]; GROUP]),
     ) {
         let hd = self.sz.hd;
-        tile_scores(&group_rows(&rows.q, first, n, hd, zero), kt, hd, p);
-        tile_scores(&group_rows(&rows.d_out, first, n, hd, zero), vt, hd, d_s);
+        tile_scores(simd, &group_rows(&rows.q, first, n, hd, zero), kt, hd, p);
+        tile_scores(simd, &group_rows(&rows.d_out, first, n, hd, zero), vt, hd, d_s);
         for r in 0..GROUP {
             if r >= n {
                 p[r].fill(0.0);
@@ -539,8 +558,9 @@ impl<'a> Grads<'a> {
 
     /// dK and dV of one key block (`[nk][hd]` each) from the query rows that see it.
     #[inline(always)]
-    fn key_block(
+    fn key_block<S: Simd>(
         &self,
+        simd: S,
         keys: (&View4, &View4, usize),
         g: usize,
         block: (usize, usize),
@@ -564,9 +584,9 @@ impl<'a> Grads<'a> {
             let total = rows.lse.len();
             for start in (0..total).step_by(GROUP) {
                 let n = GROUP.min(total - start);
-                self.group_grads(&rows, start, n, (&kt, &vt), (block.0, nk), own, &zero, (&mut p, &mut d_s));
-                tile_accumulate_keys(&mut d_v, nk, &p, &group_rows(&rows.d_out, start, n, sz.hd, &zero), sz.hd);
-                tile_accumulate_keys(&mut d_k, nk, &d_s, &group_rows(&rows.q, start, n, sz.hd, &zero), sz.hd);
+                self.group_grads(simd, &rows, start, n, (&kt, &vt), (block.0, nk), own, &zero, (&mut p, &mut d_s));
+                tile_accumulate_keys(simd, &mut d_v, nk, &p, &group_rows(&rows.d_out, start, n, sz.hd, &zero), sz.hd);
+                tile_accumulate_keys(simd, &mut d_k, nk, &d_s, &group_rows(&rows.q, start, n, sz.hd, &zero), sz.hd);
             }
         }
         (d_k, d_v)
@@ -575,8 +595,9 @@ impl<'a> Grads<'a> {
     /// Adds one key block's part of dQ to rows `rows` of a query block.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn query_block_keys(
+    fn query_block_keys<S: Simd>(
         &self,
+        simd: S,
         rows: &Gathered,
         d_q: &mut [f32],
         (keys, values): (KeyRows, KeyRows),
@@ -595,15 +616,15 @@ impl<'a> Grads<'a> {
         let (p, d_s) = scratch;
         for start in (0..total).step_by(GROUP) {
             let n = GROUP.min(total - start);
-            self.group_grads(rows, start, n, (kt, vt), (k0, nk), own, zero, (&mut *p, &mut *d_s));
-            tile_accumulate(&mut d_q[start * hd..(start + n) * hd], n, d_s, nk, keys, hd);
+            self.group_grads(simd, rows, start, n, (kt, vt), (k0, nk), own, zero, (&mut *p, &mut *d_s));
+            tile_accumulate(simd, &mut d_q[start * hd..(start + n) * hd], n, d_s, nk, keys, hd);
         }
     }
 
     /// dQ of query rows `q0..q1` of one head: `scale * sum_j dS_j k_j` over every key they
     /// see, `[rows][hd]`.
     #[inline(always)]
-    fn query_block(&self, bi: usize, head: usize, (q0, q1): (usize, usize)) -> Vec<f32> {
+    fn query_block<S: Simd>(&self, simd: S, bi: usize, head: usize, (q0, q1): (usize, usize)) -> Vec<f32> {
         let sz = &self.sz;
         let g = head / sz.rep;
         let rows = self.gather((q0..q1).map(|i| (bi, head, i)));
@@ -614,12 +635,12 @@ impl<'a> Grads<'a> {
         if let Some((shared_k, shared_v)) = &self.problem.shared {
             for (k0, k1) in blocks(sz.p, KEY_BLOCK) {
                 let pair = (KeyRows { view: shared_k, batch: 0, g, k0 }, KeyRows { view: shared_v, batch: 0, g, k0 });
-                self.query_block_keys(&rows, &mut d_q, pair, k1, false, (&mut kt, &mut vt), (&mut p, &mut d_s), &zero);
+                self.query_block_keys(simd, &rows, &mut d_q, pair, k1, false, (&mut kt, &mut vt), (&mut p, &mut d_s), &zero);
             }
         }
         for (k0, k1) in self.problem.own_blocks(sz, q1) {
             let pair = (KeyRows { view: &self.problem.own_k, batch: bi, g, k0 }, KeyRows { view: &self.problem.own_v, batch: bi, g, k0 });
-            self.query_block_keys(&rows, &mut d_q, pair, k1, true, (&mut kt, &mut vt), (&mut p, &mut d_s), &zero);
+            self.query_block_keys(simd, &rows, &mut d_q, pair, k1, true, (&mut kt, &mut vt), (&mut p, &mut d_s), &zero);
         }
         d_q.iter_mut().for_each(|x| *x *= sz.scale);
         d_q
@@ -640,8 +661,8 @@ impl Task for KeyBlockTask<'_> {
     type Output = (Vec<f32>, Vec<f32>);
 
     #[inline(always)]
-    fn run(self) -> Self::Output {
-        self.grads.key_block(self.keys, self.g, self.block, self.batches, self.own)
+    fn run<S: Simd>(self, simd: S) -> Self::Output {
+        self.grads.key_block(simd, self.keys, self.g, self.block, self.batches, self.own)
     }
 }
 
@@ -657,8 +678,8 @@ impl Task for QueryBlockTask<'_> {
     type Output = Vec<f32>;
 
     #[inline(always)]
-    fn run(self) -> Vec<f32> {
-        self.grads.query_block(self.bi, self.head, self.rows)
+    fn run<S: Simd>(self, simd: S) -> Vec<f32> {
+        self.grads.query_block(simd, self.bi, self.head, self.rows)
     }
 }
 

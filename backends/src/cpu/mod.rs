@@ -9,11 +9,12 @@ use burn_flex::FlexTensor;
 
 use attention::View4;
 
-/// A piece of kernel work. Its `run` must be `#[inline(always)]`, as must every function in
+/// A piece of kernel work, written over pulp's portable vector type `S::f32s` (8 lanes with
+/// AVX2, 16 with AVX-512). Its `run` must be `#[inline(always)]`, as must every function in
 /// its hot path, so that [`vectorized`] compiles it for the CPU's vector extension.
 pub trait Task {
     type Output;
-    fn run(self) -> Self::Output;
+    fn run<S: pulp::Simd>(self, simd: S) -> Self::Output;
 }
 
 /// A [`Task`] as pulp's dispatch takes it.
@@ -23,8 +24,8 @@ impl<T: Task> pulp::WithSimd for Dispatched<T> {
     type Output = T::Output;
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) -> T::Output {
-        self.0.run()
+    fn with_simd<S: pulp::Simd>(self, simd: S) -> T::Output {
+        self.0.run(simd)
     }
 }
 
