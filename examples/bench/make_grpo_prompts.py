@@ -54,7 +54,7 @@ def main():
 
     def length(content):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding (not a dict)
             ids = ids["input_ids"]
         return len(ids)
 
@@ -69,13 +69,19 @@ def main():
         if length(user_turn("\n\n".join(document), item["question"])) > args.max_tokens:
             index += 1
             continue
-        # Padding: the other questions' paragraphs, in order, while they fit under the target.
+        # Padding: the other questions' paragraphs, in order, while they fit under the target;
+        # done once within 40 tokens of it.
+        done = length(user_turn("\n\n".join(document), item["question"])) >= target - 40
         for other in items[index + 1:] + items[:index]:
             for extra in paragraphs(other):
+                if done:
+                    break
                 candidate = document + [extra]
-                if length(user_turn("\n\n".join(candidate), item["question"])) <= target:
+                tokens = length(user_turn("\n\n".join(candidate), item["question"]))
+                if tokens <= target:
                     document = candidate
-            if length(user_turn("\n\n".join(document), item["question"])) >= target - 40:
+                    done = tokens >= target - 40
+            if done:
                 break
         content = user_turn("\n\n".join(document), item["question"])
         written.append({"id": item["_id"], "prompt": [{"role": "user", "content": content}], "answer": item["answer"],
