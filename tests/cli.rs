@@ -142,3 +142,29 @@ fn generate_continues_token_ids_as_transformers_does() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("token id 9999 is outside the model's vocabulary of 512"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn bench_rollout_prints_batched_and_one_group_figures_as_json() {
+    let args = ["bench", "rollout", "--vocab", "512", "--prompts", "3", "--group", "2", "--prompt-len", "12", "--new-tokens", "6"];
+    let out = longrl(&[&args[..], &["--max-rows", "4", "--stop-share", "0.1", "--json"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let figures: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).expect("one JSON object");
+    for key in ["one_group_at_a_time", "batched", "speedup", "tokens"] {
+        assert!(figures[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {figures}");
+    }
+    assert_eq!(figures["identical_groups"], 3, "the batched groups have the tokens of the groups alone: {figures}");
+    let out = longrl(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("groups decoded together (<= 64 rows)"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn bench_model_json_has_the_keys_of_the_transformers_script() {
+    let sizes = ["--vocab", "512", "--prompt-len", "16", "--new-tokens", "4", "--group", "2", "--train-batch", "1", "--train-seq", "16"];
+    let out = longrl(&[&["bench", "model"][..], &sizes, &["--json"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let figures: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).expect("one JSON object");
+    for key in ["prefill", "decode_batch1", "decode_group", "train"] {
+        assert!(figures[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {figures}");
+    }
+}

@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Int, Tensor, TensorData};
 use longrl_backends::{Cpu, CpuTrain};
 use longrl_stdlib::model::attention::AttentionOptions;
+use longrl_stdlib::model::batch_decode::{BatchOptions, GroupRequest, generate_groups};
+use longrl_stdlib::model::batch_kv::BatchKv;
 use longrl_stdlib::model::chat::{ChatTemplate, ModelTokenizer};
 use longrl_stdlib::model::checkpoint::{RandomInit, SaveDtype};
-use longrl_stdlib::model::generate::{SamplingConfig, generate_batch, generate_group};
+use longrl_stdlib::model::generate::{Completion, SamplingConfig, generate_batch, generate_group};
 use longrl_stdlib::model::score::{score_batch, score_group};
-use longrl_stdlib::model::{Architecture, CausalLm, ForwardArgs, ModelConfig, load_model, save_model};
+use longrl_stdlib::model::{Architecture, CausalLm, ForwardArgs, KvCache, ModelConfig, load_model, save_model};
 use longrl_stdlib::record::ChatMessage;
 use longrl_stdlib::tokenizer::Tokenizer;
 use safetensors::SafeTensors;
@@ -220,6 +222,151 @@ fn group_generation_equals_separate_generation() {
     let three = generate_group(&model, &prompts[0], 3, &config).expect("group");
     let one = generate_group(&model, &prompts[0], 1, &config).expect("group");
     assert_eq!(three[0], one[0]);
+}
+
+/// The same samples up to float rounding: equal tokens and finish reasons, log-probabilities
+/// within 1e-4 (the batch's matmuls may sum in another order for another row count).
+fn assert_same_samples(together: &[Completion], alone: &[Completion], context: &str) {
+    assert_eq!(together.len(), alone.len(), "{context}: samples");
+    for (k, (a, b)) in together.iter().zip(alone).enumerate() {
+        assert_eq!((&a.tokens, a.finish), (&b.tokens, b.finish), "{context}, sample {k}");
+        let diff = a.logprobs.iter().zip(&b.logprobs).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{context}, sample {k}: log-probabilities differ by {diff}");
+    }
+}
+
+/// Groups of several prompts (different lengths and seeds) decoded together, with rows
+/// stopping at different steps, groups waiting for room and KV buffers growing: each group
+/// must be what generating it alone gives (the same tokens; greedy and sampled), whatever
+/// the row limit, and a second batched run must repeat the first bit for bit.
+fn batched_groups_equal_groups_alone(model: &CausalLm<Cpu>, vocab: u32) {
+    let prompts: Vec<Vec<u32>> = vec![
+        (3..20).collect(),
+        (40..45).map(|t| t % vocab).collect(),
+        (100..133).map(|t| t % vocab).collect(),
+        vec![7],
+        (200..260).map(|t| t % vocab).collect(),
+        (5..40).map(|t| (t * 13) % vocab).collect(),
+    ];
+    // A tenth of the vocabulary stops a row: rows finish at scattered steps.
+    let stop_tokens: Vec<u32> = (0..vocab).filter(|t| t % 10 == 3).collect();
+    let configs = [
+        SamplingConfig { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 24, stop_tokens: stop_tokens.clone(), seed: 11 },
+        SamplingConfig { temperature: 0.8, top_p: 0.9, top_k: 30, max_new_tokens: 19, stop_tokens: stop_tokens.clone(), seed: 5 },
+        SamplingConfig { temperature: 0.0, top_p: 1.0, top_k: 0, max_new_tokens: 20, stop_tokens: vec![], seed: 0 },
+    ];
+    let mut requests = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut sampling = configs[i % configs.len()].clone();
+        sampling.seed += i as u64;
+        requests.push(GroupRequest::group(prompt.clone(), 1 + i % 4, sampling));
+    }
+    let alone: Vec<_> = requests.iter().map(|r| generate_group(model, &r.prompt, r.samples, &r.sampling).expect("generates")).collect();
+    assert!(alone.iter().flatten().any(|c| c.tokens.len() < 6), "some rows stop early");
+    assert!(alone.iter().flatten().any(|c| c.tokens.len() > 16), "some buffers grow");
+    for max_rows in [1, 4, 7, 64] {
+        let batched = generate_groups(model, requests.clone(), BatchOptions { max_rows }).expect("generates");
+        for (i, (together, single)) in batched.iter().zip(&alone).enumerate() {
+            assert_same_samples(together, single, &format!("group {i} with at most {max_rows} rows"));
+        }
+        let again = generate_groups(model, requests.clone(), BatchOptions { max_rows }).expect("generates");
+        assert_eq!(again, batched, "the same seeds give the same samples, at most {max_rows} rows");
+    }
+}
+
+#[test]
+fn groups_decoded_together_equal_each_group_decoded_alone() {
+    for dir in reference_dirs() {
+        let (config, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+        batched_groups_equal_groups_alone(&model, config.vocab_size as u32);
+    }
+    // Wider layers, where the matmul takes its blocked path.
+    let config = ModelConfig::preset("tiny", 4096).expect("preset");
+    let model = CausalLm::<Cpu>::build(&config, &mut RandomInit::new(3, 0.02), &Default::default()).expect("builds");
+    batched_groups_equal_groups_alone(&model, 4096);
+}
+
+/// A prompt prefilled alone (batch 1), as a concatenating cache: the reference for a segment.
+fn prefilled(model: &CausalLm<Cpu>, prompt: &[u32]) -> KvCache<Cpu> {
+    let mut cache = model.new_cache();
+    let p = prompt.len();
+    model.forward_hidden(ids_tensor(prompt, 1, p), ForwardArgs::contiguous(1, 0, p, &Default::default()), &mut cache);
+    cache
+}
+
+/// The preallocated cache written in place ([`BatchKv`], two prompts' segments decoded
+/// together, buffers growing past their first capacity, a finished row's slot refilled by
+/// the segment's last row) gives the logits of the concatenating cache that decodes each
+/// prompt's rows alone and drops finished rows by selection.
+#[test]
+fn the_in_place_batch_cache_gives_the_concatenating_cache_logits() {
+    let dir = workspace().join("tests/fixtures/reference/tiny-qwen2");
+    let (_, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+    let vocab = model.vocab_size() as u32;
+    let device = Default::default();
+    let prompts: Vec<Vec<u32>> = vec![(3..20).collect(), (40..49).collect()];
+    let mut rows = vec![2usize, 3];
+    let mut batch = BatchKv::<Cpu>::new(model.num_layers());
+    let mut reference = Vec::new();
+    for (prompt, &n) in prompts.iter().zip(&rows) {
+        let cache = prefilled(&model, prompt);
+        batch.push_segment(cache.clone(), n, 40).expect("a batch-1 prompt cache");
+        reference.push(cache.into_shared().expect("shared prefix"));
+    }
+    let mut worst = 0.0f32;
+    for step in 0..36usize {
+        if step == 7 {
+            // Row 0 of the second prompt finishes: the last row takes its slot.
+            batch.remove_row(1, 0);
+            reference[1].select_rows(Tensor::from_data(TensorData::new(vec![2i64, 1], [2]), &device));
+            rows[1] -= 1;
+        }
+        let mut expected = Vec::new();
+        let mut all_tokens = Vec::new();
+        let mut all_positions = Vec::new();
+        for (s, cache) in reference.iter_mut().enumerate() {
+            let n = rows[s];
+            let tokens: Vec<u32> = (0..n).map(|r| ((step * 7 + r * 3 + s * 11) as u32) % vocab).collect();
+            let position = prompts[s].len() + step;
+            let hidden = model.forward_hidden(ids_tensor(&tokens, n, 1), ForwardArgs::contiguous(n, position, 1, &device), cache);
+            expected.extend(to_vec(model.logits(hidden)));
+            all_tokens.extend(tokens);
+            all_positions.extend(std::iter::repeat_n(position as f32, n));
+        }
+        let b = all_tokens.len();
+        let positions = Tensor::<Cpu, 2>::from_data(TensorData::new(all_positions, [b, 1]), &device);
+        let hidden = model.forward_segments(ids_tensor(&all_tokens, b, 1), positions, &mut batch);
+        let diff = max_abs_diff(&to_vec(model.logits(hidden)), &expected);
+        assert!(diff < 1e-4, "step {step}: the in-place cache's logits differ by {diff}");
+        worst = worst.max(diff);
+    }
+    assert_eq!(batch.segments().iter().map(|s| s.len).collect::<Vec<_>>(), vec![36, 36]);
+    println!("worst logit difference {worst:.2e}");
+}
+
+#[test]
+fn one_sample_prompts_decoded_together_match_the_left_padded_batch() {
+    let dir = workspace().join("tests/fixtures/reference/tiny-qwen2");
+    let (_, model) = load_model::<Cpu>(&dir, &Default::default()).expect("model loads");
+    let prompts: Vec<Vec<u32>> = vec![(3..20).collect(), (40..45).collect(), (100..133).collect()];
+    let padded = generate_batch(&model, &prompts, &SamplingConfig::greedy(10)).expect("batch");
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(k, p)| GroupRequest { prompt: p.clone(), samples: 1, sampling: SamplingConfig::greedy(10), first_stream: k })
+        .collect();
+    let together = generate_groups(&model, requests, BatchOptions::default()).expect("generates");
+    for (row, (completions, expected)) in together.iter().zip(&padded).enumerate() {
+        assert_eq!(completions[0].tokens, expected.tokens, "prompt {row}");
+    }
+    // Bad requests are errors, not panics.
+    let empty = GroupRequest::group(Vec::new(), 2, SamplingConfig::greedy(3));
+    assert!(generate_groups(&model, vec![empty], BatchOptions::default()).is_err());
+    let none = GroupRequest::group(vec![1, 2], 0, SamplingConfig::greedy(3));
+    assert!(generate_groups(&model, vec![none], BatchOptions::default()).is_err());
+    let zero = GroupRequest::group(vec![1, 2], 2, SamplingConfig::greedy(0));
+    let out = generate_groups(&model, vec![zero], BatchOptions::default()).expect("nothing to generate");
+    assert!(out[0].iter().all(|c| c.tokens.is_empty()));
 }
 
 #[test]

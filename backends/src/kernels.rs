@@ -3,6 +3,9 @@
 //! tensor ops; a backend overrides a method with a faster implementation (the CPU backend's
 //! are in [`crate::cpu`]). Results must match the generic path (tests compare them).
 
+use std::ops::Range;
+
+use burn::tensor::Slice;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 
@@ -48,9 +51,21 @@ pub trait Kernels: Backend {
     ) -> Option<AttentionCallGrads<Self>> {
         None
     }
+
+    /// `tensor[ranges] = value` (one range per dimension), written into `tensor`'s own
+    /// buffer where the backend can: a KV cache that grows a token at a time must not be
+    /// copied per token. The default is Burn's `slice_assign`.
+    fn slice_assign_in_place(tensor: FloatTensor<Self>, ranges: &[Range<usize>], value: FloatTensor<Self>) -> FloatTensor<Self> {
+        let slices: Vec<Slice> = ranges.iter().map(|r| Slice::from(r.clone())).collect();
+        Self::float_slice_assign(tensor, &slices, value)
+    }
 }
 
 impl Kernels for crate::Cpu {
+    fn slice_assign_in_place(tensor: FloatTensor<Self>, ranges: &[Range<usize>], value: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::inplace::assign(tensor, ranges, value)
+    }
+
     fn fused_attention(call: &AttentionCall<Self>) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
         let problem = cpu_problem(call)?;
         let [b, heads, s, hd] = problem.q.dims;

@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 pub mod cpu;
 pub mod custom;
+pub mod inplace;
 pub mod kernels;
 
 use burn::backend::Autodiff;

@@ -212,11 +212,23 @@ enum BenchCommand {
         /// Also measure peak memory of prefills at these lengths (each in a fresh process).
         #[arg(long, value_delimiter = ',')]
         memory: Vec<usize>,
+        /// One JSON object: `prefill`, `decode_batch1`, `decode_group`, `train` in tokens/s
+        /// (the keys of `examples/bench/transformers_bench.py --json`).
+        #[arg(long, conflicts_with = "memory")]
+        json: bool,
         #[arg(long, default_value = "cpu", value_parser = parse_backend)]
         backend: BackendKind,
         #[arg(long, default_value_t = 0)]
         device: usize,
     },
+    /// Rollout throughput: several prompts' groups decoded together (continuous batching)
+    /// against one group at a time, on random weights; and whether both give the same
+    /// tokens.
+    Rollout(RolloutArgs),
+    /// Seconds per GRPO step on a model directory and a JSONL of chat prompts: the steps
+    /// `examples/bench/trl_grpo_step.py` runs in TRL (G samples per prompt at temperature 1,
+    /// a contains-the-answer reward, one PPO-clip update without KL, AdamW).
+    Grpo(GrpoArgs),
     /// Judge throughput with the request pool at several concurrencies, against a loopback
     /// server that answers after a fixed delay.
     Judge {
@@ -268,6 +280,79 @@ enum BenchCommand {
         #[arg(long, default_value = "examples/tokenizers/qwen2.5/tokenizer.json")]
         tokenizer: PathBuf,
     },
+}
+
+/// Options of `longrl bench rollout`.
+#[derive(Args, Debug)]
+struct RolloutArgs {
+    /// Shape: tiny, smollm2-135m or qwen2-0.5b.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+    /// Prompts, each with its own group.
+    #[arg(long, default_value_t = 8)]
+    prompts: usize,
+    /// Samples per prompt (G).
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    #[arg(long, default_value_t = 256)]
+    prompt_len: usize,
+    /// Tokens per sample at most.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Rows decoded together at most.
+    #[arg(long, default_value_t = 64)]
+    max_rows: usize,
+    /// Share of the vocabulary that ends a sample (0: every sample runs to --new-tokens).
+    #[arg(long, default_value_t = 0.0)]
+    stop_share: f64,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// The figures as one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    backend: BackendKind,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+/// Options of `longrl bench grpo`.
+#[derive(Args, Debug)]
+struct GrpoArgs {
+    /// A Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL lines `{"prompt": [{"role": ..., "content": ...}], "answer": ...}`.
+    #[arg(long)]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Samples per prompt (G).
+    #[arg(long, default_value_t = 4)]
+    group: usize,
+    #[arg(long, default_value_t = 2)]
+    prompts_per_step: usize,
+    /// Tokens per response at most.
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 1e-6)]
+    lr: f64,
+    /// Rows decoded together at most.
+    #[arg(long, default_value_t = 64)]
+    decode_rows: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The figures as one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    backend: BackendKind,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 /// The step `bench memory` measures.
@@ -487,10 +572,91 @@ fn bench_memory(step: &MemoryArgs, lengths: &[usize], json: bool) -> Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// `longrl bench rollout`.
+fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
+    let RolloutArgs {
+        preset,
+        vocab,
+        prompts,
+        group,
+        prompt_len,
+        new_tokens,
+        max_rows,
+        stop_share,
+        temperature,
+        top_p,
+        json,
+        backend,
+        device,
+    } = args;
+    let task = longrl_engine::commands::bench::RolloutBench {
+        preset,
+        vocab,
+        prompts,
+        group,
+        prompt_len,
+        new_tokens,
+        max_rows,
+        stop_share,
+        temperature,
+        top_p,
+    };
+    let f = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+    if json {
+        outln!("{}", serde_json::to_string(&f)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!(
+        "rollout bench: preset {}, vocab {}, {} prompts x {} samples, prompt {} tokens, up to {} new tokens, backend {backend}",
+        f.preset,
+        f.vocab,
+        f.prompts,
+        f.group,
+        f.prompt_len,
+        f.new_tokens
+    )?;
+    outln!("  {:<44} {:>10} {:>16}", "", "tokens/s", "decode tokens/s")?;
+    let one = f.one_group_at_a_time;
+    outln!("  {:<44} {one:>10.1} {:>16.1} ({:.2} s)", "one group at a time", f.one_group_at_a_time_decode, f.one_group_at_a_time_s)?;
+    let together = format!("groups decoded together (<= {} rows)", f.max_rows);
+    outln!("  {together:<44} {:>10.1} {:>16.1} ({:.2} s)", f.batched, f.batched_decode, f.batched_s)?;
+    let decode_speedup = f.batched_decode / f.one_group_at_a_time_decode.max(1e-9);
+    outln!("  speedup {:.2}x ({decode_speedup:.2}x decode only; prefills {:.2} s)", f.speedup, f.prefill_s)?;
+    outln!("  {} of {} groups with the same tokens in both runs", f.identical_groups, f.prompts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `longrl bench grpo`.
+fn bench_grpo(args: GrpoArgs) -> Result<ExitCode> {
+    let GrpoArgs { model, prompts, steps, group, prompts_per_step, new_tokens, lr, decode_rows, seed, json, backend, device } = args;
+    let task = longrl_engine::commands::bench::grpo::GrpoBench {
+        model,
+        prompts,
+        steps,
+        group,
+        prompts_per_step,
+        new_tokens,
+        lr,
+        decode_rows,
+        seed,
+    };
+    let f = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+    if json {
+        outln!("{}", serde_json::to_string(&f)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("grpo bench: {} ({} prompts x {} samples per step, {} new tokens)", f.model, f.prompts_per_step, f.group, f.new_tokens)?;
+    for (i, (total, rollout)) in f.step_s.iter().zip(&f.rollout_s).enumerate() {
+        outln!("  step {i}: {total:.2} s (rollouts {rollout:.2} s)")?;
+    }
+    outln!("  {:.2} s per step (median), mean reward {:.3}", f.seconds_per_step, f.reward_mean)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `longrl bench ...`.
 fn bench(command: BenchCommand) -> Result<ExitCode> {
     match command {
-        BenchCommand::Model { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, backend, device } => {
+        BenchCommand::Model { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, json, backend, device } => {
             let task = longrl_engine::commands::bench::ModelBench {
                 preset: preset.clone(),
                 vocab,
@@ -501,6 +667,11 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
                 train_seq,
             };
             let figures = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+            if json {
+                let object = longrl_engine::commands::bench::model::figures_json(&preset, vocab, backend.as_str(), &figures);
+                outln!("{object}")?;
+                return Ok(ExitCode::SUCCESS);
+            }
             outln!("model bench: preset {preset}, vocab {vocab}, backend {backend}")?;
             for f in figures {
                 outln!("  {:<52} {:>12.1} {}", f.name, f.value, f.unit)?;
@@ -521,6 +692,8 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        BenchCommand::Rollout(args) => bench_rollout(args),
+        BenchCommand::Grpo(args) => bench_grpo(args),
         BenchCommand::Judge { requests, delay_ms, concurrency } => {
             let figures = longrl_engine::commands::bench::judge_throughput(requests, delay_ms, &concurrency).map_err(anyhow::Error::msg)?;
             outln!("judge pool: {requests} requests, server delay {delay_ms} ms")?;

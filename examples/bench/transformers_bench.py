@@ -4,12 +4,18 @@ on the same machine, so longrl's figures can be read as ratios.
     pip install torch transformers
     python3 examples/bench/transformers_bench.py --preset tiny
     python3 examples/bench/transformers_bench.py --preset smollm2-135m --vocab 49152
+    python3 examples/bench/transformers_bench.py --preset smollm2-135m --vocab 49152 --json
+
+With --json it prints one JSON object whose keys (`prefill`, `decode_batch1`, `decode_group`,
+`train`, in tokens/s) are those of `longrl bench model --json`; examples/bench/compare_model.py
+runs both and prints the ratios.
 
 Random weights (the shapes are what matters); torch uses as many threads as longrl's CPU
 backend (all cores) unless --threads is given.
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -41,6 +47,7 @@ def main():
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -56,14 +63,26 @@ def main():
         _, one = timed(lambda: model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **gen))
         _, group = timed(lambda: model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                                 num_return_sequences=args.group, **gen))
-    print(f"transformers bench: preset {args.preset}, vocab {args.vocab}, torch {torch.__version__}, {args.threads} threads")
-    print(f"  parameters {params}")
-    print(f"  prefill {args.prompt_len} tokens, batch 1: {args.prompt_len / prefill:.1f} tokens/s")
-    print(f"  decode, batch 1: {(args.new_tokens - 1) / max(one - prefill, 1e-9):.1f} tokens/s")
-    # transformers repeats the prompt for each sequence of a group: its prefill is G prompts.
-    print(f"  decode, group of {args.group} (prompt repeated): "
-          f"{args.group * (args.new_tokens - 1) / max(group - args.group * prefill, 1e-9):.1f} tokens/s")
-    print(f"  group of {args.group}: prompt + {args.new_tokens} tokens each, wall: {group:.2f} s")
+    figures = {
+        "tool": "transformers",
+        "preset": args.preset,
+        "vocab": args.vocab,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "parameters": params,
+        "prefill": args.prompt_len / prefill,
+        "decode_batch1": (args.new_tokens - 1) / max(one - prefill, 1e-9),
+        # transformers repeats the prompt for each sequence of a group: its prefill is G prompts.
+        "decode_group": args.group * (args.new_tokens - 1) / max(group - args.group * prefill, 1e-9),
+        "group_wall_s": group,
+    }
+    if not args.json:
+        print(f"transformers bench: preset {args.preset}, vocab {args.vocab}, torch {torch.__version__}, {args.threads} threads")
+        print(f"  parameters {params}")
+        print(f"  prefill {args.prompt_len} tokens, batch 1: {figures['prefill']:.1f} tokens/s")
+        print(f"  decode, batch 1: {figures['decode_batch1']:.1f} tokens/s")
+        print(f"  decode, group of {args.group} (prompt repeated): {figures['decode_group']:.1f} tokens/s")
+        print(f"  group of {args.group}: prompt + {args.new_tokens} tokens each, wall: {group:.2f} s")
 
     model.train()
     ids = torch.tensor([[(i * 31 + b * 17 + 5) % args.vocab for i in range(args.train_seq)] for b in range(args.train_batch)])
@@ -77,8 +96,11 @@ def main():
 
     step()
     times = sorted(timed(step)[1] for _ in range(3))
-    print(f"  forward+backward, batch {args.train_batch} x {args.train_seq} tokens: "
-          f"{args.train_batch * args.train_seq / times[1]:.1f} tokens/s")
+    figures["train"] = args.train_batch * args.train_seq / times[1]
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"  forward+backward, batch {args.train_batch} x {args.train_seq} tokens: {figures['train']:.1f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -123,14 +123,7 @@ impl<B: CustomGrad> SelfAttention<B> {
         options: AttentionOptions,
         append: bool,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
-        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2); // [b, h, s, hd]
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
-        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
-        let q = crate::model::rope::Rope::apply(q, cos.clone(), sin.clone());
-        let k = crate::model::rope::Rope::apply(k, cos, sin);
-
+        let (q, k, v) = self.project(x, cos, sin);
         let past = cache.own_len();
         let (own_k, own_v) = match &cache.own {
             Some((pk, pv)) => (Tensor::cat(vec![pk.clone(), k], 2), Tensor::cat(vec![pv.clone(), v], 2)),
@@ -141,8 +134,32 @@ impl<B: CustomGrad> SelfAttention<B> {
         if append {
             cache.own = Some((own_k, own_v));
         }
-        let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
-        self.o_proj.forward(out)
+        self.output(out)
+    }
+
+    /// Queries, keys (both rotated) and values of new tokens.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`; cos, sin: `[batch, 1, seq, head_dim]`
+    /// - returns q `[batch, heads, seq, head_dim]`, k and v `[batch, kv_heads, seq, head_dim]`
+    pub(crate) fn project(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, _] = x.dims();
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2); // [b, h, s, hd]
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
+        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
+        let q = crate::model::rope::Rope::apply(q, cos.clone(), sin.clone());
+        let k = crate::model::rope::Rope::apply(k, cos, sin);
+        (q, k, v)
+    }
+
+    /// The output projection of attention rows.
+    ///
+    /// # Shapes
+    /// - out: `[batch, heads, seq, head_dim]` -> `[batch, seq, hidden]`
+    pub(crate) fn output(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, s, hd] = out.dims();
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
     }
 }
 

@@ -6,10 +6,10 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use longrl_backends::CustomGrad;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::ModelError;
+pub use crate::model::sampling::{sample_rng, sample_token};
 use crate::model::transformer::{CausalLm, ForwardArgs, KvCache};
 
 /// How tokens are drawn.
@@ -195,18 +195,11 @@ fn decode<B: CustomGrad>(
     }
 }
 
-/// An independent random stream per sample, the same whatever the batch around it.
-fn sample_rng(seed: u64, sample: usize) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(sample as u64);
-    rng
-}
-
 /// Logits of the last position.
 ///
 /// # Shapes
 /// - hidden: `[batch, seq, hidden]` -> `[batch, vocab]`
-fn last_logits<B: CustomGrad>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+pub(crate) fn last_logits<B: CustomGrad>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
     let [b, s, d] = hidden.dims();
     let last = hidden.slice([0..b, s - 1..s, 0..d]);
     let logits = model.logits(last); // [b, 1, vocab]
@@ -214,129 +207,13 @@ fn last_logits<B: CustomGrad>(model: &CausalLm<B>, hidden: Tensor<B, 3>) -> Tens
     logits.reshape([b, vocab])
 }
 
-fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>, ModelError> {
+pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>, ModelError> {
     let [b, vocab] = logits.dims();
     let values =
         logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Invalid(format!("cannot read logits: {e:?}")))?;
     Ok((0..b).map(|i| values[i * vocab..(i + 1) * vocab].to_vec()).collect())
 }
 
-fn int_tensor<B: Backend, const D: usize>(values: Vec<i64>, shape: [usize; D], device: &B::Device) -> Tensor<B, D, Int> {
+pub(crate) fn int_tensor<B: Backend, const D: usize>(values: Vec<i64>, shape: [usize; D], device: &B::Device) -> Tensor<B, D, Int> {
     Tensor::from_data(TensorData::new(values, shape), device)
-}
-
-/// Draws one token from a logits row; returns it with its log-probability.
-pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> (u32, f32) {
-    if config.temperature <= 0.0 {
-        let (best, _) = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) });
-        return (best as u32, log_softmax_at(logits, best, 1.0));
-    }
-    let t = config.temperature;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f32> = logits.iter().map(|&l| ((l - max) / t).exp()).collect();
-    let total: f32 = weights.iter().sum();
-    if config.top_k == 0 && config.top_p >= 1.0 {
-        // No truncation: draw straight from the weights.
-        let mut draw = rng.random::<f32>() * total;
-        let mut chosen = weights.len() - 1;
-        for (i, &w) in weights.iter().enumerate() {
-            draw -= w;
-            if draw <= 0.0 && w > 0.0 {
-                chosen = i;
-                break;
-            }
-        }
-        return (chosen as u32, (weights[chosen] / total).ln());
-    }
-    // Candidates worth considering, most likely first; the rest cannot matter.
-    let floor = total * 1e-9;
-    let mut candidates: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > floor).collect();
-    candidates.sort_unstable_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
-    if config.top_k > 0 && candidates.len() > config.top_k {
-        candidates.truncate(config.top_k);
-    }
-    if config.top_p < 1.0 {
-        let kept_total: f32 = candidates.iter().map(|&i| weights[i]).sum();
-        let mut running = 0.0;
-        let mut keep = 0;
-        for &i in &candidates {
-            running += weights[i];
-            keep += 1;
-            if running >= config.top_p * kept_total {
-                break;
-            }
-        }
-        candidates.truncate(keep.max(1));
-    }
-    let kept_total: f32 = candidates.iter().map(|&i| weights[i]).sum();
-    let mut draw = rng.random::<f32>() * kept_total;
-    let mut chosen = candidates[candidates.len() - 1];
-    for &i in &candidates {
-        draw -= weights[i];
-        if draw <= 0.0 {
-            chosen = i;
-            break;
-        }
-    }
-    (chosen as u32, (weights[chosen] / total).ln())
-}
-
-/// `log softmax(logits / t)[index]`, computed stably.
-fn log_softmax_at(logits: &[f32], index: usize, t: f32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|&l| ((l - max) / t).exp()).sum();
-    (logits[index] - max) / t - sum.ln()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_takes_the_argmax_with_its_log_probability() {
-        let logits = [0.0, 2.0, 1.0];
-        let (token, logprob) = sample_token(&logits, &SamplingConfig::greedy(1), &mut sample_rng(0, 0));
-        assert_eq!(token, 1);
-        let expected = 2.0 - (1.0f32 + 2f32.exp() + 1f32.exp()).ln();
-        assert!((logprob - expected).abs() < 1e-6);
-    }
-
-    #[test]
-    fn top_k_and_top_p_restrict_the_candidates() {
-        let logits = [5.0, 4.0, 0.0, -1.0];
-        let top1 = SamplingConfig { temperature: 1.0, top_k: 1, ..SamplingConfig::default() };
-        let nucleus = SamplingConfig { temperature: 1.0, top_p: 0.5, ..SamplingConfig::default() };
-        let mut rng = sample_rng(3, 0);
-        for _ in 0..200 {
-            assert_eq!(sample_token(&logits, &top1, &mut rng).0, 0);
-            assert_eq!(sample_token(&logits, &nucleus, &mut rng).0, 0);
-        }
-    }
-
-    #[test]
-    fn sampling_follows_the_distribution_and_reports_its_log_probability() {
-        let logits = [0.0f32, 1.0f32.ln() + 0.0, 2f32.ln()]; // weights 1 : 1 : 2
-        let config = SamplingConfig { temperature: 1.0, ..SamplingConfig::default() };
-        let mut rng = sample_rng(11, 0);
-        let mut counts = [0usize; 3];
-        for _ in 0..20_000 {
-            let (token, logprob) = sample_token(&logits, &config, &mut rng);
-            counts[token as usize] += 1;
-            let expected = [0.25f32, 0.25, 0.5][token as usize].ln();
-            assert!((logprob - expected).abs() < 1e-5);
-        }
-        let share = counts[2] as f32 / 20_000.0;
-        assert!((share - 0.5).abs() < 0.02, "{counts:?}");
-    }
-
-    #[test]
-    fn temperature_sharpens_and_the_log_probability_uses_it() {
-        let logits = [0.0, 1.0];
-        let config = SamplingConfig { temperature: 0.5, ..SamplingConfig::default() };
-        let (token, logprob) = sample_token(&logits, &config, &mut sample_rng(1, 0));
-        // Scaled logits are [0, 2].
-        let z = 1.0f32 + (2.0f32).exp();
-        let expected = if token == 1 { 2.0 - z.ln() } else { 0.0 - z.ln() };
-        assert!((logprob - expected).abs() < 1e-5);
-    }
 }

@@ -2,6 +2,8 @@
 //! and out, chat templates, KV-cache generation for groups, and log-probs for training.
 
 pub mod attention;
+pub mod batch_decode;
+pub mod batch_kv;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -13,6 +15,7 @@ pub mod llama;
 pub mod qwen2;
 pub mod recompute;
 pub mod rope;
+pub mod sampling;
 pub mod score;
 pub mod transformer;
 

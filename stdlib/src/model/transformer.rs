@@ -116,7 +116,20 @@ impl<B: CustomGrad> DecoderLayer<B> {
         options: AttentionOptions,
         append: bool,
     ) -> Tensor<B, 3> {
-        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), cos, sin, kv, key_padding, options, append);
+        self.forward_with(x, |attention, normed| attention.forward(normed, cos, sin, kv, key_padding, options, append))
+    }
+
+    /// The layer with its attention computed by `attend` from the normed input (the plain
+    /// path's cache, or a batch of several groups' caches).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`; `attend` maps `[batch, seq, hidden]` to the same
+    pub(crate) fn forward_with(
+        &self,
+        x: Tensor<B, 3>,
+        attend: impl FnOnce(&SelfAttention<B>, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let attn = attend(&self.self_attn, self.input_layernorm.forward(x.clone()));
         let x = x + attn;
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }

@@ -2,11 +2,16 @@
 //! group whose samples are all correct or all wrong (DAPO's accuracy rule; or, as an option,
 //! whose rewards are all equal), or whose pass rate is outside a chosen band, is dropped and
 //! the next prompt of the stream is sampled in its place, until the batch is full or a bound
-//! on tries is reached.
+//! on tries is reached. [`fill_step_batched`] rolls out several prompts at once and decides
+//! exactly as the one-at-a-time [`fill_step`] does.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
+use crate::error::StageError;
+use crate::model::batch_decode::GroupRequest;
+use crate::model::generate::Completion;
 use crate::rl::advantage::zero_variance;
+use crate::rl::rollout::Rollouts;
 
 /// What filling one step produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +42,49 @@ pub fn fill_step<T, E>(
             Some(group) => filled.kept.push(group),
             None => filled.dropped += 1,
         }
+    }
+    filled.short = filled.kept.len() < want;
+    Ok(filled)
+}
+
+/// [`fill_step`] with the prompts' groups generated concurrently by `rollouts`: the same
+/// prompts are tried, judged in the same order (`judge` sees them in queue order, whatever
+/// order they finish in) and kept or dropped alike, given that a group's completions do not
+/// depend on the others'. A prompt is started only when the prompts before it cannot fill
+/// the step even if every one of them is kept, so no group is generated that the
+/// one-at-a-time order would not try. `check` runs between polls (cancellation).
+pub fn fill_step_batched<T>(
+    queue: &mut VecDeque<usize>,
+    want: usize,
+    max_tries: usize,
+    rollouts: &mut dyn Rollouts,
+    mut request: impl FnMut(usize) -> GroupRequest,
+    mut judge: impl FnMut(usize, Vec<Completion>) -> Result<Option<T>, StageError>,
+    mut check: impl FnMut() -> Result<(), StageError>,
+) -> Result<Filled<T>, StageError> {
+    let mut filled = Filled { kept: Vec::with_capacity(want), tried: 0, dropped: 0, short: false };
+    // Prompts started and not yet judged, in queue order: (try number, prompt index).
+    let mut started: VecDeque<(usize, usize)> = VecDeque::new();
+    let mut finished: BTreeMap<usize, Vec<Completion>> = BTreeMap::new();
+    loop {
+        while filled.kept.len() + started.len() < want && filled.tried + started.len() < max_tries {
+            let Some(index) = queue.pop_front() else { break };
+            let attempt = filled.tried + started.len();
+            rollouts.submit(attempt, request(index))?;
+            started.push_back((attempt, index));
+        }
+        let Some(&(attempt, index)) = started.front() else { break };
+        if let Some(completions) = finished.remove(&attempt) {
+            started.pop_front();
+            filled.tried += 1;
+            match judge(index, completions)? {
+                Some(group) => filled.kept.push(group),
+                None => filled.dropped += 1,
+            }
+            continue;
+        }
+        check()?;
+        finished.extend(rollouts.poll()?);
     }
     filled.short = filled.kept.len() < want;
     Ok(filled)
@@ -115,6 +163,67 @@ mod tests {
         assert_eq!((filled.tried, filled.dropped, filled.short), (6, 3, false));
         // The stream goes on where it stopped.
         assert_eq!(queue.front(), Some(&6));
+    }
+
+    /// Rollouts that finish the queued groups out of order: each poll returns one group,
+    /// picked by a fixed pseudo-random sequence. A group's "completion" is its prompt index.
+    struct Shuffled {
+        queued: Vec<(usize, usize)>,
+        state: u64,
+        polls: usize,
+    }
+
+    impl Rollouts for Shuffled {
+        fn submit(&mut self, id: usize, request: GroupRequest) -> Result<(), StageError> {
+            self.queued.push((id, request.prompt[0] as usize));
+            Ok(())
+        }
+
+        fn poll(&mut self) -> Result<Vec<(usize, Vec<Completion>)>, StageError> {
+            self.polls += 1;
+            if self.queued.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.state = self.state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let (id, index) = self.queued.swap_remove((self.state >> 33) as usize % self.queued.len());
+            let completion =
+                Completion { tokens: vec![index as u32], logprobs: vec![0.0], finish: crate::model::generate::FinishReason::Stop };
+            Ok(vec![(id, vec![completion])])
+        }
+    }
+
+    #[test]
+    fn batched_filling_tries_keeps_and_judges_exactly_as_one_at_a_time() {
+        // Drop patterns: every prompt index kept or dropped by a fixed rule per case.
+        let rules: [fn(usize) -> bool; 4] = [|i| i % 2 == 1, |i| i % 3 == 0, |_| true, |i| i > 7];
+        for (case, keep) in rules.iter().enumerate() {
+            for (want, max_tries, len) in [(3, 12, 10), (4, 5, 20), (2, 100, 3), (6, 6, 30), (1, 1, 5)] {
+                let rollout_one = |index: usize| -> Result<Option<usize>, StageError> { Ok(keep(index).then_some(index)) };
+                let mut queue: VecDeque<usize> = (0..len).collect();
+                let expected = fill_step(&mut queue, want, max_tries, rollout_one).expect("fills");
+                let mut batched_queue: VecDeque<usize> = (0..len).collect();
+                let mut rollouts = Shuffled { queued: Vec::new(), state: case as u64 + 7, polls: 0 };
+                let mut judged = Vec::new();
+                let filled = fill_step_batched(
+                    &mut batched_queue,
+                    want,
+                    max_tries,
+                    &mut rollouts,
+                    |index| GroupRequest::group(vec![index as u32], 1, crate::model::generate::SamplingConfig::default()),
+                    |index, completions| {
+                        assert_eq!(completions[0].tokens, vec![index as u32], "a group comes back to its own prompt");
+                        judged.push(index);
+                        Ok(keep(index).then_some(index))
+                    },
+                    || Ok(()),
+                )
+                .expect("fills");
+                assert_eq!(filled, expected, "case {case}, want {want}, tries {max_tries}");
+                assert_eq!(batched_queue, queue, "the same prompts are left");
+                assert_eq!(judged.len(), expected.tried, "every prompt tried is judged once, none beyond");
+                assert!(judged.windows(2).all(|w| w[0] < w[1]), "judged in queue order: {judged:?}");
+            }
+        }
     }
 
     #[test]

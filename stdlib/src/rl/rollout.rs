@@ -1,12 +1,40 @@
-//! One group rollout: G samples of a task's prompt (the prompt prefilled once and shared),
-//! decoded and scored by the reward. Shared by the RL phase and offline difficulty scoring.
+//! Group rollouts: G samples of a task's prompt (the prompt prefilled once and shared),
+//! decoded and scored by the reward. [`Rollouts`] is where a step's groups are generated:
+//! the local batch decoder, which decodes several tasks' groups together, or any other
+//! source of completions (a remote server). Shared by the RL phase and offline difficulty
+//! scoring.
+
+use longrl_backends::CustomGrad;
 
 use crate::error::StageError;
-use crate::model::CausalLm;
+use crate::model::batch_decode::{BatchDecoder, GroupRequest};
 use crate::model::chat::ModelTokenizer;
-use crate::model::generate::{Completion, FinishReason, SamplingConfig, generate_group};
+use crate::model::generate::{Completion, FinishReason};
 use crate::record::{Difficulty, Record};
 use crate::reward::{Reward, RewardOutcome};
+
+/// A source of group completions. Requests go in with an id; groups come back under it as
+/// they finish, in any order. The local [`BatchDecoder`] decodes the queued groups
+/// together; a remote implementation would send each request to a server (n samples,
+/// seeded) and return the responses as they arrive.
+pub trait Rollouts {
+    /// Queues `request`'s group.
+    fn submit(&mut self, id: usize, request: GroupRequest) -> Result<(), StageError>;
+
+    /// Advances the work (one decode step locally; a wait for responses remotely) and
+    /// returns the groups that finished, possibly none.
+    fn poll(&mut self) -> Result<Vec<(usize, Vec<Completion>)>, StageError>;
+}
+
+impl<B: CustomGrad> Rollouts for BatchDecoder<'_, B> {
+    fn submit(&mut self, id: usize, request: GroupRequest) -> Result<(), StageError> {
+        Ok(BatchDecoder::submit(self, id, request)?)
+    }
+
+    fn poll(&mut self) -> Result<Vec<(usize, Vec<Completion>)>, StageError> {
+        Ok(self.step()?)
+    }
+}
 
 /// The samples of one prompt and their scores.
 #[derive(Debug, Clone)]
@@ -45,6 +73,30 @@ impl GroupRollout {
     }
 }
 
+/// Every request's completions, in request order, from `rollouts`; `check` runs between
+/// polls (cancellation).
+pub fn collect_groups(
+    rollouts: &mut dyn Rollouts,
+    requests: Vec<GroupRequest>,
+    mut check: impl FnMut() -> Result<(), StageError>,
+) -> Result<Vec<Vec<Completion>>, StageError> {
+    let mut out: Vec<Option<Vec<Completion>>> = vec![None; requests.len()];
+    for (id, request) in requests.into_iter().enumerate() {
+        rollouts.submit(id, request)?;
+    }
+    let mut missing = out.len();
+    while missing > 0 {
+        check()?;
+        for (id, completions) in rollouts.poll()? {
+            if let Some(slot) = out.get_mut(id).filter(|slot| slot.is_none()) {
+                *slot = Some(completions);
+                missing -= 1;
+            }
+        }
+    }
+    Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+}
+
 /// Labels of the pass-rate bins of [`pass_rate_bin`].
 pub const PASS_RATE_BINS: [&str; 5] = ["0", "(0, .25]", "(.25, .5]", "(.5, 1)", "1"];
 
@@ -63,22 +115,20 @@ pub fn pass_rate_bin(pass_rate: f32) -> usize {
     }
 }
 
-/// Samples `group` responses to `prompt` and scores them against `record`.
-pub fn rollout_group<B: longrl_backends::CustomGrad>(
-    model: &CausalLm<B>,
+/// Scores a group's completions against `record` (a final stop token is not part of the
+/// text the reward reads).
+pub fn score_group(
     tokenizer: &ModelTokenizer,
     record: &Record,
-    prompt: &[u32],
-    group: usize,
-    sampling: &SamplingConfig,
+    completions: Vec<Completion>,
+    stop_tokens: &[u32],
     reward: &Reward,
 ) -> Result<GroupRollout, StageError> {
-    let completions = generate_group(model, prompt, group, sampling)?;
     let texts: Vec<String> = completions
         .iter()
         .map(|c| {
             let mut tokens = c.tokens.clone();
-            if tokens.last().is_some_and(|t| sampling.stop_tokens.contains(t)) {
+            if tokens.last().is_some_and(|t| stop_tokens.contains(t)) {
                 tokens.pop();
             }
             tokenizer.tokenizer.decode(&tokens, false)

@@ -14,13 +14,15 @@ use serde::{Deserialize, Serialize};
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::{AtomicFile, write_atomic};
+use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
 use crate::model::chat::ModelTokenizer;
-use crate::model::generate::{SamplingConfig, generate_batch, generate_group};
+use crate::model::generate::SamplingConfig;
 use crate::model::{CausalLm, load_model};
 use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::Record;
 use crate::reward::{Reward, RewardOutcome, RuleConfig};
+use crate::rl::rollout::collect_groups;
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `eval` stage.
@@ -52,9 +54,14 @@ pub struct EvalConfig {
     /// (its `length_budget` when the source recorded one). Default: powers of two.
     #[serde(default)]
     pub buckets: Vec<usize>,
-    /// Prompts generated together when taking one sample each.
+    /// Tasks per step, whose samples decode together. With one sample per task, a step's
+    /// prompts draw from the streams of one seed, so sampled answers depend on this size.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// Most responses decoded together (rows of several tasks; a task's samples are never
+    /// split).
+    #[serde(default = "default_decode_rows")]
+    pub decode_rows: usize,
     /// Name of this evaluation in tables and files (default: the stage label).
     #[serde(default)]
     pub name: Option<String>,
@@ -75,6 +82,9 @@ fn default_top_p() -> f32 {
 fn default_batch() -> usize {
     8
 }
+fn default_decode_rows() -> usize {
+    64
+}
 
 impl StageConfig for EvalConfig {
     const NAME: &'static str = "evaluate";
@@ -90,6 +100,9 @@ impl StageConfig for EvalConfig {
         if self.samples == 0 || self.batch == 0 || self.max_new_tokens == 0 || self.max_input == 0 {
             problems.push("samples, batch, max_input and max_new_tokens must be at least 1".into());
         }
+        if self.decode_rows == 0 {
+            problems.push("decode_rows must be at least 1".into());
+        }
         problems.extend(sampling_problems(self.temperature, self.top_p, true));
         if self.samples > 1 && self.temperature <= 0.0 {
             problems.push("pass@k with several samples needs temperature > 0".into());
@@ -99,6 +112,7 @@ impl StageConfig for EvalConfig {
             ("max_new_tokens", self.max_new_tokens, limits::TOKENS),
             ("samples", self.samples, limits::GROUP),
             ("batch", self.batch, limits::GROUP),
+            ("decode_rows", self.decode_rows, limits::GROUP),
         ];
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
         problems
@@ -293,8 +307,8 @@ impl ModelStage for Eval {
             io.cancel_token().check()?;
             prompts.push(encode_prompt(&tokenizer, record, config.max_input)?);
         }
-        // One step generates a batch of prompts (one sample each) or one prompt's samples.
-        let per_step = if config.samples == 1 { config.batch } else { 1 };
+        // One step generates the samples of `batch` prompts, together.
+        let per_step = config.batch;
         let steps: Vec<Vec<usize>> = (0..prompts.len()).collect::<Vec<_>>().chunks(per_step).map(<[usize]>::to_vec).collect();
         Ok(EvalRun {
             config: config.clone(),
@@ -346,6 +360,21 @@ impl<B: TrainBackend> EvalRun<B> {
         self.tokenizer.tokenizer.decode(&tokens, false)
     }
 
+    /// Task `task`'s samples, at `position` in its step's `tasks`. With several samples, each
+    /// task draws from its own seed; with one, the step's prompts draw from the streams of
+    /// one batch (the seed of its first task, one stream per position), as they always did.
+    fn request(&self, tasks: &[usize], position: usize, task: usize) -> GroupRequest {
+        let prompt = self.prompts[task].0.clone();
+        let mut sampling = self.sampling.clone();
+        if self.config.samples == 1 {
+            sampling.seed = self.sampling.seed.wrapping_add(tasks[0] as u64);
+            GroupRequest { prompt, samples: 1, sampling, first_stream: position }
+        } else {
+            sampling.seed = self.sampling.seed.wrapping_add(task as u64);
+            GroupRequest::group(prompt, self.config.samples, sampling)
+        }
+    }
+
     /// Every task's result, scored by the reward.
     fn score(&self) -> Result<Vec<ItemResult>, StageError> {
         let pairs: Vec<(&Record, &str)> =
@@ -387,21 +416,13 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
         Ok(())
     }
 
-    fn step(&mut self, step: usize, _io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
+    fn step(&mut self, step: usize, io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
         let tasks = self.steps[step].clone();
-        if self.config.samples == 1 {
-            let batch: Vec<Vec<u32>> = tasks.iter().map(|&i| self.prompts[i].0.clone()).collect();
-            let mut sampling = self.sampling.clone();
-            sampling.seed = self.sampling.seed.wrapping_add(tasks[0] as u64);
-            for (&i, completion) in tasks.iter().zip(generate_batch(&self.model, &batch, &sampling)?) {
-                let text = self.decode(&completion.tokens)?;
-                self.responses[i].push(text);
-            }
-        } else {
-            let i = tasks[0];
-            let mut sampling = self.sampling.clone();
-            sampling.seed = self.sampling.seed.wrapping_add(i as u64);
-            for completion in generate_group(&self.model, &self.prompts[i].0, self.config.samples, &sampling)? {
+        let requests = tasks.iter().enumerate().map(|(position, &i)| self.request(&tasks, position, i)).collect();
+        let mut decoder = BatchDecoder::new(&self.model, BatchOptions { max_rows: self.config.decode_rows });
+        let groups = collect_groups(&mut decoder, requests, || io.cancel_token().check())?;
+        for (&i, completions) in tasks.iter().zip(groups) {
+            for completion in completions {
                 let text = self.decode(&completion.tokens)?;
                 self.responses[i].push(text);
             }

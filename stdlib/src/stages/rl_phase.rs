@@ -20,10 +20,11 @@ use crate::checkpoint::{Done, write_training_state};
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
+use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
 use crate::model::config::ModelConfig;
-use crate::model::generate::SamplingConfig;
+use crate::model::generate::{Completion, SamplingConfig};
 use crate::model::{CausalLm, load_model, save_model};
 use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
@@ -32,10 +33,10 @@ use crate::reward::{Reward, RuleConfig};
 use crate::rl::advantage::{StdScaling, group_advantages, mean_std};
 use crate::rl::buffer::carried_beyond_share;
 use crate::rl::chain::phase_problems;
-use crate::rl::dynamic::{DropReason, FilterMetric, GroupFilter, fill_step};
+use crate::rl::dynamic::{DropReason, FilterMetric, GroupFilter, fill_step_batched};
 use crate::rl::group::{Group, group_backward, normalizer};
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums};
-use crate::rl::rollout::{pass_rate_bin, rollout_group};
+use crate::rl::rollout::{pass_rate_bin, score_group};
 use crate::rl::shaping::overlong_penalty;
 use crate::stage::{Chart, DifficultyReport, PlanView, PortKind, PortSpec, ReportFigure, Stage, StageConfig, StageContext, StageIo};
 use crate::train::{OPTIMIZER_FILE, OptimConfig, RecomputeChoice, Trainer};
@@ -67,6 +68,11 @@ pub struct RlPhaseConfig {
     /// Prompts (groups) per step.
     #[serde(default = "default_prompts")]
     pub prompts_per_step: usize,
+    /// Most responses decoded together: the groups of a step's prompts share each decode
+    /// step, up to this many rows (a group is never split). More rows use the cores (or the
+    /// GPU) better and take more memory for keys and values.
+    #[serde(default = "default_decode_rows")]
+    pub decode_rows: usize,
     /// Padded response tokens per micro-batch of a group's backward (responses sorted by
     /// length; every micro-batch reuses one forward of the group's prompt); 0 = the whole
     /// group at once. Bounds training memory for long responses; the result is the same.
@@ -183,6 +189,9 @@ fn default_group() -> usize {
 fn default_prompts() -> usize {
     16
 }
+fn default_decode_rows() -> usize {
+    64
+}
 fn default_mini_batch() -> usize {
     8
 }
@@ -286,6 +295,9 @@ impl RlPhaseConfig {
         if self.max_output == 0 || self.epochs == 0 || self.ppo_epochs == 0 || self.max_tries == 0 {
             problems.push("max_output, epochs, ppo_epochs and max_tries must be at least 1".into());
         }
+        if self.decode_rows == 0 {
+            problems.push("decode_rows must be at least 1".into());
+        }
         problems.extend(sampling_problems(self.temperature, self.top_p, false));
         let sizes = [
             ("max_input", self.max_input, limits::TOKENS),
@@ -293,6 +305,7 @@ impl RlPhaseConfig {
             ("max_output", self.max_output, limits::TOKENS),
             ("group", self.group, limits::GROUP),
             ("prompts_per_step", self.prompts_per_step, limits::GROUP),
+            ("decode_rows", self.decode_rows, limits::GROUP),
             ("epochs", self.epochs, limits::PASSES),
             ("ppo_epochs", self.ppo_epochs, limits::PASSES),
             ("max_tries", self.max_tries, limits::PASSES),
@@ -524,90 +537,40 @@ impl<B: TrainBackend> RlRun<B> {
     }
 
     /// Samples groups until the step is full (dynamic sampling), sending a difficulty report
-    /// for every task tried.
+    /// for every task tried. The step's prompts decode together, up to `decode_rows` rows at
+    /// once; tasks are tried, judged and kept exactly as one at a time would
+    /// ([`fill_step_batched`]).
     fn rollouts(&mut self, step: usize, io: &mut StageIo) -> Result<(Vec<Group>, RolloutStats, bool), StageError> {
         let inference = self.trainer.model().valid();
+        let mut decoder = BatchDecoder::new(&inference, BatchOptions { max_rows: self.config.decode_rows });
         let mut stats = RolloutStats::default();
         let tries = self.config.prompts_per_step * self.config.max_tries;
         let mut queue = std::mem::take(&mut self.state.queue);
-        let filled =
-            fill_step(&mut queue, self.config.prompts_per_step, tries, |index| self.rollout_task(&inference, index, step, &mut stats, io));
+        // A step samples many groups: a stopped run does not wait for all of them.
+        let cancel = io.cancel_token().clone();
+        let context = RolloutContext {
+            config: &self.config,
+            tasks: &self.tasks,
+            tokenizer: &self.tokenizer,
+            reward: &self.reward,
+            stop_tokens: &self.stop_tokens,
+            run_seed: self.run_seed,
+            step,
+        };
+        let reports = &mut self.reports;
+        let filled = fill_step_batched(
+            &mut queue,
+            self.config.prompts_per_step,
+            tries,
+            &mut decoder,
+            |index| context.request(index),
+            |index, completions| context.rollout_task(index, completions, &mut stats, reports, io),
+            || cancel.check(),
+        );
         self.state.queue = queue;
         let filled = filled?;
         stats.tried = filled.tried;
         Ok((filled.kept, stats, filled.short))
-    }
-
-    /// One task's group: G samples, rewards with overlong shaping, its report; `None` when
-    /// dynamic sampling drops it.
-    fn rollout_task(
-        &mut self,
-        model: &CausalLm<B::InnerBackend>,
-        index: usize,
-        step: usize,
-        stats: &mut RolloutStats,
-        io: &mut StageIo,
-    ) -> Result<Option<Group>, StageError> {
-        // A step samples many groups: a stopped run does not wait for all of them.
-        io.cancel_token().check()?;
-        let config = &self.config;
-        let (record, prompt) = &self.tasks[index];
-        let sampling = SamplingConfig {
-            temperature: config.temperature,
-            top_p: config.top_p,
-            top_k: 0,
-            max_new_tokens: config.max_output,
-            stop_tokens: self.stop_tokens.clone(),
-            seed: rng_seed(config.seed, self.run_seed, step, index),
-        };
-        let rollout = rollout_group(model, &self.tokenizer, record, prompt, config.group, &sampling, &self.reward)?;
-        stats.truncated += rollout.truncated();
-        stats.correct += (0..rollout.completions.len()).filter(|&i| rollout.correct(i)).count();
-        let mut rewards = Vec::with_capacity(rollout.completions.len());
-        for (completion, outcome) in rollout.completions.iter().zip(&rollout.outcomes) {
-            stats.responses += 1;
-            stats.length_sum += completion.tokens.len();
-            let shaped = outcome.score.map(|s| {
-                if config.overlong_buffer > 0 {
-                    s + overlong_penalty(completion.tokens.len(), config.max_output, config.overlong_buffer)
-                } else {
-                    s
-                }
-            });
-            match shaped {
-                Some(r) => stats.reward_sum += f64::from(r),
-                None => stats.unscorable += 1,
-            }
-            rewards.push(shaped);
-        }
-        stats.scorable += rewards.iter().filter(|r| r.is_some()).count();
-        // Difficulty and filtering follow correctness, not the shaped rewards.
-        let difficulty = rollout.difficulty();
-        let pass_rate = difficulty.pass_rate;
-        if let Some(rate) = pass_rate {
-            stats.pass_rate_histogram[pass_rate_bin(rate)] += 1;
-        }
-        let report = DifficultyReport { record: record.clone(), difficulty };
-        send_reports(io, std::slice::from_ref(&report))?;
-        self.reports.push(report);
-        let filter = GroupFilter { dynamic: config.dynamic_sampling, metric: config.dynamic_sampling_metric, band: config.accuracy_band };
-        match filter.drop_reason(&rewards, pass_rate) {
-            None => Ok(Some(Group {
-                prompt: prompt.clone(),
-                responses: rollout.completions.iter().map(|c| c.tokens.clone()).collect(),
-                old_logprobs: rollout.completions.iter().map(|c| c.logprobs.clone()).collect(),
-                rewards,
-                advantages: Vec::new(),
-            })),
-            Some(reason) => {
-                match reason {
-                    DropReason::ZeroVariance => stats.dropped_zero_variance += 1,
-                    DropReason::OutsideBand => stats.dropped_band += 1,
-                    DropReason::Unscorable => stats.dropped_unscorable += 1,
-                }
-                Ok(None)
-            }
-        }
     }
 
     /// PPO-clip updates over mini-batches of the step's groups, in an order drawn from the
@@ -762,6 +725,97 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
         summary.insert("wall_s".into(), self.started.elapsed().as_secs_f64().into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());
         Ok(Some(dir.to_path_buf()))
+    }
+}
+
+/// What a task's rollout reads from its phase, borrowed apart from the rest of the run (so
+/// that the step's groups can be requested and judged while they decode together). A task's
+/// completions may come from any [`crate::rl::rollout::Rollouts`].
+struct RolloutContext<'a> {
+    config: &'a RlPhaseConfig,
+    tasks: &'a [(Record, Vec<u32>)],
+    tokenizer: &'a ModelTokenizer,
+    reward: &'a Reward,
+    stop_tokens: &'a [u32],
+    run_seed: u64,
+    step: usize,
+}
+
+impl RolloutContext<'_> {
+    /// Task `index`'s group: G samples of its prompt, from the task's own seed for the step.
+    fn request(&self, index: usize) -> GroupRequest {
+        let config = self.config;
+        let sampling = SamplingConfig {
+            temperature: config.temperature,
+            top_p: config.top_p,
+            top_k: 0,
+            max_new_tokens: config.max_output,
+            stop_tokens: self.stop_tokens.to_vec(),
+            seed: rng_seed(config.seed, self.run_seed, self.step, index),
+        };
+        GroupRequest::group(self.tasks[index].1.clone(), config.group, sampling)
+    }
+
+    /// One task's group: its G samples scored, rewards with overlong shaping, its report;
+    /// `None` when dynamic sampling drops it.
+    fn rollout_task(
+        &self,
+        index: usize,
+        completions: Vec<Completion>,
+        stats: &mut RolloutStats,
+        reports: &mut Vec<DifficultyReport>,
+        io: &mut StageIo,
+    ) -> Result<Option<Group>, StageError> {
+        let config = self.config;
+        let (record, prompt) = &self.tasks[index];
+        let rollout = score_group(self.tokenizer, record, completions, self.stop_tokens, self.reward)?;
+        stats.truncated += rollout.truncated();
+        stats.correct += (0..rollout.completions.len()).filter(|&i| rollout.correct(i)).count();
+        let mut rewards = Vec::with_capacity(rollout.completions.len());
+        for (completion, outcome) in rollout.completions.iter().zip(&rollout.outcomes) {
+            stats.responses += 1;
+            stats.length_sum += completion.tokens.len();
+            let shaped = outcome.score.map(|s| {
+                if config.overlong_buffer > 0 {
+                    s + overlong_penalty(completion.tokens.len(), config.max_output, config.overlong_buffer)
+                } else {
+                    s
+                }
+            });
+            match shaped {
+                Some(r) => stats.reward_sum += f64::from(r),
+                None => stats.unscorable += 1,
+            }
+            rewards.push(shaped);
+        }
+        stats.scorable += rewards.iter().filter(|r| r.is_some()).count();
+        // Difficulty and filtering follow correctness, not the shaped rewards.
+        let difficulty = rollout.difficulty();
+        let pass_rate = difficulty.pass_rate;
+        if let Some(rate) = pass_rate {
+            stats.pass_rate_histogram[pass_rate_bin(rate)] += 1;
+        }
+        let report = DifficultyReport { record: record.clone(), difficulty };
+        send_reports(io, std::slice::from_ref(&report))?;
+        reports.push(report);
+        let filter = GroupFilter { dynamic: config.dynamic_sampling, metric: config.dynamic_sampling_metric, band: config.accuracy_band };
+        match filter.drop_reason(&rewards, pass_rate) {
+            None => Ok(Some(Group {
+                prompt: prompt.clone(),
+                responses: rollout.completions.iter().map(|c| c.tokens.clone()).collect(),
+                old_logprobs: rollout.completions.iter().map(|c| c.logprobs.clone()).collect(),
+                rewards,
+                advantages: Vec::new(),
+            })),
+            Some(reason) => {
+                match reason {
+                    DropReason::ZeroVariance => stats.dropped_zero_variance += 1,
+                    DropReason::OutsideBand => stats.dropped_band += 1,
+                    DropReason::Unscorable => stats.dropped_unscorable += 1,
+                }
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! pass rate, mean reward and difficulty (1 / mean reward), so a recipe can filter tasks or
 //! fill a hard buffer by difficulty before RL. Its `reports` output feeds a `hard_buffer`.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,14 +15,15 @@ use crate::checkpoint::Done;
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
+use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
 use crate::model::chat::ModelTokenizer;
-use crate::model::generate::SamplingConfig;
+use crate::model::generate::{Completion, SamplingConfig};
 use crate::model::{CausalLm, load_model};
 use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::{Difficulty, Record};
 use crate::reward::{Reward, RuleConfig};
-use crate::rl::rollout::rollout_group;
+use crate::rl::rollout::{collect_groups, score_group};
 use crate::stage::{DifficultyReport, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `score_difficulty` stage.
@@ -49,6 +51,10 @@ pub struct ScoreDifficultyConfig {
     /// Seed of the sampling (mixed with the run seed).
     #[serde(default)]
     pub seed: u64,
+    /// Most responses decoded together (rows of several tasks' groups; a group is never
+    /// split).
+    #[serde(default = "default_decode_rows")]
+    pub decode_rows: usize,
     /// Save the scores so far every this many tasks, for `longrl run --resume` (0 = only at
     /// the end).
     #[serde(default = "default_checkpoint_every")]
@@ -57,6 +63,9 @@ pub struct ScoreDifficultyConfig {
 
 fn default_checkpoint_every() -> usize {
     50
+}
+fn default_decode_rows() -> usize {
+    64
 }
 
 fn default_group() -> usize {
@@ -93,10 +102,14 @@ impl StageConfig for ScoreDifficultyConfig {
         if self.group == 0 || self.max_output == 0 || self.max_input == 0 {
             problems.push("group, max_input and max_output must be at least 1".into());
         }
+        if self.decode_rows == 0 {
+            problems.push("decode_rows must be at least 1".into());
+        }
         // Difficulty needs sampled responses: greedy decoding is not allowed here.
         problems.extend(sampling_problems(self.temperature, self.top_p, false));
         let sizes = [
             ("group", self.group, limits::GROUP),
+            ("decode_rows", self.decode_rows, limits::GROUP),
             ("max_input", self.max_input, limits::TOKENS),
             ("max_output", self.max_output, limits::TOKENS),
         ];
@@ -151,6 +164,7 @@ impl ModelStage for ScoreDifficulty {
             reward: inputs.reward,
             records: inputs.records,
             state: ScoreState { scored: Vec::new(), unscorable: 0 },
+            ready: VecDeque::new(),
         })
     }
 
@@ -186,6 +200,8 @@ pub struct ScoreRun<B: TrainBackend> {
     reward: Arc<Reward>,
     records: Vec<Record>,
     state: ScoreState,
+    /// Samples generated ahead for the next tasks (decoded together), by task index.
+    ready: VecDeque<(usize, Vec<Completion>)>,
 }
 
 impl<B: TrainBackend> ScoreRun<B> {
@@ -194,6 +210,37 @@ impl<B: TrainBackend> ScoreRun<B> {
         let mut record = self.records[index].clone();
         record.difficulty = self.state.scored.get(index).cloned();
         record
+    }
+
+    /// Generates the samples of tasks `index..` that decode together: enough groups to keep
+    /// `decode_rows` rows busy as groups finish, never past the next checkpoint (a resumed
+    /// run starts there). Task i draws from its own seed, so a chunk's tasks get what they
+    /// would alone.
+    fn generate_from(&mut self, index: usize, io: &mut StageIo) -> Result<(), StageError> {
+        let config = &self.config;
+        let per_chunk = 2 * (config.decode_rows / config.group).max(1);
+        let mut end = (index + per_chunk).min(self.records.len());
+        if let Some(done) = index.checked_div(config.checkpoint_every) {
+            end = end.min((done + 1) * config.checkpoint_every);
+        }
+        let mut requests = Vec::with_capacity(end - index);
+        for i in index..end {
+            io.cancel_token().check()?;
+            let (prompt, _) = encode_prompt(&self.tokenizer, &self.records[i], config.max_input)?;
+            let sampling = SamplingConfig {
+                temperature: config.temperature,
+                top_p: config.top_p,
+                top_k: 0,
+                max_new_tokens: config.max_output,
+                stop_tokens: self.stop_tokens.clone(),
+                seed: config.seed ^ self.run_seed.rotate_left(17) ^ ((i as u64) << 24),
+            };
+            requests.push(GroupRequest::group(prompt, config.group, sampling));
+        }
+        let mut decoder = BatchDecoder::new(&self.model, BatchOptions { max_rows: config.decode_rows });
+        let groups = collect_groups(&mut decoder, requests, || io.cancel_token().check())?;
+        self.ready = (index..end).zip(groups).collect();
+        Ok(())
     }
 
     /// Mean pass rate of the tasks that could be scored.
@@ -228,18 +275,14 @@ impl<B: TrainBackend> StageRun<B> for ScoreRun<B> {
     }
 
     fn step(&mut self, index: usize, io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
-        let config = &self.config;
-        let record = &self.records[index];
-        let (prompt, _) = encode_prompt(&self.tokenizer, record, config.max_input)?;
-        let sampling = SamplingConfig {
-            temperature: config.temperature,
-            top_p: config.top_p,
-            top_k: 0,
-            max_new_tokens: config.max_output,
-            stop_tokens: self.stop_tokens.clone(),
-            seed: config.seed ^ self.run_seed.rotate_left(17) ^ ((index as u64) << 24),
+        if self.ready.front().map(|(i, _)| *i) != Some(index) {
+            self.generate_from(index, io)?;
+        }
+        let Some((_, completions)) = self.ready.pop_front() else {
+            return Err(StageError::Failed(format!("{}: no samples were generated for task {index}", io.label())));
         };
-        let rollout = rollout_group(&self.model, &self.tokenizer, record, &prompt, config.group, &sampling, &self.reward)?;
+        let record = &self.records[index];
+        let rollout = score_group(&self.tokenizer, record, completions, &self.stop_tokens, &self.reward)?;
         let difficulty = rollout.difficulty();
         self.state.unscorable += difficulty.samples - difficulty.rewards.len();
         self.state.scored.push(difficulty);

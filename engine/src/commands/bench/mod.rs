@@ -1,14 +1,17 @@
 //! `longrl bench ...`: throughput and memory figures, each printed as a table or, with
 //! `--json`, as JSON for scripts that compare them with the PyTorch equivalents.
 
+pub mod grpo;
 pub mod judge;
 pub mod memory;
 pub mod model;
 pub mod pipeline;
+pub mod rollout;
 
 pub use judge::judge_throughput;
 pub use model::{Figure, ModelBench, prefill_peak_memory};
 pub use pipeline::{PipelineFigures, generate_records, pipeline};
+pub use rollout::{RolloutBench, RolloutFigures};
 
 /// This process's peak resident memory in MiB (VmHWM of /proc/self/status): a benchmark
 /// that measures memory runs in a child process so that earlier work does not count.

@@ -22,6 +22,22 @@ pub struct Figure {
     pub name: String,
     pub value: f64,
     pub unit: &'static str,
+    /// Its key in `--json` output (`prefill`, `decode_batch1`, `decode_group`, `train`:
+    /// tokens/s, the same keys as `examples/bench/transformers_bench.py --json`).
+    pub key: &'static str,
+}
+
+/// The figures as one JSON object: each figure's value under its key, beside the shape.
+pub fn figures_json(preset: &str, vocab: usize, backend: &str, figures: &[Figure]) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    object.insert("tool".into(), "longrl".into());
+    object.insert("preset".into(), preset.into());
+    object.insert("vocab".into(), vocab.into());
+    object.insert("backend".into(), backend.into());
+    for figure in figures {
+        object.insert(figure.key.into(), figure.value.into());
+    }
+    serde_json::Value::Object(object)
 }
 
 pub(crate) fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
@@ -42,7 +58,7 @@ impl longrl_backends::BackendTask for ModelBench {
         let config = ModelConfig::preset(&self.preset, self.vocab)
             .ok_or_else(|| format!("unknown preset `{}` (presets: {})", self.preset, ModelConfig::PRESETS.join(", ")))?;
         let model = CausalLm::<B::InnerBackend>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
-        let mut figures = vec![Figure { name: "parameters".into(), value: config.num_params() as f64, unit: "" }];
+        let mut figures = vec![Figure { name: "parameters".into(), value: config.num_params() as f64, unit: "", key: "parameters" }];
         let prompt: Vec<u32> = (0..self.prompt_len).map(|i| ((i * 7919 + 13) % self.vocab) as u32).collect();
         let sampling = |n: usize| SamplingConfig { temperature: 1.0, max_new_tokens: n, ..SamplingConfig::default() };
         // Warm-up (allocators, thread pools).
@@ -53,21 +69,29 @@ impl longrl_backends::BackendTask for ModelBench {
             name: format!("prefill {} tokens, batch 1", self.prompt_len),
             value: self.prompt_len as f64 / prefill,
             unit: "tokens/s",
+            key: "prefill",
         });
         let (_, one) = timed(|| generate_group(&model, &prompt, 1, &sampling(self.new_tokens)));
         let decode_one = (one - prefill).max(1e-9);
-        figures.push(Figure { name: "decode, batch 1".into(), value: (self.new_tokens - 1) as f64 / decode_one, unit: "tokens/s" });
+        figures.push(Figure {
+            name: "decode, batch 1".into(),
+            value: (self.new_tokens - 1) as f64 / decode_one,
+            unit: "tokens/s",
+            key: "decode_batch1",
+        });
         let (_, group) = timed(|| generate_group(&model, &prompt, self.group, &sampling(self.new_tokens)));
         let decode_group = (group - prefill).max(1e-9);
         figures.push(Figure {
             name: format!("decode, group of {} sharing the prompt", self.group),
             value: (self.group * (self.new_tokens - 1)) as f64 / decode_group,
             unit: "tokens/s",
+            key: "decode_group",
         });
         figures.push(Figure {
             name: format!("group of {}: prompt + {} tokens each, wall", self.group, self.new_tokens),
             value: group,
             unit: "s",
+            key: "group_wall_s",
         });
 
         let train = CausalLm::<B>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
@@ -99,6 +123,7 @@ impl longrl_backends::BackendTask for ModelBench {
             name: format!("forward+backward, batch {} x {} tokens", self.train_batch, self.train_seq),
             value: tokens / times[1],
             unit: "tokens/s",
+            key: "train",
         });
         Ok(figures)
     }

@@ -1,0 +1,275 @@
+//! Continuous batching of group generation: the groups of several prompts decode together,
+//! one batch row per sample. Each group's prompt is prefilled once (batch 1) and shared by
+//! its rows ([`BatchKv`]); rows that finish leave the batch, and a waiting group joins as
+//! soon as its rows fit under the row limit. A sample draws from its own stream, seeded by
+//! (seed, stream index), so what it generates does not depend on the batch around it: the
+//! same as [`crate::model::generate::generate_group`] gives for its group alone, up to the
+//! float rounding of matmuls over another number of rows (the same tokens in the tests;
+//! log-probabilities within 1e-4). A run repeats bit for bit with the same requests.
+
+use std::collections::VecDeque;
+
+use burn::tensor::{Tensor, TensorData};
+use longrl_backends::CustomGrad;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::model::ModelError;
+use crate::model::batch_kv::BatchKv;
+use crate::model::generate::{Completion, FinishReason, SamplingConfig, host_rows, int_tensor, last_logits};
+use crate::model::sampling::{sample_rng, sample_token};
+use crate::model::transformer::{CausalLm, ForwardArgs};
+
+/// `samples` completions of one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupRequest {
+    pub prompt: Vec<u32>,
+    pub samples: usize,
+    pub sampling: SamplingConfig,
+    /// Sample i draws from stream `first_stream + i` of `sampling.seed` (0 for a group; a
+    /// prompt's position in a batch of one-sample prompts).
+    pub first_stream: usize,
+}
+
+impl GroupRequest {
+    /// `samples` completions of `prompt`, from streams `0..samples`.
+    pub fn group(prompt: Vec<u32>, samples: usize, sampling: SamplingConfig) -> Self {
+        Self { prompt, samples, sampling, first_stream: 0 }
+    }
+}
+
+/// How many rows decode together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Most rows (samples) in one decode step. A group is never split: a group larger than
+    /// this runs alone.
+    pub max_rows: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        Self { max_rows: 64 }
+    }
+}
+
+/// One sample being decoded.
+#[derive(Debug)]
+struct Row {
+    /// Index of the sample in its group.
+    sample: usize,
+    rng: ChaCha8Rng,
+    /// Logits of the next token, `[vocab]`.
+    logits: Vec<f32>,
+}
+
+/// A group in the batch: its rows occupy one segment of the cache, in slot order.
+#[derive(Debug)]
+struct Running {
+    id: usize,
+    sampling: SamplingConfig,
+    prompt_len: usize,
+    completions: Vec<Completion>,
+    rows: Vec<Row>,
+}
+
+/// Decodes queued groups in a shared batch. [`BatchDecoder::step`] advances every row by
+/// one token and returns the groups that finished.
+pub struct BatchDecoder<'m, B: CustomGrad> {
+    model: &'m CausalLm<B>,
+    options: BatchOptions,
+    waiting: VecDeque<(usize, GroupRequest)>,
+    /// The groups decoding, in the order of the cache's segments.
+    running: Vec<Running>,
+    cache: BatchKv<B>,
+}
+
+impl<B: CustomGrad> std::fmt::Debug for BatchDecoder<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchDecoder").field("waiting", &self.waiting.len()).field("running", &self.running.len()).finish()
+    }
+}
+
+impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
+    pub fn new(model: &'m CausalLm<B>, options: BatchOptions) -> Self {
+        Self { model, options, waiting: VecDeque::new(), running: Vec::new(), cache: BatchKv::new(model.num_layers()) }
+    }
+
+    /// Queues a group; [`BatchDecoder::step`] returns it under `id` when it is done.
+    pub fn submit(&mut self, id: usize, request: GroupRequest) -> Result<(), ModelError> {
+        if request.prompt.is_empty() {
+            return Err(ModelError::Invalid("cannot generate from an empty prompt".into()));
+        }
+        if request.samples == 0 {
+            return Err(ModelError::Invalid("a group needs at least one sample".into()));
+        }
+        self.waiting.push_back((id, request));
+        Ok(())
+    }
+
+    /// No group is waiting or decoding.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Groups queued or decoding.
+    pub fn pending(&self) -> usize {
+        self.waiting.len() + self.running.len()
+    }
+
+    /// Admits the waiting groups that fit, draws a token for every row, retires the rows
+    /// and groups that are done, and computes the next logits of the rest. Returns the
+    /// groups that finished, each with its completions in sample order.
+    pub fn step(&mut self) -> Result<Vec<(usize, Vec<Completion>)>, ModelError> {
+        let mut done = self.admit()?;
+        let finished = self.sample();
+        done.extend(self.retire(&finished));
+        self.forward()?;
+        Ok(done)
+    }
+
+    /// Prefills waiting groups while their rows fit (a group always fits an empty batch).
+    /// Groups that may generate nothing finish at once.
+    fn admit(&mut self) -> Result<Vec<(usize, Vec<Completion>)>, ModelError> {
+        let mut done = Vec::new();
+        while let Some((_, request)) = self.waiting.front() {
+            let rows = self.cache.rows();
+            if rows > 0 && rows + request.samples > self.options.max_rows {
+                break;
+            }
+            let Some((id, request)) = self.waiting.pop_front() else { break };
+            let empty = Completion { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length };
+            if request.sampling.max_new_tokens == 0 {
+                done.push((id, vec![empty; request.samples]));
+                continue;
+            }
+            let logits = self.prefill(&request)?;
+            let seed = request.sampling.seed;
+            let rows = (0..request.samples)
+                .map(|sample| Row { sample, rng: sample_rng(seed, request.first_stream + sample), logits: logits.clone() })
+                .collect();
+            self.running.push(Running {
+                id,
+                prompt_len: request.prompt.len(),
+                completions: vec![empty; request.samples],
+                rows,
+                sampling: request.sampling,
+            });
+        }
+        Ok(done)
+    }
+
+    /// Computes a prompt's keys and values (batch 1) into a new segment; returns the logits
+    /// of its next token.
+    fn prefill(&mut self, request: &GroupRequest) -> Result<Vec<f32>, ModelError> {
+        let device = self.model.device();
+        let p = request.prompt.len();
+        let mut prompt_cache = self.model.new_cache();
+        let tokens = int_tensor::<B, _>(request.prompt.iter().map(|&t| i64::from(t)).collect(), [1, p], &device);
+        let hidden = self.model.forward_hidden(tokens, ForwardArgs::contiguous(1, 0, p, &device), &mut prompt_cache); // [1, p, d]
+        let logits = host_rows(last_logits(self.model, hidden))?.pop().unwrap_or_default();
+        // A row's own keys: every token it generates except the last.
+        self.cache.push_segment(prompt_cache, request.samples, request.sampling.max_new_tokens - 1)?;
+        Ok(logits)
+    }
+
+    /// Draws every row's next token (rows in parallel: each has its own stream) and appends
+    /// it; returns, per running group, the slots of the rows that are done.
+    fn sample(&mut self) -> Vec<Vec<usize>> {
+        let mut work: Vec<(&SamplingConfig, &mut Row)> = Vec::with_capacity(self.cache.rows());
+        for group in &mut self.running {
+            let Running { sampling, rows, .. } = group;
+            work.extend(rows.iter_mut().map(|row| (&*sampling, row)));
+        }
+        let drawn: Vec<(u32, f32)> =
+            work.into_par_iter().map(|(sampling, row)| sample_token(&row.logits, sampling, &mut row.rng)).collect();
+        let mut drawn = drawn.into_iter();
+        let mut finished = Vec::with_capacity(self.running.len());
+        for group in &mut self.running {
+            let mut slots = Vec::new();
+            for (slot, row) in group.rows.iter().enumerate() {
+                let Some((token, logprob)) = drawn.next() else { break };
+                let completion = &mut group.completions[row.sample];
+                completion.tokens.push(token);
+                completion.logprobs.push(logprob);
+                let stopped = group.sampling.stop_tokens.contains(&token);
+                if stopped {
+                    completion.finish = FinishReason::Stop;
+                }
+                if stopped || completion.tokens.len() >= group.sampling.max_new_tokens {
+                    slots.push(slot);
+                }
+            }
+            finished.push(slots);
+        }
+        finished
+    }
+
+    /// Removes the rows that are done (the last row of a segment takes a freed slot) and
+    /// returns the groups with no row left.
+    fn retire(&mut self, finished: &[Vec<usize>]) -> Vec<(usize, Vec<Completion>)> {
+        let mut done = Vec::new();
+        for index in (0..self.running.len()).rev() {
+            // Highest slots first: the row moved into a freed slot is then always one
+            // that is still decoding.
+            for &slot in finished[index].iter().rev() {
+                self.cache.remove_row(index, slot);
+                self.running[index].rows.swap_remove(slot);
+            }
+            if self.running[index].rows.is_empty() {
+                self.cache.remove_segment(index);
+                let group = self.running.remove(index);
+                done.push((group.id, group.completions));
+            }
+        }
+        done.reverse();
+        done
+    }
+
+    /// Feeds every remaining row its last token and stores the next logits.
+    fn forward(&mut self) -> Result<(), ModelError> {
+        let b = self.cache.rows();
+        if b == 0 {
+            return Ok(());
+        }
+        let device = self.model.device();
+        let (mut tokens, mut positions) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for group in &self.running {
+            for row in &group.rows {
+                let completion = &group.completions[row.sample];
+                tokens.push(completion.tokens.last().map_or(0, |&t| i64::from(t)));
+                // The token's absolute position: after the prompt and the earlier tokens.
+                positions.push((group.prompt_len + completion.tokens.len() - 1) as f32);
+            }
+        }
+        let tokens = int_tensor::<B, _>(tokens, [b, 1], &device);
+        let positions = Tensor::<B, 2>::from_data(TensorData::new(positions, [b, 1]), &device);
+        let hidden = self.model.forward_segments(tokens, positions, &mut self.cache); // [b, 1, d]
+        let mut logits = host_rows(last_logits(self.model, hidden))?.into_iter();
+        for group in &mut self.running {
+            for row in &mut group.rows {
+                row.logits = logits.next().unwrap_or_default();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every request's completions (in request order), decoded together in batches of at most
+/// `options.max_rows` rows.
+pub fn generate_groups<B: CustomGrad>(
+    model: &CausalLm<B>,
+    requests: Vec<GroupRequest>,
+    options: BatchOptions,
+) -> Result<Vec<Vec<Completion>>, ModelError> {
+    let mut decoder = BatchDecoder::new(model, options);
+    let mut out: Vec<Option<Vec<Completion>>> = vec![None; requests.len()];
+    for (id, request) in requests.into_iter().enumerate() {
+        decoder.submit(id, request)?;
+    }
+    while !decoder.is_idle() {
+        for (id, completions) in decoder.step()? {
+            out[id] = Some(completions);
+        }
+    }
+    Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+}
