@@ -105,7 +105,7 @@ fn linear_memory_attention_matches_plain_attention_in_value_and_gradients() {
     // (shared prefix, key padding, past keys): the group layout, left padding, a cache.
     // Small shapes (one key block) and larger ones: several query and key blocks of the CPU
     // kernel, partial last blocks, and a head size that is not a multiple of the SIMD width.
-    for dims in [(37, 8, 23), (150, 40, 70)] {
+    for dims in [(37, 8, 23), (150, 48, 70), (70, 20, 30)] {
         for (shared, padding, past) in [(true, false, 0), (false, true, 0), (false, false, 4), (true, true, 2)] {
             let plain = attention_run(AttentionKernel::Plain, shared, padding, past, dims);
             let flash = attention_run(AttentionKernel::Flash, shared, padding, past, dims);

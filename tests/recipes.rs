@@ -164,3 +164,19 @@ fn stage_calls_with_misplaced_arguments_are_reported() {
     assert!(problems.list.iter().any(|p| p.position.line == 2 && p.message.contains("too many stage inputs")), "{text}");
     assert!(problems.list.iter().any(|p| p.position.line == 3 && p.message.contains("not a port of filter")), "{text}");
 }
+
+#[test]
+fn a_rope_base_applies_to_random_weights_only_and_must_be_sane() {
+    let dir = data_dir();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("examples/models/tiny");
+    let recipe = format!(
+        "let a = model(\"{tiny}\", #{{ rope_theta: 1e6 }});\nlet b = model(\"{tiny}\", #{{ init: \"random\", rope_theta: -1.0 }});\nlet c = model(\"{tiny}\", #{{ init: \"random\", rope_theta: 1e6 }});\n",
+        tiny = tiny.display()
+    );
+    let problems = check(&recipe, dir.path()).expect_err("two bad bases");
+    let text = problems.to_string();
+    // Line 1 also lacks weights to load; line 3 is fine.
+    assert_eq!(positions(&problems).iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 1, 2], "{text}");
+    assert!(text.contains("applies to `init: \"random\"` only"), "{text}");
+    assert!(text.contains("must be a finite number above 1"), "{text}");
+}

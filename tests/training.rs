@@ -186,7 +186,7 @@ fn a_recipe_trains_and_evaluates_the_tiny_model() {
     let recipe = format!(
         r#"
         let tiny = "{tiny}";
-        let policy = model(tiny, #{{ init: "random", seed: 3 }});
+        let policy = model(tiny, #{{ init: "random", seed: 3, rope_theta: 500000.0 }});
         let train = synthetic(#{{ count: 12, lengths: [128], tokenizer: tiny, kinds: ["retrieval"], seed: 1 }});
         let held = synthetic(#{{ count: 4, lengths: [128, 256], tokenizer: tiny, kinds: ["retrieval"], seed: 2 }});
         let warm = sft(policy, train, #{{ lr: 1e-3, epochs: 1, batch_tokens: 1024, log_every: 1 }});
@@ -208,6 +208,12 @@ fn a_recipe_trains_and_evaluates_the_tiny_model() {
         assert!(checkpoint.join(file).is_file(), "checkpoint lacks {file}");
     }
     load_model::<Cpu>(&checkpoint, &Default::default()).expect("the checkpoint loads");
+    // The RoPE base asked of the random model is in its config and carried by the checkpoint.
+    for dir in [dir.path().join("model-0"), checkpoint.clone()] {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("json");
+        assert_eq!(config["rope_theta"], 500000.0, "{}", dir.display());
+    }
     let items = std::fs::read_to_string(dir.path().join("after/items.jsonl")).expect("items");
     assert_eq!(items.lines().count(), 8);
     let summary: serde_json::Value =

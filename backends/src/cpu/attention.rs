@@ -191,16 +191,16 @@ impl<'a> KeyRows<'a> {
 /// keys `j < nk` of a value (or key) block.
 #[inline(always)]
 fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32; KEY_BLOCK]; GROUP], nk: usize, rows: KeyRows, hd: usize) {
-    let step = 2 * S::F32_LANES;
-    let full = hd / step * step;
-    for c in (0..full).step_by(step) {
+    let lanes = S::F32_LANES;
+    let (pairs, singles) = column_split(hd, lanes);
+    for c in (0..pairs).step_by(2 * lanes) {
         let zero = simd.splat_f32s(0.0);
         let mut t = [[zero; 2]; GROUP];
         for r in 0..n {
-            t[r] = load2::<S>(&acc[r * hd + c..r * hd + c + step]);
+            t[r] = load2::<S>(&acc[r * hd + c..r * hd + c + 2 * lanes]);
         }
         for j in 0..nk {
-            let [b0, b1] = load2::<S>(&rows.row(j)[c..c + step]);
+            let [b0, b1] = load2::<S>(&rows.row(j)[c..c + 2 * lanes]);
             for r in 0..GROUP {
                 let x = simd.splat_f32s(weights[r][j]);
                 t[r][0] = simd.mul_add_f32s(x, b0, t[r][0]);
@@ -208,12 +208,29 @@ fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32;
             }
         }
         for r in 0..n {
-            let dst = S::as_mut_simd_f32s(&mut acc[r * hd + c..r * hd + c + step]).0;
+            let dst = S::as_mut_simd_f32s(&mut acc[r * hd + c..r * hd + c + 2 * lanes]).0;
             dst[0] = t[r][0];
             dst[1] = t[r][1];
         }
     }
-    for c in full..hd {
+    // One vector per row (a head size of 16 with 16 lanes).
+    for c in (pairs..singles).step_by(lanes) {
+        let zero = simd.splat_f32s(0.0);
+        let mut t = [zero; GROUP];
+        for r in 0..n {
+            t[r] = S::as_simd_f32s(&acc[r * hd + c..r * hd + c + lanes]).0[0];
+        }
+        for j in 0..nk {
+            let b = S::as_simd_f32s(&rows.row(j)[c..c + lanes]).0[0];
+            for r in 0..GROUP {
+                t[r] = simd.mul_add_f32s(simd.splat_f32s(weights[r][j]), b, t[r]);
+            }
+        }
+        for r in 0..n {
+            S::as_mut_simd_f32s(&mut acc[r * hd + c..r * hd + c + lanes]).0[0] = t[r];
+        }
+    }
+    for c in singles..hd {
         for r in 0..n {
             let mut sum = acc[r * hd + c];
             for j in 0..nk {
@@ -224,16 +241,24 @@ fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32;
     }
 }
 
+/// Columns `0..pairs` go two vectors at a time, `pairs..singles` one vector at a time, the
+/// rest one float at a time.
+#[inline(always)]
+fn column_split(hd: usize, lanes: usize) -> (usize, usize) {
+    let pairs = hd / (2 * lanes) * (2 * lanes);
+    (pairs, pairs + (hd - pairs) / lanes * lanes)
+}
+
 /// `out[j] += sum_r weights[r][j] * rows[r]` for keys `j < nk` (`out` is `[nk][hd]`): the
 /// key-side products of the backward (dV from P and dO, dK from dS and Q).
 #[inline(always)]
 fn tile_accumulate_keys<S: Simd>(simd: S, out: &mut [f32], nk: usize, weights: &[[f32; KEY_BLOCK]; GROUP], rows: &[&[f32]; GROUP], hd: usize) {
-    let step = 2 * S::F32_LANES;
-    let full = hd / step * step;
-    for c in (0..full).step_by(step) {
-        let held: [[S::f32s; 2]; GROUP] = std::array::from_fn(|r| load2::<S>(&rows[r][c..c + step]));
+    let lanes = S::F32_LANES;
+    let (pairs, singles) = column_split(hd, lanes);
+    for c in (0..pairs).step_by(2 * lanes) {
+        let held: [[S::f32s; 2]; GROUP] = std::array::from_fn(|r| load2::<S>(&rows[r][c..c + 2 * lanes]));
         for j in 0..nk {
-            let slot = S::as_mut_simd_f32s(&mut out[j * hd + c..j * hd + c + step]).0;
+            let slot = S::as_mut_simd_f32s(&mut out[j * hd + c..j * hd + c + 2 * lanes]).0;
             let (mut t0, mut t1) = (slot[0], slot[1]);
             for r in 0..GROUP {
                 let x = simd.splat_f32s(weights[r][j]);
@@ -244,7 +269,18 @@ fn tile_accumulate_keys<S: Simd>(simd: S, out: &mut [f32], nk: usize, weights: &
             slot[1] = t1;
         }
     }
-    for c in full..hd {
+    for c in (pairs..singles).step_by(lanes) {
+        let held: [S::f32s; GROUP] = std::array::from_fn(|r| S::as_simd_f32s(&rows[r][c..c + lanes]).0[0]);
+        for j in 0..nk {
+            let slot = &mut S::as_mut_simd_f32s(&mut out[j * hd + c..j * hd + c + lanes]).0[0];
+            let mut t = *slot;
+            for r in 0..GROUP {
+                t = simd.mul_add_f32s(simd.splat_f32s(weights[r][j]), held[r], t);
+            }
+            *slot = t;
+        }
+    }
+    for c in singles..hd {
         for j in 0..nk {
             let mut sum = out[j * hd + c];
             for r in 0..GROUP {

@@ -42,6 +42,11 @@ pub struct ModelConfigOptions {
     /// Standard deviation of random weights.
     #[serde(default = "default_std")]
     pub init_std: f32,
+    /// With `init: "random"`: the RoPE base written into the new model's config.json instead
+    /// of the directory's. A larger base (Qwen2.5 uses 1e6) keeps the rotation between distant
+    /// positions small, so a model trained on short inputs reads longer ones better.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
 }
 
 fn default_std() -> f32 {
@@ -67,6 +72,13 @@ impl StageConfig for ModelConfigOptions {
             problems.push(format!("option `path`: {} has no config.json", dir.display()));
         } else if let Err(e) = ModelConfig::load(&dir.join("config.json")) {
             problems.push(e.to_string());
+        }
+        if let Some(theta) = self.rope_theta {
+            if self.init != Init::Random {
+                problems.push("option `rope_theta`: applies to `init: \"random\"` only (a trained model keeps the base it learned)".into());
+            } else if !(theta.is_finite() && theta > 1.0) {
+                problems.push(format!("option `rope_theta`: must be a finite number above 1, not {theta}"));
+            }
         }
         let has_weights = dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
         if self.init == Init::Checkpoint && !has_weights {
@@ -139,7 +151,13 @@ impl Stage for ModelSource {
             Init::Random => {
                 let run_dir = self.ctx.run_dir.as_ref().ok_or_else(|| StageError::Invalid("random init needs a run directory".into()))?;
                 let out = run_dir.join(format!("model-{}", self.ctx.node));
-                let config = ModelConfig::load(&self.dir.join("config.json"))?;
+                let mut config = ModelConfig::load(&self.dir.join("config.json"))?;
+                if let Some(theta) = self.config.rope_theta {
+                    config.rope_theta = Some(theta);
+                    if let Some(serde_json::Value::Object(params)) = config.rope_parameters.as_mut() {
+                        params.insert("rope_theta".into(), theta.into());
+                    }
+                }
                 let seed = self.config.seed ^ self.ctx.seed.rotate_left(7);
                 let model = CausalLm::<longrl_backends::Cpu>::build(
                     &config,
