@@ -1,0 +1,303 @@
+//! `longrl serve` as a rollout server, over real HTTP on 127.0.0.1: token-id and text
+//! prompts to `/v1/completions` with `n` samples and per-token log-probs (equal to the
+//! trainer's own), server-sent event streams, chat completions honouring `n` / `logprobs`
+//! / `stream`, unsupported fields refused with a 400 naming them, `/health`, weight reloads
+//! through `/update_weights_from_disk`, and the official `openai` Python client.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use longrl_backends::Cpu;
+use longrl_stdlib::model::load_model;
+use longrl_stdlib::model::score::score_group_at;
+use serde_json::{Value, json};
+use support::workspace;
+
+/// A checkpoint of the tiny model with random weights drawn from `seed` (f32, so the
+/// server's weights are exactly the ones the test scores with).
+pub fn tiny_checkpoint(dir: &Path, seed: u64) {
+    use longrl_stdlib::model::checkpoint::{RandomInit, SaveDtype, copy_tokenizer_files};
+    use longrl_stdlib::model::{CausalLm, ModelConfig, save_model};
+    let source = workspace().join("examples/models/tiny");
+    let config = ModelConfig::load(&source.join("config.json")).expect("config");
+    let model = CausalLm::<Cpu>::build(&config, &mut RandomInit::new(seed, 0.08), &Default::default()).expect("model");
+    save_model(&model, &config, dir, SaveDtype::F32).expect("save");
+    copy_tokenizer_files(&source, dir).expect("tokenizer");
+}
+
+/// A `longrl serve` child process, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    first_line: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `longrl serve --port 0` on `model` with `extra` arguments.
+fn serve(model: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_longrl"))
+        .args(["serve", "--model", model.to_str().expect("utf-8"), "--port", "0", "--max-tokens-cap", "32"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("serve starts");
+    let mut first_line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut first_line).expect("first line");
+    let url = first_line.split_whitespace().find(|w| w.starts_with("http://")).expect("url in the first line").to_string();
+    Server { child, url, first_line }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+/// POSTs `body` to `url`: the status, the content type and the body text.
+fn post(url: &str, body: &Value) -> (u16, String, String) {
+    let mut response = agent().post(url).header("Content-Type", "application/json").send(body.to_string()).expect("request");
+    let status = response.status().as_u16();
+    let kind = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    (status, kind, response.body_mut().read_to_string().expect("body"))
+}
+
+fn post_json(url: &str, body: &Value) -> Value {
+    let (status, _, text) = post(url, body);
+    assert_eq!(status, 200, "{url}: {text}");
+    serde_json::from_str(&text).expect("json")
+}
+
+fn get_json(url: &str) -> Value {
+    let mut response = agent().get(url).call().expect("request");
+    assert_eq!(response.status().as_u16(), 200, "{url}");
+    serde_json::from_str(&response.body_mut().read_to_string().expect("body")).expect("json")
+}
+
+/// The `data:` payloads of a server-sent event stream, which must end with `[DONE]`.
+fn events(text: &str) -> Vec<Value> {
+    let payloads: Vec<&str> = text.split("\n\n").filter(|e| !e.trim().is_empty()).map(|e| e.strip_prefix("data: ").expect("a data event")).collect();
+    assert_eq!(payloads.last(), Some(&"[DONE]"), "{text}");
+    payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).expect("json chunk")).collect()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value.as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect()
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value.as_array().expect("numbers").iter().map(|v| v.as_f64().expect("number") as f32).collect()
+}
+
+/// The most the log-probs `choices` report differ from `model_dir`'s own (at `temperature`).
+fn logprob_gap(model_dir: &Path, prompt: &[u32], choices: &[Value], temperature: f32) -> f32 {
+    let (_, model) = load_model::<Cpu>(model_dir, &Default::default()).expect("model");
+    let responses: Vec<Vec<u32>> = choices.iter().map(|c| ids(&c["token_ids"])).collect();
+    let scores = score_group_at(&model, prompt, &responses, temperature).expect("scores");
+    let width = responses.iter().map(Vec::len).max().expect("responses");
+    let own: Vec<f32> = scores.logprobs.into_data().convert::<f32>().into_vec().expect("f32");
+    let mut gap = 0f32;
+    for (i, choice) in choices.iter().enumerate() {
+        let theirs = floats(&choice["logprobs"]["token_logprobs"]);
+        assert_eq!(theirs.len(), responses[i].len(), "one log-prob per token: {choice}");
+        for (k, lp) in theirs.iter().enumerate() {
+            gap = gap.max((lp - own[i * width + k]).abs());
+        }
+    }
+    gap
+}
+
+const PROMPT: [u32; 6] = [5, 17, 29, 41, 8, 3];
+
+fn completion_request(seed: u64) -> Value {
+    json!({ "model": "tiny", "prompt": PROMPT, "n": 3, "max_tokens": 8, "temperature": 0.9, "seed": seed,
+            "logprobs": 0, "return_token_ids": true, "ignore_eos": true })
+}
+
+#[test]
+fn completions_sample_n_token_id_prompts_with_the_trainers_logprobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &[]);
+    assert!(server.first_line.contains("http://127.0.0.1:"), "loopback by default: {}", server.first_line);
+    let health = get_json(&format!("{}/health", server.url.trim_end_matches("/v1")));
+    assert_eq!((health["status"].as_str(), health["weight_version"].as_str()), (Some("ok"), Some("default")), "{health}");
+
+    let reply = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    let choices = reply["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "n = 3 gives three choices: {reply}");
+    for choice in choices {
+        assert_eq!(ids(&choice["token_ids"]).len(), 8, "ignore_eos and max_tokens 8: {choice}");
+        assert_eq!(ids(&choice["prompt_token_ids"]), PROMPT);
+        assert!(floats(&choice["logprobs"]["token_logprobs"]).iter().all(|lp| lp.is_finite() && *lp <= 0.0));
+        assert_eq!(choice["finish_reason"], "length");
+    }
+    assert_eq!(reply["metadata"]["weight_version"], "default");
+    assert_eq!(reply["usage"]["completion_tokens"], 24);
+    let gap = logprob_gap(dir.path(), &PROMPT, choices, 0.9);
+    eprintln!("largest gap between the server's log-probs and the trainer's: {gap:e}");
+    assert!(gap < 1e-4, "the server's log-probs are the trainer's: gap {gap}");
+    // The same seed draws the same samples.
+    let again = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    assert_eq!(again["choices"], reply["choices"]);
+
+    // Text prompts, several at once: n choices per prompt, in order.
+    let texts = json!({ "model": "tiny", "prompt": ["the cat", "a dog"], "n": 2, "max_tokens": 4, "seed": 1, "logprobs": 1 });
+    let reply = post_json(&format!("{}/completions", server.url), &texts);
+    let choices = reply["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4, "{reply}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert!(choice["text"].is_string());
+        let top = choice["logprobs"]["top_logprobs"].as_array().expect("top logprobs");
+        assert!(top.iter().all(|t| (1..=2).contains(&t.as_object().expect("map").len())), "{choice}");
+    }
+}
+
+#[test]
+fn streams_are_server_sent_events_that_add_up_to_the_whole_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &[]);
+    let url = format!("{}/completions", server.url);
+    let whole = post_json(&url, &completion_request(3));
+    let mut streamed = completion_request(3);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({ "include_usage": true });
+    let (status, kind, text) = post(&url, &streamed);
+    assert_eq!(status, 200, "{text}");
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    let chunks = events(&text);
+    for (index, choice) in whole["choices"].as_array().expect("choices").iter().enumerate() {
+        let mine: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].as_array()?.first()).filter(|c| c["index"] == index).collect();
+        let text: String = mine.iter().filter_map(|c| c["text"].as_str()).collect();
+        let tokens: Vec<u32> = mine.iter().filter_map(|c| c.get("token_ids")).flat_map(ids).collect();
+        let logprobs: Vec<f32> = mine.iter().filter(|c| !c["logprobs"].is_null()).flat_map(|c| floats(&c["logprobs"]["token_logprobs"])).collect();
+        assert_eq!(text, choice["text"].as_str().expect("text"));
+        assert_eq!(tokens, ids(&choice["token_ids"]));
+        assert_eq!(logprobs, floats(&choice["logprobs"]["token_logprobs"]));
+        assert_eq!(mine.last().expect("chunks")["finish_reason"], "length");
+    }
+    assert_eq!(chunks.last().expect("usage chunk")["usage"]["completion_tokens"], 24);
+
+    // Chat: n choices, each streamed with its log-probs.
+    let chat = json!({ "model": "tiny", "messages": [{ "role": "user", "content": "Where is Oslo?" }], "n": 2, "max_tokens": 5,
+                       "seed": 4, "logprobs": true, "top_logprobs": 2, "stream": true });
+    let (status, kind, text) = post(&format!("{}/chat/completions", server.url), &chat);
+    assert_eq!(status, 200, "{text}");
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    let chunks = events(&text);
+    for index in 0..2 {
+        let mine: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].as_array()?.first()).filter(|c| c["index"] == index).collect();
+        assert_eq!(mine[0]["delta"]["role"], "assistant");
+        let scored: usize = mine.iter().filter_map(|c| c["logprobs"]["content"].as_array()).map(Vec::len).sum();
+        assert!((1..=5).contains(&scored), "one log-prob per generated token: {text}");
+        assert!(mine.last().expect("chunks")["finish_reason"].is_string());
+    }
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+}
+
+#[test]
+fn chat_honours_n_and_logprobs_and_unsupported_fields_are_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &[]);
+    let chat_url = format!("{}/chat/completions", server.url);
+    let chat = json!({ "model": "tiny", "messages": [{ "role": "user", "content": "Hi" }], "n": 3, "max_tokens": 4,
+                       "logprobs": true, "top_logprobs": 2, "seed": 5 });
+    let reply = post_json(&chat_url, &chat);
+    let choices = reply["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "n = 3 gives three choices: {reply}");
+    for choice in choices {
+        let content = choice["logprobs"]["content"].as_array().expect("logprobs.content");
+        assert!(!content.is_empty() && content.len() <= 4, "{choice}");
+        assert!(content.iter().all(|t| t["logprob"].as_f64().is_some_and(|lp| lp <= 0.0) && t["top_logprobs"].as_array().is_some_and(|a| a.len() == 2)));
+    }
+
+    let completions_url = format!("{}/completions", server.url);
+    let cases = [
+        (&completions_url, json!({ "prompt": [1, 2], "frequency_penalty": 0.5 }), "frequency_penalty"),
+        (&completions_url, json!({ "prompt": [1, 2], "logit_bias": { "5": 10 } }), "logit_bias"),
+        (&completions_url, json!({ "prompt": [1, 2], "no_such_field": 1 }), "no_such_field"),
+        (&completions_url, json!({ "prompt": [1, 2], "max_tokens": 100000 }), "max_tokens"),
+        (&completions_url, json!({ "prompt": [1, 2], "n": "three" }), "n"),
+        (&chat_url, json!({ "messages": [{ "role": "user", "content": "Hi" }], "tools": [{ "type": "function" }] }), "tools"),
+        (&chat_url, json!({ "messages": [{ "role": "user", "content": "Hi" }], "presence_penalty": 1.0 }), "presence_penalty"),
+    ];
+    for (url, body, field) in cases {
+        let (status, _, text) = post(url, &body);
+        assert_eq!(status, 400, "{body} is refused: {text}");
+        let error: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(error["error"]["param"], field, "{text}");
+        assert!(error["error"]["message"].as_str().expect("message").contains(field), "{text}");
+    }
+    let (status, _, _) = post(&format!("{}/no/such/route", server.url), &json!({}));
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn a_weight_reload_swaps_the_model_and_names_its_version() {
+    let first = tempfile::tempdir().expect("tempdir");
+    let second = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(first.path(), 9);
+    tiny_checkpoint(second.path(), 10);
+    let server = serve(first.path(), &[]);
+    let root = server.url.trim_end_matches("/v1").to_string();
+    let before = post_json(&format!("{}/completions", server.url), &completion_request(7));
+
+    let reload = json!({ "model_path": second.path().display().to_string(), "weight_version": "step-1" });
+    let reply = post_json(&format!("{root}/update_weights_from_disk"), &reload);
+    assert_eq!((reply["success"].as_bool(), reply["weight_version"].as_str()), (Some(true), Some("step-1")), "{reply}");
+    assert_eq!(get_json(&format!("{root}/get_weight_version"))["weight_version"], "step-1");
+    assert_eq!(get_json(&format!("{root}/health"))["weight_version"], "step-1");
+
+    let after = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    assert_eq!(after["metadata"]["weight_version"], "step-1");
+    assert_ne!(after["choices"], before["choices"], "new weights, new samples");
+    let choices = after["choices"].as_array().expect("choices");
+    let gap = logprob_gap(second.path(), &PROMPT, choices, 0.9);
+    assert!(gap < 1e-4, "the log-probs are the reloaded weights': gap {gap}");
+
+    // A directory that is no model is refused, and the served weights stay.
+    let bad = json!({ "model_path": first.path().join("missing").display().to_string() });
+    let (status, _, text) = post(&format!("{root}/update_weights_from_disk"), &bad);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"success\":false"), "{text}");
+    assert_eq!(get_json(&format!("{root}/get_weight_version"))["weight_version"], "step-1");
+}
+
+/// The official `openai` Python client against the server (`tests/openai_client.py`). Skips
+/// with a message when Python or the package is missing, unless `LONGRL_REQUIRE_OPENAI` is
+/// set (CI sets it after installing the package).
+#[test]
+fn the_official_openai_python_client_works_against_the_server() {
+    let required = std::env::var_os("LONGRL_REQUIRE_OPENAI").is_some();
+    let probe = Command::new("python3").args(["-c", "import openai"]).output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = match probe {
+            Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Err(e) => format!("no python3: {e}"),
+        };
+        assert!(!required, "LONGRL_REQUIRE_OPENAI is set but the openai client is unavailable: {why}");
+        eprintln!("skipped: the openai Python client is unavailable ({why}); `pip install openai` to run this test");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &["--served-model-name", "tiny"]);
+    let out = Command::new("python3")
+        .arg(workspace().join("tests/openai_client.py"))
+        .arg(&server.url)
+        .output()
+        .expect("python runs");
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "the openai client's checks failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
