@@ -42,6 +42,36 @@ pub fn fill_step<T, E>(
     Ok(filled)
 }
 
+/// [`fill_step`] for a rollout that samples several prompts at once: `rollout` gets as many
+/// prompts from the front of `queue` as the step still needs (within the try bound) and
+/// returns each one's group, or `None` to drop it, in the same order. It never asks for
+/// more than could be kept, so the prompts tried, the groups kept and the queue left are
+/// those [`fill_step`] gives with the same decisions.
+pub fn fill_step_batched<T, E>(
+    queue: &mut VecDeque<usize>,
+    want: usize,
+    max_tries: usize,
+    mut rollout: impl FnMut(&[usize]) -> Result<Vec<Option<T>>, E>,
+) -> Result<Filled<T>, E> {
+    let mut filled = Filled { kept: Vec::with_capacity(want), tried: 0, dropped: 0, short: false };
+    loop {
+        let room = want.saturating_sub(filled.kept.len()).min(max_tries.saturating_sub(filled.tried));
+        let batch: Vec<usize> = std::iter::from_fn(|| queue.pop_front()).take(room).collect();
+        if batch.is_empty() {
+            break;
+        }
+        filled.tried += batch.len();
+        for group in rollout(&batch)? {
+            match group {
+                Some(group) => filled.kept.push(group),
+                None => filled.dropped += 1,
+            }
+        }
+    }
+    filled.short = filled.kept.len() < want;
+    Ok(filled)
+}
+
 /// What dynamic sampling looks at to decide that a group teaches nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -127,6 +157,29 @@ mod tests {
         let mut queue: VecDeque<usize> = [0, 2, 5].into_iter().collect();
         let filled = fill_step(&mut queue, 3, 100, rollout).expect("fills");
         assert_eq!((filled.kept, filled.tried, filled.short), (vec![5], 3, true));
+    }
+
+    #[test]
+    fn filling_in_batches_tries_and_keeps_what_filling_one_by_one_does() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..200 {
+            let keep: Vec<bool> = (0..30).map(|_| rng.random_bool(0.4)).collect();
+            let (want, tries, len) = (rng.random_range(1..8), rng.random_range(1..40), rng.random_range(0..30));
+            let decide = |i: usize| Ok::<_, ()>(keep[i].then_some(i));
+            let mut one = (0..len).collect::<VecDeque<usize>>();
+            let mut many = one.clone();
+            let single = fill_step(&mut one, want, tries, decide).expect("fills");
+            let mut asked = Vec::new();
+            let batched = fill_step_batched(&mut many, want, tries, |batch| {
+                asked.push(batch.len());
+                batch.iter().map(|&i| decide(i)).collect()
+            })
+            .expect("fills");
+            assert_eq!(single, batched);
+            assert_eq!(one, many);
+            assert!(asked.iter().all(|&n| n <= want), "never more than the step needs");
+        }
     }
 
     #[test]

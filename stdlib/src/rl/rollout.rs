@@ -74,11 +74,22 @@ pub fn rollout_group<B: longrl_backends::CustomGrad>(
     reward: &Reward,
 ) -> Result<GroupRollout, StageError> {
     let completions = generate_group(model, prompt, group, sampling)?;
+    score_group(tokenizer, record, completions, &sampling.stop_tokens, reward)
+}
+
+/// Decodes a group's samples (without their stop token) and scores them against `record`.
+pub fn score_group(
+    tokenizer: &ModelTokenizer,
+    record: &Record,
+    completions: Vec<Completion>,
+    stop_tokens: &[u32],
+    reward: &Reward,
+) -> Result<GroupRollout, StageError> {
     let texts: Vec<String> = completions
         .iter()
         .map(|c| {
             let mut tokens = c.tokens.clone();
-            if tokens.last().is_some_and(|t| sampling.stop_tokens.contains(t)) {
+            if tokens.last().is_some_and(|t| stop_tokens.contains(t)) {
                 tokens.pop();
             }
             tokenizer.tokenizer.decode(&tokens, false)

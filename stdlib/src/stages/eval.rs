@@ -21,6 +21,8 @@ use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::Record;
 use crate::reward::{Reward, RewardOutcome, RuleConfig};
+use crate::rl::remote::RolloutConfig;
+use crate::rl::source::Rollouts;
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `eval` stage.
@@ -58,6 +60,11 @@ pub struct EvalConfig {
     /// Name of this evaluation in tables and files (default: the stage label).
     #[serde(default)]
     pub name: Option<String>,
+    /// Generate on inference servers instead of in process (see `rl_phase`'s `rollout`):
+    /// the servers load the evaluated model's directory, and each prompt is one request
+    /// with `n` = `samples`.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
 }
 
 fn default_max_input() -> usize {
@@ -101,6 +108,9 @@ impl StageConfig for EvalConfig {
             ("batch", self.batch, limits::GROUP),
         ];
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
+        if let Some(rollout) = &self.rollout {
+            problems.extend(rollout.problems());
+        }
         problems
     }
 
@@ -279,7 +289,15 @@ impl ModelStage for Eval {
     fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
-        let (_, model) = load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?;
+        let rollouts = Rollouts::connect(config.rollout.as_ref(), io.label(), None, io.cancel_token())?;
+        // The servers generate: the model is not loaded here.
+        let model = match rollouts.remote() {
+            None => Some(load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?.1),
+            Some(_) => {
+                rollouts.sync_dir(&inputs.policy.dir, &format!("{}:{}", io.label(), inputs.policy.dir.display()))?;
+                None
+            }
+        };
         let sampling = SamplingConfig {
             temperature: config.temperature,
             top_p: config.top_p,
@@ -307,6 +325,7 @@ impl ModelStage for Eval {
             responses: vec![Vec::new(); prompts.len()],
             prompts,
             steps,
+            rollouts,
         })
     }
 }
@@ -324,7 +343,8 @@ pub struct EvalRun<B: TrainBackend> {
     config: EvalConfig,
     name: String,
     tokenizer: ModelTokenizer,
-    model: CausalLm<B::InnerBackend>,
+    /// The model, when generating in process.
+    model: Option<CausalLm<B::InnerBackend>>,
     sampling: SamplingConfig,
     reward: Arc<Reward>,
     records: Vec<Record>,
@@ -334,6 +354,7 @@ pub struct EvalRun<B: TrainBackend> {
     responses: Vec<Vec<String>>,
     /// The tasks each step generates for.
     steps: Vec<Vec<usize>>,
+    rollouts: Rollouts,
 }
 
 impl<B: TrainBackend> EvalRun<B> {
@@ -387,13 +408,29 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
         Ok(())
     }
 
-    fn step(&mut self, step: usize, _io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
+    fn step(&mut self, step: usize, io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
         let tasks = self.steps[step].clone();
+        let Some(model) = &self.model else {
+            // On the servers: each task one request with its `samples`.
+            let samplings: Vec<SamplingConfig> = tasks
+                .iter()
+                .map(|&i| SamplingConfig { seed: self.sampling.seed.wrapping_add(i as u64), ..self.sampling.clone() })
+                .collect();
+            let prompts: Vec<&[u32]> = tasks.iter().map(|&i| self.prompts[i].0.as_slice()).collect();
+            let sampled = self.rollouts.generate::<B::InnerBackend>(None, &prompts, self.config.samples, &samplings, io.cancel_token())?;
+            for (&i, group) in tasks.iter().zip(sampled) {
+                for completion in group.completions {
+                    let text = self.decode(&completion.tokens)?;
+                    self.responses[i].push(text);
+                }
+            }
+            return Ok(StepOutcome { metrics: None, status: String::new(), last: false });
+        };
         if self.config.samples == 1 {
             let batch: Vec<Vec<u32>> = tasks.iter().map(|&i| self.prompts[i].0.clone()).collect();
             let mut sampling = self.sampling.clone();
             sampling.seed = self.sampling.seed.wrapping_add(tasks[0] as u64);
-            for (&i, completion) in tasks.iter().zip(generate_batch(&self.model, &batch, &sampling)?) {
+            for (&i, completion) in tasks.iter().zip(generate_batch(model, &batch, &sampling)?) {
                 let text = self.decode(&completion.tokens)?;
                 self.responses[i].push(text);
             }
@@ -401,7 +438,7 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
             let i = tasks[0];
             let mut sampling = self.sampling.clone();
             sampling.seed = self.sampling.seed.wrapping_add(i as u64);
-            for completion in generate_group(&self.model, &self.prompts[i].0, self.config.samples, &sampling)? {
+            for completion in generate_group(model, &self.prompts[i].0, self.config.samples, &sampling)? {
                 let text = self.decode(&completion.tokens)?;
                 self.responses[i].push(text);
             }

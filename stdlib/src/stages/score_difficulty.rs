@@ -21,7 +21,9 @@ use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::{Difficulty, Record};
 use crate::reward::{Reward, RuleConfig};
-use crate::rl::rollout::rollout_group;
+use crate::rl::remote::RolloutConfig;
+use crate::rl::rollout::score_group;
+use crate::rl::source::Rollouts;
 use crate::stage::{DifficultyReport, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `score_difficulty` stage.
@@ -53,6 +55,10 @@ pub struct ScoreDifficultyConfig {
     /// the end).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
+    /// Sample on inference servers instead of in process (see `rl_phase`'s `rollout`): the
+    /// servers load the scoring model's directory.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
 }
 
 fn default_checkpoint_every() -> usize {
@@ -101,6 +107,9 @@ impl StageConfig for ScoreDifficultyConfig {
             ("max_output", self.max_output, limits::TOKENS),
         ];
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
+        if let Some(rollout) = &self.rollout {
+            problems.extend(rollout.problems());
+        }
         problems
     }
 
@@ -137,16 +146,26 @@ impl ModelStage for ScoreDifficulty {
         Cadence { every: self.config.checkpoint_every, keep: 1 }
     }
 
-    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
-        let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
+        let rollouts = Rollouts::connect(self.config.rollout.as_ref(), io.label(), None, io.cancel_token())?;
+        let model_config = crate::model::ModelConfig::load(&inputs.policy.dir.join("config.json"))?;
+        // The servers sample: the model is not loaded here.
+        let model = match rollouts.remote() {
+            None => Some(load_model::<B>(&inputs.policy.dir, &device)?.1.valid()),
+            Some(_) => {
+                rollouts.sync_dir(&inputs.policy.dir, &format!("{}:{}", io.label(), inputs.policy.dir.display()))?;
+                None
+            }
+        };
         let mut stop_tokens = tokenizer.stop_ids.clone();
         stop_tokens.extend(model_config.eos_ids());
         Ok(ScoreRun {
             config: self.config.clone(),
             run_seed: self.run_seed,
             tokenizer,
-            model: model.valid(),
+            rollouts,
+            model,
             stop_tokens,
             reward: inputs.reward,
             records: inputs.records,
@@ -181,7 +200,9 @@ pub struct ScoreRun<B: TrainBackend> {
     config: ScoreDifficultyConfig,
     run_seed: u64,
     tokenizer: ModelTokenizer,
-    model: CausalLm<B::InnerBackend>,
+    /// The model, when sampling in process.
+    model: Option<CausalLm<B::InnerBackend>>,
+    rollouts: Rollouts,
     stop_tokens: Vec<u32>,
     reward: Arc<Reward>,
     records: Vec<Record>,
@@ -239,7 +260,9 @@ impl<B: TrainBackend> StageRun<B> for ScoreRun<B> {
             stop_tokens: self.stop_tokens.clone(),
             seed: config.seed ^ self.run_seed.rotate_left(17) ^ ((index as u64) << 24),
         };
-        let rollout = rollout_group(&self.model, &self.tokenizer, record, &prompt, config.group, &sampling, &self.reward)?;
+        let sampled = self.rollouts.generate(self.model.as_ref(), &[prompt.as_slice()], config.group, std::slice::from_ref(&sampling), io.cancel_token())?;
+        let completions = sampled.into_iter().next().map(|s| s.completions).unwrap_or_default();
+        let rollout = score_group(&self.tokenizer, record, completions, &self.stop_tokens, &self.reward)?;
         let difficulty = rollout.difficulty();
         self.state.unscorable += difficulty.samples - difficulty.rewards.len();
         self.state.scored.push(difficulty);
