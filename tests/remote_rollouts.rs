@@ -138,3 +138,55 @@ fn a_server_dying_mid_phase_is_taken_out_and_losing_both_fails_naming_them() {
     assert!(stderr.contains("every rollout server failed"), "{stderr}");
     assert!(stderr.contains(&a.url) && stderr.contains(&b.url), "the error names both servers: {stderr}");
 }
+
+/// `score_difficulty` and `evaluate` with and without servers: the servers run the same
+/// sampler with the same seeds, so the difficulties and the evaluation's samples are the
+/// same.
+const SCORE_AND_EVALUATE: &str = r#"
+let tiny = "{tiny}";
+let policy = model(tiny, #{ init: "random", init_std: 0.08, seed: 3 });
+let tasks = synthetic(#{ count: 4, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 1 });
+let letters = reward(#{ script: |response, record| {
+    let hits = 0;
+    for c in response { if c == 'e' { hits += 1; } }
+    if response.len() == 0 { 0.0 } else { hits.to_float() / response.len().to_float() }
+} });
+let servers = #{ urls: {urls}, model: "tiny", flavor: "longrl", weights_dtype: "f32" };
+let scoring = #{ reward: letters, group: 3, max_output: 5, seed: 2 };
+score_difficulty(policy, tasks, scoring).output("records").write_jsonl("local.jsonl");
+score_difficulty(policy, tasks, scoring + #{ rollout: servers }).output("records").write_jsonl("remote.jsonl");
+let evaluation = #{ reward: letters, max_new_tokens: 5, samples: 2, temperature: 0.8, seed: 4 };
+evaluate(policy, tasks, evaluation + #{ name: "local" });
+evaluate(policy, tasks, evaluation + #{ name: "remote", rollout: servers });
+"#;
+
+#[test]
+fn difficulty_scoring_and_evaluation_on_servers_match_in_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = dir.path().join("start");
+    tiny_checkpoint(&start, 9);
+    let (a, b) = (serve(&start, &[]), serve(&start, &[]));
+    let urls = json!([a.url, b.url]).to_string();
+    std::fs::write(dir.path().join("remote.rhai"), with_tiny(SCORE_AND_EVALUATE).replace("{urls}", &urls)).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_longrl"))
+        .current_dir(dir.path())
+        .args(["run", "remote.rhai", "--runs-dir", "runs", "--name", "remote"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("longrl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = dir.path().join("runs/remote");
+    let read = |name: &str| std::fs::read_to_string(run.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let difficulty = |name: &str| -> Vec<Value> { read(name).lines().map(|l| serde_json::from_str::<Value>(l).expect("json")["difficulty"].clone()).collect() };
+    let (local, remote) = (difficulty("local.jsonl"), difficulty("remote.jsonl"));
+    assert_eq!(local.len(), 4);
+    assert!(local.iter().all(|d| d["rewards"].as_array().is_some_and(|r| r.len() == 3)), "{local:?}");
+    assert_eq!(local, remote, "the same samples, so the same difficulty");
+    let answers = |name: &str| -> Vec<Value> {
+        read(&format!("{name}/items.jsonl")).lines().map(|l| serde_json::from_str::<Value>(l).expect("json")).map(|item| item["responses"].clone()).collect()
+    };
+    let (local, remote) = (answers("local"), answers("remote"));
+    assert_eq!(local.len(), 4);
+    assert!(local.iter().all(|r| r.as_array().is_some_and(|a| a.len() == 2)), "{local:?}");
+    assert_eq!(local, remote, "the servers draw the same samples");
+}

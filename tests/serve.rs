@@ -176,6 +176,16 @@ fn a_weight_reload_swaps_the_model_and_names_its_version() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("\"success\":false"), "{text}");
     assert_eq!(get_json(&format!("{root}/get_weight_version"))["weight_version"], "step-1");
+
+    // vLLM's reload route rereads the directory the server started on.
+    let reply = post_json(&format!("{root}/collective_rpc"), &json!({ "method": "reload_weights" }));
+    assert_eq!(reply["results"], json!([null]), "{reply}");
+    let version = get_json(&format!("{root}/get_weight_version"))["weight_version"].clone();
+    assert_ne!(version, "step-1");
+    let again = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    assert_eq!(again["choices"], before["choices"], "the first weights again");
+    let (status, _, text) = post(&format!("{root}/collective_rpc"), &json!({ "method": "sleep" }));
+    assert_eq!(status, 400, "{text}");
 }
 
 /// The official `openai` Python client against the server (`tests/openai_client.py`). Skips

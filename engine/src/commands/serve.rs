@@ -244,34 +244,41 @@ fn route<B: CustomGrad>(
             let planned = parse_body::<ChatRequest>(body)?.plan(&shared.served())?;
             generate(planned, shared, work)
         }
-        ("POST", "/update_weights_from_disk") => {
-            let request = parse_body::<ReloadRequest>(body)?;
-            request.check()?;
-            let version = request.weight_version.clone();
-            match reload(Path::new(&request.model_path), version, request.abort_all_requests == Some(true), shared, work, device) {
-                Ok(version) => ok(json!({
-                    "success": true,
-                    "message": format!("loaded {}", request.model_path),
-                    "num_paused_requests": 0,
-                    "weight_version": version,
-                })),
-                Err(err) => Ok((err.status, Reply::Json(json!({ "success": false, "message": err.message, "num_paused_requests": 0 })))),
-            }
-        }
-        ("POST", "/collective_rpc") => {
-            let request = parse_body::<RpcRequest>(body)?;
-            if request.method != "reload_weights" {
-                return Err(ApiError::bad("method", format!("only `reload_weights` is served, not `{}`", request.method)));
-            }
-            if !request.args.is_empty() || !request.kwargs.is_empty() {
-                return Err(ApiError::bad("args", "reload_weights takes no arguments: it reloads the directory the server started with"));
-            }
-            reload(&shared.options.model, None, false, shared, work, device)?;
-            ok(json!({ "results": [null] }))
-        }
+        ("POST", "/update_weights_from_disk" | "/collective_rpc") => weight_route(url, body, shared, work, device),
         // There is no prefix cache: nothing to reset.
         ("POST", "/reset_prefix_cache") => ok(json!({})),
         _ => Err(ApiError::status(404, format!("no route for {method} {url}"))),
+    }
+}
+
+/// The weight routes: SGLang's `/update_weights_from_disk` (any model directory, a named
+/// version) and vLLM's `/collective_rpc` `reload_weights` (the directory served).
+fn weight_route<B: CustomGrad>(url: &str, body: &str, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) -> Result<(u16, Reply), ApiError> {
+    if url == "/collective_rpc" {
+        let request = parse_body::<RpcRequest>(body)?;
+        if request.method != "reload_weights" {
+            return Err(ApiError::bad("method", format!("only `reload_weights` is served, not `{}`", request.method)));
+        }
+        if !request.args.is_empty() || !request.kwargs.is_empty() {
+            return Err(ApiError::bad("args", "reload_weights takes no arguments: it reloads the directory the server started with"));
+        }
+        reload(&shared.options.model, None, false, shared, work, device)?;
+        return Ok((200, Reply::Json(json!({ "results": [null] }))));
+    }
+    let request = parse_body::<ReloadRequest>(body)?;
+    request.check()?;
+    let version = request.weight_version.clone();
+    match reload(Path::new(&request.model_path), version, request.abort_all_requests == Some(true), shared, work, device) {
+        Ok(version) => Ok((
+            200,
+            Reply::Json(json!({
+                "success": true,
+                "message": format!("loaded {}", request.model_path),
+                "num_paused_requests": 0,
+                "weight_version": version,
+            })),
+        )),
+        Err(err) => Ok((err.status, Reply::Json(json!({ "success": false, "message": err.message, "num_paused_requests": 0 })))),
     }
 }
 

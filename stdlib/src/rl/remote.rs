@@ -91,8 +91,9 @@ pub struct RolloutConfig {
     /// which a server is taken out.
     #[serde(default = "default_max_failures")]
     pub max_failures: u32,
-    /// Where the policy is written for the servers to load (default: `rollout-weights` in
-    /// the stage's directory). vLLM must have been started on this directory.
+    /// Where the policy is written for the servers to load (default: `<stage>-rollout-weights`
+    /// in the run directory, e.g. `rl_phase-3-rollout-weights`). vLLM must have been started
+    /// on this directory.
     #[serde(default)]
     pub weights_dir: Option<PathBuf>,
     /// Precision of the weights written for the servers: `bf16`, `f16` or `f32`.
