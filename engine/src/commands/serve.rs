@@ -325,7 +325,7 @@ fn reload<B: CustomGrad>(
         shared.sequencer.abort_queued();
     }
     let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-    work.send(Work::Swap { swap: Swap { model, version: version.clone(), path: path.to_path_buf() }, reply: reply_tx })
+    work.send(Work::Swap { swap: Box::new(Swap { model, version: version.clone(), path: path.to_path_buf() }), reply: reply_tx })
         .map_err(|_| ApiError::status(503, "the server is shutting down"))?;
     let old = reply_rx.recv().map_err(|_| ApiError::status(503, "the server is shutting down"))?;
     tracing::info!(from = %old, to = %version, path = %path.display(), "weights swapped");

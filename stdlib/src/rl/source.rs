@@ -32,7 +32,7 @@ pub enum Rollouts {
     InProcess,
     /// On inference servers.
     Remote {
-        servers: RemoteRollouts,
+        servers: Box<RemoteRollouts>,
         /// Where the policy is written for the servers to load.
         weights_dir: Option<PathBuf>,
     },
@@ -44,7 +44,7 @@ impl Rollouts {
     pub fn connect(config: Option<&RolloutConfig>, stage: &str, default_dir: Option<PathBuf>, cancel: &CancelToken) -> Result<Self, StageError> {
         let Some(config) = config else { return Ok(Self::InProcess) };
         let weights_dir = config.weights_dir.clone().or(default_dir);
-        Ok(Self::Remote { servers: RemoteRollouts::connect(config.clone(), stage, cancel)?, weights_dir })
+        Ok(Self::Remote { servers: Box::new(RemoteRollouts::connect(config.clone(), stage, cancel)?), weights_dir })
     }
 
     pub fn remote(&self) -> Option<&RemoteRollouts> {

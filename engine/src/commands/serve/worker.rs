@@ -68,7 +68,7 @@ pub struct Swap<B: CustomGrad> {
 /// Work for the worker. `seq` orders work for `abort_all_requests`.
 pub enum Work<B: CustomGrad> {
     Generate { seq: u64, jobs: Vec<GenJob>, reply: Sender<Result<Generated, String>> },
-    Swap { swap: Swap<B>, reply: Sender<String> },
+    Swap { swap: Box<Swap<B>>, reply: Sender<String> },
 }
 
 /// Shared between the request threads and the worker: the sequence numbers of work and the
