@@ -256,7 +256,7 @@ fn tiny_checkpoint(dir: &Path) {
 /// Starts `longrl serve --port 0` and returns the process and its base URL.
 fn serve(model: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_longrl"))
-        .args(["serve", "--model", model.to_str().expect("utf-8"), "--port", "0", "--max-tokens-cap", "24"])
+        .args(["serve", "--model", model.to_str().expect("utf-8"), "--port", "0", "--max-tokens-cap", "64"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -47,7 +47,8 @@ enum Command {
     Bench(BenchCommand),
     /// Try a model: sample a continuation of a prompt (temperature 0 = greedy).
     Generate(GenerateArgs),
-    /// Serve a model over the OpenAI-compatible chat API (so it can be a judge).
+    /// Serve a model over the OpenAI-compatible API: a judge, or a rollout server for RL
+    /// (completions with token ids and log-probs, weight reloads).
     Serve(ServeArgs),
     /// Score responses in a JSON Lines file (`response`, `gold`, `kind`): adds `score`.
     Score(ScoreArgs),
@@ -92,15 +93,24 @@ struct ServeArgs {
     /// Port; 0 picks a free one (printed on the first line).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Address to bind (loopback by default).
+    /// Address to bind: loopback by default. Another address (e.g. 0.0.0.0 for rollout
+    /// servers on other machines) exposes the server, which has no authentication, to
+    /// whoever reaches that address.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    /// Largest `max_tokens` a request may ask for.
+    /// Largest `max_tokens` a request may ask for (a request above it is refused).
     #[arg(long, default_value_t = 4096)]
     max_tokens_cap: usize,
     /// Stop after this many requests (default: serve until killed).
     #[arg(long)]
     max_requests: Option<usize>,
+    /// A name requests must give as `model` (repeatable; the first is the name responses
+    /// carry). Without one, any name is taken to mean the model served.
+    #[arg(long = "served-model-name", value_name = "NAME")]
+    served_model_names: Vec<String>,
+    /// Requests answered at once (generation itself runs on one worker).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: u64,
     #[arg(long, default_value = "cpu", value_parser = parse_backend)]
     backend: BackendKind,
     #[arg(long, default_value_t = 0)]
@@ -481,6 +491,8 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         port: args.port,
         max_tokens_cap: args.max_tokens_cap,
         max_requests: args.max_requests,
+        served_model_names: args.served_model_names,
+        threads: args.threads as usize,
     };
     longrl_backends::dispatch(DeviceSpec::new(args.backend, args.device), options)??;
     Ok(ExitCode::SUCCESS)

@@ -10,6 +10,8 @@ use longrl_engine::dataflow::recipe::Params;
 use longrl_engine::{execute, load_plan};
 use longrl_stdlib::{CancelToken, Registry, StageContext};
 
+pub mod serving;
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }

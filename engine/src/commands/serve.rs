@@ -1,19 +1,44 @@
-//! `longrl serve`: a longrl model behind the OpenAI-compatible chat API
-//! (`POST /v1/chat/completions`, `GET /v1/models`), so it can be a judge and tests can talk
-//! to a real server. Binds to loopback unless told otherwise; one request is generated at a
-//! time.
+//! `longrl serve`: a longrl model behind the OpenAI-compatible API, as a judge or as a
+//! rollout server for RL on other machines.
+//!
+//! Routes:
+//! - `POST /v1/completions`: token-id or text prompts (one or a list), `n` samples per prompt
+//!   (the prompt prefilled once), per-token log-probs with the sampled ids
+//!   (`return_token_ids`, `return_tokens_as_token_ids`), `prompt_logprobs`, stop strings and
+//!   stop token ids, `stream`;
+//! - `POST /v1/chat/completions`: the model's chat template, `n`, `logprobs` /
+//!   `top_logprobs`, `stream` (server-sent events);
+//! - `POST /update_weights_from_disk` (SGLang's route): loads a model directory and swaps it
+//!   in between two requests, reporting the weights version each response then carries
+//!   (`metadata.weight_version`); `GET /get_weight_version`;
+//! - `POST /collective_rpc` with `{"method": "reload_weights"}` and `POST
+//!   /reset_prefix_cache` (vLLM's development-mode routes): reload the directory the server
+//!   started with;
+//! - `GET /health`, `GET /v1/models`.
+//!
+//! Requests are answered concurrently by a pool of threads; one worker owns the model and
+//! runs the queued groups (see [`worker`]). The server binds to loopback unless `--host`
+//! says otherwise, and has no authentication.
+//!
+//! Log-probs of sampled tokens are those of the distribution the sampler drew from
+//! (`softmax(logits / temperature)`, before top-k / top-p truncation: what a GRPO trainer
+//! needs as the old policy's); `prompt_logprobs` are raw (temperature 1), as vLLM's are.
 
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+mod protocol;
+mod worker;
 
-use longrl_backends::BackendTask;
-use longrl_backends::TrainBackend;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crossbeam_channel::Sender;
+use longrl_backends::{BackendTask, CustomGrad, TrainBackend};
 use longrl_stdlib::model::chat::ModelTokenizer;
-use longrl_stdlib::model::generate::{FinishReason, SamplingConfig, generate_group};
-use longrl_stdlib::model::load_model;
-use longrl_stdlib::record::ChatMessage;
-use serde::Deserialize;
+use longrl_stdlib::model::{ModelConfig, load_model};
 use serde_json::{Value, json};
+
+use protocol::{ApiError, ChatRequest, CompletionRequest, Planned, ReloadRequest, Reply, RpcRequest, Served, parse_body};
+use worker::{Generated, Sequencer, Swap, Work};
 
 /// What to serve, where.
 #[derive(Debug, Clone)]
@@ -22,34 +47,57 @@ pub struct ServeOptions {
     pub host: String,
     /// 0 picks a free port (printed on the first line of stdout).
     pub port: u16,
-    /// Cap on `max_tokens` of a request.
+    /// Most tokens a request may ask for (`max_tokens`); a request above it is refused.
     pub max_tokens_cap: usize,
     /// Stop after this many requests (tests); `None` serves until killed.
     pub max_requests: Option<usize>,
+    /// Names a request's `model` may carry; empty: any (the first is the name in responses,
+    /// else the model directory's name).
+    pub served_model_names: Vec<String>,
+    /// Threads answering requests at once.
+    pub threads: usize,
 }
 
-/// The body of a chat completion request (the fields longrl uses; others are ignored, as
-/// OpenAI-compatible servers do).
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
-    max_completion_tokens: Option<usize>,
-    #[serde(default = "default_temperature")]
-    temperature: f32,
-    #[serde(default = "default_top_p")]
-    top_p: f32,
-    #[serde(default)]
-    seed: Option<u64>,
+/// The largest request body read (the rest of a longer one is ignored, and its JSON fails).
+const MAX_BODY_BYTES: u64 = 64 << 20;
+
+/// The version of the weights the server starts with (SGLang's default name).
+pub const INITIAL_VERSION: &str = "default";
+
+/// What the request threads share.
+struct Shared<'a> {
+    options: &'a ServeOptions,
+    name: String,
+    tokenizer: ModelTokenizer,
+    config: ModelConfig,
+    eos_ids: Vec<u32>,
+    /// The weights version being served and where it was loaded from.
+    current: Mutex<(String, PathBuf)>,
+    /// Weight loads in progress are taken one at a time.
+    reloading: Mutex<()>,
+    reloads: AtomicUsize,
+    served: AtomicUsize,
+    /// Set once `max_requests` were served: the request threads end.
+    stopping: AtomicBool,
+    sequencer: Sequencer,
 }
 
-fn default_temperature() -> f32 {
-    1.0
-}
-fn default_top_p() -> f32 {
-    1.0
+impl Shared<'_> {
+    fn served(&self) -> Served<'_> {
+        Served {
+            names: &self.options.served_model_names,
+            name: &self.name,
+            tokenizer: &self.tokenizer,
+            eos_ids: &self.eos_ids,
+            vocab: self.config.vocab_size,
+            max_model_len: self.config.max_position_embeddings.max(1),
+            max_tokens_cap: self.options.max_tokens_cap,
+        }
+    }
+
+    fn version(&self) -> (String, PathBuf) {
+        self.current.lock().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
 }
 
 impl BackendTask for ServeOptions {
@@ -58,116 +106,228 @@ impl BackendTask for ServeOptions {
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let (config, model) = load_model::<B::InnerBackend>(&self.model, &device)?;
         let tokenizer = ModelTokenizer::load(&self.model)?;
-        let name = self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "longrl".into());
+        let name = match self.served_model_names.first() {
+            Some(name) => name.clone(),
+            None => self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "longrl".into()),
+        };
         let server = tiny_http::Server::http((self.host.as_str(), self.port))
             .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port))?;
         let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(self.port);
         crate::outln!("listening on http://{}:{port}/v1 (model {name})", self.host)?;
-        let mut stop_ids = tokenizer.stop_ids.clone();
-        stop_ids.extend(config.eos_ids());
-        let mut served = 0usize;
-        for mut request in server.incoming_requests() {
-            let method = request.method().to_string();
-            let url = request.url().split('?').next().unwrap_or("").to_string();
-            let (status, body) = match (method.as_str(), url.as_str()) {
-                ("GET", "/v1/models") => {
-                    (200, json!({ "object": "list", "data": [{ "id": name, "object": "model", "owned_by": "longrl" }] }))
-                }
-                ("GET", "/health") => (200, json!({ "status": "ok" })),
-                ("POST", "/v1/chat/completions") => {
-                    let mut text = String::new();
-                    match std::io::Read::read_to_string(&mut std::io::Read::take(request.as_reader(), MAX_BODY_BYTES), &mut text) {
-                        Err(e) => (400, error_body(&format!("cannot read the request body: {e}"))),
-                        Ok(_) => match serde_json::from_str::<ChatRequest>(&text) {
-                            Err(e) => (400, error_body(&format!("invalid request: {e}"))),
-                            Ok(chat) => complete(&model, &tokenizer, &name, &stop_ids, &chat, self.max_tokens_cap, config.vocab_size),
-                        },
-                    }
-                }
-                _ => (404, error_body(&format!("no route for {method} {url}"))),
-            };
-            let response = tiny_http::Response::from_string(body.to_string()).with_status_code(status).with_header(
-                tiny_http::Header::from_bytes("Content-Type", "application/json").map_err(|()| anyhow::anyhow!("bad header"))?,
-            );
-            if let Err(e) = request.respond(response) {
-                tracing::warn!(error = %e, "could not send a reply");
-            }
-            served += 1;
-            if self.max_requests.is_some_and(|max| served >= max) {
-                break;
-            }
+        if !is_loopback(&self.host) {
+            tracing::warn!(host = %self.host, "the server listens beyond this machine and has no authentication");
         }
+        let mut eos_ids = tokenizer.stop_ids.clone();
+        eos_ids.extend(config.eos_ids());
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let shared = Shared {
+            options: &self,
+            name,
+            tokenizer,
+            config,
+            eos_ids,
+            current: Mutex::new((INITIAL_VERSION.to_string(), self.model.clone())),
+            reloading: Mutex::new(()),
+            reloads: AtomicUsize::new(0),
+            served: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            sequencer: Sequencer::default(),
+        };
+        let (work_tx, work_rx) = crossbeam_channel::unbounded::<Work<B::InnerBackend>>();
+        let threads = self.threads.max(1);
+        std::thread::scope(|scope| {
+            let shared = &shared;
+            let server = &server;
+            for _ in 0..threads {
+                let work = work_tx.clone();
+                let device = device.clone();
+                scope.spawn(move || {
+                    loop {
+                        let request = match server.recv() {
+                            Ok(request) => request,
+                            // Unblocked to stop, or a connection that failed to open.
+                            Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "a connection failed");
+                                continue;
+                            }
+                        };
+                        handle::<B::InnerBackend>(request, shared, &work, &device);
+                        let served = shared.served.fetch_add(1, Ordering::SeqCst) + 1;
+                        if shared.options.max_requests.is_some_and(|max| served >= max) && !shared.stopping.swap(true, Ordering::SeqCst) {
+                            for _ in 0..threads {
+                                server.unblock();
+                            }
+                        }
+                        if shared.stopping.load(Ordering::SeqCst) {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(work_tx);
+            let on_swap = |version: &str, path: &Path| {
+                if let Ok(mut current) = shared.current.lock() {
+                    *current = (version.to_string(), path.to_path_buf());
+                }
+            };
+            worker::run(model, INITIAL_VERSION.to_string(), work_rx, &shared.sequencer, on_swap);
+        });
         Ok(())
     }
 }
 
-/// The largest request body read (the rest of a longer one is ignored, and its JSON fails).
-const MAX_BODY_BYTES: u64 = 16 << 20;
-
-fn error_body(message: &str) -> Value {
-    json!({ "error": { "message": message, "type": "invalid_request_error" } })
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Generates one chat completion.
-fn complete<B: longrl_backends::CustomGrad>(
-    model: &longrl_stdlib::model::CausalLm<B>,
-    tokenizer: &ModelTokenizer,
-    name: &str,
-    stop_ids: &[u32],
-    chat: &ChatRequest,
-    cap: usize,
-    vocab: usize,
-) -> (u16, Value) {
-    if chat.messages.is_empty() {
-        return (400, error_body("messages must not be empty"));
+/// Answers one request.
+fn handle<B: CustomGrad>(mut request: tiny_http::Request, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) {
+    let method = request.method().to_string();
+    let url = request.url().split('?').next().unwrap_or("").to_string();
+    let body = if method == "POST" {
+        let mut text = String::new();
+        match std::io::Read::read_to_string(&mut std::io::Read::take(request.as_reader(), MAX_BODY_BYTES), &mut text) {
+            Ok(_) => Ok(text),
+            Err(e) => Err(ApiError::status(400, format!("cannot read the request body: {e}"))),
+        }
+    } else {
+        Ok(String::new())
+    };
+    let reply = body.and_then(|body| route::<B>(&method, &url, &body, shared, work, device));
+    let (status, content_type, bytes) = match reply {
+        Ok((status, Reply::Json(value))) => (status, "application/json", value.to_string().into_bytes()),
+        Ok((status, Reply::Events(text))) => (status, "text/event-stream", text.into_bytes()),
+        Err(err) => (err.status, "application/json", err.body().to_string().into_bytes()),
+    };
+    let mut response = tiny_http::Response::from_data(bytes).with_status_code(status);
+    if let Ok(header) = tiny_http::Header::from_bytes("Content-Type", content_type) {
+        response = response.with_header(header);
     }
-    let problems = longrl_stdlib::options::sampling_problems(chat.temperature, chat.top_p, true);
-    if !problems.is_empty() {
-        return (400, error_body(&problems.join("; ")));
+    if let Err(e) = request.respond(response) {
+        tracing::warn!(error = %e, "could not send a reply");
     }
-    let ids = match tokenizer.encode_chat(&chat.messages, true, &json!({ "enable_thinking": true })) {
-        Ok(ids) if !ids.is_empty() => ids,
-        Ok(_) => return (400, error_body("the prompt is empty")),
-        Err(e) => return (400, error_body(&e.to_string())),
-    };
-    if ids.iter().any(|&t| t as usize >= vocab) {
-        return (500, error_body("the tokenizer produced ids outside the model's vocabulary"));
+}
+
+/// The reply to `method url` with `body`.
+fn route<B: CustomGrad>(
+    method: &str,
+    url: &str,
+    body: &str,
+    shared: &Shared,
+    work: &Sender<Work<B>>,
+    device: &B::Device,
+) -> Result<(u16, Reply), ApiError> {
+    let ok = |value: Value| Ok((200, Reply::Json(value)));
+    match (method, url) {
+        ("GET", "/health") => {
+            let (version, path) = shared.version();
+            ok(json!({
+                "status": "ok",
+                "model": shared.name,
+                "model_path": path.display().to_string(),
+                "weight_version": version,
+                "requests": shared.served.load(Ordering::SeqCst),
+            }))
+        }
+        ("GET", "/v1/models") => {
+            let model = json!({ "id": shared.name, "object": "model", "owned_by": "longrl", "max_model_len": shared.config.max_position_embeddings });
+            ok(json!({ "object": "list", "data": [model] }))
+        }
+        ("GET", "/get_weight_version") => ok(json!({ "weight_version": shared.version().0 })),
+        ("POST", "/v1/completions") => {
+            let planned = parse_body::<CompletionRequest>(body)?.plan(&shared.served())?;
+            generate(planned, shared, work)
+        }
+        ("POST", "/v1/chat/completions") => {
+            let planned = parse_body::<ChatRequest>(body)?.plan(&shared.served())?;
+            generate(planned, shared, work)
+        }
+        ("POST", "/update_weights_from_disk" | "/collective_rpc") => weight_route(url, body, shared, work, device),
+        // There is no prefix cache: nothing to reset.
+        ("POST", "/reset_prefix_cache") => ok(json!({})),
+        _ => Err(ApiError::status(404, format!("no route for {method} {url}"))),
     }
-    let max_tokens = chat.max_completion_tokens.or(chat.max_tokens).unwrap_or(256).clamp(1, cap);
-    let sampling = SamplingConfig {
-        temperature: chat.temperature,
-        top_p: chat.top_p,
-        top_k: 0,
-        max_new_tokens: max_tokens,
-        stop_tokens: stop_ids.to_vec(),
-        seed: chat.seed.unwrap_or(0),
-    };
-    let completion = match generate_group(model, &ids, 1, &sampling) {
-        Ok(mut out) => out.remove(0),
-        Err(e) => return (500, error_body(&e.to_string())),
-    };
-    let mut tokens = completion.tokens.clone();
-    if tokens.last().is_some_and(|t| stop_ids.contains(t)) {
-        tokens.pop();
+}
+
+/// The weight routes: SGLang's `/update_weights_from_disk` (any model directory, a named
+/// version) and vLLM's `/collective_rpc` `reload_weights` (the directory served).
+fn weight_route<B: CustomGrad>(url: &str, body: &str, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) -> Result<(u16, Reply), ApiError> {
+    if url == "/collective_rpc" {
+        let request = parse_body::<RpcRequest>(body)?;
+        if request.method != "reload_weights" {
+            return Err(ApiError::bad("method", format!("only `reload_weights` is served, not `{}`", request.method)));
+        }
+        if !request.args.is_empty() || !request.kwargs.is_empty() {
+            return Err(ApiError::bad("args", "reload_weights takes no arguments: it reloads the directory the server started with"));
+        }
+        reload(&shared.options.model, None, false, shared, work, device)?;
+        return Ok((200, Reply::Json(json!({ "results": [null] }))));
     }
-    let content = match tokenizer.tokenizer.decode(&tokens, true) {
-        Ok(text) => text,
-        Err(e) => return (500, error_body(&e.to_string())),
+    let request = parse_body::<ReloadRequest>(body)?;
+    request.check()?;
+    let version = request.weight_version.clone();
+    match reload(Path::new(&request.model_path), version, request.abort_all_requests == Some(true), shared, work, device) {
+        Ok(version) => Ok((
+            200,
+            Reply::Json(json!({
+                "success": true,
+                "message": format!("loaded {}", request.model_path),
+                "num_paused_requests": 0,
+                "weight_version": version,
+            })),
+        )),
+        Err(err) => Ok((err.status, Reply::Json(json!({ "success": false, "message": err.message, "num_paused_requests": 0 })))),
+    }
+}
+
+/// Queues a request's jobs and renders what they produce.
+fn generate<B: CustomGrad>(planned: Planned, shared: &Shared, work: &Sender<Work<B>>) -> Result<(u16, Reply), ApiError> {
+    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    let seq = shared.sequencer.next();
+    work.send(Work::Generate { seq, jobs: planned.jobs.clone(), reply: reply_tx })
+        .map_err(|_| ApiError::status(503, "the server is shutting down"))?;
+    let generated: Generated = match reply_rx.recv() {
+        Ok(Ok(generated)) => generated,
+        Ok(Err(message)) if message == worker::ABORTED => return Err(ApiError::status(503, message)),
+        Ok(Err(message)) => return Err(ApiError::status(500, message)),
+        Err(_) => return Err(ApiError::status(503, "the server is shutting down")),
     };
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let finish = match completion.finish {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
+    Ok((200, planned.render(&generated, &shared.served())))
+}
+
+/// Loads `path` and swaps it in between two requests; returns the new version.
+fn reload<B: CustomGrad>(
+    path: &Path,
+    version: Option<String>,
+    abort: bool,
+    shared: &Shared,
+    work: &Sender<Work<B>>,
+    device: &B::Device,
+) -> Result<String, ApiError> {
+    let _one_at_a_time = shared.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (config, model) = load_model::<B>(path, device).map_err(|e| ApiError::bad("model_path", format!("cannot load the weights: {e}")))?;
+    let served = &shared.config;
+    let same = |a: &ModelConfig, b: &ModelConfig| {
+        (a.vocab_size, a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.intermediate_size)
+            == (b.vocab_size, b.hidden_size, b.num_hidden_layers, b.num_attention_heads, b.intermediate_size)
     };
-    (
-        200,
-        json!({
-            "id": format!("chatcmpl-{created}-{}", ids.len()),
-            "object": "chat.completion",
-            "created": created,
-            "model": name,
-            "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": finish }],
-            "usage": { "prompt_tokens": ids.len(), "completion_tokens": completion.tokens.len(), "total_tokens": ids.len() + completion.tokens.len() }
-        }),
-    )
+    if !same(&config, served) {
+        return Err(ApiError::bad(
+            "model_path",
+            format!("{}: another model's shapes (vocabulary, hidden size, layers or heads differ from the served model's)", path.display()),
+        ));
+    }
+    let count = shared.reloads.fetch_add(1, Ordering::SeqCst) + 1;
+    let version = version.unwrap_or_else(|| count.to_string());
+    if abort {
+        shared.sequencer.abort_queued();
+    }
+    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    work.send(Work::Swap { swap: Box::new(Swap { model, version: version.clone(), path: path.to_path_buf() }), reply: reply_tx })
+        .map_err(|_| ApiError::status(503, "the server is shutting down"))?;
+    let old = reply_rx.recv().map_err(|_| ApiError::status(503, "the server is shutting down"))?;
+    tracing::info!(from = %old, to = %version, path = %path.display(), "weights swapped");
+    Ok(version)
 }

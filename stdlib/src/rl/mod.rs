@@ -6,5 +6,7 @@ pub mod chain;
 pub mod dynamic;
 pub mod group;
 pub mod loss;
+pub mod remote;
 pub mod rollout;
+pub mod source;
 pub mod shaping;

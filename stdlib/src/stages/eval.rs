@@ -22,7 +22,9 @@ use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::Record;
 use crate::reward::{Reward, RewardOutcome, RuleConfig};
+use crate::rl::remote::RolloutConfig;
 use crate::rl::rollout::collect_groups;
+use crate::rl::source::Rollouts;
 use crate::stage::{PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `eval` stage.
@@ -65,6 +67,11 @@ pub struct EvalConfig {
     /// Name of this evaluation in tables and files (default: the stage label).
     #[serde(default)]
     pub name: Option<String>,
+    /// Generate on inference servers instead of in process (see `rl_phase`'s `rollout`):
+    /// the servers load the evaluated model's directory, and each prompt is one request
+    /// with `n` = `samples`.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
 }
 
 fn default_max_input() -> usize {
@@ -115,6 +122,9 @@ impl StageConfig for EvalConfig {
             ("decode_rows", self.decode_rows, limits::GROUP),
         ];
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
+        if let Some(rollout) = &self.rollout {
+            problems.extend(rollout.problems());
+        }
         problems
     }
 
@@ -293,7 +303,15 @@ impl ModelStage for Eval {
     fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
-        let (_, model) = load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?;
+        let rollouts = Rollouts::connect(config.rollout.as_ref(), io.label(), None, io.cancel_token())?;
+        // The servers generate: the model is not loaded here.
+        let model = match rollouts.remote() {
+            None => Some(load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?.1),
+            Some(_) => {
+                rollouts.sync_dir(&inputs.policy.dir, &format!("{}:{}", io.label(), inputs.policy.dir.display()))?;
+                None
+            }
+        };
         let sampling = SamplingConfig {
             temperature: config.temperature,
             top_p: config.top_p,
@@ -321,6 +339,7 @@ impl ModelStage for Eval {
             responses: vec![Vec::new(); prompts.len()],
             prompts,
             steps,
+            rollouts,
         })
     }
 }
@@ -338,7 +357,8 @@ pub struct EvalRun<B: TrainBackend> {
     config: EvalConfig,
     name: String,
     tokenizer: ModelTokenizer,
-    model: CausalLm<B::InnerBackend>,
+    /// The model, when generating in process.
+    model: Option<CausalLm<B::InnerBackend>>,
     sampling: SamplingConfig,
     reward: Arc<Reward>,
     records: Vec<Record>,
@@ -348,6 +368,7 @@ pub struct EvalRun<B: TrainBackend> {
     responses: Vec<Vec<String>>,
     /// The tasks each step generates for.
     steps: Vec<Vec<usize>>,
+    rollouts: Rollouts,
 }
 
 impl<B: TrainBackend> EvalRun<B> {
@@ -418,8 +439,24 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
 
     fn step(&mut self, step: usize, io: &mut StageIo) -> Result<StepOutcome<NoStepMetrics>, StageError> {
         let tasks = self.steps[step].clone();
+        let Some(model) = &self.model else {
+            // On the servers: each task one request with its `samples`.
+            let samplings: Vec<SamplingConfig> = tasks
+                .iter()
+                .map(|&i| SamplingConfig { seed: self.sampling.seed.wrapping_add(i as u64), ..self.sampling.clone() })
+                .collect();
+            let prompts: Vec<&[u32]> = tasks.iter().map(|&i| self.prompts[i].0.as_slice()).collect();
+            let sampled = self.rollouts.generate::<B::InnerBackend>(None, &prompts, self.config.samples, &samplings, io.cancel_token())?;
+            for (&i, group) in tasks.iter().zip(sampled) {
+                for completion in group.completions {
+                    let text = self.decode(&completion.tokens)?;
+                    self.responses[i].push(text);
+                }
+            }
+            return Ok(StepOutcome { metrics: None, status: String::new(), last: false });
+        };
         let requests = tasks.iter().enumerate().map(|(position, &i)| self.request(&tasks, position, i)).collect();
-        let mut decoder = BatchDecoder::new(&self.model, BatchOptions { max_rows: self.config.decode_rows });
+        let mut decoder = BatchDecoder::new(model, BatchOptions { max_rows: self.config.decode_rows });
         let groups = collect_groups(&mut decoder, requests, || io.cancel_token().check())?;
         for (&i, completions) in tasks.iter().zip(groups) {
             for completion in completions {

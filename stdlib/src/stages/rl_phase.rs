@@ -36,7 +36,9 @@ use crate::rl::chain::phase_problems;
 use crate::rl::dynamic::{DropReason, FilterMetric, GroupFilter, fill_step_batched};
 use crate::rl::group::{Group, group_backward, normalizer};
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums};
-use crate::rl::rollout::{pass_rate_bin, score_group};
+use crate::rl::remote::RolloutConfig;
+use crate::rl::rollout::{Rollouts as RolloutSink, pass_rate_bin, score_group};
+use crate::rl::source::{RemoteBatch, Rollouts};
 use crate::rl::shaping::overlong_penalty;
 use crate::stage::{Chart, DifficultyReport, PlanView, PortKind, PortSpec, ReportFigure, Stage, StageConfig, StageContext, StageIo};
 use crate::train::{OPTIMIZER_FILE, OptimConfig, RecomputeChoice, Trainer};
@@ -136,6 +138,12 @@ pub struct RlPhaseConfig {
     /// Keep only groups whose pass rate lies within [a, b].
     #[serde(default)]
     pub accuracy_band: Option<[f32; 2]>,
+    /// Generate the rollouts on inference servers instead of in process: `#{ urls: [..],
+    /// model: "..", flavor: "vllm" | "sglang" | "longrl", max_in_flight: 4 }` (see the
+    /// README's "Running at scale"). The policy is written (bf16) and loaded by every server
+    /// before each step's rollouts; the servers' log-probs are checked against the trainer's.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
     /// Prompts tried per step at most, as a multiple of `prompts_per_step`.
     #[serde(default = "default_tries")]
     pub max_tries: usize,
@@ -249,6 +257,9 @@ impl StageConfig for RlPhaseConfig {
             && (!(0.0..=1.0).contains(&a) || !(0.0..=1.0).contains(&b) || a > b)
         {
             problems.push("accuracy_band must be [a, b] with 0 <= a <= b <= 1".into());
+        }
+        if let Some(rollout) = &self.rollout {
+            problems.extend(rollout.problems());
         }
         problems
     }
@@ -379,6 +390,15 @@ struct RolloutStats {
     reward_sum: f64,
     length_sum: usize,
     pass_rate_histogram: [usize; 5],
+    /// Remote rollouts: the summed absolute difference between the servers' and the
+    /// trainer's log-probs, over `logprob_tokens` tokens, and the groups whose old log-probs
+    /// the trainer recomputed (per step; not summed over the phase).
+    #[serde(default)]
+    logprob_diff_sum: f64,
+    #[serde(default)]
+    logprob_tokens: usize,
+    #[serde(default)]
+    recomputed: usize,
 }
 
 impl RolloutStats {
@@ -435,6 +455,20 @@ pub struct RlStepMetrics {
     loss: f64,
     grad_norm: f64,
     lr: f64,
+    /// Remote rollouts: the weights version every rollout of the step came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weights_version: Option<String>,
+    /// Remote rollouts: mean absolute difference between the servers' log-probs of the
+    /// sampled tokens and the trainer's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout_logprob_diff: Option<f64>,
+    /// Remote rollouts: groups whose old log-probs the trainer recomputed (the servers'
+    /// differed beyond `logprob_tolerance`, or were missing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    groups_logprobs_recomputed: Option<usize>,
+    /// Remote rollouts: servers still in use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout_servers: Option<usize>,
 }
 
 /// An RL phase on one backend.
@@ -461,6 +495,8 @@ pub struct RlRun<B: TrainBackend> {
     /// Every report sent, saved with checkpoints and replayed on resume.
     reports: Vec<DifficultyReport>,
     started: Instant,
+    /// Where the groups are sampled.
+    rollouts: Rollouts,
 }
 
 impl<B: TrainBackend> RlRun<B> {
@@ -505,6 +541,8 @@ impl<B: TrainBackend> RlRun<B> {
         }
         let mut stop_tokens = tokenizer.stop_ids.clone();
         stop_tokens.extend(model_config.eos_ids());
+        let weights_dir = inputs.out_dir.as_ref().map(|d| d.with_file_name(format!("{}-rollout-weights", io.label().replace('#', "-"))));
+        let rollouts = Rollouts::connect(config.rollout.as_ref(), io.label(), weights_dir, io.cancel_token())?;
         Ok(Self {
             config: config.clone(),
             run_seed,
@@ -533,6 +571,7 @@ impl<B: TrainBackend> RlRun<B> {
             state: RlState { update: 0, short_steps: 0, queue, totals: RolloutStats::default(), last_reward_mean: None, optimizer_carried },
             reports: Vec::new(),
             started: Instant::now(),
+            rollouts,
         })
     }
 
@@ -542,12 +581,25 @@ impl<B: TrainBackend> RlRun<B> {
     /// ([`fill_step_batched`]).
     fn rollouts(&mut self, step: usize, io: &mut StageIo) -> Result<(Vec<Group>, RolloutStats, bool), StageError> {
         let inference = self.trainer.model().valid();
-        let mut decoder = BatchDecoder::new(&inference, BatchOptions { max_rows: self.config.decode_rows });
+        // Rollout servers first load the policy as it is now (once per optimizer update).
+        let version = format!("{}:{}", io.label(), self.state.update);
+        self.rollouts.sync_model(&inference, &self.model_config, &self.policy_dir, &version)?;
+        let cancel = io.cancel_token().clone();
+        let mut local;
+        let mut remote;
+        let source: &mut dyn RolloutSink = match self.rollouts.remote() {
+            Some(servers) => {
+                remote = RemoteBatch::new(servers, &cancel);
+                &mut remote
+            }
+            None => {
+                local = BatchDecoder::new(&inference, BatchOptions { max_rows: self.config.decode_rows });
+                &mut local
+            }
+        };
         let mut stats = RolloutStats::default();
         let tries = self.config.prompts_per_step * self.config.max_tries;
         let mut queue = std::mem::take(&mut self.state.queue);
-        // A step samples many groups: a stopped run does not wait for all of them.
-        let cancel = io.cancel_token().clone();
         let context = RolloutContext {
             config: &self.config,
             tasks: &self.tasks,
@@ -556,13 +608,16 @@ impl<B: TrainBackend> RlRun<B> {
             stop_tokens: &self.stop_tokens,
             run_seed: self.run_seed,
             step,
+            // Servers' log-probs are checked against the trainer's (and replaced if they differ).
+            logprob_check: self.rollouts.remote().map(|_| &inference),
         };
         let reports = &mut self.reports;
+        // A step samples many groups: a stopped run does not wait for all of them.
         let filled = fill_step_batched(
             &mut queue,
             self.config.prompts_per_step,
             tries,
-            &mut decoder,
+            source,
             |index| context.request(index),
             |index, completions| context.rollout_task(index, completions, &mut stats, reports, io),
             || cancel.check(),
@@ -690,6 +745,20 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
             loss: train.loss,
             grad_norm: train.grad_norm,
             lr: train.lr,
+            weights_version: None,
+            rollout_logprob_diff: None,
+            groups_logprobs_recomputed: None,
+            rollout_servers: None,
+        };
+        let metrics = match self.rollouts.remote() {
+            Some(servers) => RlStepMetrics {
+                weights_version: servers.loaded_version(),
+                rollout_logprob_diff: (stats.logprob_tokens > 0).then(|| stats.logprob_diff_sum / stats.logprob_tokens as f64),
+                groups_logprobs_recomputed: Some(stats.recomputed),
+                rollout_servers: Some(servers.alive().len()),
+                ..metrics
+            },
+            None => metrics,
         };
         let status = format!("reward {reward_mean:.3} acc {:.2}", metrics.accuracy);
         Ok(StepOutcome { metrics: Some(metrics), status, last: self.state.queue.is_empty() })
@@ -724,6 +793,10 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
         summary.insert("reports".into(), self.reports.len().into());
         summary.insert("wall_s".into(), self.started.elapsed().as_secs_f64().into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());
+        if let Some(servers) = self.rollouts.remote() {
+            summary.insert("rollout_requests".into(), serde_json::json!(servers.answered()));
+            summary.insert("rollout_servers_left".into(), serde_json::json!(servers.alive()));
+        }
         Ok(Some(dir.to_path_buf()))
     }
 }
@@ -731,7 +804,7 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
 /// What a task's rollout reads from its phase, borrowed apart from the rest of the run (so
 /// that the step's groups can be requested and judged while they decode together). A task's
 /// completions may come from any [`crate::rl::rollout::Rollouts`].
-struct RolloutContext<'a> {
+struct RolloutContext<'a, B: longrl_backends::CustomGrad> {
     config: &'a RlPhaseConfig,
     tasks: &'a [(Record, Vec<u32>)],
     tokenizer: &'a ModelTokenizer,
@@ -739,9 +812,11 @@ struct RolloutContext<'a> {
     stop_tokens: &'a [u32],
     run_seed: u64,
     step: usize,
+    /// The model that checks the rollouts' log-probs, when they come from servers.
+    logprob_check: Option<&'a CausalLm<B>>,
 }
 
-impl RolloutContext<'_> {
+impl<B: longrl_backends::CustomGrad> RolloutContext<'_, B> {
     /// Task `index`'s group: G samples of its prompt, from the task's own seed for the step.
     fn request(&self, index: usize) -> GroupRequest {
         let config = self.config;
@@ -800,13 +875,14 @@ impl RolloutContext<'_> {
         reports.push(report);
         let filter = GroupFilter { dynamic: config.dynamic_sampling, metric: config.dynamic_sampling_metric, band: config.accuracy_band };
         match filter.drop_reason(&rewards, pass_rate) {
-            None => Ok(Some(Group {
-                prompt: prompt.clone(),
-                responses: rollout.completions.iter().map(|c| c.tokens.clone()).collect(),
-                old_logprobs: rollout.completions.iter().map(|c| c.logprobs.clone()).collect(),
-                rewards,
-                advantages: Vec::new(),
-            })),
+            None => {
+                let responses: Vec<Vec<u32>> = rollout.completions.iter().map(|c| c.tokens.clone()).collect();
+                let mut old_logprobs: Vec<Vec<f32>> = rollout.completions.iter().map(|c| c.logprobs.clone()).collect();
+                if let Some(model) = self.logprob_check {
+                    old_logprobs = checked_logprobs(model, prompt, &responses, old_logprobs, config, stats)?;
+                }
+                Ok(Some(Group { prompt: prompt.clone(), responses, old_logprobs, rewards, advantages: Vec::new() }))
+            }
             Some(reason) => {
                 match reason {
                     DropReason::ZeroVariance => stats.dropped_zero_variance += 1,
@@ -896,6 +972,44 @@ fn read_reports(path: &Path) -> Result<Vec<DifficultyReport>, StageError> {
             serde_json::from_str(line).map_err(|e| StageError::BadRecord { path: path.to_path_buf(), line: i + 1, message: e.to_string() })
         })
         .collect()
+}
+
+/// The old policy's log-probs of a group sampled elsewhere: the servers' when they agree
+/// with the trainer's within `logprob_tolerance` (mean absolute difference over the
+/// group's tokens), else the trainer's own (as verl recomputes them). The difference is
+/// added to the step's figures.
+fn checked_logprobs<B: longrl_backends::CustomGrad>(
+    model: &CausalLm<B>,
+    prompt: &[u32],
+    responses: &[Vec<u32>],
+    servers: Vec<Vec<f32>>,
+    config: &RlPhaseConfig,
+    stats: &mut RolloutStats,
+) -> Result<Vec<Vec<f32>>, StageError> {
+    let scores = crate::model::score::score_group_at(model, prompt, responses, config.temperature)?;
+    let width = responses.iter().map(Vec::len).max().unwrap_or(0);
+    let flat = scores.logprobs.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| StageError::Failed(format!("cannot read log-probs: {e:?}")))?;
+    let own: Vec<Vec<f32>> = responses.iter().enumerate().map(|(i, r)| flat[i * width..i * width + r.len()].to_vec()).collect();
+    let (mut diff, mut tokens, mut missing) = (0.0f64, 0usize, false);
+    for (theirs, ours) in servers.iter().zip(&own) {
+        for (a, b) in theirs.iter().zip(ours) {
+            if a.is_finite() {
+                diff += f64::from((a - b).abs());
+                tokens += 1;
+            } else {
+                missing = true;
+            }
+        }
+    }
+    stats.logprob_diff_sum += diff;
+    stats.logprob_tokens += tokens;
+    let tolerance = config.rollout.as_ref().map_or(0.0, |r| r.logprob_tolerance);
+    if missing || diff / tokens.max(1) as f64 > tolerance {
+        stats.recomputed += 1;
+        Ok(own)
+    } else {
+        Ok(servers)
+    }
 }
 
 fn rng_seed(seed: u64, run_seed: u64, step: usize, tried: usize) -> u64 {

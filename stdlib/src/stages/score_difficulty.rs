@@ -23,7 +23,9 @@ use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::{Difficulty, Record};
 use crate::reward::{Reward, RuleConfig};
-use crate::rl::rollout::{collect_groups, score_group};
+use crate::rl::remote::RolloutConfig;
+use crate::rl::rollout::{Rollouts as RolloutSink, collect_groups, score_group};
+use crate::rl::source::{RemoteBatch, Rollouts};
 use crate::stage::{DifficultyReport, PortKind, PortSpec, Stage, StageConfig, StageContext, StageIo};
 
 /// Options of the `score_difficulty` stage.
@@ -59,6 +61,10 @@ pub struct ScoreDifficultyConfig {
     /// the end).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
+    /// Sample on inference servers instead of in process (see `rl_phase`'s `rollout`): the
+    /// servers load the scoring model's directory.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
 }
 
 fn default_checkpoint_every() -> usize {
@@ -114,6 +120,9 @@ impl StageConfig for ScoreDifficultyConfig {
             ("max_output", self.max_output, limits::TOKENS),
         ];
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
+        if let Some(rollout) = &self.rollout {
+            problems.extend(rollout.problems());
+        }
         problems
     }
 
@@ -150,16 +159,26 @@ impl ModelStage for ScoreDifficulty {
         Cadence { every: self.config.checkpoint_every, keep: 1 }
     }
 
-    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, _io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
+    fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
-        let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
+        let rollouts = Rollouts::connect(self.config.rollout.as_ref(), io.label(), None, io.cancel_token())?;
+        let model_config = crate::model::ModelConfig::load(&inputs.policy.dir.join("config.json"))?;
+        // The servers sample: the model is not loaded here.
+        let model = match rollouts.remote() {
+            None => Some(load_model::<B>(&inputs.policy.dir, &device)?.1.valid()),
+            Some(_) => {
+                rollouts.sync_dir(&inputs.policy.dir, &format!("{}:{}", io.label(), inputs.policy.dir.display()))?;
+                None
+            }
+        };
         let mut stop_tokens = tokenizer.stop_ids.clone();
         stop_tokens.extend(model_config.eos_ids());
         Ok(ScoreRun {
             config: self.config.clone(),
             run_seed: self.run_seed,
             tokenizer,
-            model: model.valid(),
+            rollouts,
+            model,
             stop_tokens,
             reward: inputs.reward,
             records: inputs.records,
@@ -195,7 +214,9 @@ pub struct ScoreRun<B: TrainBackend> {
     config: ScoreDifficultyConfig,
     run_seed: u64,
     tokenizer: ModelTokenizer,
-    model: CausalLm<B::InnerBackend>,
+    /// The model, when sampling in process.
+    model: Option<CausalLm<B::InnerBackend>>,
+    rollouts: Rollouts,
     stop_tokens: Vec<u32>,
     reward: Arc<Reward>,
     records: Vec<Record>,
@@ -237,8 +258,15 @@ impl<B: TrainBackend> ScoreRun<B> {
             };
             requests.push(GroupRequest::group(prompt, config.group, sampling));
         }
-        let mut decoder = BatchDecoder::new(&self.model, BatchOptions { max_rows: config.decode_rows });
-        let groups = collect_groups(&mut decoder, requests, || io.cancel_token().check())?;
+        let cancel = io.cancel_token().clone();
+        let groups = match (&self.model, self.rollouts.remote()) {
+            (_, Some(servers)) => collect_groups(&mut RemoteBatch::new(servers, &cancel), requests, || cancel.check())?,
+            (Some(model), None) => {
+                let mut decoder = BatchDecoder::new(model, BatchOptions { max_rows: config.decode_rows });
+                collect_groups(&mut decoder as &mut dyn RolloutSink, requests, || cancel.check())?
+            }
+            (None, None) => return Err(StageError::Failed(format!("{}: no model and no rollout servers", io.label()))),
+        };
         self.ready = (index..end).zip(groups).collect();
         Ok(())
     }

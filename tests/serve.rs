@@ -1,0 +1,217 @@
+//! `longrl serve` as a rollout server, over real HTTP on 127.0.0.1: token-id and text
+//! prompts to `/v1/completions` with `n` samples and per-token log-probs (equal to the
+//! trainer's own), server-sent event streams, chat completions honouring `n` / `logprobs`
+//! / `stream`, unsupported fields refused with a 400 naming them, `/health`, weight reloads
+//! through `/update_weights_from_disk`, and the official `openai` Python client.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use support::serving::{floats, get_json, ids, logprob_gap, post, post_json, serve, tiny_checkpoint};
+use support::workspace;
+
+/// The `data:` payloads of a server-sent event stream, which must end with `[DONE]`.
+fn events(text: &str) -> Vec<Value> {
+    let payloads: Vec<&str> = text.split("\n\n").filter(|e| !e.trim().is_empty()).map(|e| e.strip_prefix("data: ").expect("a data event")).collect();
+    assert_eq!(payloads.last(), Some(&"[DONE]"), "{text}");
+    payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).expect("json chunk")).collect()
+}
+
+const PROMPT: [u32; 6] = [5, 17, 29, 41, 8, 3];
+
+fn completion_request(seed: u64) -> Value {
+    json!({ "model": "tiny", "prompt": PROMPT, "n": 3, "max_tokens": 8, "temperature": 0.9, "seed": seed,
+            "logprobs": 0, "return_token_ids": true, "ignore_eos": true })
+}
+
+#[test]
+fn completions_sample_n_token_id_prompts_with_the_trainers_logprobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &[]);
+    assert!(server.first_line.contains("http://127.0.0.1:"), "loopback by default: {}", server.first_line);
+    let health = get_json(&format!("{}/health", server.root()));
+    assert_eq!((health["status"].as_str(), health["weight_version"].as_str()), (Some("ok"), Some("default")), "{health}");
+
+    let reply = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    let choices = reply["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "n = 3 gives three choices: {reply}");
+    for choice in choices {
+        assert_eq!(ids(&choice["token_ids"]).len(), 8, "ignore_eos and max_tokens 8: {choice}");
+        assert_eq!(ids(&choice["prompt_token_ids"]), PROMPT);
+        assert!(floats(&choice["logprobs"]["token_logprobs"]).iter().all(|lp| lp.is_finite() && *lp <= 0.0));
+        assert_eq!(choice["finish_reason"], "length");
+    }
+    assert_eq!(reply["metadata"]["weight_version"], "default");
+    assert_eq!(reply["usage"]["completion_tokens"], 24);
+    let gap = logprob_gap(dir.path(), &PROMPT, choices, 0.9);
+    eprintln!("largest gap between the server's log-probs and the trainer's: {gap:e}");
+    assert!(gap < 1e-4, "the server's log-probs are the trainer's: gap {gap}");
+    // The same seed draws the same samples.
+    let again = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    assert_eq!(again["choices"], reply["choices"]);
+
+    // Text prompts, several at once: n choices per prompt, in order.
+    let texts = json!({ "model": "tiny", "prompt": ["the cat", "a dog"], "n": 2, "max_tokens": 4, "seed": 1, "logprobs": 1 });
+    let reply = post_json(&format!("{}/completions", server.url), &texts);
+    let choices = reply["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4, "{reply}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert!(choice["text"].is_string());
+        let top = choice["logprobs"]["top_logprobs"].as_array().expect("top logprobs");
+        assert!(top.iter().all(|t| (1..=2).contains(&t.as_object().expect("map").len())), "{choice}");
+    }
+}
+
+#[test]
+fn streams_are_server_sent_events_that_add_up_to_the_whole_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &[]);
+    let url = format!("{}/completions", server.url);
+    let whole = post_json(&url, &completion_request(3));
+    let mut streamed = completion_request(3);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({ "include_usage": true });
+    let (status, kind, text) = post(&url, &streamed);
+    assert_eq!(status, 200, "{text}");
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    let chunks = events(&text);
+    for (index, choice) in whole["choices"].as_array().expect("choices").iter().enumerate() {
+        let mine: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].as_array()?.first()).filter(|c| c["index"] == index).collect();
+        let text: String = mine.iter().filter_map(|c| c["text"].as_str()).collect();
+        let tokens: Vec<u32> = mine.iter().filter_map(|c| c.get("token_ids")).flat_map(ids).collect();
+        let logprobs: Vec<f32> = mine.iter().filter(|c| !c["logprobs"].is_null()).flat_map(|c| floats(&c["logprobs"]["token_logprobs"])).collect();
+        assert_eq!(text, choice["text"].as_str().expect("text"));
+        assert_eq!(tokens, ids(&choice["token_ids"]));
+        assert_eq!(logprobs, floats(&choice["logprobs"]["token_logprobs"]));
+        assert_eq!(mine.last().expect("chunks")["finish_reason"], "length");
+    }
+    assert_eq!(chunks.last().expect("usage chunk")["usage"]["completion_tokens"], 24);
+
+    // Chat: n choices, each streamed with its log-probs.
+    let chat = json!({ "model": "tiny", "messages": [{ "role": "user", "content": "Where is Oslo?" }], "n": 2, "max_tokens": 5,
+                       "seed": 4, "logprobs": true, "top_logprobs": 2, "stream": true });
+    let (status, kind, text) = post(&format!("{}/chat/completions", server.url), &chat);
+    assert_eq!(status, 200, "{text}");
+    assert!(kind.starts_with("text/event-stream"), "{kind}");
+    let chunks = events(&text);
+    for index in 0..2 {
+        let mine: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].as_array()?.first()).filter(|c| c["index"] == index).collect();
+        assert_eq!(mine[0]["delta"]["role"], "assistant");
+        let scored: usize = mine.iter().filter_map(|c| c["logprobs"]["content"].as_array()).map(Vec::len).sum();
+        assert!((1..=5).contains(&scored), "one log-prob per generated token: {text}");
+        assert!(mine.last().expect("chunks")["finish_reason"].is_string());
+    }
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+}
+
+#[test]
+fn chat_honours_n_and_logprobs_and_unsupported_fields_are_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &[]);
+    let chat_url = format!("{}/chat/completions", server.url);
+    let chat = json!({ "model": "tiny", "messages": [{ "role": "user", "content": "Hi" }], "n": 3, "max_tokens": 4,
+                       "logprobs": true, "top_logprobs": 2, "seed": 5 });
+    let reply = post_json(&chat_url, &chat);
+    let choices = reply["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "n = 3 gives three choices: {reply}");
+    for choice in choices {
+        let content = choice["logprobs"]["content"].as_array().expect("logprobs.content");
+        assert!(!content.is_empty() && content.len() <= 4, "{choice}");
+        assert!(content.iter().all(|t| t["logprob"].as_f64().is_some_and(|lp| lp <= 0.0) && t["top_logprobs"].as_array().is_some_and(|a| a.len() == 2)));
+    }
+
+    let completions_url = format!("{}/completions", server.url);
+    let cases = [
+        (&completions_url, json!({ "prompt": [1, 2], "frequency_penalty": 0.5 }), "frequency_penalty"),
+        (&completions_url, json!({ "prompt": [1, 2], "logit_bias": { "5": 10 } }), "logit_bias"),
+        (&completions_url, json!({ "prompt": [1, 2], "no_such_field": 1 }), "no_such_field"),
+        (&completions_url, json!({ "prompt": [1, 2], "max_tokens": 100000 }), "max_tokens"),
+        (&completions_url, json!({ "prompt": [1, 2], "n": "three" }), "n"),
+        (&chat_url, json!({ "messages": [{ "role": "user", "content": "Hi" }], "tools": [{ "type": "function" }] }), "tools"),
+        (&chat_url, json!({ "messages": [{ "role": "user", "content": "Hi" }], "presence_penalty": 1.0 }), "presence_penalty"),
+    ];
+    for (url, body, field) in cases {
+        let (status, _, text) = post(url, &body);
+        assert_eq!(status, 400, "{body} is refused: {text}");
+        let error: Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(error["error"]["param"], field, "{text}");
+        assert!(error["error"]["message"].as_str().expect("message").contains(field), "{text}");
+    }
+    let (status, _, _) = post(&format!("{}/no/such/route", server.url), &json!({}));
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn a_weight_reload_swaps_the_model_and_names_its_version() {
+    let first = tempfile::tempdir().expect("tempdir");
+    let second = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(first.path(), 9);
+    tiny_checkpoint(second.path(), 10);
+    let server = serve(first.path(), &[]);
+    let root = server.root();
+    let before = post_json(&format!("{}/completions", server.url), &completion_request(7));
+
+    let reload = json!({ "model_path": second.path().display().to_string(), "weight_version": "step-1" });
+    let reply = post_json(&format!("{root}/update_weights_from_disk"), &reload);
+    assert_eq!((reply["success"].as_bool(), reply["weight_version"].as_str()), (Some(true), Some("step-1")), "{reply}");
+    assert_eq!(get_json(&format!("{root}/get_weight_version"))["weight_version"], "step-1");
+    assert_eq!(get_json(&format!("{root}/health"))["weight_version"], "step-1");
+
+    let after = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    assert_eq!(after["metadata"]["weight_version"], "step-1");
+    assert_ne!(after["choices"], before["choices"], "new weights, new samples");
+    let choices = after["choices"].as_array().expect("choices");
+    let gap = logprob_gap(second.path(), &PROMPT, choices, 0.9);
+    assert!(gap < 1e-4, "the log-probs are the reloaded weights': gap {gap}");
+
+    // A directory that is no model is refused, and the served weights stay.
+    let bad = json!({ "model_path": first.path().join("missing").display().to_string() });
+    let (status, _, text) = post(&format!("{root}/update_weights_from_disk"), &bad);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"success\":false"), "{text}");
+    assert_eq!(get_json(&format!("{root}/get_weight_version"))["weight_version"], "step-1");
+
+    // vLLM's reload route rereads the directory the server started on.
+    let reply = post_json(&format!("{root}/collective_rpc"), &json!({ "method": "reload_weights" }));
+    assert_eq!(reply["results"], json!([null]), "{reply}");
+    let version = get_json(&format!("{root}/get_weight_version"))["weight_version"].clone();
+    assert_ne!(version, "step-1");
+    let again = post_json(&format!("{}/completions", server.url), &completion_request(7));
+    assert_eq!(again["choices"], before["choices"], "the first weights again");
+    let (status, _, text) = post(&format!("{root}/collective_rpc"), &json!({ "method": "sleep" }));
+    assert_eq!(status, 400, "{text}");
+}
+
+/// The official `openai` Python client against the server (`tests/openai_client.py`). Skips
+/// with a message when Python or the package is missing, unless `LONGRL_REQUIRE_OPENAI` is
+/// set (CI sets it after installing the package).
+#[test]
+fn the_official_openai_python_client_works_against_the_server() {
+    let required = std::env::var_os("LONGRL_REQUIRE_OPENAI").is_some();
+    let probe = Command::new("python3").args(["-c", "import openai"]).output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = match probe {
+            Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            Err(e) => format!("no python3: {e}"),
+        };
+        assert!(!required, "LONGRL_REQUIRE_OPENAI is set but the openai client is unavailable: {why}");
+        eprintln!("skipped: the openai Python client is unavailable ({why}); `pip install openai` to run this test");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &["--served-model-name", "tiny"]);
+    let out = Command::new("python3")
+        .arg(workspace().join("tests/openai_client.py"))
+        .arg(&server.url)
+        .output()
+        .expect("python runs");
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "the openai client's checks failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
