@@ -87,11 +87,17 @@ pub fn bf16_supported<B: Backend>(device: &B::Device) -> bool {
 }
 
 /// `tensor` in `dtype` (itself when it already is: no cast node in the graph).
+///
+/// # Shapes
+/// - tensor: any -> the same shape
 pub fn to_dtype<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if tensor.dtype() == dtype { tensor } else { tensor.cast(dtype) }
 }
 
 /// `tensor` in f32 (for softmax statistics, log-probs and reductions).
+///
+/// # Shapes
+/// - tensor: any -> the same shape
 pub fn to_f32<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Tensor<B, D> {
     to_dtype(tensor, DType::F32)
 }
