@@ -226,3 +226,52 @@ fn a_recipe_trains_and_evaluates_the_tiny_model() {
         !sft_lines.is_empty() && sft_lines.iter().all(|l| l["loss"].is_number() && l["lr"].is_number() && l["tokens_per_s"].is_number())
     );
 }
+
+/// Two model stages on one device (an evaluation of the starting policy while SFT trains it,
+/// both on the CPU) take turns step by step: their steps never overlap in time, and the
+/// device's queue interleaves them rather than letting one run all its steps first.
+#[test]
+fn two_model_stages_on_one_device_never_step_at_the_same_time() {
+    use longrl_backends::DeviceSpec;
+    use longrl_stdlib::device_lock::{first_overlap, queue};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = format!(
+        r#"
+        let tiny = "{tiny}";
+        let policy = model(tiny, #{{ init: "random", seed: 3 }});
+        let train = synthetic(#{{ count: 24, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], seed: 1 }});
+        let held = synthetic(#{{ count: 12, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], seed: 2 }});
+        sft(policy, train, #{{ lr: 1e-3, epochs: 1, batch_tokens: 160, log_every: 1, checkpoint_every: 0 }});
+        evaluate(policy, held, #{{ max_new_tokens: 6, name: "during", batch: 1 }});
+        "#,
+        tiny = workspace().join("examples/models/tiny").display()
+    );
+    let registry = Registry::standard();
+    let plan = load_plan(&recipe, "shared.rhai", &registry, &Params::new()).expect("recipe");
+    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
+    let mut options = RunOptions::in_dir(dir.path());
+    options.run_dir = Some(dir.path().to_path_buf());
+    let started = std::time::Instant::now();
+    let report = execute(&plan, &registry, &options, &CancelToken::new()).expect("runs");
+    assert!(report.succeeded(), "{report}");
+    let ended = std::time::Instant::now();
+
+    // Every turn the CPU's queue gave (other tests of this binary included): none overlap.
+    let history = queue(DeviceSpec::cpu()).history();
+    if let Some((a, b)) = first_overlap(&history) {
+        panic!("two steps ran at once on the CPU: {} {:?}..{:?} and {} {:?}..{:?}", a.holder, a.start, a.end, b.holder, b.start, b.end);
+    }
+    // This run's stages (labels are unique within the plan) each stepped several times.
+    let mine: Vec<_> = history.iter().filter(|s| s.start >= started && s.end <= ended).collect();
+    let labels: Vec<String> =
+        report.stages.iter().map(|s| s.label.clone()).filter(|l| l.starts_with("sft") || l.starts_with("evaluate")).collect();
+    assert_eq!(labels.len(), 2, "{labels:?}");
+    for label in &labels {
+        let steps = mine.iter().filter(|s| &s.holder == label).count();
+        assert!(steps >= 3, "{label} took {steps} turns");
+    }
+    let order: Vec<&str> = mine.iter().filter(|s| labels.contains(&s.holder)).map(|s| s.holder.as_str()).collect();
+    let switches = order.windows(2).filter(|w| w[0] != w[1]).count();
+    println!("turns: {order:?}");
+    assert!(switches >= 2, "the stages took turns rather than one running to the end first: {order:?}");
+}

@@ -203,34 +203,7 @@ struct GenerateArgs {
 enum BenchCommand {
     /// Model throughput: prefill, decode (batch 1 and a group), forward+backward; and with
     /// --memory, peak memory of prefills of growing length on the tiny preset.
-    Model {
-        /// Shape: tiny, smollm2-135m or qwen2-0.5b.
-        #[arg(long, default_value = "tiny")]
-        preset: String,
-        #[arg(long, default_value_t = 4096)]
-        vocab: usize,
-        #[arg(long, default_value_t = 512)]
-        prompt_len: usize,
-        #[arg(long, default_value_t = 64)]
-        new_tokens: usize,
-        #[arg(long, default_value_t = 8)]
-        group: usize,
-        #[arg(long, default_value_t = 4)]
-        train_batch: usize,
-        #[arg(long, default_value_t = 256)]
-        train_seq: usize,
-        /// Also measure peak memory of prefills at these lengths (each in a fresh process).
-        #[arg(long, value_delimiter = ',')]
-        memory: Vec<usize>,
-        /// One JSON object: `prefill`, `decode_batch1`, `decode_group`, `train` in tokens/s
-        /// (the keys of `examples/bench/transformers_bench.py --json`).
-        #[arg(long, conflicts_with = "memory")]
-        json: bool,
-        #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-        backend: BackendKind,
-        #[arg(long, default_value_t = 0)]
-        device: usize,
-    },
+    Model(ModelArgs),
     /// Rollout throughput: several prompts' groups decoded together (continuous batching)
     /// against one group at a time, on random weights; and whether both give the same
     /// tokens.
@@ -290,6 +263,44 @@ enum BenchCommand {
         #[arg(long, default_value = "examples/tokenizers/qwen2.5/tokenizer.json")]
         tokenizer: PathBuf,
     },
+}
+
+/// What `bench model` measures.
+#[derive(Args, Debug, Clone)]
+struct ModelArgs {
+    /// Shape: tiny, smollm2-135m or qwen2-0.5b.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    #[arg(long, default_value_t = 4)]
+    train_batch: usize,
+    #[arg(long, default_value_t = 256)]
+    train_seq: usize,
+    /// Also measure peak memory of prefills at these lengths (each in a fresh process).
+    #[arg(long, value_delimiter = ',')]
+    memory: Vec<usize>,
+    /// Training precision: f32 or bf16-mixed (bf16 compute, f32 master weights; f32
+    /// where the backend has no bf16).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    precision: longrl_stdlib::model::precision::Precision,
+    /// The device's peak dense TFLOP/s at this precision, for the model FLOP utilisation.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// One JSON object: `prefill`, `decode_batch1`, `decode_group`, `train` in tokens/s
+    /// (the keys of `examples/bench/transformers_bench.py --json`).
+    #[arg(long, conflicts_with = "memory")]
+    json: bool,
+    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+    backend: BackendKind,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 /// Options of `longrl bench rollout`.
@@ -389,6 +400,9 @@ struct MemoryArgs {
     /// RL: padded response tokens per micro-batch (0: the whole group at once).
     #[arg(long, default_value_t = 0)]
     micro_batch_tokens: usize,
+    /// Training precision: f32 or bf16-mixed.
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    precision: longrl_stdlib::model::precision::Precision,
     #[arg(long, default_value = "cpu", value_parser = parse_backend)]
     backend: BackendKind,
     #[arg(long, default_value_t = 0)]
@@ -406,6 +420,7 @@ impl MemoryArgs {
             response_tokens: self.response_tokens,
             recompute: self.recompute,
             micro_batch_tokens: self.micro_batch_tokens,
+            precision: self.precision,
         }
     }
 
@@ -419,9 +434,14 @@ impl MemoryArgs {
         args.extend(["--group".to_string(), self.group.to_string(), "--response-tokens".into(), self.response_tokens.to_string()]);
         let recompute = serde_json::to_value(self.recompute).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         args.extend(["--recompute".to_string(), recompute, "--micro-batch-tokens".into(), self.micro_batch_tokens.to_string()]);
+        args.extend(["--precision".to_string(), self.precision.to_string()]);
         args.extend(["--backend".to_string(), self.backend.to_string(), "--device".into(), self.device.to_string()]);
         args
     }
+}
+
+fn parse_precision(text: &str) -> Result<longrl_stdlib::model::precision::Precision, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| format!("`{text}` is not f32 or bf16-mixed"))
 }
 
 fn parse_recompute(text: &str) -> Result<longrl_stdlib::train::RecomputeChoice, String> {
@@ -556,7 +576,10 @@ fn bench_memory(step: &MemoryArgs, lengths: &[usize], json: bool) -> Result<Exit
     use longrl_engine::commands::bench::memory::MemoryFigures;
     let exe = std::env::current_exe().context("cannot find the longrl executable")?;
     if !json {
-        println!("{:?} step, preset {}, backend {} (one fresh process per length)", step.step, step.preset, step.backend);
+        println!(
+            "{:?} step, preset {}, backend {}, precision {} (one fresh process per length)",
+            step.step, step.preset, step.backend, step.precision
+        );
         println!("{:>9} {:>10} {:>14} {:>10}", "length", "recompute", "peak RSS MiB", "seconds");
     }
     for &length in lengths {
@@ -665,45 +688,54 @@ fn bench_grpo(args: GrpoArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `longrl bench model`: the figures on the chosen device, then prefill peak memory by
+/// length (each in a fresh process).
+fn bench_model(args: ModelArgs) -> Result<ExitCode> {
+    let ModelArgs { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, precision, peak_tflops, json, backend, device } =
+        args;
+    let task = longrl_engine::commands::bench::ModelBench {
+        preset: preset.clone(),
+        vocab,
+        prompt_len,
+        new_tokens,
+        group,
+        train_batch,
+        train_seq,
+        precision,
+        peak_tflops,
+    };
+    let figures = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+    if json {
+        let object = longrl_engine::commands::bench::model::figures_json(&preset, vocab, backend.as_str(), &figures);
+        outln!("{object}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("model bench: preset {preset}, vocab {vocab}, backend {backend}, precision {precision}")?;
+    for f in figures {
+        outln!("  {:<52} {:>12.1} {}", f.name, f.value, f.unit)?;
+    }
+    if memory.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("prefill peak memory (tiny preset, fresh process each):")?;
+    let exe = std::env::current_exe().context("cannot find the longrl executable")?;
+    for len in memory {
+        let out = std::process::Command::new(&exe)
+            .args(["bench", "prefill-memory", "--len", &len.to_string(), "--vocab", &vocab.to_string()])
+            .output()
+            .context("cannot start the memory probe")?;
+        if !out.status.success() {
+            bail!("prefill of {len} tokens failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        out!("  {len:>7} tokens: {}", String::from_utf8_lossy(&out.stdout))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `longrl bench ...`.
 fn bench(command: BenchCommand) -> Result<ExitCode> {
     match command {
-        BenchCommand::Model { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, json, backend, device } => {
-            let task = longrl_engine::commands::bench::ModelBench {
-                preset: preset.clone(),
-                vocab,
-                prompt_len,
-                new_tokens,
-                group,
-                train_batch,
-                train_seq,
-            };
-            let figures = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
-            if json {
-                let object = longrl_engine::commands::bench::model::figures_json(&preset, vocab, backend.as_str(), &figures);
-                outln!("{object}")?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            outln!("model bench: preset {preset}, vocab {vocab}, backend {backend}")?;
-            for f in figures {
-                outln!("  {:<52} {:>12.1} {}", f.name, f.value, f.unit)?;
-            }
-            if !memory.is_empty() {
-                outln!("prefill peak memory (tiny preset, fresh process each):")?;
-                let exe = std::env::current_exe().context("cannot find the longrl executable")?;
-                for len in memory {
-                    let out = std::process::Command::new(&exe)
-                        .args(["bench", "prefill-memory", "--len", &len.to_string(), "--vocab", &vocab.to_string()])
-                        .output()
-                        .context("cannot start the memory probe")?;
-                    if !out.status.success() {
-                        bail!("prefill of {len} tokens failed: {}", String::from_utf8_lossy(&out.stderr));
-                    }
-                    out!("  {len:>7} tokens: {}", String::from_utf8_lossy(&out.stdout))?;
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        BenchCommand::Model(args) => bench_model(args),
         BenchCommand::Rollout(args) => bench_rollout(args),
         BenchCommand::Grpo(args) => bench_grpo(args),
         BenchCommand::Judge { requests, delay_ms, concurrency } => {

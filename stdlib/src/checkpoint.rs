@@ -34,17 +34,53 @@ pub struct Done {
     pub metrics_lines: usize,
 }
 
-/// Fills a checkpoint directory of a training stage: f32 weights with the tokenizer files of
-/// `tokenizer_dir` (a loadable Hugging Face model) and the optimizer's moments.
+/// Fills a checkpoint directory of a training stage: the weights in `save_dtype` with the
+/// tokenizer files of `tokenizer_dir` (a loadable Hugging Face model), and the optimizer
+/// state: the moments and, when the weights were saved below f32, the f32 master weights
+/// (see [`write_master_weights`]), so that a resumed run continues exactly.
 pub fn write_training_state<B: AutodiffBackend>(
     dir: &Path,
     trainer: &Trainer<B, CausalLm<B>>,
     config: &ModelConfig,
     tokenizer_dir: &Path,
+    save_dtype: SaveDtype,
 ) -> Result<(), StageError> {
-    save_model(&trainer.model().valid(), config, dir, SaveDtype::F32)?;
+    let model = trainer.model().valid();
+    save_model(&model, config, dir, save_dtype)?;
+    write_master_weights(&model, config, dir, save_dtype)?;
     copy_tokenizer_files(tokenizer_dir, dir)?;
     trainer.save_state(&dir.join(OPTIMIZER_FILE))
+}
+
+/// The folder, beside a model's weights and `optimizer.bin`, that holds the f32 master
+/// weights (config.json + model.safetensors) when the weights were saved in bf16 or f16.
+pub const MASTER_DIR: &str = "master";
+
+/// Writes the f32 master weights into `dir/master/` when `save_dtype` rounds the weights
+/// saved in `dir` (part of the optimizer state: a training stage that continues from `dir`
+/// reads them instead, see [`load_training_weights`]); with f32 weights, nothing.
+pub fn write_master_weights<B: burn::tensor::backend::Backend>(
+    model: &CausalLm<B>,
+    config: &ModelConfig,
+    dir: &Path,
+    save_dtype: SaveDtype,
+) -> Result<(), StageError> {
+    if save_dtype == SaveDtype::F32 {
+        return Ok(());
+    }
+    save_model(model, config, &dir.join(MASTER_DIR), SaveDtype::F32)?;
+    Ok(())
+}
+
+/// The weights a training stage continues from in `dir`: the f32 master weights of
+/// `dir/master/` when present (the weights beside them are rounded), else `dir`'s own.
+pub fn load_training_weights<B: burn::tensor::backend::Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(ModelConfig, CausalLm<B>), StageError> {
+    let master = dir.join(MASTER_DIR);
+    let from = if master.join("model.safetensors").is_file() { master } else { dir.to_path_buf() };
+    Ok(crate::model::load_model::<B>(&from, device)?)
 }
 
 /// The pointer to a stage's newest complete checkpoint.

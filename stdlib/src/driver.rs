@@ -5,7 +5,8 @@
 //! republishes a stage that finished in an earlier attempt of the run, resumes from the
 //! newest checkpoint (a typed state), checks cancellation between steps, logs each step's
 //! typed metrics, saves a checkpoint every N steps, and at the end lets the stage save its
-//! results, marks the stage done and publishes its model.
+//! results, marks the stage done and publishes its model. Each step holds its device's turn
+//! ([`crate::device_lock`]): stages that share a device take turns step by step.
 //!
 //! A stage plugs in with two traits: [`ModelStage`] (backend-independent: checkpoint
 //! cadence, preparation, replay of a finished stage) and [`StageRun`] (one backend: steps,
@@ -218,7 +219,11 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
         progress.skip(first_step as u64);
         for step in first_step..total {
             io.cancel_token().check()?;
-            let outcome = run.step(step, io)?;
+            // One step at a time per device, first come first served (see `device_lock`).
+            let outcome = {
+                let _turn = crate::device_lock::acquire(driver.ctx.device, io.label());
+                run.step(step, io)?
+            };
             if let Some(metrics) = &outcome.metrics {
                 io.log_metrics(step as u64, metrics_fields(metrics)?)?;
             }

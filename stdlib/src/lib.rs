@@ -2,6 +2,7 @@
 //! sinks, training and evaluation stages) and the model runtime they share.
 
 pub mod checkpoint;
+pub mod device_lock;
 pub mod driver;
 pub mod error;
 pub mod fsutil;

@@ -7,7 +7,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{DType, ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 
 use std::path::Path;
@@ -164,6 +164,11 @@ pub struct StepInfo {
 
 /// A module being trained: its weights and AdamW over them, with gradient accumulation
 /// and global-norm clipping. The weights move through each update.
+///
+/// The weights, their gradients and the moments are f32 (the master weights). Under mixed
+/// precision ([`Trainer::with_compute`]) the loss is computed with
+/// [`Trainer::compute_model`], a copy cast to the compute dtype inside the autodiff graph, so
+/// the backward runs in that dtype and the gradients arrive at the master weights in f32.
 pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
     /// Always `Some` outside [`Trainer::step`], which moves the weights through the optimizer.
     model: Option<M>,
@@ -171,6 +176,8 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
     accumulator: GradientsAccumulator<M>,
     config: OptimConfig,
     pending: usize,
+    /// The dtype the forward and backward compute in (see [`crate::model::precision`]).
+    compute: DType,
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
@@ -182,7 +189,28 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
             .with_epsilon(config.eps as f32)
             .with_weight_decay(config.weight_decay as f32)
             .init::<B, M>();
-        Self { model: Some(model), optim, accumulator: GradientsAccumulator::new(), config, pending: 0 }
+        Self { model: Some(model), optim, accumulator: GradientsAccumulator::new(), config, pending: 0, compute: DType::F32 }
+    }
+
+    /// The same trainer computing the forward and backward in `dtype` (bf16 for
+    /// `precision: bf16-mixed`); the weights and moments stay f32.
+    pub fn with_compute(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
+    }
+
+    /// The dtype the forward and backward compute in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// The model to compute a loss with: the weights themselves in f32, else a copy whose
+    /// parameters are casts of them to the compute dtype (gradients flow back through the
+    /// casts to the f32 weights, which [`Trainer::backward`] and [`Trainer::accumulate`]
+    /// read).
+    pub fn compute_model(&self) -> M {
+        let model = self.model().clone();
+        if self.compute == DType::F32 { model } else { crate::model::precision::cast_module(model, self.compute) }
     }
 
     /// The weights as they are now.

@@ -12,6 +12,7 @@ use burn::tensor::{Bool, Tensor, TensorPrimitive};
 use longrl_backends::CustomGrad;
 
 use crate::model::flash::{AttentionInputs, AttentionVjp};
+use crate::model::precision::{to_dtype, to_f32};
 
 /// Score given to masked keys. Finite (not -inf) so that a row with every key masked (a
 /// padding row) stays finite instead of spreading NaN through later layers.
@@ -330,11 +331,13 @@ fn attend_plain<B: Backend>(
     let t = own_k.dims()[2];
     let own_scores = mask_own(qg.clone().matmul(own_k.transpose()), rep, past, 0, 0, key_padding.as_ref()); // [b, kvh, rows, t]
     match shared {
-        None => softmax(own_scores, 3).matmul(own_v),
+        None => to_dtype(softmax(to_f32(own_scores), 3), own_v.dtype()).matmul(own_v),
         Some((sk, sv)) => {
             let p = sk.dims()[2];
             let shared_scores = scores_shared(qg, sk); // [b, kvh, rows, p]
-            let weights = softmax(Tensor::cat(vec![shared_scores, own_scores], 3), 3); // [b, kvh, rows, p+t]
+            // The softmax in f32 (the scores are bf16 under mixed precision).
+            let weights = softmax(to_f32(Tensor::cat(vec![shared_scores, own_scores], 3)), 3); // [b, kvh, rows, p+t]
+            let weights = to_dtype(weights, sv.dtype());
             let [b, kvh, rows, _] = weights.dims();
             let w_shared = weights.clone().slice([0..b, 0..kvh, 0..rows, 0..p]);
             let w_own = weights.slice([0..b, 0..kvh, 0..rows, p..p + t]);
@@ -370,7 +373,7 @@ fn attend_chunked<B: Backend>(
         let q_end = (q_start + qc_size).min(s);
         let rows = q_end - q_start;
         let qc = q5.clone().slice([0..b, 0..kvh, 0..rep, q_start..q_end, 0..hd]).reshape([b, kvh, rep * rows, hd]);
-        let mut state = OnlineSoftmax::new(b, kvh, rep * rows, hd, &device);
+        let mut state = OnlineSoftmax::new(b, kvh, rep * rows, hd, own_v.dtype(), &device);
         if let Some((sk, sv)) = &shared {
             let p = sk.dims()[2];
             let mut k_start = 0;
@@ -400,35 +403,40 @@ fn attend_chunked<B: Backend>(
     Tensor::cat(outputs, 3).reshape([b, kvh, rows_all, hd])
 }
 
-/// Running max, normalizer and weighted sum of one query chunk's online softmax.
+/// Running max, normalizer and weighted sum of one query chunk's online softmax, in f32
+/// whatever the inputs' dtype.
 struct OnlineSoftmax<B: Backend> {
     max: Tensor<B, 4>,  // [b, kvh, rows, 1]
     norm: Tensor<B, 4>, // [b, kvh, rows, 1]
     acc: Tensor<B, 4>,  // [b, kvh, rows, hd]
+    /// The values' dtype (bf16 under mixed precision).
+    dtype: burn::tensor::DType,
 }
 
 impl<B: Backend> OnlineSoftmax<B> {
-    fn new(b: usize, kvh: usize, rows: usize, hd: usize, device: &B::Device) -> Self {
+    fn new(b: usize, kvh: usize, rows: usize, hd: usize, dtype: burn::tensor::DType, device: &B::Device) -> Self {
         Self {
             max: Tensor::full([b, kvh, rows, 1], MASKED, device),
             norm: Tensor::zeros([b, kvh, rows, 1], device),
             acc: Tensor::zeros([b, kvh, rows, hd], device),
+            dtype,
         }
     }
 
     /// Folds in one block of scores `[b, kvh, rows, keys]`; `weigh` multiplies weights by
     /// the block's values.
     fn update(&mut self, scores: Tensor<B, 4>, weigh: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 4>) {
+        let scores = to_f32(scores);
         let block_max = scores.clone().max_dim(3);
         let new_max = self.max.clone().max_pair(block_max);
         let correction = (self.max.clone() - new_max.clone()).exp();
         let weights = (scores - new_max.clone()).exp(); // [b, kvh, rows, keys]
         self.norm = self.norm.clone() * correction.clone() + weights.clone().sum_dim(3);
-        self.acc = self.acc.clone() * correction + weigh(weights);
+        self.acc = self.acc.clone() * correction + to_f32(weigh(to_dtype(weights, self.dtype)));
         self.max = new_max;
     }
 
     fn finish(self) -> Tensor<B, 4> {
-        self.acc / self.norm
+        to_dtype(self.acc / self.norm, self.dtype)
     }
 }

@@ -10,10 +10,11 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive};
 use longrl_backends::{AttentionCall, Kernels, Vjp};
 
 use crate::model::attention::{MASKED, mask_own, scores_shared, weighted_shared};
+use crate::model::precision::{to_dtype, to_f32};
 
 /// Scores of one (query chunk, key block) pair are kept under about this many elements.
 const BLOCK_ELEMENTS: usize = 4 << 20;
@@ -98,38 +99,43 @@ fn blocks(len: usize, size: usize) -> Vec<(usize, usize)> {
     (0..len).step_by(size.max(1)).map(|start| (start, (start + size).min(len))).collect()
 }
 
-/// Running max, normalizer and weighted sum of one query chunk's online softmax.
+/// Running max, normalizer and weighted sum of one query chunk's online softmax, kept in
+/// f32 whatever the inputs' dtype (bf16 under mixed precision).
 struct OnlineSoftmax<B: Backend> {
     max: Tensor<B, 4>,  // [b, kvh, rows, 1]
     norm: Tensor<B, 4>, // [b, kvh, rows, 1]
     acc: Tensor<B, 4>,  // [b, kvh, rows, hd]
+    /// The inputs' dtype: the weights meet the values in it, and the output returns to it.
+    dtype: DType,
 }
 
 impl<B: Backend> OnlineSoftmax<B> {
-    fn new(rows: [usize; 3], hd: usize, device: &B::Device) -> Self {
+    fn new(rows: [usize; 3], hd: usize, dtype: DType, device: &B::Device) -> Self {
         let [b, kvh, r] = rows;
         Self {
             max: Tensor::full([b, kvh, r, 1], MASKED, device),
             norm: Tensor::zeros([b, kvh, r, 1], device),
             acc: Tensor::zeros([b, kvh, r, hd], device),
+            dtype,
         }
     }
 
     /// Folds in a block of scores `[b, kvh, rows, keys]`; `weigh` multiplies the block's
     /// weights by its values.
     fn update(&mut self, scores: Tensor<B, 4>, weigh: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 4>) {
+        let scores = to_f32(scores);
         let new_max = self.max.clone().max_pair(scores.clone().max_dim(3));
         let correction = (self.max.clone() - new_max.clone()).exp();
         let weights = (scores - new_max.clone()).exp(); // [b, kvh, rows, keys]
         self.norm = self.norm.clone() * correction.clone() + weights.clone().sum_dim(3);
-        self.acc = self.acc.clone() * correction + weigh(weights);
+        self.acc = self.acc.clone() * correction + to_f32(weigh(to_dtype(weights, self.dtype)));
         self.max = new_max;
     }
 
-    /// The output rows and their log-sum-exp.
+    /// The output rows (in the inputs' dtype) and their log-sum-exp (f32).
     fn finish(self) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let lse = self.max + self.norm.clone().log();
-        (self.acc / self.norm, lse)
+        (to_dtype(self.acc / self.norm, self.dtype), lse)
     }
 }
 
@@ -212,7 +218,7 @@ impl AttentionVjp {
         for (q_start, q_end) in blocks(s, dims.query_chunk(self.key_chunk, self.query_chunk)) {
             let rows = q_end - q_start;
             let qc = chunk_rows(&q5, q_start, q_end); // [b, kvh, rep*rows, hd]
-            let mut state = OnlineSoftmax::new([b, kvh, rep * rows], hd, &device);
+            let mut state = OnlineSoftmax::new([b, kvh, rep * rows], hd, q.dtype(), &device);
             if let Some((sk, sv)) = shared {
                 for (k_start, k_end) in blocks(sk.dims()[2], self.key_chunk) {
                     let kb = sk.clone().slice([0..1, 0..kvh, k_start..k_end, 0..hd]);
@@ -246,8 +252,9 @@ impl<B: Backend> KeyGrads<B> {
         Self { k: zeros(), v: zeros() }
     }
 
-    fn finish(self) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        (Tensor::cat(self.k, 2), Tensor::cat(self.v, 2))
+    /// The gradients (accumulated in f32) in `dtype`, the inputs'.
+    fn finish(self, dtype: DType) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (to_dtype(Tensor::cat(self.k, 2), dtype), to_dtype(Tensor::cat(self.v, 2), dtype))
     }
 }
 
@@ -264,10 +271,11 @@ struct ChunkGrad<B: Backend> {
 impl<B: Backend> ChunkGrad<B> {
     /// One key block's probabilities P = exp(S - lse) and score gradients
     /// dS = P * (dP - rowsum(dO * O)), from its masked scores S and dP = dO V^T.
-    fn block(&mut self, scores: Tensor<B, 4>, d_p: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let p = (scores - self.lse.clone()).exp(); // [b, kvh, rows, keys]
-        let d_s = p.clone() * (d_p - self.delta.clone());
-        (p, d_s)
+    /// Both in the inputs' dtype `dtype`, computed in f32.
+    fn block(&mut self, scores: Tensor<B, 4>, d_p: Tensor<B, 4>, dtype: DType) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let p = (to_f32(scores) - self.lse.clone()).exp(); // [b, kvh, rows, keys]
+        let d_s = p.clone() * (to_f32(d_p) - self.delta.clone());
+        (to_dtype(p, dtype), to_dtype(d_s, dtype))
     }
 }
 
@@ -311,7 +319,8 @@ impl AttentionVjp {
         let scale = dims.scale();
         let q5 = q.clone().mul_scalar(scale).reshape([b, kvh, rep, s, hd]);
         let d_out5 = d_out.reshape([b, kvh, rep, s, hd]);
-        let delta5 = (d_out5.clone() * out.reshape([b, kvh, rep, s, hd])).sum_dim(4); // [b, kvh, rep, s, 1]
+        let dtype = q.dtype();
+        let delta5 = (to_f32(d_out5.clone()) * to_f32(out.reshape([b, kvh, rep, s, hd]))).sum_dim(4); // [b, kvh, rep, s, 1]
         let own_spans = blocks(t, self.key_chunk);
         let mut own = KeyGrads::zeros(b, kvh, &own_spans, hd, &device);
         let shared_spans = shared.as_ref().map(|(sk, _)| blocks(sk.dims()[2], self.key_chunk)).unwrap_or_default();
@@ -332,10 +341,10 @@ impl AttentionVjp {
                     let vb = sv.clone().slice([0..1, 0..kvh, k_start..k_end, 0..hd]);
                     let scores = scores_shared(chunk.q.clone(), kb.clone());
                     let d_p = scores_shared(chunk.d_out.clone(), vb);
-                    let (p, d_s) = chunk.block(scores, d_p);
-                    prefix.v[j] = prefix.v[j].clone() + fold(p).transpose().matmul(fold(chunk.d_out.clone()));
-                    prefix.k[j] = prefix.k[j].clone() + fold(d_s.clone()).transpose().matmul(fold(chunk.q.clone()));
-                    chunk.d_q = chunk.d_q.clone() + weighted_shared(d_s, kb);
+                    let (p, d_s) = chunk.block(scores, d_p, dtype);
+                    prefix.v[j] = prefix.v[j].clone() + to_f32(fold(p).transpose().matmul(fold(chunk.d_out.clone())));
+                    prefix.k[j] = prefix.k[j].clone() + to_f32(fold(d_s.clone()).transpose().matmul(fold(chunk.q.clone())));
+                    chunk.d_q = chunk.d_q.clone() + to_f32(weighted_shared(d_s, kb));
                 }
             }
             for (j, (k_start, k_end)) in self.visible_blocks(dims, q_end).into_iter().enumerate() {
@@ -344,25 +353,25 @@ impl AttentionVjp {
                 let scores = mask_own(chunk.q.clone().matmul(kb.clone().transpose()), rep, self.past, q_start, k_start, padding.as_ref());
                 let d_p = chunk.d_out.clone().matmul(vb.transpose());
                 let masked = padding.is_some().then(|| scores.clone().lower_equal_elem(MASKED / 2.0));
-                let (p, d_s) = chunk.block(scores, d_p);
+                let (p, d_s) = chunk.block(scores, d_p, dtype);
                 // A masked score is a constant: no gradient reaches q or k through it (this
                 // matters only for a row whose keys are all masked, e.g. a padding query).
                 let d_s = match masked {
                     Some(masked) => d_s.mask_fill(masked, 0.0),
                     None => d_s,
                 };
-                own.v[j] = own.v[j].clone() + p.transpose().matmul(chunk.d_out.clone());
-                own.k[j] = own.k[j].clone() + d_s.clone().transpose().matmul(chunk.q.clone());
-                chunk.d_q = chunk.d_q.clone() + d_s.matmul(kb);
+                own.v[j] = own.v[j].clone() + to_f32(p.transpose().matmul(chunk.d_out.clone()));
+                own.k[j] = own.k[j].clone() + to_f32(d_s.clone().transpose().matmul(chunk.q.clone()));
+                chunk.d_q = chunk.d_q.clone() + to_f32(d_s.matmul(kb));
             }
-            d_q_chunks.push(chunk.d_q.mul_scalar(scale).reshape([b, kvh, rep, rows, hd]));
+            d_q_chunks.push(to_dtype(chunk.d_q.mul_scalar(scale), dtype).reshape([b, kvh, rep, rows, hd]));
         }
-        let (d_own_k, d_own_v) = own.finish();
+        let (d_own_k, d_own_v) = own.finish(dtype);
         AttentionGrads {
             q: Tensor::cat(d_q_chunks, 3).reshape([b, dims.heads, s, hd]),
             own_k: d_own_k,
             own_v: d_own_v,
-            shared: shared.is_some().then(|| prefix.finish()),
+            shared: shared.is_some().then(|| prefix.finish(dtype)),
         }
     }
 }

@@ -11,6 +11,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use longrl_backends::Vjp;
 
 use crate::model::flash::{primitive, tensor};
+use crate::model::precision::{to_dtype, to_f32};
 
 /// Logits elements of one chunk (about 64 MB in f32).
 const CHUNK_ELEMENTS: usize = 16 << 20;
@@ -50,8 +51,11 @@ impl TokenScoresVjp {
         (0..n).step_by(rows).map(|start| (start, (start + rows).min(n))).collect()
     }
 
+    /// The logits in f32: the product runs in the weights' dtype (bf16 under mixed
+    /// precision), the softmax and log-probs that follow in f32.
     fn logits<B: Backend>(&self, hidden: Tensor<B, 2>, weight: &Tensor<B, 2>) -> Tensor<B, 2> {
         let logits = if self.tied { hidden.matmul(weight.clone().transpose()) } else { hidden.matmul(weight.clone()) };
+        let logits = to_f32(logits);
         if (self.temperature - 1.0).abs() > f32::EPSILON { logits.div_scalar(self.temperature) } else { logits }
     }
 
@@ -85,7 +89,8 @@ impl<B: Backend> Vjp<B> for TokenScoresVjp {
     /// d z / T, which gives the hidden states' and the weight's.
     fn backward(&self, inputs: &[FloatTensor<B>], _: (), output_grad: FloatTensor<B>, wanted: &[bool]) -> Vec<Option<FloatTensor<B>>> {
         let (hidden, weight) = (tensor::<B, 2>(&inputs[0]), tensor::<B, 2>(&inputs[1]));
-        let grad = tensor::<B, 2>(&output_grad); // [n, 2]
+        let grad = to_f32(tensor::<B, 2>(&output_grad)); // [n, 2]
+        let dtype = weight.dtype();
         let [n, d] = hidden.dims();
         let mut d_hidden = Vec::new();
         let mut d_weight = Tensor::<B, 2>::zeros(weight.dims(), &weight.device());
@@ -102,15 +107,16 @@ impl<B: Backend> Vjp<B> for TokenScoresVjp {
             }
             let d_z = d_z.scatter(1, targets, g_logp, IndexingUpdateOp::Add);
             let d_logits = if (self.temperature - 1.0).abs() > f32::EPSILON { d_z.div_scalar(self.temperature) } else { d_z };
+            let d_logits = to_dtype(d_logits, dtype);
             let h = hidden.clone().slice([start..end, 0..d]);
             if self.tied {
                 d_hidden.push(d_logits.clone().matmul(weight.clone())); // [rows, d]
-                d_weight = d_weight + d_logits.transpose().matmul(h); // [vocab, d]
+                d_weight = d_weight + to_f32(d_logits.transpose().matmul(h)); // [vocab, d]
             } else {
                 d_hidden.push(d_logits.clone().matmul(weight.clone().transpose()));
-                d_weight = d_weight + h.transpose().matmul(d_logits); // [d, vocab]
+                d_weight = d_weight + to_f32(h.transpose().matmul(d_logits)); // [d, vocab]
             }
         }
-        vec![wanted[0].then(|| primitive(Tensor::cat(d_hidden, 0))), wanted[1].then(|| primitive(d_weight))]
+        vec![wanted[0].then(|| primitive(Tensor::cat(d_hidden, 0))), wanted[1].then(|| primitive(to_dtype(d_weight, dtype)))]
     }
 }

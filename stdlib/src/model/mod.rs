@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod head;
 pub mod llama;
+pub mod precision;
 pub mod qwen2;
 pub mod recompute;
 pub mod rope;

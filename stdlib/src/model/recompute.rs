@@ -14,6 +14,7 @@ use burn::tensor::ops::FloatTensor;
 use longrl_backends::{Kernels, Vjp};
 
 use crate::model::flash::{AttentionGrads, AttentionInputs, AttentionVjp, primitive, tensor};
+use crate::model::precision::{to_dtype, to_f32};
 
 /// The shape of a decoder layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,7 +80,8 @@ impl Slots {
 /// # Shapes
 /// - x: `[n, d]`, gamma: `[d]` -> the output `[n, d]` and the root mean square `[n, 1]`
 fn rms_norm<B: Backend>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, eps: f64) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let rms = (x.clone().square().mean_dim(1) + eps).sqrt(); // [n, 1]
+    // The mean of squares in f32, as Burn's RmsNorm (a no-op in f32).
+    let rms = to_dtype((to_f32(x.clone()).square().mean_dim(1) + eps).sqrt(), x.dtype()); // [n, 1]
     ((x / rms.clone()) * gamma.unsqueeze(), rms)
 }
 
@@ -91,7 +93,7 @@ fn rms_norm_backward<B: Backend>(
     d_y: Tensor<B, 2>,
 ) -> (Tensor<B, 2>, Tensor<B, 1>) {
     let normed = x / rms.clone(); // [n, d]
-    let d_gamma = (d_y.clone() * normed.clone()).sum_dim(0).squeeze_dim(0); // [d]
+    let d_gamma = to_dtype(to_f32(d_y.clone() * normed.clone()).sum_dim(0), gamma.dtype()).squeeze_dim(0); // [d]
     let d_normed = d_y * gamma.unsqueeze(); // [n, d]
     let projection = (d_normed.clone() * normed.clone()).mean_dim(1); // [n, 1]
     ((d_normed - normed * projection) / rms, d_gamma)
@@ -108,7 +110,7 @@ fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor
 
 /// The gradients of [`linear`]'s weight and bias; the input's is `d_y W^T`.
 fn linear_param_grads<B: Backend>(x: Tensor<B, 2>, d_y: Tensor<B, 2>, bias: bool) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
-    let d_bias = bias.then(|| d_y.clone().sum_dim(0).squeeze_dim(0));
+    let d_bias = bias.then(|| to_dtype(to_f32(d_y.clone()).sum_dim(0), d_y.dtype()).squeeze_dim(0));
     (x.transpose().matmul(d_y), d_bias)
 }
 
@@ -262,7 +264,7 @@ impl LayerVjp {
         let d_q = merge_heads(rope_backward(q, cos.clone(), sin.clone()));
         let d_k = merge_heads(rope_backward(own_k, cos, sin));
         let d_v = merge_heads(own_v);
-        let mut d_h1 = Tensor::zeros(acts.h1.dims(), &acts.h1.device());
+        let mut d_h1 = acts.h1.zeros_like();
         for (d_out, weight, bias) in [(d_q, WQ, slots.bq), (d_k, WK, slots.bk), (d_v, WV, slots.bv)] {
             let (d_w, d_b) = linear_param_grads(acts.h1.clone(), d_out.clone(), bias.is_some());
             grads[weight] = Some(primitive(d_w));
@@ -350,7 +352,7 @@ impl<B: Backend> Vjp<B> for KvVjp {
         let d_v = merge_heads(d_out.slice([0..b, kvh..2 * kvh, 0..s, 0..hd]));
         let d_k = merge_heads(rope_backward(d_k_rot, tensor(&inputs[COS]), tensor(&inputs[SIN])));
         let mut grads: Vec<Option<FloatTensor<B>>> = vec![None; inputs.len()];
-        let mut d_h = Tensor::zeros(h.dims(), &h.device());
+        let mut d_h = h.zeros_like();
         for (d, weight, bias) in [(d_k, KV_WK, KV_BK), (d_v, KV_WV, KV_BV)] {
             let (d_w, d_b) = linear_param_grads(h.clone(), d.clone(), self.shape.qkv_bias);
             grads[weight] = Some(primitive(d_w));

@@ -71,7 +71,7 @@ impl<B: AutodiffBackend> Prefix<B> {
     /// The gradients that reached a [`Prefix::detached`] copy (zero where none did).
     pub fn grads(&self, grads: &B::Gradients) -> PrefixGrads<B::InnerBackend> {
         fn grad_or_zero<B: AutodiffBackend, const D: usize>(t: &Tensor<B, D>, grads: &B::Gradients) -> Tensor<B::InnerBackend, D> {
-            t.grad(grads).unwrap_or_else(|| Tensor::zeros(t.dims(), &t.clone().inner().device()))
+            t.grad(grads).unwrap_or_else(|| t.clone().inner().zeros_like())
         }
         let layers = self
             .cache

@@ -15,6 +15,7 @@ use crate::model::ModelError;
 use crate::model::attention::{AttentionOptions, LayerKv, SelfAttention};
 use crate::model::config::ModelConfig;
 use crate::model::head::TokenScoresVjp;
+use crate::model::precision::to_dtype;
 use crate::model::recompute::{KvVjp, LayerShape, LayerVjp};
 use crate::model::rope::Rope;
 
@@ -374,8 +375,10 @@ impl<B: CustomGrad> CausalLm<B> {
     /// # Shapes
     /// - tokens: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn forward_layers(&self, tokens: Tensor<B, 2, Int>, args: ForwardArgs<B>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        let (cos, sin) = self.rope.tables(args.positions);
         let mut x = self.embed_tokens.forward(tokens); // [b, s, d]
+        // The rotation tables in the weights' dtype (bf16 under `precision: bf16-mixed`).
+        let (cos, sin) = self.rope.tables(args.positions);
+        let (cos, sin) = (to_dtype(cos, x.dtype()), to_dtype(sin, x.dtype()));
         let autodiff = B::ad_enabled(&x.device());
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let recompute = self.recompute == Recompute::Layer && autodiff && args.key_padding.is_none() && kv.own.is_none();

@@ -149,12 +149,12 @@ pub fn group_backward<B: TrainBackend>(
 ) -> Result<(f64, LossSums), StageError> {
     let batches = micro_batches(group, micro_batch_tokens);
     if batches.len() <= 1 {
-        let (loss, sums) = group_loss(trainer.model(), reference, group, temperature, config, normalizer)?;
+        let (loss, sums) = group_loss(&trainer.compute_model(), reference, group, temperature, config, normalizer)?;
         let value = loss.clone().into_scalar().elem::<f64>();
         trainer.backward(loss);
         return Ok((value, sums));
     }
-    let prefix = prefill(trainer.model(), &group.prompt)?;
+    let prefix = prefill(&trainer.compute_model(), &group.prompt)?;
     let mut total = (0.0f64, LossSums::default());
     let mut prefix_grads: Option<PrefixGrads<B::InnerBackend>> = None;
     for rows in &batches {
@@ -187,7 +187,7 @@ fn micro_batch_backward<B: TrainBackend>(
 ) -> Result<(f64, LossSums, PrefixGrads<B::InnerBackend>), StageError> {
     let leaf = prefix.detached();
     let responses: Vec<Vec<u32>> = rows.iter().map(|&i| group.responses[i].clone()).collect();
-    let scores = score_with_prefix(trainer.model(), &leaf, &responses, temperature, config.entropy_coef > 0.0)?;
+    let scores = score_with_prefix(&trainer.compute_model(), &leaf, &responses, temperature, config.entropy_coef > 0.0)?;
     let ref_logp = reference_logprobs::<B>(reference, group, rows, temperature)?;
     let (loss, sums) = rows_loss(scores, ref_logp, group, rows, config, normalizer);
     let value = loss.clone().into_scalar().elem::<f64>();

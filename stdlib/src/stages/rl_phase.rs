@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Done, write_training_state};
+use crate::checkpoint::{Done, load_training_weights, write_master_weights, write_training_state};
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
@@ -25,7 +25,8 @@ use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
 use crate::model::config::ModelConfig;
 use crate::model::generate::{Completion, SamplingConfig};
-use crate::model::{CausalLm, load_model, save_model};
+use crate::model::precision::{Precision, cast_model};
+use crate::model::{CausalLm, save_model};
 use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
 use crate::record::Record;
@@ -153,9 +154,19 @@ pub struct RlPhaseConfig {
     /// Seed of sampling and shuffling (mixed with the run seed).
     #[serde(default)]
     pub seed: u64,
-    /// Precision of the saved policy: `f32`, `bf16` or `f16` (checkpoints are always f32).
+    /// Precision of the saved weights (the published policy and each checkpoint's): `f32`,
+    /// `bf16` or `f16`. Default: f32, or bf16 under `precision: "bf16-mixed"`. Below f32,
+    /// the f32 master weights are saved beside them (`master/`, with the optimizer state),
+    /// so a resumed run or a phase that carries the optimizer continues exactly.
     #[serde(default)]
-    pub save_dtype: SaveDtype,
+    pub save_dtype: Option<SaveDtype>,
+    /// Numeric precision of training: `f32`, or `bf16-mixed` (forward, backward and
+    /// rollouts in bf16; f32 master weights, optimizer moments, log-probs, softmax, loss and
+    /// reductions). CUDA and the CPU backend compute in real bf16 (on the CPU slower than
+    /// f32: it is for checking the numerics); wgpu has no bf16 and trains in f32, saying so in
+    /// the log.
+    #[serde(default)]
+    pub precision: Precision,
     /// `carry`: continue from the optimizer state an earlier phase saved with the policy
     /// (fresh when there is none); `reset`: always fresh moments.
     #[serde(default)]
@@ -300,6 +311,11 @@ impl StageConfig for RlPhaseConfig {
 }
 
 impl RlPhaseConfig {
+    /// The dtype of saved weights: `save_dtype`, else the precision's default.
+    pub fn save_dtype(&self) -> SaveDtype {
+        self.save_dtype.unwrap_or(self.precision.default_save_dtype())
+    }
+
     /// Sampling settings, sizes within [`limits`], and the reward rule.
     fn bound_problems(&self) -> Vec<String> {
         let mut problems = self.rule.problems();
@@ -509,9 +525,10 @@ impl<B: TrainBackend> RlRun<B> {
     ) -> Result<Self, StageError> {
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
         let recompute = config.recompute.resolve(config.max_input + config.prompt_room + config.max_output);
-        let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
+        let (model_config, model) = load_training_weights::<B>(&inputs.policy.dir, &device)?;
         let model = model.with_recompute(recompute);
-        let reference = (config.kl_coef > 0.0).then(|| model.valid());
+        let compute = config.precision.resolve::<B>(&device);
+        let reference = (config.kl_coef > 0.0).then(|| cast_model(model.valid(), compute));
         let (tasks, passed_by, carried_tasks) = phase_tasks(config, &tokenizer, inputs.records)?;
         if let Some(dir) = &inputs.out_dir {
             write_task_list(dir, &tasks)?;
@@ -532,7 +549,7 @@ impl<B: TrainBackend> RlRun<B> {
             queue.extend(order);
         }
         let total_steps = config.max_steps.map_or(usize::MAX, |m| m).min(queue.len().div_ceil(config.prompts_per_step));
-        let mut trainer = Trainer::<B, CausalLm<B>>::new(model, config.optim.clone());
+        let mut trainer = Trainer::<B, CausalLm<B>>::new(model, config.optim.clone()).with_compute(compute);
         let previous_state = inputs.policy.dir.join(OPTIMIZER_FILE);
         let optimizer_carried = config.optimizer_state == OptimizerState::Carry && previous_state.is_file();
         if optimizer_carried {
@@ -580,7 +597,9 @@ impl<B: TrainBackend> RlRun<B> {
     /// once; tasks are tried, judged and kept exactly as one at a time would
     /// ([`fill_step_batched`]).
     fn rollouts(&mut self, step: usize, io: &mut StageIo) -> Result<(Vec<Group>, RolloutStats, bool), StageError> {
-        let inference = self.trainer.model().valid();
+        // Rollouts in the compute dtype too (bf16 under mixed precision), so that their
+        // log-probs are those the loss recomputes.
+        let inference = cast_model(self.trainer.model().valid(), self.trainer.compute_dtype());
         // Rollout servers first load the policy as it is now (once per optimizer update).
         let version = format!("{}:{}", io.label(), self.state.update);
         self.rollouts.sync_model(&inference, &self.model_config, &self.policy_dir, &version)?;
@@ -699,8 +718,10 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
                 self.tasks.len()
             )));
         }
-        let weights = load_model::<B>(dir, &self.device)?.1.with_recompute(self.trainer.model().recompute);
-        self.trainer = Trainer::new(weights, self.config.optim.clone()).load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
+        let weights = load_training_weights::<B>(dir, &self.device)?.1.with_recompute(self.trainer.model().recompute);
+        self.trainer = Trainer::new(weights, self.config.optim.clone())
+            .with_compute(self.trainer.compute_dtype())
+            .load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
         self.state = state;
         self.reports = read_reports(&dir.join(REPORTS_FILE))?;
         send_reports(io, &self.reports)
@@ -765,14 +786,16 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<RlState, StageError> {
-        write_training_state(dir, &self.trainer, &self.model_config, &self.policy_dir)?;
+        write_training_state(dir, &self.trainer, &self.model_config, &self.policy_dir, self.config.save_dtype())?;
         write_reports(&dir.join(REPORTS_FILE), &self.reports)?;
         Ok(self.state.clone())
     }
 
     fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
         let dir = out_dir.ok_or_else(|| StageError::Invalid("rl_phase needs a run directory".into()))?;
-        save_model(&self.trainer.model().valid(), &self.model_config, dir, self.config.save_dtype)?;
+        let model = self.trainer.model().valid();
+        save_model(&model, &self.model_config, dir, self.config.save_dtype())?;
+        write_master_weights(&model, &self.model_config, dir, self.config.save_dtype())?;
         copy_tokenizer_files(&self.policy_dir, dir)?;
         self.trainer.save_state(&dir.join(OPTIMIZER_FILE))?;
         write_reports(&dir.join(REPORTS_FILE), &self.reports)?;
@@ -782,6 +805,7 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
         summary.insert("passed_by".into(), self.passed_by.into());
         summary.insert("carried_tasks".into(), self.carried_tasks.into());
         summary.insert("updates".into(), self.state.update.into());
+        summary.insert("precision".into(), self.config.precision.as_str().into());
         summary.insert("optimizer_state".into(), (if self.state.optimizer_carried { "carried" } else { "fresh" }).into());
         summary.insert("prompts_tried".into(), totals.tried.into());
         summary.insert("groups_filtered".into(), totals.filtered().into());

@@ -13,14 +13,15 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::write_training_state;
+use crate::checkpoint::{load_training_weights, write_master_weights, write_training_state};
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
 use crate::model::config::ModelConfig;
+use crate::model::precision::Precision;
 use crate::model::score::score_batch;
-use crate::model::{CausalLm, load_model, save_model};
+use crate::model::{CausalLm, save_model};
 use crate::options::{at_most, limits};
 use crate::prompt::{encode_prompt, reasoning_trace};
 use crate::record::Record;
@@ -61,9 +62,17 @@ pub struct SftConfig {
     /// Seed of the shuffling (mixed with the run seed).
     #[serde(default)]
     pub seed: u64,
-    /// Precision of the saved weights: f32, bf16 or f16.
+    /// Precision of the saved weights (the published model and each checkpoint's): f32,
+    /// bf16 or f16. Default: f32, or bf16 under `precision: "bf16-mixed"`. Below f32, a
+    /// checkpoint also holds the f32 master weights (`master/`), so resuming is exact.
     #[serde(default)]
-    pub save_dtype: SaveDtype,
+    pub save_dtype: Option<SaveDtype>,
+    /// Numeric precision of training: `f32`, or `bf16-mixed` (forward and backward in bf16,
+    /// f32 master weights, optimizer moments, log-probs, softmax, loss and reductions).
+    /// CUDA and the CPU backend compute in real bf16 (on the CPU slower than f32: it is for
+    /// checking the numerics); wgpu has no bf16 and trains in f32, saying so in the log.
+    #[serde(default)]
+    pub precision: Precision,
     /// Write a metrics line every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
@@ -100,6 +109,13 @@ fn default_max_response() -> usize {
 }
 fn default_log_every() -> usize {
     10
+}
+
+impl SftConfig {
+    /// The dtype of saved weights: `save_dtype`, else the precision's default.
+    pub fn save_dtype(&self) -> SaveDtype {
+        self.save_dtype.unwrap_or(self.precision.default_save_dtype())
+    }
 }
 
 impl StageConfig for SftConfig {
@@ -233,8 +249,9 @@ impl ModelStage for Sft {
     fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<SftRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
-        let (model_config, model) = load_model::<B>(&inputs.policy.dir, &device)?;
+        let (model_config, model) = load_training_weights::<B>(&inputs.policy.dir, &device)?;
         let model = model.with_recompute(config.recompute.resolve(config.max_input + config.max_response));
+        let compute = config.precision.resolve::<B>(&device);
         let (examples, skipped) = make_examples(&tokenizer, &inputs.records, config.max_input, config.max_response)?;
         if examples.is_empty() {
             return Err(StageError::Failed(format!("{}: no record has a reasoning trace to train on", io.label())));
@@ -245,13 +262,13 @@ impl ModelStage for Sft {
         if let Some(max) = config.max_steps {
             steps.truncate(max);
         }
-        tracing::info!(examples = examples.len(), skipped, steps = steps.len(), "sft starts");
+        tracing::info!(examples = examples.len(), skipped, steps = steps.len(), precision = %config.precision, compute = ?compute, "sft starts");
         Ok(SftRun {
             config: config.clone(),
             policy_dir: inputs.policy.dir,
             model_config,
             device,
-            trainer: Trainer::new(model, config.optim.clone()),
+            trainer: Trainer::new(model, config.optim.clone()).with_compute(compute),
             examples,
             skipped,
             steps,
@@ -305,8 +322,10 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
     }
 
     fn restore(&mut self, dir: &Path, state: SftState, _io: &mut StageIo) -> Result<(), StageError> {
-        let weights = load_model::<B>(dir, &self.device)?.1.with_recompute(self.trainer.model().recompute);
-        self.trainer = Trainer::new(weights, self.config.optim.clone()).load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
+        let weights = load_training_weights::<B>(dir, &self.device)?.1.with_recompute(self.trainer.model().recompute);
+        self.trainer = Trainer::new(weights, self.config.optim.clone())
+            .with_compute(self.trainer.compute_dtype())
+            .load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
         self.state = state;
         Ok(())
     }
@@ -321,7 +340,7 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
         for batch in micro_batches {
             let pairs: Vec<Example> = batch.iter().map(|&i| self.examples[i].clone()).collect();
             step_tokens += pairs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
-            let loss = response_nll(self.trainer.model(), &pairs, denominator as f64)?;
+            let loss = response_nll(&self.trainer.compute_model(), &pairs, denominator as f64)?;
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             self.trainer.backward(loss);
         }
@@ -339,19 +358,22 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<SftState, StageError> {
-        write_training_state(dir, &self.trainer, &self.model_config, &self.policy_dir)?;
+        write_training_state(dir, &self.trainer, &self.model_config, &self.policy_dir, self.config.save_dtype())?;
         Ok(self.state.clone())
     }
 
     fn finish(self, out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
         let wall = self.started.elapsed().as_secs_f64();
         let dir = out_dir.ok_or_else(|| StageError::Invalid("sft needs a run directory".into()))?;
-        save_model(&self.trainer.model().valid(), &self.model_config, dir, self.config.save_dtype)?;
+        let model = self.trainer.model().valid();
+        save_model(&model, &self.model_config, dir, self.config.save_dtype())?;
+        write_master_weights(&model, &self.model_config, dir, self.config.save_dtype())?;
         copy_tokenizer_files(&self.policy_dir, dir)?;
         let summary = io.summary_mut();
         summary.insert("examples".into(), self.examples.len().into());
         summary.insert("skipped_without_trace".into(), self.skipped.into());
         summary.insert("steps".into(), self.steps.len().into());
+        summary.insert("precision".into(), self.config.precision.as_str().into());
         summary.insert("final_loss".into(), self.state.last_loss.unwrap_or(f64::NAN).into());
         summary.insert("tokens_per_s".into(), (self.state.tokens_seen as f64 / wall).into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());

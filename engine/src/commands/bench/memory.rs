@@ -10,6 +10,7 @@ use std::time::Instant;
 use burn::tensor::ElementConversion;
 use longrl_backends::TrainBackend;
 use longrl_stdlib::model::checkpoint::RandomInit;
+use longrl_stdlib::model::precision::Precision;
 use longrl_stdlib::model::score::score_batch;
 use longrl_stdlib::model::{CausalLm, ModelConfig, Recompute};
 use longrl_stdlib::rl::group::{Group, group_backward};
@@ -40,6 +41,8 @@ pub struct MemoryStep {
     pub recompute: RecomputeChoice,
     /// RL micro-batch budget in padded response tokens (0: the whole group).
     pub micro_batch_tokens: usize,
+    /// Training precision (bf16-mixed: bf16 compute through f32 master weights).
+    pub precision: Precision,
 }
 
 /// What one step measured (one line of `--json`).
@@ -53,6 +56,9 @@ pub struct MemoryFigures {
     pub peak_rss_mib: f64,
     /// Wall time of the training step (forward, backward, update), s.
     pub seconds: f64,
+    /// The precision asked for (`bf16-mixed` computes in f32 where the backend has no bf16).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The real vocabulary of a preset's model.
@@ -106,7 +112,7 @@ impl MemoryStep {
         let recompute = self.recompute.resolve(longest);
         let model =
             CausalLm::<B>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?.with_recompute(recompute);
-        let mut trainer = Trainer::new(model, optim());
+        let mut trainer = Trainer::new(model, optim()).with_compute(self.precision.resolve::<B>(&device));
         let started = Instant::now();
         match self.step {
             StepKind::Rl => {
@@ -127,7 +133,7 @@ impl MemoryStep {
                 let half = self.length / 2;
                 let example = ids(self.length, 0, vocab);
                 let pairs = vec![(example[..half].to_vec(), example[half..].to_vec())];
-                let scores = score_batch(trainer.model(), &pairs).map_err(|e| e.to_string())?;
+                let scores = score_batch(&trainer.compute_model(), &pairs).map_err(|e| e.to_string())?;
                 let loss = scores.logprobs.sum().neg().div_scalar((self.length - half) as f64);
                 let _: f64 = loss.clone().into_scalar().elem();
                 trainer.backward(loss);
@@ -142,6 +148,7 @@ impl MemoryStep {
             recompute,
             peak_rss_mib: super::peak_rss_mib()?,
             seconds,
+            precision: self.precision,
         })
     }
 }

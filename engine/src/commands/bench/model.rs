@@ -1,7 +1,13 @@
 //! `longrl bench model`: throughput of one model shape (prefill, decode with batch 1 and a
-//! shared-prompt group, training forward+backward), and peak memory of long prefills.
+//! shared-prompt group, training forward+backward) at a training precision, the training
+//! step's model FLOP rate (and utilisation against a given peak), and peak memory of long
+//! prefills.
 
 use std::time::Instant;
+
+use burn::tensor::DType;
+use longrl_stdlib::model::precision::Precision;
+use longrl_stdlib::model::{CausalLm, ModelConfig};
 
 /// Throughput of one model shape: prefill, decode (batch 1 and a shared-prompt group) and
 /// training forward+backward, on the backend the task is dispatched to.
@@ -14,6 +20,13 @@ pub struct ModelBench {
     pub group: usize,
     pub train_batch: usize,
     pub train_seq: usize,
+    /// `bf16-mixed`: inference with bf16 weights, training through a bf16 compute copy of
+    /// f32 master weights (as the training stages do); falls back to f32 where the backend
+    /// has no bf16 (the figures name the dtype that ran).
+    pub precision: Precision,
+    /// The device's peak dense FLOP rate at this precision, in TFLOP/s, for the model FLOP
+    /// utilisation figure (none: the figure is left out).
+    pub peak_tflops: Option<f64>,
 }
 
 /// One measured figure.
@@ -46,55 +59,82 @@ pub(crate) fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (out, started.elapsed().as_secs_f64())
 }
 
+/// Model FLOPs of one training token (forward + backward) at sequence length `seq`: 6 per
+/// parameter of the matmuls (the embedding lookup is not one, a tied or untied LM head is),
+/// plus the attention scores and weighted sum, 12 * layers * heads * head_dim * seq / 2
+/// with the causal mask (the usual accounting of the PaLM paper's MFU).
+pub fn train_flops_per_token(config: &ModelConfig, seq: usize) -> f64 {
+    let embedding = (config.vocab_size * config.hidden_size) as f64;
+    let matmul_params = config.num_params() as f64 - if config.tie_word_embeddings { 0.0 } else { embedding };
+    let attention_width = (config.num_attention_heads * config.head_dim()) as f64;
+    6.0 * matmul_params + 6.0 * config.num_hidden_layers as f64 * attention_width * seq as f64
+}
+
 impl longrl_backends::BackendTask for ModelBench {
     type Output = Result<Vec<Figure>, String>;
 
     fn run<B: longrl_backends::TrainBackend>(self, device: B::Device) -> Self::Output {
         use longrl_stdlib::model::checkpoint::RandomInit;
-        use longrl_stdlib::model::generate::{SamplingConfig, generate_group};
-        use longrl_stdlib::model::score::score_batch;
-        use longrl_stdlib::model::{CausalLm, ModelConfig};
-
         let config = ModelConfig::preset(&self.preset, self.vocab)
             .ok_or_else(|| format!("unknown preset `{}` (presets: {})", self.preset, ModelConfig::PRESETS.join(", ")))?;
+        let dtype = self.precision.resolve::<B>(&device);
+        let mut figures = vec![
+            Figure { name: "parameters".into(), value: config.num_params() as f64, unit: "", key: "parameters" },
+            Figure {
+                name: format!("{} computes in bf16 (1) or f32 (0)", self.precision),
+                value: f64::from(u8::from(dtype == DType::BF16)),
+                unit: "",
+                key: "computes_in_bf16",
+            },
+        ];
         let model = CausalLm::<B::InnerBackend>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
-        let mut figures = vec![Figure { name: "parameters".into(), value: config.num_params() as f64, unit: "", key: "parameters" }];
+        figures.extend(self.inference(&longrl_stdlib::model::precision::cast_model(model, dtype))?);
+        let train = CausalLm::<B>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
+        figures.extend(self.training(&config, &train, dtype)?);
+        Ok(figures)
+    }
+}
+
+impl ModelBench {
+    /// Prefill and decode rates of `model` (its weights in the compute dtype).
+    fn inference<B: longrl_backends::CustomGrad>(&self, model: &CausalLm<B>) -> Result<Vec<Figure>, String> {
+        use longrl_stdlib::model::generate::{SamplingConfig, generate_group};
         let prompt: Vec<u32> = (0..self.prompt_len).map(|i| ((i * 7919 + 13) % self.vocab) as u32).collect();
         let sampling = |n: usize| SamplingConfig { temperature: 1.0, max_new_tokens: n, ..SamplingConfig::default() };
-        // Warm-up (allocators, thread pools).
-        generate_group(&model, &prompt[..prompt.len().min(16)], 1, &sampling(2)).map_err(|e| e.to_string())?;
+        // Warm-up (allocators, thread pools, kernel autotuning).
+        generate_group(model, &prompt[..prompt.len().min(16)], 1, &sampling(2)).map_err(|e| e.to_string())?;
+        let (_, prefill) = timed(|| generate_group(model, &prompt, 1, &sampling(1)));
+        let (_, one) = timed(|| generate_group(model, &prompt, 1, &sampling(self.new_tokens)));
+        let (_, group) = timed(|| generate_group(model, &prompt, self.group, &sampling(self.new_tokens)));
+        let (decode_one, decode_group) = ((one - prefill).max(1e-9), (group - prefill).max(1e-9));
+        Ok(vec![
+            Figure {
+                name: format!("prefill {} tokens, batch 1", self.prompt_len),
+                value: self.prompt_len as f64 / prefill,
+                unit: "tokens/s",
+                key: "prefill",
+            },
+            Figure { name: "decode, batch 1".into(), value: (self.new_tokens - 1) as f64 / decode_one, unit: "tokens/s", key: "decode_batch1" },
+            Figure {
+                name: format!("decode, group of {} sharing the prompt", self.group),
+                value: (self.group * (self.new_tokens - 1)) as f64 / decode_group,
+                unit: "tokens/s",
+                key: "decode_group",
+            },
+            Figure { name: format!("group of {}: prompt + {} tokens each, wall", self.group, self.new_tokens), value: group, unit: "s", key: "group_wall_s" },
+        ])
+    }
 
-        let (_, prefill) = timed(|| generate_group(&model, &prompt, 1, &sampling(1)));
-        figures.push(Figure {
-            name: format!("prefill {} tokens, batch 1", self.prompt_len),
-            value: self.prompt_len as f64 / prefill,
-            unit: "tokens/s",
-            key: "prefill",
-        });
-        let (_, one) = timed(|| generate_group(&model, &prompt, 1, &sampling(self.new_tokens)));
-        let decode_one = (one - prefill).max(1e-9);
-        figures.push(Figure {
-            name: "decode, batch 1".into(),
-            value: (self.new_tokens - 1) as f64 / decode_one,
-            unit: "tokens/s",
-            key: "decode_batch1",
-        });
-        let (_, group) = timed(|| generate_group(&model, &prompt, self.group, &sampling(self.new_tokens)));
-        let decode_group = (group - prefill).max(1e-9);
-        figures.push(Figure {
-            name: format!("decode, group of {} sharing the prompt", self.group),
-            value: (self.group * (self.new_tokens - 1)) as f64 / decode_group,
-            unit: "tokens/s",
-            key: "decode_group",
-        });
-        figures.push(Figure {
-            name: format!("group of {}: prompt + {} tokens each, wall", self.group, self.new_tokens),
-            value: group,
-            unit: "s",
-            key: "group_wall_s",
-        });
-
-        let train = CausalLm::<B>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
+    /// Forward+backward rate of `train` (f32 master weights) through a compute copy in
+    /// `dtype`, its model FLOP rate, and the utilisation of `peak_tflops`.
+    fn training<B: longrl_backends::TrainBackend>(
+        &self,
+        config: &ModelConfig,
+        train: &CausalLm<B>,
+        dtype: DType,
+    ) -> Result<Vec<Figure>, String> {
+        use longrl_stdlib::model::precision::compute_copy;
+        use longrl_stdlib::model::score::score_batch;
         let half = self.train_seq / 2;
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..self.train_batch)
             .map(|b| {
@@ -103,11 +143,11 @@ impl longrl_backends::BackendTask for ModelBench {
             })
             .collect();
         let step = || -> Result<(), String> {
-            let scores = score_batch(&train, &pairs).map_err(|e| e.to_string())?;
-            let loss = scores.logprobs.sum().neg();
-            let grads = loss.backward();
-            let grad = train.embed_tokens.weight.val().grad(&grads);
-            drop(grad);
+            let scores = score_batch(&compute_copy(train, dtype), &pairs).map_err(|e| e.to_string())?;
+            let grads = scores.logprobs.sum().neg().backward();
+            // Reading a master gradient waits for the backward to finish on the device.
+            let grad = train.embed_tokens.weight.val().grad(&grads).ok_or("no gradient reached the master weights")?;
+            let _ = grad.sum().into_data();
             Ok(())
         };
         step()?;
@@ -119,12 +159,19 @@ impl longrl_backends::BackendTask for ModelBench {
         }
         times.sort_by(f64::total_cmp);
         let tokens = (self.train_batch * self.train_seq) as f64;
-        figures.push(Figure {
-            name: format!("forward+backward, batch {} x {} tokens", self.train_batch, self.train_seq),
-            value: tokens / times[1],
-            unit: "tokens/s",
-            key: "train",
-        });
+        let gflops = tokens * train_flops_per_token(config, self.train_seq) / times[1] / 1e9;
+        let mut figures = vec![
+            Figure {
+                name: format!("forward+backward, batch {} x {} tokens", self.train_batch, self.train_seq),
+                value: tokens / times[1],
+                unit: "tokens/s",
+                key: "train",
+            },
+            Figure { name: "forward+backward model FLOP rate".into(), value: gflops, unit: "GFLOP/s", key: "train_gflops" },
+        ];
+        if let Some(peak) = self.peak_tflops {
+            figures.push(Figure { name: format!("model FLOP utilisation of {peak} TFLOP/s"), value: gflops / peak / 10.0, unit: "%", key: "mfu_percent" });
+        }
         Ok(figures)
     }
 }
@@ -133,8 +180,8 @@ impl longrl_backends::BackendTask for ModelBench {
 /// resident memory in MiB (read from /proc/self/status; the caller runs it in a child
 /// process so earlier work does not count).
 pub fn prefill_peak_memory(len: usize, vocab: usize) -> Result<(f64, f64), String> {
+    use longrl_stdlib::model::ForwardArgs;
     use longrl_stdlib::model::checkpoint::RandomInit;
-    use longrl_stdlib::model::{CausalLm, ForwardArgs, ModelConfig};
     let config = ModelConfig::preset("tiny", vocab).ok_or("no tiny preset")?;
     let device = Default::default();
     let model = CausalLm::<longrl_backends::Cpu>::build(&config, &mut RandomInit::new(1, 0.02), &device).map_err(|e| e.to_string())?;
