@@ -19,6 +19,7 @@ use longrl_backends::{CustomGrad, Kernels};
 
 use crate::model::ModelError;
 use crate::model::attention::{AttentionOptions, SelfAttention, attend};
+use crate::model::precision::to_dtype;
 use crate::model::transformer::{CausalLm, KvCache};
 
 /// Own-key capacity of a new segment buffer, in tokens.
@@ -54,7 +55,9 @@ impl<B: Backend> SegmentKv<B> {
     fn new(prefix: (Tensor<B, 4>, Tensor<B, 4>), slots: usize, capacity: usize) -> Self {
         let [_, kvh, _, hd] = prefix.0.dims();
         let device = prefix.0.device();
-        let zeros = || Tensor::zeros([slots, kvh, capacity, hd], &device);
+        // In the prefix's dtype (bf16 under mixed precision).
+        let dtype = prefix.0.dtype();
+        let zeros = || to_dtype(Tensor::zeros([slots, kvh, capacity, hd], &device), dtype);
         Self { own: (zeros(), zeros()), prefix }
     }
 }
@@ -156,7 +159,7 @@ impl<B: CustomGrad> BatchKv<B> {
             for layer in &mut self.layers {
                 let grow = |t: &mut Tensor<B, 4>| {
                     let [_, kvh, _, hd] = t.dims();
-                    let fresh = Tensor::<B, 4>::zeros([slots, kvh, capacity, hd], &t.device());
+                    let fresh = to_dtype(Tensor::<B, 4>::zeros([slots, kvh, capacity, hd], &t.device()), t.dtype());
                     let kept = t.clone().slice([0..rows, 0..kvh, 0..len, 0..hd]);
                     *t = write(fresh, [0..rows, 0..kvh, 0..len, 0..hd], kept);
                 };
@@ -228,8 +231,10 @@ impl<B: CustomGrad> CausalLm<B> {
     ///   (final, normed)
     pub fn forward_segments(&self, tokens: Tensor<B, 2, Int>, positions: Tensor<B, 2>, cache: &mut BatchKv<B>) -> Tensor<B, 3> {
         cache.reserve_one();
-        let (cos, sin) = self.rope.tables(positions);
         let mut x = self.embed_tokens.forward(tokens); // [rows, 1, d]
+        // The rotation tables in the weights' dtype (bf16 under mixed precision).
+        let (cos, sin) = self.rope.tables(positions);
+        let (cos, sin) = (to_dtype(cos, x.dtype()), to_dtype(sin, x.dtype()));
         let segments = cache.segments.clone();
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward_with(x, |attention, normed| {
