@@ -251,108 +251,120 @@ fn distinct<'a>(rng: &mut ChaCha8Rng, items: &[&'a str], count: usize) -> Vec<&'
 fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Task {
     let mut rng = rng_for(seed, index, 1);
     match kind {
-        TaskKind::Retrieval | TaskKind::Choice => {
-            let keys = keys(&mut rng, distractors);
-            let cities = distinct(&mut rng, CITIES, keys.len());
-            let facts: Vec<String> = keys.iter().zip(&cities).map(|((c, o), city)| format!("The {c} {o} is kept in {city}.")).collect();
-            let (color, object) = keys[0];
-            let question = format!("Where is the {color} {object} kept?");
-            if kind == TaskKind::Retrieval {
-                let trace = format!("<think>\nThe text says: {}\n</think>\n\nTherefore, the answer is {}.", facts[0], cities[0]);
-                return Task {
-                    kind,
-                    question,
-                    answer: cities[0].into(),
-                    answer_kind: AnswerKind::Text,
-                    gold: vec![facts[0].clone()],
-                    distractors: facts[1..].to_vec(),
-                    trace,
-                    instruction: None,
-                };
-            }
-            let mut options: Vec<&str> = cities.iter().take(4).copied().collect();
-            while options.len() < 4 {
-                options.push(pick(&mut rng, CITIES));
-            }
-            options.shuffle(&mut rng);
-            let letter_index = options.iter().position(|c| *c == cities[0]).unwrap_or(0);
-            let letter = ["A", "B", "C", "D"][letter_index];
-            let listed = options.iter().zip(["A", "B", "C", "D"]).map(|(c, l)| format!("({l}) {c}")).collect::<Vec<_>>().join(" ");
-            let trace = format!(
-                "<think>\nThe text says: {} That is option ({letter}).\n</think>\n\nTherefore, the answer is ({letter}).",
-                facts[0]
-            );
-            Task {
-                kind,
-                question: format!("{question} {listed}"),
-                answer: letter.into(),
-                answer_kind: AnswerKind::Choice,
-                gold: vec![facts[0].clone()],
-                distractors: facts[1..].to_vec(),
-                trace,
-                instruction: None,
-            }
-        }
-        TaskKind::Multihop => {
-            let keys = keys(&mut rng, distractors / 2);
-            let owners = distinct(&mut rng, NAMES, keys.len() * 2);
-            let cities = distinct(&mut rng, CITIES, owners.len());
-            let belongs: Vec<String> = keys.iter().zip(&owners).map(|((c, o), n)| format!("The {c} {o} belongs to {n}.")).collect();
-            let lives: Vec<String> = owners.iter().zip(&cities).map(|(n, city)| format!("{n} lives in {city}.")).collect();
-            let (color, object) = keys[0];
-            let gold = vec![belongs[0].clone(), lives[0].clone()];
-            let mut others: Vec<String> = belongs[1..].to_vec();
-            others.extend(lives[1..].iter().cloned());
-            let trace = format!("<think>\nThe text says: {} {}\n</think>\n\nTherefore, the answer is {}.", gold[0], gold[1], cities[0]);
-            Task {
-                kind,
-                question: format!("In which city does the owner of the {color} {object} live?"),
-                answer: cities[0].into(),
-                answer_kind: AnswerKind::Text,
-                gold,
-                distractors: others,
-                trace,
-                instruction: None,
-            }
-        }
-        TaskKind::Arithmetic => {
-            let companies = distinct(&mut rng, COMPANIES, 1 + distractors / 2);
-            let year1 = rng.random_range(2001..2020);
-            let year2 = year1 + rng.random_range(1..5);
-            let x: u32 = rng.random_range(10..500);
-            let y: u32 = x + rng.random_range(1..300);
-            let company = companies[0];
-            let gold = vec![
-                format!("In {year1}, {company} earned {x} million dollars."),
-                format!("In {year2}, {company} earned {y} million dollars."),
-            ];
-            let mut others = Vec::new();
-            for (i, other) in companies.iter().enumerate().skip(1) {
-                let amount: u32 = rng.random_range(10..800);
-                let year = if i % 2 == 0 { year1 } else { year2 };
-                others.push(format!("In {year}, {other} earned {amount} million dollars."));
-            }
-            // A distractor figure of the same company in another year.
-            others.push(format!("In {}, {company} earned {} million dollars.", year2 + 6, rng.random_range(10..800)));
-            let difference = y - x;
-            let trace = format!(
-                "<think>\nThe text says: {} {} So {y} - {x} = {difference}.\n</think>\n\nTherefore, the answer is {difference}.",
-                gold[0], gold[1]
-            );
-            Task {
-                kind,
-                question: format!("How many million dollars more did {company} earn in {year2} than in {year1}?"),
-                answer: difference.to_string(),
-                answer_kind: AnswerKind::Number,
-                gold,
-                distractors: others,
-                trace,
-                instruction: None,
-            }
-        }
+        TaskKind::Retrieval | TaskKind::Choice => retrieval_task(&mut rng, kind, distractors),
+        TaskKind::Multihop => multihop_task(&mut rng, distractors),
+        TaskKind::Arithmetic => arithmetic_task(&mut rng, distractors),
         TaskKind::Chain => harder::chain_task(&mut rng, distractors),
         TaskKind::Aggregate => harder::aggregate_task(&mut rng, distractors),
         TaskKind::DocqaChoice => harder::docqa_choice_task(&mut rng, distractors),
+    }
+}
+
+/// Where a (color, object) is kept: as a text answer, or (`Choice`) as one of four lettered
+/// cities.
+fn retrieval_task(rng: &mut ChaCha8Rng, kind: TaskKind, distractors: usize) -> Task {
+    let keys = keys(rng, distractors);
+    let cities = distinct(rng, CITIES, keys.len());
+    let facts: Vec<String> = keys.iter().zip(&cities).map(|((c, o), city)| format!("The {c} {o} is kept in {city}.")).collect();
+    let (color, object) = keys[0];
+    let question = format!("Where is the {color} {object} kept?");
+    if kind == TaskKind::Retrieval {
+        let trace = format!("<think>\nThe text says: {}\n</think>\n\nTherefore, the answer is {}.", facts[0], cities[0]);
+        return Task {
+            kind,
+            question,
+            answer: cities[0].into(),
+            answer_kind: AnswerKind::Text,
+            gold: vec![facts[0].clone()],
+            distractors: facts[1..].to_vec(),
+            trace,
+            instruction: None,
+        };
+    }
+    let mut options: Vec<&str> = cities.iter().take(4).copied().collect();
+    while options.len() < 4 {
+        options.push(pick(rng, CITIES));
+    }
+    options.shuffle(rng);
+    let letter_index = options.iter().position(|c| *c == cities[0]).unwrap_or(0);
+    let letter = ["A", "B", "C", "D"][letter_index];
+    let listed = options.iter().zip(["A", "B", "C", "D"]).map(|(c, l)| format!("({l}) {c}")).collect::<Vec<_>>().join(" ");
+    let trace = format!(
+        "<think>\nThe text says: {} That is option ({letter}).\n</think>\n\nTherefore, the answer is ({letter}).",
+        facts[0]
+    );
+    Task {
+        kind,
+        question: format!("{question} {listed}"),
+        answer: letter.into(),
+        answer_kind: AnswerKind::Choice,
+        gold: vec![facts[0].clone()],
+        distractors: facts[1..].to_vec(),
+        trace,
+        instruction: None,
+    }
+}
+
+/// Two chained facts: who owns the object, and where that person lives.
+fn multihop_task(rng: &mut ChaCha8Rng, distractors: usize) -> Task {
+    let kind = TaskKind::Multihop;
+    let keys = keys(rng, distractors / 2);
+    let owners = distinct(rng, NAMES, keys.len() * 2);
+    let cities = distinct(rng, CITIES, owners.len());
+    let belongs: Vec<String> = keys.iter().zip(&owners).map(|((c, o), n)| format!("The {c} {o} belongs to {n}.")).collect();
+    let lives: Vec<String> = owners.iter().zip(&cities).map(|(n, city)| format!("{n} lives in {city}.")).collect();
+    let (color, object) = keys[0];
+    let gold = vec![belongs[0].clone(), lives[0].clone()];
+    let mut others: Vec<String> = belongs[1..].to_vec();
+    others.extend(lives[1..].iter().cloned());
+    let trace = format!("<think>\nThe text says: {} {}\n</think>\n\nTherefore, the answer is {}.", gold[0], gold[1], cities[0]);
+    Task {
+        kind,
+        question: format!("In which city does the owner of the {color} {object} live?"),
+        answer: cities[0].into(),
+        answer_kind: AnswerKind::Text,
+        gold,
+        distractors: others,
+        trace,
+        instruction: None,
+    }
+}
+
+/// A difference of one company's earnings in two years, among other companies' figures.
+fn arithmetic_task(rng: &mut ChaCha8Rng, distractors: usize) -> Task {
+    let kind = TaskKind::Arithmetic;
+    let companies = distinct(rng, COMPANIES, 1 + distractors / 2);
+    let year1 = rng.random_range(2001..2020);
+    let year2 = year1 + rng.random_range(1..5);
+    let x: u32 = rng.random_range(10..500);
+    let y: u32 = x + rng.random_range(1..300);
+    let company = companies[0];
+    let gold = vec![
+        format!("In {year1}, {company} earned {x} million dollars."),
+        format!("In {year2}, {company} earned {y} million dollars."),
+    ];
+    let mut others = Vec::new();
+    for (i, other) in companies.iter().enumerate().skip(1) {
+        let amount: u32 = rng.random_range(10..800);
+        let year = if i % 2 == 0 { year1 } else { year2 };
+        others.push(format!("In {year}, {other} earned {amount} million dollars."));
+    }
+    // A distractor figure of the same company in another year.
+    others.push(format!("In {}, {company} earned {} million dollars.", year2 + 6, rng.random_range(10..800)));
+    let difference = y - x;
+    let trace = format!(
+        "<think>\nThe text says: {} {} So {y} - {x} = {difference}.\n</think>\n\nTherefore, the answer is {difference}.",
+        gold[0], gold[1]
+    );
+    Task {
+        kind,
+        question: format!("How many million dollars more did {company} earn in {year2} than in {year1}?"),
+        answer: difference.to_string(),
+        answer_kind: AnswerKind::Number,
+        gold,
+        distractors: others,
+        trace,
+        instruction: None,
     }
 }
 
