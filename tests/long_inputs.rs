@@ -9,9 +9,9 @@ mod support;
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use longrl_backends::{Cpu, CpuTrain};
+use longrl_backends::{Cpu, CpuTrain, TrainBackend};
 use longrl_stdlib::model::attention::{AttentionKernel, AttentionOptions, attend};
 use longrl_stdlib::model::score::score_batch;
 use longrl_stdlib::model::{CausalLm, Recompute, load_model};
@@ -46,8 +46,12 @@ fn noise(len: usize, seed: u64) -> Vec<f32> {
 }
 
 fn leaf<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<CpuTrain, D> {
+    leaf_on::<CpuTrain, D>(shape, seed, &Default::default())
+}
+
+fn leaf_on<B: AutodiffBackend, const D: usize>(shape: [usize; D], seed: u64, device: &B::Device) -> Tensor<B, D> {
     let len = shape.iter().product();
-    Tensor::<CpuTrain, D>::from_data(TensorData::new(noise(len, seed), shape), &Default::default()).require_grad()
+    Tensor::<B, D>::from_data(TensorData::new(noise(len, seed), shape), device).require_grad()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -56,16 +60,23 @@ fn leaf<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<CpuTrain, D> {
 
 /// Output and input gradients of `attend` with one kernel, for a weighted sum of the output.
 /// `(s, hd, prefix)`: own positions, head size and shared-prefix length.
-fn attention_run(kernel: AttentionKernel, shared: bool, padding: bool, past: usize, (s, hd, prefix): (usize, usize, usize)) -> Vec<Vec<f32>> {
+fn attention_run<B: TrainBackend>(
+    device: &B::Device,
+    kernel: AttentionKernel,
+    shared: bool,
+    padding: bool,
+    past: usize,
+    (s, hd, prefix): (usize, usize, usize),
+) -> Vec<Vec<f32>> {
     let (b, heads, kv_heads) = (2, 4, 2);
-    let q = leaf([b, heads, s, hd], 1);
-    let own_k = leaf([b, kv_heads, past + s, hd], 2);
-    let own_v = leaf([b, kv_heads, past + s, hd], 3);
-    let shared_kv = shared.then(|| (leaf([1, kv_heads, prefix, hd], 4), leaf([1, kv_heads, prefix, hd], 5)));
+    let q = leaf_on::<B, 4>([b, heads, s, hd], 1, device);
+    let own_k = leaf_on::<B, 4>([b, kv_heads, past + s, hd], 2, device);
+    let own_v = leaf_on::<B, 4>([b, kv_heads, past + s, hd], 3, device);
+    let shared_kv = shared.then(|| (leaf_on::<B, 4>([1, kv_heads, prefix, hd], 4, device), leaf_on::<B, 4>([1, kv_heads, prefix, hd], 5, device)));
     // Row 1 has its first three own keys masked (left padding); row 0 none.
     let key_padding = padding.then(|| {
         let flags: Vec<bool> = (0..b).flat_map(|row| (0..past + s).map(move |j| row == 1 && j < 3)).collect();
-        Tensor::<CpuTrain, 2, Bool>::from_data(TensorData::new(flags, [b, past + s]), &Default::default())
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(flags, [b, past + s]), device)
     });
     let options = AttentionOptions { kernel, chunk_threshold: 0, query_chunk: 5, key_chunk: 7 };
     let out = attend(q.clone(), shared_kv.clone(), own_k.clone(), own_v.clone(), past, key_padding, options);
@@ -80,7 +91,7 @@ fn attention_run(kernel: AttentionKernel, shared: bool, padding: bool, past: usi
             if all_masked { 0.0 } else { w }
         })
         .collect();
-    let weights = Tensor::<CpuTrain, 4>::from_data(TensorData::new(weights, [b, heads, s, hd]), &Default::default());
+    let weights = Tensor::<B, 4>::from_data(TensorData::new(weights, [b, heads, s, hd]), device);
     let grads = (out.clone() * weights.clone()).sum().backward();
     let mut results = vec![to_vec((out * weights_mask(&weights)).inner())];
     let mut tensors = vec![q, own_k, own_v];
@@ -95,20 +106,19 @@ fn attention_run(kernel: AttentionKernel, shared: bool, padding: bool, past: usi
 }
 
 /// 1 where a weight is non-zero (the outputs compared).
-fn weights_mask(weights: &Tensor<CpuTrain, 4>) -> Tensor<CpuTrain, 4> {
+fn weights_mask<B: Backend>(weights: &Tensor<B, 4>) -> Tensor<B, 4> {
     weights.clone().not_equal_elem(0.0).float()
 }
 
-#[test]
-fn linear_memory_attention_matches_plain_attention_in_value_and_gradients() {
-    let _autodiff = autodiff_lock();
-    // (shared prefix, key padding, past keys): the group layout, left padding, a cache.
+/// Plain against flash attention on one backend: value and every input gradient.
+fn compare_attention_kernels<B: TrainBackend>(device: &B::Device) {
     // Small shapes (one key block) and larger ones: several query and key blocks of the CPU
     // kernel, partial last blocks, and a head size that is not a multiple of the SIMD width.
     for dims in [(37, 8, 23), (150, 48, 70), (70, 20, 30)] {
+        // (shared prefix, key padding, past keys): the group layout, left padding, a cache.
         for (shared, padding, past) in [(true, false, 0), (false, true, 0), (false, false, 4), (true, true, 2)] {
-            let plain = attention_run(AttentionKernel::Plain, shared, padding, past, dims);
-            let flash = attention_run(AttentionKernel::Flash, shared, padding, past, dims);
+            let plain = attention_run::<B>(device, AttentionKernel::Plain, shared, padding, past, dims);
+            let flash = attention_run::<B>(device, AttentionKernel::Flash, shared, padding, past, dims);
             let names = ["output", "d q", "d own_k", "d own_v", "d shared_k", "d shared_v"];
             for ((reference, other), name) in plain.iter().zip(&flash).zip(names) {
                 let error = relative_error(reference, other);
@@ -117,6 +127,28 @@ fn linear_memory_attention_matches_plain_attention_in_value_and_gradients() {
             }
         }
     }
+}
+
+#[test]
+fn linear_memory_attention_matches_plain_attention_in_value_and_gradients() {
+    let _autodiff = autodiff_lock();
+    compare_attention_kernels::<CpuTrain>(&Default::default());
+}
+
+/// The same on wgpu (the tensor-op flash path; a software Vulkan driver is enough). Skipped,
+/// saying so, when no adapter is present, unless `LONGRL_REQUIRE_DEVICE=1`.
+#[cfg(feature = "wgpu")]
+#[test]
+fn linear_memory_attention_matches_plain_attention_on_wgpu() {
+    use longrl_backends::{BackendKind, DeviceSpec};
+    let spec = DeviceSpec::new(BackendKind::Wgpu, 0);
+    if let Err(err) = longrl_backends::probe(spec) {
+        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no wgpu adapter: {err}");
+        eprintln!("skipping the wgpu attention test: {err}");
+        return;
+    }
+    let _autodiff = autodiff_lock();
+    compare_attention_kernels::<burn::backend::Autodiff<longrl_backends::Wgpu>>(&longrl_backends::wgpu_device(spec));
 }
 
 // ---------------------------------------------------------------------------------------
