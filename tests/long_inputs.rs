@@ -72,7 +72,8 @@ fn attention_run<B: TrainBackend>(
     let q = leaf_on::<B, 4>([b, heads, s, hd], 1, device);
     let own_k = leaf_on::<B, 4>([b, kv_heads, past + s, hd], 2, device);
     let own_v = leaf_on::<B, 4>([b, kv_heads, past + s, hd], 3, device);
-    let shared_kv = shared.then(|| (leaf_on::<B, 4>([1, kv_heads, prefix, hd], 4, device), leaf_on::<B, 4>([1, kv_heads, prefix, hd], 5, device)));
+    let shared_kv =
+        shared.then(|| (leaf_on::<B, 4>([1, kv_heads, prefix, hd], 4, device), leaf_on::<B, 4>([1, kv_heads, prefix, hd], 5, device)));
     // Row 1 has its first three own keys masked (left padding); row 0 none.
     let key_padding = padding.then(|| {
         let flags: Vec<bool> = (0..b).flat_map(|row| (0..past + s).map(move |j| row == 1 && j < 3)).collect();

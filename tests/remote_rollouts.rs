@@ -177,13 +177,19 @@ fn difficulty_scoring_and_evaluation_on_servers_match_in_process() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = dir.path().join("runs/remote");
     let read = |name: &str| std::fs::read_to_string(run.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let difficulty = |name: &str| -> Vec<Value> { read(name).lines().map(|l| serde_json::from_str::<Value>(l).expect("json")["difficulty"].clone()).collect() };
+    let difficulty = |name: &str| -> Vec<Value> {
+        read(name).lines().map(|l| serde_json::from_str::<Value>(l).expect("json")["difficulty"].clone()).collect()
+    };
     let (local, remote) = (difficulty("local.jsonl"), difficulty("remote.jsonl"));
     assert_eq!(local.len(), 4);
     assert!(local.iter().all(|d| d["rewards"].as_array().is_some_and(|r| r.len() == 3)), "{local:?}");
     assert_eq!(local, remote, "the same samples, so the same difficulty");
     let answers = |name: &str| -> Vec<Value> {
-        read(&format!("{name}/items.jsonl")).lines().map(|l| serde_json::from_str::<Value>(l).expect("json")).map(|item| item["responses"].clone()).collect()
+        read(&format!("{name}/items.jsonl"))
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+            .map(|item| item["responses"].clone())
+            .collect()
     };
     let (local, remote) = (answers("local"), answers("remote"));
     assert_eq!(local.len(), 4);

@@ -14,7 +14,8 @@ use support::workspace;
 
 /// The `data:` payloads of a server-sent event stream, which must end with `[DONE]`.
 fn events(text: &str) -> Vec<Value> {
-    let payloads: Vec<&str> = text.split("\n\n").filter(|e| !e.trim().is_empty()).map(|e| e.strip_prefix("data: ").expect("a data event")).collect();
+    let payloads: Vec<&str> =
+        text.split("\n\n").filter(|e| !e.trim().is_empty()).map(|e| e.strip_prefix("data: ").expect("a data event")).collect();
     assert_eq!(payloads.last(), Some(&"[DONE]"), "{text}");
     payloads[..payloads.len() - 1].iter().map(|p| serde_json::from_str(p).expect("json chunk")).collect()
 }
@@ -84,7 +85,8 @@ fn streams_are_server_sent_events_that_add_up_to_the_whole_reply() {
         let mine: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].as_array()?.first()).filter(|c| c["index"] == index).collect();
         let text: String = mine.iter().filter_map(|c| c["text"].as_str()).collect();
         let tokens: Vec<u32> = mine.iter().filter_map(|c| c.get("token_ids")).flat_map(ids).collect();
-        let logprobs: Vec<f32> = mine.iter().filter(|c| !c["logprobs"].is_null()).flat_map(|c| floats(&c["logprobs"]["token_logprobs"])).collect();
+        let logprobs: Vec<f32> =
+            mine.iter().filter(|c| !c["logprobs"].is_null()).flat_map(|c| floats(&c["logprobs"]["token_logprobs"])).collect();
         assert_eq!(text, choice["text"].as_str().expect("text"));
         assert_eq!(tokens, ids(&choice["token_ids"]));
         assert_eq!(logprobs, floats(&choice["logprobs"]["token_logprobs"]));
@@ -123,7 +125,11 @@ fn chat_honours_n_and_logprobs_and_unsupported_fields_are_refused_by_name() {
     for choice in choices {
         let content = choice["logprobs"]["content"].as_array().expect("logprobs.content");
         assert!(!content.is_empty() && content.len() <= 4, "{choice}");
-        assert!(content.iter().all(|t| t["logprob"].as_f64().is_some_and(|lp| lp <= 0.0) && t["top_logprobs"].as_array().is_some_and(|a| a.len() == 2)));
+        assert!(
+            content
+                .iter()
+                .all(|t| t["logprob"].as_f64().is_some_and(|lp| lp <= 0.0) && t["top_logprobs"].as_array().is_some_and(|a| a.len() == 2))
+        );
     }
 
     let completions_url = format!("{}/completions", server.url);
@@ -207,11 +213,12 @@ fn the_official_openai_python_client_works_against_the_server() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_checkpoint(dir.path(), 9);
     let server = serve(dir.path(), &["--served-model-name", "tiny"]);
-    let out = Command::new("python3")
-        .arg(workspace().join("tests/openai_client.py"))
-        .arg(&server.url)
-        .output()
-        .expect("python runs");
+    let out = Command::new("python3").arg(workspace().join("tests/openai_client.py")).arg(&server.url).output().expect("python runs");
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(out.status.success(), "the openai client's checks failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the openai client's checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -691,8 +691,21 @@ fn bench_grpo(args: GrpoArgs) -> Result<ExitCode> {
 /// `longrl bench model`: the figures on the chosen device, then prefill peak memory by
 /// length (each in a fresh process).
 fn bench_model(args: ModelArgs) -> Result<ExitCode> {
-    let ModelArgs { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, precision, peak_tflops, json, backend, device } =
-        args;
+    let ModelArgs {
+        preset,
+        vocab,
+        prompt_len,
+        new_tokens,
+        group,
+        train_batch,
+        train_seq,
+        memory,
+        precision,
+        peak_tflops,
+        json,
+        backend,
+        device,
+    } = args;
     let task = longrl_engine::commands::bench::ModelBench {
         preset: preset.clone(),
         vocab,

@@ -252,7 +252,14 @@ fn column_split(hd: usize, lanes: usize) -> (usize, usize) {
 /// `out[j] += sum_r weights[r][j] * rows[r]` for keys `j < nk` (`out` is `[nk][hd]`): the
 /// key-side products of the backward (dV from P and dO, dK from dS and Q).
 #[inline(always)]
-fn tile_accumulate_keys<S: Simd>(simd: S, out: &mut [f32], nk: usize, weights: &[[f32; KEY_BLOCK]; GROUP], rows: &[&[f32]; GROUP], hd: usize) {
+fn tile_accumulate_keys<S: Simd>(
+    simd: S,
+    out: &mut [f32],
+    nk: usize,
+    weights: &[[f32; KEY_BLOCK]; GROUP],
+    rows: &[&[f32]; GROUP],
+    hd: usize,
+) {
     let lanes = S::F32_LANES;
     let (pairs, singles) = column_split(hd, lanes);
     for c in (0..pairs).step_by(2 * lanes) {

@@ -253,7 +253,13 @@ fn route<B: CustomGrad>(
 
 /// The weight routes: SGLang's `/update_weights_from_disk` (any model directory, a named
 /// version) and vLLM's `/collective_rpc` `reload_weights` (the directory served).
-fn weight_route<B: CustomGrad>(url: &str, body: &str, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) -> Result<(u16, Reply), ApiError> {
+fn weight_route<B: CustomGrad>(
+    url: &str,
+    body: &str,
+    shared: &Shared,
+    work: &Sender<Work<B>>,
+    device: &B::Device,
+) -> Result<(u16, Reply), ApiError> {
     if url == "/collective_rpc" {
         let request = parse_body::<RpcRequest>(body)?;
         if request.method != "reload_weights" {
@@ -307,7 +313,8 @@ fn reload<B: CustomGrad>(
     device: &B::Device,
 ) -> Result<String, ApiError> {
     let _one_at_a_time = shared.reloading.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (config, model) = load_model::<B>(path, device).map_err(|e| ApiError::bad("model_path", format!("cannot load the weights: {e}")))?;
+    let (config, model) =
+        load_model::<B>(path, device).map_err(|e| ApiError::bad("model_path", format!("cannot load the weights: {e}")))?;
     let served = &shared.config;
     let same = |a: &ModelConfig, b: &ModelConfig| {
         (a.vocab_size, a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.intermediate_size)

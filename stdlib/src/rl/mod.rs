@@ -8,5 +8,5 @@ pub mod group;
 pub mod loss;
 pub mod remote;
 pub mod rollout;
-pub mod source;
 pub mod shaping;
+pub mod source;

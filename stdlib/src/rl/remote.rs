@@ -161,7 +161,9 @@ impl RolloutConfig {
             out.push(format!("rollout: logprob_tolerance must be 0 or positive, got {}", self.logprob_tolerance));
         }
         if self.flavor == Flavor::Vllm && self.weights_dir.is_none() {
-            out.push("rollout: flavor \"vllm\" needs weights_dir, the directory vLLM was started on (vLLM reloads its own directory)".into());
+            out.push(
+                "rollout: flavor \"vllm\" needs weights_dir, the directory vLLM was started on (vLLM reloads its own directory)".into(),
+            );
         }
         out
     }
@@ -273,7 +275,8 @@ impl RemoteRollouts {
         let servers: Vec<Server> = config.urls.iter().map(|u| Server::new(u)).collect();
         let lease = Lease::acquire(servers.iter().map(|s| s.url.clone()).collect(), stage, cancel)?;
         let remote = Self { config, stage: stage.to_string(), agent, servers, loaded: Mutex::new(None), _lease: lease };
-        let health: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).http_status_as_error(false).build().into();
+        let health: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).http_status_as_error(false).build().into();
         std::thread::scope(|scope| {
             for server in &remote.servers {
                 let (health, remote) = (&health, &remote);
@@ -367,7 +370,10 @@ impl RemoteRollouts {
                 let body = json!({ "model_path": dir.display().to_string(), "weight_version": version });
                 let reply = self.post(&format!("{}/update_weights_from_disk", server.root), &body)?;
                 if reply.get("success").and_then(Value::as_bool) != Some(true) {
-                    return Err(Failure::Final(format!("the load failed: {}", reply.get("message").and_then(Value::as_str).unwrap_or("no message"))));
+                    return Err(Failure::Final(format!(
+                        "the load failed: {}",
+                        reply.get("message").and_then(Value::as_str).unwrap_or("no message")
+                    )));
                 }
                 Ok(())
             }
@@ -452,7 +458,9 @@ impl RemoteRollouts {
         expected: Option<&str>,
         cancel: &CancelToken,
     ) {
-        while let Some((index, attempts)) = pool.take(|| server.is_alive() && !cancel.is_cancelled() && self.servers.iter().any(Server::is_alive)) {
+        while let Some((index, attempts)) =
+            pool.take(|| server.is_alive() && !cancel.is_cancelled() && self.servers.iter().any(Server::is_alive))
+        {
             match self.complete(server, prompts[index], n, &samplings[index], expected) {
                 Ok(group) => {
                     server.failures_in_a_row.store(0, Ordering::SeqCst);
@@ -490,7 +498,14 @@ impl RemoteRollouts {
     }
 
     /// One completions request.
-    fn complete(&self, server: &Server, prompt: &[u32], n: usize, sampling: &SamplingConfig, expected: Option<&str>) -> Result<RemoteGroup, Failure> {
+    fn complete(
+        &self,
+        server: &Server,
+        prompt: &[u32],
+        n: usize,
+        sampling: &SamplingConfig,
+        expected: Option<&str>,
+    ) -> Result<RemoteGroup, Failure> {
         let body = request_body(&self.config, prompt, n, sampling);
         let reply = self.post(&format!("{}/completions", server.url), &body)?;
         let group = parse_reply(&reply, n, &sampling.stop_tokens).map_err(|why| Failure::Retry(format!("{}: {why}", server.url)))?;
@@ -554,7 +569,12 @@ fn parse_choice(choice: &Value, stop_tokens: &[u32]) -> Result<Completion, Strin
             .and_then(Value::as_array)
             .ok_or("the reply has neither token_ids nor token_id:N tokens in its logprobs")?
             .iter()
-            .map(|t| t.as_str().and_then(|t| t.strip_prefix("token_id:")).and_then(|id| id.parse::<u32>().ok()).ok_or("a logprobs token is not token_id:N"))
+            .map(|t| {
+                t.as_str()
+                    .and_then(|t| t.strip_prefix("token_id:"))
+                    .and_then(|id| id.parse::<u32>().ok())
+                    .ok_or("a logprobs token is not token_id:N")
+            })
             .collect::<Result<_, _>>()?,
     };
     let mut values: Vec<f32> = logprobs
@@ -606,7 +626,12 @@ struct PoolState {
 impl Pool {
     fn new(count: usize) -> Self {
         Self {
-            state: Mutex::new(PoolState { queue: (0..count).map(|i| (i, 0)).collect(), in_flight: 0, results: vec![None; count], fatal: None }),
+            state: Mutex::new(PoolState {
+                queue: (0..count).map(|i| (i, 0)).collect(),
+                in_flight: 0,
+                results: vec![None; count],
+                fatal: None,
+            }),
             changed: Condvar::new(),
         }
     }
@@ -729,7 +754,8 @@ mod tests {
         let now = Arc::new(AtomicUsize::new(0));
         let version = Arc::new(Mutex::new("default".to_string()));
         for _ in 0..8 {
-            let (server, requests, peak, now, version) = (Arc::clone(&server), Arc::clone(&requests), Arc::clone(&peak), Arc::clone(&now), Arc::clone(&version));
+            let (server, requests, peak, now, version) =
+                (Arc::clone(&server), Arc::clone(&requests), Arc::clone(&peak), Arc::clone(&now), Arc::clone(&version));
             std::thread::spawn(move || {
                 while let Ok(mut request) = server.recv() {
                     let mut body = String::new();
@@ -842,7 +868,8 @@ mod tests {
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
             // The listener closes here: later requests are refused.
         });
-        let remote = RemoteRollouts::connect(config(vec![good.url.clone(), doomed_url.clone()]), "test#3", &CancelToken::new()).expect("connect");
+        let remote =
+            RemoteRollouts::connect(config(vec![good.url.clone(), doomed_url.clone()]), "test#3", &CancelToken::new()).expect("connect");
         health.join().expect("health answered");
         let groups = ask(&remote, 6).expect("the other server carries on");
         assert_eq!(groups.len(), 6);
@@ -861,7 +888,8 @@ mod tests {
     #[test]
     fn a_stale_reply_is_rejected_and_its_server_taken_out() {
         let (liar, honest) = (fake(0, 0, true), fake(0, 0, false));
-        let remote = RemoteRollouts::connect(config(vec![liar.url.clone(), honest.url.clone()]), "test#5", &CancelToken::new()).expect("connect");
+        let remote =
+            RemoteRollouts::connect(config(vec![liar.url.clone(), honest.url.clone()]), "test#5", &CancelToken::new()).expect("connect");
         let dir = tempfile::tempdir().expect("tempdir");
         remote.load_weights(dir.path(), "v2").expect("load");
         let groups = ask(&remote, 4).expect("the honest server answers");

@@ -9,8 +9,8 @@ use burn::tensor::backend::Backend;
 
 use crate::error::StageError;
 use crate::model::CausalLm;
-use crate::model::checkpoint::copy_tokenizer_files;
 use crate::model::batch_decode::GroupRequest;
+use crate::model::checkpoint::copy_tokenizer_files;
 use crate::model::generate::{Completion, SamplingConfig, generate_group};
 use crate::model::{ModelConfig, save_model};
 use crate::rl::remote::{Flavor, RemoteRollouts, RolloutConfig};
@@ -42,7 +42,12 @@ pub enum Rollouts {
 impl Rollouts {
     /// In process without a `rollout` option; else the servers it names, for `stage`,
     /// writing weights into its `weights_dir` or `default_dir`.
-    pub fn connect(config: Option<&RolloutConfig>, stage: &str, default_dir: Option<PathBuf>, cancel: &CancelToken) -> Result<Self, StageError> {
+    pub fn connect(
+        config: Option<&RolloutConfig>,
+        stage: &str,
+        default_dir: Option<PathBuf>,
+        cancel: &CancelToken,
+    ) -> Result<Self, StageError> {
         let Some(config) = config else { return Ok(Self::InProcess) };
         let weights_dir = config.weights_dir.clone().or(default_dir);
         Ok(Self::Remote { servers: Box::new(RemoteRollouts::connect(config.clone(), stage, cancel)?), weights_dir })
@@ -101,7 +106,8 @@ impl Rollouts {
         if servers.loaded_version().as_deref() == Some(version) {
             return Ok(());
         }
-        let dir = weights_dir.as_ref().ok_or_else(|| StageError::Invalid("rollout: give weights_dir (the stage has no run directory)".into()))?;
+        let dir =
+            weights_dir.as_ref().ok_or_else(|| StageError::Invalid("rollout: give weights_dir (the stage has no run directory)".into()))?;
         save_model(model, config, dir, servers.config().weights_dtype)?;
         copy_tokenizer_files(tokenizer_dir, dir)?;
         servers.load_weights(dir, version)

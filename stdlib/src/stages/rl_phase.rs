@@ -39,8 +39,8 @@ use crate::rl::group::{Group, group_backward, normalizer};
 use crate::rl::loss::{Aggregation, KlEstimator, LossConfig, LossSums};
 use crate::rl::remote::RolloutConfig;
 use crate::rl::rollout::{Rollouts as RolloutSink, pass_rate_bin, score_group};
-use crate::rl::source::{RemoteBatch, Rollouts};
 use crate::rl::shaping::overlong_penalty;
+use crate::rl::source::{RemoteBatch, Rollouts};
 use crate::stage::{Chart, DifficultyReport, PlanView, PortKind, PortSpec, ReportFigure, Stage, StageConfig, StageContext, StageIo};
 use crate::train::{OPTIMIZER_FILE, OptimConfig, RecomputeChoice, Trainer};
 
@@ -1012,7 +1012,12 @@ fn checked_logprobs<B: longrl_backends::CustomGrad>(
 ) -> Result<Vec<Vec<f32>>, StageError> {
     let scores = crate::model::score::score_group_at(model, prompt, responses, config.temperature)?;
     let width = responses.iter().map(Vec::len).max().unwrap_or(0);
-    let flat = scores.logprobs.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| StageError::Failed(format!("cannot read log-probs: {e:?}")))?;
+    let flat = scores
+        .logprobs
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| StageError::Failed(format!("cannot read log-probs: {e:?}")))?;
     let own: Vec<Vec<f32>> = responses.iter().enumerate().map(|(i, r)| flat[i * width..i * width + r.len()].to_vec()).collect();
     let (mut diff, mut tokens, mut missing) = (0.0f64, 0usize, false);
     for (theirs, ours) in servers.iter().zip(&own) {

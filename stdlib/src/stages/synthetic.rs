@@ -289,10 +289,8 @@ fn retrieval_task(rng: &mut ChaCha8Rng, kind: TaskKind, distractors: usize) -> T
     let letter_index = options.iter().position(|c| *c == cities[0]).unwrap_or(0);
     let letter = ["A", "B", "C", "D"][letter_index];
     let listed = options.iter().zip(["A", "B", "C", "D"]).map(|(c, l)| format!("({l}) {c}")).collect::<Vec<_>>().join(" ");
-    let trace = format!(
-        "<think>\nThe text says: {} That is option ({letter}).\n</think>\n\nTherefore, the answer is ({letter}).",
-        facts[0]
-    );
+    let trace =
+        format!("<think>\nThe text says: {} That is option ({letter}).\n</think>\n\nTherefore, the answer is ({letter}).", facts[0]);
     Task {
         kind,
         question: format!("{question} {listed}"),
@@ -339,10 +337,8 @@ fn arithmetic_task(rng: &mut ChaCha8Rng, distractors: usize) -> Task {
     let x: u32 = rng.random_range(10..500);
     let y: u32 = x + rng.random_range(1..300);
     let company = companies[0];
-    let gold = vec![
-        format!("In {year1}, {company} earned {x} million dollars."),
-        format!("In {year2}, {company} earned {y} million dollars."),
-    ];
+    let gold =
+        vec![format!("In {year1}, {company} earned {x} million dollars."), format!("In {year2}, {company} earned {y} million dollars.")];
     let mut others = Vec::new();
     for (i, other) in companies.iter().enumerate().skip(1) {
         let amount: u32 = rng.random_range(10..800);

@@ -114,14 +114,24 @@ impl ModelBench {
                 unit: "tokens/s",
                 key: "prefill",
             },
-            Figure { name: "decode, batch 1".into(), value: (self.new_tokens - 1) as f64 / decode_one, unit: "tokens/s", key: "decode_batch1" },
+            Figure {
+                name: "decode, batch 1".into(),
+                value: (self.new_tokens - 1) as f64 / decode_one,
+                unit: "tokens/s",
+                key: "decode_batch1",
+            },
             Figure {
                 name: format!("decode, group of {} sharing the prompt", self.group),
                 value: (self.group * (self.new_tokens - 1)) as f64 / decode_group,
                 unit: "tokens/s",
                 key: "decode_group",
             },
-            Figure { name: format!("group of {}: prompt + {} tokens each, wall", self.group, self.new_tokens), value: group, unit: "s", key: "group_wall_s" },
+            Figure {
+                name: format!("group of {}: prompt + {} tokens each, wall", self.group, self.new_tokens),
+                value: group,
+                unit: "s",
+                key: "group_wall_s",
+            },
         ])
     }
 
@@ -170,7 +180,12 @@ impl ModelBench {
             Figure { name: "forward+backward model FLOP rate".into(), value: gflops, unit: "GFLOP/s", key: "train_gflops" },
         ];
         if let Some(peak) = self.peak_tflops {
-            figures.push(Figure { name: format!("model FLOP utilisation of {peak} TFLOP/s"), value: gflops / peak / 10.0, unit: "%", key: "mfu_percent" });
+            figures.push(Figure {
+                name: format!("model FLOP utilisation of {peak} TFLOP/s"),
+                value: gflops / peak / 10.0,
+                unit: "%",
+                key: "mfu_percent",
+            });
         }
         Ok(figures)
     }

@@ -68,7 +68,10 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ApiEr
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if let Some(field) = inner.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
-            return ApiError::bad(field, format!("unsupported field `{field}`: longrl serve does not know it, and rejects it rather than ignore it"));
+            return ApiError::bad(
+                field,
+                format!("unsupported field `{field}`: longrl serve does not know it, and rejects it rather than ignore it"),
+            );
         }
         if path == "." || path.is_empty() {
             ApiError::status(400, format!("invalid request: {inner}"))
@@ -446,7 +449,10 @@ fn check_prompt(ids: &[u32], max_tokens: usize, served: &Served, field: &str) ->
 
 fn check_max_tokens(field: &str, max_tokens: usize, served: &Served) -> Result<(), ApiError> {
     if max_tokens == 0 || max_tokens > served.max_tokens_cap {
-        return Err(ApiError::bad(field, format!("`{field}` must be between 1 and the server's cap of {} (--max-tokens-cap), got {max_tokens}", served.max_tokens_cap)));
+        return Err(ApiError::bad(
+            field,
+            format!("`{field}` must be between 1 and the server's cap of {} (--max-tokens-cap), got {max_tokens}", served.max_tokens_cap),
+        ));
     }
     Ok(())
 }
@@ -690,7 +696,11 @@ impl Planned {
                 if self.stream { self.completion_events(&out, kind, served) } else { self.completion_json(out, kind, served) }
             }
             Kind::Chat { logprobs, top_logprobs } => {
-                if self.stream { self.chat_events(&out, logprobs, top_logprobs, served) } else { self.chat_json(out, logprobs, top_logprobs, served) }
+                if self.stream {
+                    self.chat_events(&out, logprobs, top_logprobs, served)
+                } else {
+                    self.chat_json(out, logprobs, top_logprobs, served)
+                }
             }
         }
     }
@@ -720,7 +730,8 @@ impl Planned {
                 }
                 push_event(&mut events, &self.completion_base(out, vec![entry], served));
             }
-            let mut last = json!({ "index": index, "text": "", "logprobs": null, "finish_reason": choice.finish, "stop_reason": choice.stop_reason });
+            let mut last =
+                json!({ "index": index, "text": "", "logprobs": null, "finish_reason": choice.finish, "stop_reason": choice.stop_reason });
             if kind.prompt_logprobs {
                 last["prompt_logprobs"] = prompt_logprobs_json(output, served);
             }
@@ -752,7 +763,8 @@ impl Planned {
                     "stop_reason": choice.stop_reason,
                 });
                 if let Some(top) = kind.logprobs {
-                    let mut object = completion_logprobs(choice, 0..choice.tokens.len(), top, kind.tokens_as_ids, served, prompt_text.chars().count());
+                    let mut object =
+                        completion_logprobs(choice, 0..choice.tokens.len(), top, kind.tokens_as_ids, served, prompt_text.chars().count());
                     if kind.echo {
                         object = with_echoed_prompt(object, job, output, kind.tokens_as_ids, served);
                     }
@@ -778,12 +790,11 @@ impl Planned {
     /// then one with the finish reason; the usage chunk if asked for; `[DONE]`.
     fn chat_events(&self, out: &Rendered, logprobs: bool, top_logprobs: usize, served: &Served) -> Reply {
         let r = &self.rendering;
-        let base = |choices: Vec<Value>| {
-            json!({ "id": format!("chatcmpl-{}", r.id), "object": "chat.completion.chunk", "created": out.created, "model": served.name, "choices": choices })
-        };
+        let base = |choices: Vec<Value>| json!({ "id": format!("chatcmpl-{}", r.id), "object": "chat.completion.chunk", "created": out.created, "model": served.name, "choices": choices });
         let mut events = String::new();
         for (index, (job, _, choice)) in out.choices.iter().enumerate() {
-            let mut first = json!({ "index": index, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null });
+            let mut first =
+                json!({ "index": index, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null });
             if r.return_token_ids {
                 first["prompt_token_ids"] = json!(job.prompt);
             }
@@ -798,7 +809,8 @@ impl Planned {
                 }
                 push_event(&mut events, &base(vec![entry]));
             }
-            let last = json!({ "index": index, "delta": {}, "logprobs": null, "finish_reason": choice.finish, "stop_reason": choice.stop_reason });
+            let last =
+                json!({ "index": index, "delta": {}, "logprobs": null, "finish_reason": choice.finish, "stop_reason": choice.stop_reason });
             push_event(&mut events, &base(vec![last]));
         }
         let usage_chunk = r.include_usage.then(|| {
@@ -1033,7 +1045,8 @@ mod tests {
         assert_eq!(err.param.as_deref(), Some("colour"), "{err:?}");
         let err = parse_body::<CompletionRequest>(r#"{"prompt": [1, 2], "n": "three"}"#).expect_err("mistyped");
         assert!(err.message.contains("`n`"), "{err:?}");
-        let err = parse_body::<ChatRequest>(r#"{"messages": [], "temperature": 0.5, "frequency_penalty": 0, "nope": true}"#).expect_err("unknown");
+        let err = parse_body::<ChatRequest>(r#"{"messages": [], "temperature": 0.5, "frequency_penalty": 0, "nope": true}"#)
+            .expect_err("unknown");
         assert_eq!(err.param.as_deref(), Some("nope"), "{err:?}");
         let ok = parse_body::<CompletionRequest>(r#"{"prompt": [[1, 2], [3]], "n": 2, "stop": "x", "user": "u"}"#).expect("valid");
         assert!(matches!(ok.prompt, PromptInput::IdLists(ref l) if l.len() == 2));
@@ -1044,7 +1057,8 @@ mod tests {
 
     #[test]
     fn sampling_fields_the_server_cannot_honour_are_rejected_by_name() {
-        let fields: SamplingFields = serde_json::from_str(r#"{"presence_penalty": 0.5, "min_p": 0.1, "top_p": 0, "n": 0}"#).expect("parses");
+        let fields: SamplingFields =
+            serde_json::from_str(r#"{"presence_penalty": 0.5, "min_p": 0.1, "top_p": 0, "n": 0}"#).expect("parses");
         let mut problems = Vec::new();
         sampling_problems(&fields, &mut problems);
         let named: Vec<&str> = problems.iter().map(|(f, _)| f.as_str()).collect();
