@@ -168,3 +168,79 @@ fn bench_model_json_has_the_keys_of_the_transformers_script() {
         assert!(figures[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {figures}");
     }
 }
+
+#[test]
+fn params_files_set_recipe_parameters_and_runs_record_them() {
+    let runs = tempfile::tempdir().expect("tempdir");
+    let runs_dir = runs.path().to_str().expect("utf-8 path");
+    let params = runs.path().join("filter.yaml");
+    std::fs::write(&params, "# a budget\nbudget: 1200\n").expect("write");
+    let params = params.to_str().expect("utf-8 path");
+
+    // --set overrides the file; the run records the merged values, and a params.yaml
+    // that runs the same again.
+    let out = longrl(&["run", "scripts/filter_hotpotqa.rhai", "--runs-dir", runs_dir, "--name", "p", "--params", params, "--set", "budget=1500"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = runs.path().join("p");
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).expect("run.json")).expect("json");
+    assert_eq!(info["params"]["budget"], 1500);
+    assert_eq!(info["params_file"], params);
+    let recorded = std::fs::read_to_string(run.join("params.yaml")).expect("params.yaml");
+    assert!(recorded.lines().any(|l| l == "budget: 1500"), "{recorded}");
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["check", "scripts/filter_hotpotqa.rhai"];
+        args.extend_from_slice(extra);
+        let out = longrl(&args);
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let run_params = run.join("params.yaml");
+    let (ok, again, stderr) = plan(&["--params", run_params.to_str().expect("utf-8")]);
+    assert!(ok && again.contains("1500"), "{again}{stderr}");
+
+    // Resuming with a different value is refused, naming the parameter and where it came from.
+    let out = longrl(&["run", "--resume", run.to_str().expect("utf-8"), "--params", params]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("parameter `budget` changed from 1500 to 1200 (") && stderr.contains("filter.yaml:2: budget: 1200"), "{stderr}");
+
+    // A key the recipe never reads, or of the wrong type, names the file and line.
+    let bad = runs.path().join("bad.yaml");
+    std::fs::write(&bad, "budget: 1200\nbugdet: 5\n").expect("write");
+    let (ok, _, stderr) = plan(&["--params", bad.to_str().expect("utf-8")]);
+    assert!(!ok && stderr.contains("bad.yaml:2: bugdet: 5: the recipe never reads parameter `bugdet`"), "{stderr}");
+    std::fs::write(&bad, "budget: large\n").expect("write");
+    let (ok, _, stderr) = plan(&["--params", bad.to_str().expect("utf-8")]);
+    assert!(!ok && stderr.contains("bad.yaml:1: budget: \"large\": expected i64 like the default"), "{stderr}");
+    std::fs::write(&bad, "budget: [1200\n").expect("write");
+    let (ok, _, stderr) = plan(&["--params", bad.to_str().expect("utf-8")]);
+    assert!(!ok && stderr.contains("bad.yaml:2:1: not valid YAML"), "{stderr}");
+    let (ok, _, stderr) = plan(&["--params", "no/such/params.yaml"]);
+    assert!(!ok && stderr.contains("cannot read parameter file no/such/params.yaml"), "{stderr}");
+}
+
+#[test]
+fn the_paper_parameter_files_fit_the_qwenlong_recipe() {
+    // Every key of examples/params is read by scripts/qwenlong_l1.rhai with the type of its
+    // default, and reaches the stages (the paths in them are placeholders, so the plan is
+    // evaluated, not validated against files).
+    let registry = longrl_stdlib::Registry::standard();
+    let source = std::fs::read_to_string(workspace().join("scripts/qwenlong_l1.rhai")).expect("recipe");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(workspace().join("examples/params"))
+        .expect("examples/params")
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for file in files {
+        let params = longrl_engine::dataflow::params::read_params_file(&file).expect("a valid parameter file");
+        let plan = longrl_engine::load_plan(&source, "qwenlong_l1.rhai", &registry, &params)
+            .unwrap_or_else(|problems| panic!("{}: {problems}", file.display()));
+        let phases: Vec<_> = plan.nodes.iter().filter(|n| n.stage == "rl_phase").collect();
+        assert_eq!(phases.len(), 2);
+        assert_eq!(phases[0].options["max_input"], 20000, "{}", file.display());
+        assert_eq!(phases[1].options["max_input"], 60000);
+        assert_eq!(phases[0].options["lr"], 2e-6);
+        assert_eq!(phases[0].options["top_p"], 0.95);
+        assert_eq!(phases[0].options["precision"], "bf16-mixed");
+    }
+}

@@ -12,6 +12,7 @@ use longrl_stdlib::{CancelToken, Registry};
 
 use crate::commands::report::{checkpoint_stamp, write_report};
 use crate::dataflow::executor::RunOptions;
+use crate::dataflow::params::{Origin, read_params_file};
 use crate::dataflow::recipe::parse_set;
 use crate::dataflow::resume::{plan_changes, rewind_metrics};
 use crate::dataflow::rundir::RunDir;
@@ -22,9 +23,12 @@ use crate::dataflow::{CheckError, Params, ValidPlan, check_recipe, execute};
 pub struct RecipeArgs {
     /// The recipe file (.rhai).
     pub recipe: PathBuf,
-    /// Set a recipe parameter read by `param("key", default)`; repeatable.
+    /// Set a recipe parameter read by `param("key", default)`; repeatable; overrides --params.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = check_set)]
     pub set: Vec<String>,
+    /// Read recipe parameters from a YAML file of `name: value` lines (--set overrides them).
+    #[arg(long = "params", value_name = "FILE.yaml")]
+    pub params: Option<PathBuf>,
 }
 
 /// Checks a `--set KEY=VALUE` on the command line (a malformed one is a usage error).
@@ -37,9 +41,12 @@ fn check_set(text: &str) -> Result<String, String> {
 pub struct RunArgs {
     /// The recipe file (.rhai). With --resume it may be left out: the run's own copy is used.
     pub recipe: Option<PathBuf>,
-    /// Set a recipe parameter read by `param("key", default)`; repeatable.
+    /// Set a recipe parameter read by `param("key", default)`; repeatable; overrides --params.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = check_set)]
     pub set: Vec<String>,
+    /// Read recipe parameters from a YAML file of `name: value` lines (--set overrides them).
+    #[arg(long = "params", value_name = "FILE.yaml")]
+    pub params: Option<PathBuf>,
     /// Continue a killed run in its directory: finished stages are not redone, interrupted
     /// ones restart from their last checkpoint. Refused if the recipe's plan changed.
     #[arg(long, value_name = "RUN_DIR")]
@@ -71,7 +78,7 @@ pub fn parse_backend(text: &str) -> Result<BackendKind, String> {
 
 /// `longrl check`: the plan, or every problem.
 pub fn check(args: &RecipeArgs, registry: &Registry) -> Result<ExitCode> {
-    let Some((_, plan)) = checked(args, registry)? else { return Ok(ExitCode::FAILURE) };
+    let Some((_, plan)) = checked(args, &params(args)?, registry)? else { return Ok(ExitCode::FAILURE) };
     crate::outln!("{} is valid: {} stages, {} edges", args.recipe.display(), plan.nodes.len(), plan.edges.len())?;
     crate::out!("{}", plan.to_text())?;
     print_warnings(&plan);
@@ -80,7 +87,7 @@ pub fn check(args: &RecipeArgs, registry: &Registry) -> Result<ExitCode> {
 
 /// `longrl graph`: the plan as text or DOT.
 pub fn graph(args: &RecipeArgs, dot: bool, registry: &Registry) -> Result<ExitCode> {
-    let Some((_, plan)) = checked(args, registry)? else { return Ok(ExitCode::FAILURE) };
+    let Some((_, plan)) = checked(args, &params(args)?, registry)? else { return Ok(ExitCode::FAILURE) };
     crate::out!("{}", if dot { plan.to_dot() } else { plan.to_text() })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -91,15 +98,17 @@ pub fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
         return resume_run(&args, resume, registry);
     }
     let Some(recipe) = args.recipe.clone() else { bail!("give a recipe to run (or --resume RUN_DIR)") };
-    let recipe_args = RecipeArgs { recipe, set: args.set.clone() };
-    let Some((source, plan)) = checked(&recipe_args, registry)? else { return Ok(ExitCode::FAILURE) };
+    let recipe_args = RecipeArgs { recipe, set: args.set.clone(), params: args.params.clone() };
+    let params = params(&recipe_args)?;
+    let Some((source, plan)) = checked(&recipe_args, &params, registry)? else { return Ok(ExitCode::FAILURE) };
     print_warnings(&plan);
     let device = DeviceSpec::new(args.backend, args.device);
     longrl_backends::probe(device)?;
     let run_dir = RunDir::create(&args.runs_dir, args.name.as_deref(), &recipe_args.recipe)?;
     let info = serde_json::json!({
         "recipe": recipe_args.recipe.display().to_string(),
-        "params": params(&recipe_args)?,
+        "params": params.values(),
+        "params_file": recipe_args.params.as_ref().map(|p| p.display().to_string()),
         "backend": args.backend.as_str(),
         "device": device.to_string(),
         "seed": args.seed.unwrap_or(0),
@@ -110,8 +119,12 @@ pub fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
     execute_in(plan, registry, run_dir, device, args.seed.unwrap_or(0), args.channel_capacity)
 }
 
+/// The recipe's parameters: the `--params` file's values, then the `--set` ones over them.
 fn params(args: &RecipeArgs) -> Result<Params> {
-    let mut params = Params::new();
+    let mut params = match &args.params {
+        Some(path) => read_params_file(path).map_err(anyhow::Error::msg)?,
+        None => Params::new(),
+    };
     for item in &args.set {
         let (key, value) = parse_set(item).map_err(anyhow::Error::msg)?;
         params.insert(key, value);
@@ -120,9 +133,9 @@ fn params(args: &RecipeArgs) -> Result<Params> {
 }
 
 /// A valid plan, or `None` after printing every problem.
-fn checked(args: &RecipeArgs, registry: &Registry) -> Result<Option<(String, ValidPlan)>> {
+fn checked(args: &RecipeArgs, params: &Params, registry: &Registry) -> Result<Option<(String, ValidPlan)>> {
     let base_dir = std::env::current_dir().context("cannot read the working directory")?;
-    match check_recipe(&args.recipe, registry, &params(args)?, &base_dir) {
+    match check_recipe(&args.recipe, registry, params, &base_dir) {
         Ok(found) => Ok(Some(found)),
         Err(CheckError::Problems(problems)) => {
             crate::errln!("error: {}", problems.to_string().trim_end());
@@ -156,13 +169,15 @@ fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCod
         );
     }
     let recipe = args.recipe.clone().unwrap_or_else(|| dir.join("recipe.rhai"));
-    let mut set: Vec<String> =
-        info["params"].as_object().map(|params| params.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
-    set.extend(args.set.iter().cloned());
-    let recipe_args = RecipeArgs { recipe, set };
-    let Some((_, plan)) = checked(&recipe_args, registry)? else { return Ok(ExitCode::FAILURE) };
+    let recipe_args = RecipeArgs { recipe, set: args.set.clone(), params: args.params.clone() };
+    let recorded = recorded_params(&info);
+    let given = params(&recipe_args)?;
+    let mut changes = param_changes(&recorded, &given);
+    let mut merged = recorded;
+    merged.extend(given);
+    let Some((_, plan)) = checked(&recipe_args, &merged, registry)? else { return Ok(ExitCode::FAILURE) };
     let saved = read_json(&dir.join("plan.json"), "the run's plan")?;
-    let changes = plan_changes(&saved, &plan.to_json());
+    changes.extend(plan_changes(&saved, &plan.to_json()));
     if !changes.is_empty() {
         bail!(
             "cannot resume {}: the recipe's plan changed since the run started, so its checkpoints do not fit:\n  {}\n(start a new run instead)",
@@ -177,6 +192,31 @@ fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCod
     let kept = rewind_metrics(dir, &labels)?;
     crate::errln!("resuming {} ({kept} metrics lines kept)", dir.display());
     execute_in(plan, registry, run_dir, device, seed, args.channel_capacity)
+}
+
+/// The parameters a run recorded in its `run.json` when it started.
+fn recorded_params(info: &serde_json::Value) -> Params {
+    let mut params = Params::new();
+    for (key, value) in info["params"].as_object().into_iter().flatten() {
+        params.insert_from(key.clone(), value.clone(), Origin::Recorded);
+    }
+    params
+}
+
+/// Parameters given to `--resume` (by `--set` or `--params`) whose values differ from
+/// the ones the run started with.
+fn param_changes(recorded: &Params, given: &Params) -> Vec<String> {
+    given
+        .keys()
+        .filter_map(|key| {
+            let new = given.get(key)?;
+            match recorded.get(key) {
+                Some(old) if old == new => None,
+                Some(old) => Some(format!("parameter `{key}` changed from {old} to {new} ({})", given.describe(key))),
+                None => Some(format!("parameter `{key}` was not set when the run started ({})", given.describe(key))),
+            }
+        })
+        .collect()
 }
 
 /// The longest report.html goes without a rebuild during a run.

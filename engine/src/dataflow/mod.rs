@@ -3,6 +3,7 @@
 //! stage contract; it names no stage.
 
 pub mod executor;
+pub mod params;
 pub mod plan;
 pub mod recipe;
 pub mod resume;

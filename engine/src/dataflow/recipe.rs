@@ -3,7 +3,7 @@
 //! heavy runs while the script runs) and returns a handle that later calls connect.
 
 use std::any::TypeId;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use longrl_stdlib::script::ScriptFn;
@@ -42,8 +42,7 @@ pub struct StageHandle {
     pub stage: String,
 }
 
-/// Values given on the command line with `--set key=value`, read by `param(..)`.
-pub type Params = BTreeMap<String, Value>;
+pub use crate::dataflow::params::Params;
 
 /// Everything a recipe script produced while it ran.
 #[derive(Default)]
@@ -94,7 +93,7 @@ pub fn load_plan(source: &str, recipe: &str, registry: &Registry, params: &Param
         for key in params.keys().filter(|k| !state.params_used.contains(*k)) {
             state.problems.push(Problem::new(
                 Position::default(),
-                format!("--set {key}: the recipe never reads parameter `{key}` (is it misspelled?)"),
+                format!("{}: the recipe never reads parameter `{key}` (is it misspelled?)", params.describe(key)),
             ));
         }
         let engine = Arc::new(engine);
@@ -271,7 +270,7 @@ fn register_param(engine: &mut Engine, builder: &Arc<Mutex<Builder>>, params: &P
             let same_type = default.type_id() == dynamic.type_id() || (default.is_float() && dynamic.is_int()) || default.is_unit();
             if !same_type {
                 return Err(EvalAltResult::ErrorRuntime(
-                    format!("--set {name}={value}: expected {} like the default", default.type_name()).into(),
+                    format!("{}: expected {} like the default", params.describe(name), default.type_name()).into(),
                     ctx.call_position(),
                 )
                 .into());
@@ -292,7 +291,10 @@ fn register_param(engine: &mut Engine, builder: &Arc<Mutex<Builder>>, params: &P
             state.params_used.insert(name.to_string());
         }
         params.get(name).map(json_to_dynamic).ok_or_else(|| {
-            EvalAltResult::ErrorRuntime(format!("parameter `{name}` is required: pass --set {name}=VALUE").into(), ctx.call_position())
+            EvalAltResult::ErrorRuntime(
+                format!("parameter `{name}` is required: pass --set {name}=VALUE or put it in a --params file").into(),
+                ctx.call_position(),
+            )
                 .into()
         })
     });
@@ -485,7 +487,7 @@ fn json_to_dynamic(value: &Value) -> Dynamic {
 pub fn parse_set(text: &str) -> Result<(String, Value), String> {
     let (key, raw) = text.split_once('=').ok_or_else(|| format!("--set {text}: expected key=value"))?;
     let key = key.trim();
-    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+    if !crate::dataflow::params::valid_name(key) {
         return Err(format!("--set {text}: `{key}` is not a valid parameter name"));
     }
     let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));

@@ -17,6 +17,10 @@ pub struct RunDir {
     pub name: String,
 }
 
+/// The first lines of a run's `params.yaml`.
+const PARAMS_HEADER: &str =
+    "# The parameters this run started with (the --params file's, then --set's over them).\n# `longrl run RECIPE --params` this file runs the same again.\n";
+
 impl RunDir {
     /// Creates `root/<name>`. An explicit name that exists is an error; without a name the
     /// recipe's stem and the time are used, with a suffix if that exists too.
@@ -60,10 +64,17 @@ impl RunDir {
     }
 
     /// Saves the recipe text and the validated plan.
+    /// Writes the recipe, its plan, `run.json` (backend, seed, parameters) and, when the run
+    /// has parameters, `params.yaml` with their merged values (a `--params` file to run it again).
     pub fn record_inputs(&self, recipe_text: &str, plan: &ValidPlan, run_info: serde_json::Value) -> Result<(), StageError> {
         write_atomic(&self.path.join("recipe.rhai"), recipe_text.as_bytes())?;
         let plan_json = serde_json::to_vec_pretty(&plan.to_json()).map_err(|e| StageError::Failed(e.to_string()))?;
         write_atomic(&self.path.join("plan.json"), &plan_json)?;
+        if let Some(params) = run_info["params"].as_object().filter(|params| !params.is_empty()) {
+            let yaml = serde_yaml::to_string(params).map_err(|e| StageError::Failed(format!("cannot write params.yaml: {e}")))?;
+            let text = format!("{PARAMS_HEADER}{yaml}");
+            write_atomic(&self.path.join("params.yaml"), text.as_bytes())?;
+        }
         self.write_json("run.json", &run_info)
     }
 
