@@ -179,7 +179,8 @@ fn params_files_set_recipe_parameters_and_runs_record_them() {
 
     // --set overrides the file; the run records the merged values, and a params.yaml
     // that runs the same again.
-    let out = longrl(&["run", "scripts/filter_hotpotqa.rhai", "--runs-dir", runs_dir, "--name", "p", "--params", params, "--set", "budget=1500"]);
+    let out =
+        longrl(&["run", "scripts/filter_hotpotqa.rhai", "--runs-dir", runs_dir, "--name", "p", "--params", params, "--set", "budget=1500"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let run = runs.path().join("p");
     let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).expect("run.json")).expect("json");
@@ -201,7 +202,10 @@ fn params_files_set_recipe_parameters_and_runs_record_them() {
     let out = longrl(&["run", "--resume", run.to_str().expect("utf-8"), "--params", params]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("parameter `budget` changed from 1500 to 1200 (") && stderr.contains("filter.yaml:2: budget: 1200"), "{stderr}");
+    assert!(
+        stderr.contains("parameter `budget` changed from 1500 to 1200 (") && stderr.contains("filter.yaml:2: budget: 1200"),
+        "{stderr}"
+    );
 
     // A key the recipe never reads, or of the wrong type, names the file and line.
     let bad = runs.path().join("bad.yaml");

@@ -26,7 +26,8 @@ let short = synthetic(#{ count: 24, lengths: [64], tokenizer: tiny, kinds: ["ret
 let long = synthetic(#{ count: 12, lengths: [160], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 4 });
 // The letter-count reward says nothing about correctness: groups are filtered on its variance.
 let phase = #{
-    reward: letters, dynamic_sampling_metric: "reward", max_output: 8, group: 4, prompts_per_step: 2, mini_batch: 1, lr: 3e-3,
+    reward: letters, dynamic_sampling_metric: "reward", max_output: 8, group: 4, prompts_per_step: 2,
+    mini_batch: param("mini_batch", 1), devices: param("devices", 1), lr: 3e-3,
     temperature: 1.0, top_p: 1.0, seed: 1, checkpoint_every: 1,
 };
 let first = rl_phase(warm, short, phase + #{ max_input: 100, max_steps: 5 });
@@ -181,6 +182,42 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
         assert_eq!(lines, &b[stage], "metrics of {stage} differ");
     }
     assert!(a[&phase2_label].len() >= 3, "phase 2 logged its steps");
+}
+
+/// A data-parallel run (two replicas on the CPU, each taking one of a mini-batch's two
+/// groups) killed inside its second phase and resumed ends bit for bit as the run left
+/// alone.
+#[test]
+fn a_data_parallel_run_killed_and_resumed_ends_bitwise_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = dir.path().join("chain.rhai");
+    std::fs::write(&recipe, RECIPE.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string())).expect("recipe");
+    let runs = dir.path().join("runs");
+    let parallel = ["--set", "devices=2", "--set", "mini_batch=2"];
+    let args = |name: &'static str| [&["run", "chain.rhai", "--name", name][..], &parallel[..]].concat();
+
+    let (ok, stderr) = finish(longrl(dir.path(), &args("whole")).spawn().expect("starts"));
+    assert!(ok, "{stderr}");
+    let whole = runs.join("whole");
+    let killed = runs.join("killed");
+    kill_when(dir.path(), &args("killed"), &killed, "inside phase 2", |run| {
+        let done_first = std::fs::read_dir(run.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("rl_phase") && e.path().join("done.json").is_file());
+        done_first && lines_of(run, "rl_phase") >= 7
+    });
+    let (ok, stderr) = finish(longrl(dir.path(), &["run", "--resume", "runs/killed"]).spawn().expect("starts"));
+    assert!(ok, "{stderr}");
+    assert!(
+        final_weights(dir.path(), &killed) == final_weights(dir.path(), &whole),
+        "the resumed data-parallel run's final weights differ"
+    );
+    let (a, b) = (metrics(&whole), metrics(&killed));
+    for (stage, lines) in &a {
+        assert_eq!(lines, &b[stage], "metrics of {stage} differ");
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {

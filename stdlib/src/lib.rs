@@ -10,6 +10,7 @@ pub mod guard;
 pub mod metrics;
 pub mod model;
 pub mod options;
+pub mod parallel;
 pub mod progress;
 pub mod prompt;
 pub mod record;

@@ -253,6 +253,13 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
         self.pending += 1;
     }
 
+    /// Adds parameter gradients computed elsewhere (data-parallel replicas, already summed).
+    pub fn accumulate_params(&mut self, grads: GradientsParams) {
+        let Some(model) = &self.model else { unreachable!("the trainer's weights are only absent inside `step`") };
+        self.accumulator.accumulate(model, grads);
+        self.pending += 1;
+    }
+
     /// Takes the gradients accumulated since the last step (tests compare them; training
     /// applies them with [`Trainer::step`]).
     pub fn take_gradients(&mut self) -> GradientsParams {

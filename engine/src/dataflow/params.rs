@@ -116,15 +116,16 @@ pub fn read_params_file(path: &Path) -> Result<Params, String> {
 
 /// The 1-based line where the top-level key `key` is written.
 fn key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|line| {
-        let line = line.trim_end();
-        let rest = line.strip_prefix(key).or_else(|| {
-            let quoted = line.strip_prefix('"').or_else(|| line.strip_prefix('\''))?;
-            quoted.strip_prefix(key)?.strip_prefix(['"', '\''])
-        });
-        rest.is_some_and(|rest| rest.trim_start().starts_with(':'))
-    })
-    .map(|index| index + 1)
+    text.lines()
+        .position(|line| {
+            let line = line.trim_end();
+            let rest = line.strip_prefix(key).or_else(|| {
+                let quoted = line.strip_prefix('"').or_else(|| line.strip_prefix('\''))?;
+                quoted.strip_prefix(key)?.strip_prefix(['"', '\''])
+            });
+            rest.is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|index| index + 1)
 }
 
 /// A YAML value as the JSON a recipe parameter holds.

@@ -295,7 +295,7 @@ fn register_param(engine: &mut Engine, builder: &Arc<Mutex<Builder>>, params: &P
                 format!("parameter `{name}` is required: pass --set {name}=VALUE or put it in a --params file").into(),
                 ctx.call_position(),
             )
-                .into()
+            .into()
         })
     });
 }

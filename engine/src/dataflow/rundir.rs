@@ -18,8 +18,7 @@ pub struct RunDir {
 }
 
 /// The first lines of a run's `params.yaml`.
-const PARAMS_HEADER: &str =
-    "# The parameters this run started with (the --params file's, then --set's over them).\n# `longrl run RECIPE --params` this file runs the same again.\n";
+const PARAMS_HEADER: &str = "# The parameters this run started with (the --params file's, then --set's over them).\n# `longrl run RECIPE --params` this file runs the same again.\n";
 
 impl RunDir {
     /// Creates `root/<name>`. An explicit name that exists is an error; without a name the

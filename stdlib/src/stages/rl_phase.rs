@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use longrl_backends::TrainBackend;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -90,6 +90,13 @@ pub struct RlPhaseConfig {
     /// Prompts per optimizer step (mini-batch); `prompts_per_step / mini_batch` updates per step.
     #[serde(default = "default_mini_batch")]
     pub mini_batch: usize,
+    /// Data-parallel replicas: the run's device and the next `devices - 1` of its backend
+    /// (on the CPU, the same processor) each compute the gradients of every `devices`-th
+    /// group of a mini-batch on a copy of the weights; burn-collective's all-reduce sums
+    /// them before the one optimizer update. The same update as one device (up to the order
+    /// of float additions). Rollouts stay on the run's device (or the `rollout` servers).
+    #[serde(default = "default_one")]
+    pub devices: usize,
     /// Passes over each step's rollouts.
     #[serde(default = "default_one")]
     pub ppo_epochs: usize,
@@ -325,6 +332,9 @@ impl RlPhaseConfig {
         if self.decode_rows == 0 {
             problems.push("decode_rows must be at least 1".into());
         }
+        if self.devices == 0 || self.devices > crate::parallel::MAX_DEVICES {
+            problems.push(format!("devices must be between 1 and {}", crate::parallel::MAX_DEVICES));
+        }
         problems.extend(sampling_problems(self.temperature, self.top_p, false));
         let sizes = [
             ("max_input", self.max_input, limits::TOKENS),
@@ -487,6 +497,35 @@ pub struct RlStepMetrics {
     rollout_servers: Option<usize>,
 }
 
+/// The frozen inputs of a group's backward besides the weights (shared by data-parallel
+/// replicas).
+struct GroupScoring<'a, B: TrainBackend> {
+    reference: Option<&'a CausalLm<B::InnerBackend>>,
+    temperature: f32,
+    loss: &'a LossConfig,
+    micro_batch_tokens: usize,
+}
+
+impl<B: TrainBackend> Clone for GroupScoring<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: TrainBackend> Copy for GroupScoring<'_, B> {}
+
+impl<B: TrainBackend> GroupScoring<'_, B> {
+    /// Adds one group's loss gradients to `trainer` (the phase's own, or a replica's).
+    fn backward(
+        &self,
+        trainer: &mut Trainer<B, CausalLm<B>>,
+        group: &Group,
+        normalizer: crate::rl::loss::Normalizer,
+    ) -> Result<(f64, crate::rl::loss::LossSums), StageError> {
+        group_backward(trainer, self.reference, group, self.temperature, self.loss, normalizer, self.micro_batch_tokens)
+    }
+}
+
 /// An RL phase on one backend.
 pub struct RlRun<B: TrainBackend> {
     config: RlPhaseConfig,
@@ -494,6 +533,8 @@ pub struct RlRun<B: TrainBackend> {
     policy_dir: PathBuf,
     model_config: ModelConfig,
     device: B::Device,
+    /// The data-parallel replicas' devices (the run's device first).
+    replica_devices: Vec<B::Device>,
     tokenizer: ModelTokenizer,
     trainer: Trainer<B, CausalLm<B>>,
     /// The frozen starting policy, when the loss has a KL term.
@@ -565,6 +606,7 @@ impl<B: TrainBackend> RlRun<B> {
             run_seed,
             policy_dir: inputs.policy.dir,
             model_config,
+            replica_devices: crate::parallel::replica_devices::<B>(&device, config.devices),
             device,
             tokenizer,
             trainer,
@@ -650,29 +692,35 @@ impl<B: TrainBackend> RlRun<B> {
     /// PPO-clip updates over mini-batches of the step's groups, in an order drawn from the
     /// step's own stream (so a resumed run draws the same).
     fn train(&mut self, groups: &[Group], step: usize) -> Result<TrainStats, StageError> {
-        let config = &self.config;
-        let mut step_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed(config.seed ^ 0x5eed, self.run_seed, step, 0));
+        let (ppo_epochs, mini_batch) = (self.config.ppo_epochs, self.config.mini_batch);
+        let mut step_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed(self.config.seed ^ 0x5eed, self.run_seed, step, 0));
         let started = Instant::now();
         let _autodiff = crate::train::autodiff_lock();
         let mut stats = TrainStats::default();
-        for _ in 0..config.ppo_epochs {
+        for _ in 0..ppo_epochs {
             let mut order: Vec<usize> = (0..groups.len()).collect();
             order.shuffle(&mut step_rng);
-            for chunk in order.chunks(config.mini_batch) {
+            for chunk in order.chunks(mini_batch) {
                 let normalizer = normalizer(groups, chunk);
                 if normalizer.responses == 0.0 {
                     continue;
                 }
-                for &g in chunk {
-                    let (loss, part) = group_backward(
-                        &mut self.trainer,
-                        self.reference.as_ref(),
-                        &groups[g],
-                        config.temperature,
-                        &self.loss,
-                        normalizer,
-                        config.micro_batch_tokens,
-                    )?;
+                let parts = if self.replica_devices.len() > 1 {
+                    self.chunk_backward_parallel(groups, chunk, normalizer)?
+                } else {
+                    let scoring = GroupScoring {
+                        reference: self.reference.as_ref(),
+                        temperature: self.config.temperature,
+                        loss: &self.loss,
+                        micro_batch_tokens: self.config.micro_batch_tokens,
+                    };
+                    let mut parts = Vec::with_capacity(chunk.len());
+                    for &g in chunk {
+                        parts.push(scoring.backward(&mut self.trainer, &groups[g], normalizer)?);
+                    }
+                    parts
+                };
+                for (&g, (loss, part)) in chunk.iter().zip(parts) {
                     stats.loss += loss;
                     stats.sums = stats.sums.add(&part);
                     stats.tokens += groups[g].prompt.len() + groups[g].responses.iter().map(Vec::len).sum::<usize>();
@@ -685,6 +733,48 @@ impl<B: TrainBackend> RlRun<B> {
         }
         stats.seconds = started.elapsed().as_secs_f64();
         Ok(stats)
+    }
+
+    /// What a group's backward needs besides the weights.
+    fn scoring(&self) -> GroupScoring<'_, B> {
+        GroupScoring {
+            reference: self.reference.as_ref(),
+            temperature: self.config.temperature,
+            loss: &self.loss,
+            micro_batch_tokens: self.config.micro_batch_tokens,
+        }
+    }
+
+    /// One mini-batch's gradients over the data-parallel replicas: replica r takes every
+    /// r-th group of `chunk` on its own device; the summed gradients go to the phase's
+    /// trainer. Returns each group's loss and figures in `chunk` order.
+    fn chunk_backward_parallel(
+        &mut self,
+        groups: &[Group],
+        chunk: &[usize],
+        normalizer: crate::rl::loss::Normalizer,
+    ) -> Result<Vec<(f64, crate::rl::loss::LossSums)>, StageError> {
+        let positions: Vec<usize> = (0..chunk.len()).collect();
+        let shares = crate::parallel::shares(&positions, self.replica_devices.len());
+        let devices = &self.replica_devices[..shares.len()];
+        let (optim, compute) = (self.trainer.config().clone(), self.trainer.compute_dtype());
+        // The KL reference, if any, on each replica's device.
+        let references: Vec<Option<CausalLm<B::InnerBackend>>> =
+            devices.iter().map(|device| self.reference.as_ref().map(|reference| reference.clone().fork(device))).collect();
+        let scoring = self.scoring();
+        let (grads, outputs) = crate::parallel::all_reduce_gradients(self.trainer.model(), devices, |r, model| {
+            let scoring = GroupScoring { reference: references[r].as_ref(), ..scoring };
+            let mut replica = Trainer::new(model, optim.clone()).with_compute(compute);
+            let mut parts = Vec::with_capacity(shares[r].len());
+            for &position in &shares[r] {
+                parts.push((position, scoring.backward(&mut replica, &groups[chunk[position]], normalizer)?));
+            }
+            Ok((replica.take_gradients(), parts))
+        })?;
+        self.trainer.accumulate_params(grads);
+        let mut parts: Vec<(usize, (f64, crate::rl::loss::LossSums))> = outputs.into_iter().flatten().collect();
+        parts.sort_by_key(|(position, _)| *position);
+        Ok(parts.into_iter().map(|(_, part)| part).collect())
     }
 
     /// Warns, the first time and whenever nothing was kept, that a step is short.

@@ -1,0 +1,80 @@
+//! Data-parallel RL training: an `rl_phase` with `devices: N` (replicas on the CPU backend,
+//! gradients summed by burn-collective's all-reduce) ends with the same weights as the same
+//! phase on one device, for shares of equal and of unequal size.
+
+mod support;
+
+use std::path::Path;
+
+use support::{run_recipe, with_tiny};
+
+/// Three optimizer updates of four groups each (G = 4), from the same random start.
+fn recipe(devices: usize) -> String {
+    with_tiny(&format!(
+        r#"
+        let tiny = "{{tiny}}";
+        let policy = model(tiny, #{{ init: "random", init_std: 0.08, seed: 3 }});
+        let letters = reward(#{{ script: |response, record| {{
+            let hits = 0;
+            for c in response {{ if c == 'e' {{ hits += 1; }} }}
+            if response.len() == 0 {{ 0.0 }} else {{ hits.to_float() / response.len().to_float() }}
+        }} }});
+        let tasks = synthetic(#{{ count: 24, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], seed: 3 }});
+        rl_phase(policy, tasks, #{{
+            reward: letters, dynamic_sampling_metric: "reward", max_input: 100, max_output: 8, group: 4,
+            prompts_per_step: 4, mini_batch: 4, lr: 1e-3, temperature: 1.0, top_p: 1.0, seed: 1,
+            max_steps: 3, devices: {devices},
+        }});
+        "#
+    ))
+}
+
+/// The weights in the run directory's subdirectory whose name starts with `prefix`, by
+/// tensor name.
+fn weights(dir: &Path, prefix: &str) -> Vec<(String, Vec<f32>)> {
+    let found = std::fs::read_dir(dir)
+        .expect("run directory")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(prefix) && e.path().join("model.safetensors").is_file())
+        .unwrap_or_else(|| panic!("no {prefix}* weights in {}", dir.display()));
+    let bytes = std::fs::read(found.path().join("model.safetensors")).expect("weights");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let mut out: Vec<(String, Vec<f32>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            (name, view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The starting weights and the phase's final ones.
+fn trained(devices: usize) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_recipe(&recipe(devices), &format!("dp{devices}.rhai"), dir.path());
+    (weights(dir.path(), "model-"), weights(dir.path(), "rl-"))
+}
+
+#[test]
+fn replicas_end_with_the_weights_of_one_device() {
+    let (start, one) = trained(1);
+    let moved: f32 = one.iter().zip(&start).flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs())).fold(0.0, f32::max);
+    assert!(moved > 1e-4, "training moved the weights by only {moved}");
+    for devices in [2, 3] {
+        let (_, many) = trained(devices);
+        assert_eq!(many.len(), one.len());
+        let mut worst = (0.0f32, String::new());
+        for ((name, a), (_, b)) in one.iter().zip(&many) {
+            for (x, y) in a.iter().zip(b) {
+                let diff = (x - y).abs();
+                if diff > worst.0 {
+                    worst = (diff, name.clone());
+                }
+            }
+        }
+        assert!(worst.0 <= 1e-5, "devices {devices}: {} differs by {}", worst.1, worst.0);
+    }
+}
