@@ -2,13 +2,18 @@
 //! gradients of its share of an optimizer step's work on its own copy of the weights, in its
 //! own thread, and burn-collective's all-reduce sums them across the replicas, so the
 //! optimizer applies exactly what one device accumulating every share would.
+//!
+//! Several processes (nodes) are not joined yet: burn-collective 0.21's global mode hangs
+//! on a node's second all-reduce (its `SyncService::sync` clears a copy of the list of
+//! synced peers, not the list), so one session serves a single operation.
 
 use std::sync::Mutex;
 
-use burn::collective::{CollectiveConfig, PeerId, ReduceOperation, finish_collective, register, reset_collective};
-use burn::module::AutodiffModule;
+use burn::collective::{CollectiveConfig, PeerId, ReduceOperation, all_reduce, finish_collective, register, reset_collective};
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend, Device, DeviceId};
+use burn::tensor::{Tensor, TensorPrimitive};
 
 use crate::error::StageError;
 
@@ -58,38 +63,43 @@ where
         grads.push(g);
         outputs.push(out);
     }
-    let summed = sum_across::<B::InnerBackend>(grads, devices)?;
+    let summed = sum_across::<B, M>(model, grads, devices)?;
     Ok((summed, outputs))
 }
 
 /// All-reduces (sums) each replica's gradients with burn-collective, one peer per device,
-/// and returns replica 0's copy of the sum.
-fn sum_across<B: Backend>(grads: Vec<GradientsParams>, devices: &[B::Device]) -> Result<GradientsParams, StageError> {
+/// as one flat tensor per replica (one collective operation per optimizer step), and
+/// returns replica 0's copy of the sum.
+fn sum_across<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: Vec<GradientsParams>,
+    devices: &[B::Device],
+) -> Result<GradientsParams, StageError> {
     if grads.len() == 1 {
         return grads.into_iter().next().ok_or_else(|| StageError::Failed("no replica".into()));
     }
-    let lengths: Vec<usize> = grads.iter().map(GradientsParams::len).collect();
-    if lengths.iter().any(|&len| len != lengths[0]) {
-        return Err(StageError::Failed(format!(
-            "data-parallel replicas hold gradients of different parameters ({lengths:?} tensors); every replica must run the whole model"
-        )));
-    }
     let _turn = COLLECTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let config = CollectiveConfig::default().with_num_devices(grads.len());
-    let reduced: Vec<Result<GradientsParams, StageError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = grads
+    let local = grads.len();
+    let config = CollectiveConfig::default().with_num_devices(local);
+    let register_now = start_session::<B::InnerBackend>(local);
+    let flats: Vec<Tensor<B::InnerBackend, 1>> =
+        grads.into_iter().zip(devices).map(|(mut g, device)| flatten::<B, M>(model, &mut g, device)).collect();
+    let reduced: Vec<Result<Tensor<B::InnerBackend, 1>, StageError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = flats
             .into_iter()
             .zip(devices)
             .enumerate()
-            .map(|(r, (g, device))| {
+            .map(|(r, (flat, device))| {
                 let config = config.clone();
-                scope.spawn(move || -> Result<GradientsParams, StageError> {
+                scope.spawn(move || -> Result<Tensor<B::InnerBackend, 1>, StageError> {
                     let peer = PeerId(r as u32);
                     let failed = |e| StageError::Failed(format!("data-parallel all-reduce (replica {r}): {e:?}"));
-                    register::<B>(peer, device.clone(), config).map_err(failed)?;
-                    let summed = g.all_reduce::<B>(peer, ReduceOperation::Sum).map_err(failed)?;
-                    finish_collective::<B>(peer).map_err(failed)?;
-                    Ok(summed)
+                    if register_now {
+                        register::<B::InnerBackend>(peer, device.clone(), config).map_err(failed)?;
+                    }
+                    let summed =
+                        all_reduce::<B::InnerBackend>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum).map_err(failed)?;
+                    Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
                 })
             })
             .collect();
@@ -98,16 +108,95 @@ fn sum_across<B: Backend>(grads: Vec<GradientsParams>, devices: &[B::Device]) ->
     let mut first = None;
     for (r, result) in reduced.into_iter().enumerate() {
         match result {
-            Ok(g) if r == 0 => first = Some(g),
+            Ok(flat) if r == 0 => first = Some(flat),
             Ok(_) => {}
             Err(e) => {
-                // A failed peer leaves the others registered: start the next step clean.
-                reset_collective::<B>();
+                // A failed peer leaves the others waiting: the next step starts a new session.
+                end_session::<B::InnerBackend>();
                 return Err(e);
             }
         }
     }
-    first.ok_or_else(|| StageError::Failed("no replica".into()))
+    let flat = first.ok_or_else(|| StageError::Failed("no replica".into()))?;
+    Ok(unflatten::<B, M>(model, flat))
+}
+
+/// The local replica count of the registered collective session, if one is open.
+static SESSION: Mutex<Option<usize>> = Mutex::new(None);
+
+/// Whether the replicas must register before this step's all-reduce: the first step, or
+/// a step with another replica count than the open session's (which is closed first).
+fn start_session<B: Backend>(local: usize) -> bool {
+    let mut session = SESSION.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match *session {
+        Some(open) if open == local => return false,
+        Some(open) => {
+            for r in 0..open {
+                let _ = finish_collective::<B>(PeerId(r as u32));
+            }
+            reset_collective::<B>();
+        }
+        None => {}
+    }
+    *session = Some(local);
+    true
+}
+
+fn end_session<B: Backend>() {
+    reset_collective::<B>();
+    *SESSION.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+}
+
+/// `grads` of `model`'s float parameters laid end to end in the module's visit order, on
+/// `device` (zeros for a parameter without a gradient).
+///
+/// # Shapes
+/// - returns `[total parameters]`
+fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+    device: &B::Device,
+) -> Tensor<B::InnerBackend, 1> {
+    struct Flatten<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        parts: Vec<Tensor<B::InnerBackend, 1>>,
+        device: &'a B::Device,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let shape = param.val().shape();
+            let grad = self
+                .grads
+                .remove::<B::InnerBackend, D>(param.id)
+                .map(|g| g.to_device(self.device))
+                .unwrap_or_else(|| Tensor::zeros(shape.clone(), self.device));
+            self.parts.push(grad.reshape([shape.num_elements()]));
+        }
+    }
+    let mut visitor = Flatten::<B> { grads, parts: Vec::new(), device };
+    model.visit(&mut visitor);
+    Tensor::cat(visitor.parts, 0)
+}
+
+/// The inverse of [`flatten`]: each parameter's slice of `flat`, in its shape.
+fn unflatten<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, flat: Tensor<B::InnerBackend, 1>) -> GradientsParams {
+    struct Unflatten<B: AutodiffBackend> {
+        flat: Tensor<B::InnerBackend, 1>,
+        offset: usize,
+        grads: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let shape = param.val().shape();
+            let n = shape.num_elements();
+            let part = self.flat.clone().slice(self.offset..self.offset + n).reshape::<D, _>(shape);
+            self.offset += n;
+            self.grads.register::<B::InnerBackend, D>(param.id, part);
+        }
+    }
+    let mut visitor = Unflatten::<B> { flat, offset: 0, grads: GradientsParams::new() };
+    model.visit(&mut visitor);
+    visitor.grads
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -118,6 +207,55 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::Distribution;
+    use longrl_backends::{CpuDevice, CpuTrain};
+
+    /// The gradients of `sum(linear(x))` for one batch of inputs.
+    fn grads_of(model: &Linear<CpuTrain>, x: Tensor<CpuTrain, 2>) -> GradientsParams {
+        let loss = model.forward(x).sum();
+        GradientsParams::from_grads(loss.backward(), model)
+    }
+
+    fn weight_grad(grads: &GradientsParams, model: &Linear<CpuTrain>) -> Vec<f32> {
+        let grad: Tensor<longrl_backends::Cpu, 2> = grads.get(model.weight.id).expect("a weight gradient");
+        grad.into_data().to_vec().expect("f32")
+    }
+
+    #[test]
+    fn replicas_sum_to_the_gradients_of_the_whole_batch_and_a_failure_leaves_no_session_behind() {
+        let device = CpuDevice::default();
+        let model = LinearConfig::new(6, 3).init::<CpuTrain>(&device);
+        let batches: Vec<Tensor<CpuTrain, 2>> = (0..3).map(|_| Tensor::random([4, 6], Distribution::Normal(0.0, 1.0), &device)).collect();
+        let whole = grads_of(&model, Tensor::cat(batches.clone(), 0));
+        let devices = replica_devices::<CpuTrain>(&device, 3);
+        for round in 0..2 {
+            let (summed, outputs) =
+                all_reduce_gradients(&model, &devices, |r, replica: Linear<CpuTrain>| Ok((grads_of(&replica, batches[r].clone()), r)))
+                    .expect("all-reduce");
+            assert_eq!(outputs, vec![0, 1, 2]);
+            for (a, b) in weight_grad(&summed, &model).iter().zip(weight_grad(&whole, &model)) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "round {round}: {a} vs {b}");
+            }
+        }
+        // A replica that fails: the error comes back, no collective operation waits for it,
+        // and the next step (here with two replicas) runs.
+        let failed = all_reduce_gradients(&model, &devices, |r, replica: Linear<CpuTrain>| {
+            if r == 1 {
+                Err(StageError::Failed("replica one ran out of memory".into()))
+            } else {
+                Ok((grads_of(&replica, batches[r].clone()), r))
+            }
+        });
+        assert!(matches!(failed, Err(StageError::Failed(ref m)) if m.contains("out of memory")));
+        let (summed, _) =
+            all_reduce_gradients(&model, &devices[..2], |r, replica: Linear<CpuTrain>| Ok((grads_of(&replica, batches[r].clone()), r)))
+                .expect("all-reduce after a failure");
+        let two = grads_of(&model, Tensor::cat(batches[..2].to_vec(), 0));
+        for (a, b) in weight_grad(&summed, &model).iter().zip(weight_grad(&two, &model)) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
 
     #[test]
     fn shares_are_round_robin_and_never_empty() {
