@@ -1,6 +1,6 @@
 //! Data-parallel RL training: an `rl_phase` with `devices: N` (replicas on the CPU backend,
 //! gradients summed by burn-collective's all-reduce) ends with the same weights as the same
-//! phase on one device, for shares of equal and of unequal size.
+//! phase on one device, for shares of equal and of unequal size; so does `sft` with `devices`.
 
 mod support;
 
@@ -76,5 +76,34 @@ fn replicas_end_with_the_weights_of_one_device() {
             }
         }
         assert!(worst.0 <= 1e-5, "devices {devices}: {} differs by {}", worst.1, worst.0);
+    }
+}
+
+/// SFT with four micro-batches per step, on one device and on two or three replicas.
+fn sft_recipe(devices: usize) -> String {
+    with_tiny(&format!(
+        r#"
+        let tiny = "{{tiny}}";
+        let policy = model(tiny, #{{ init: "random", init_std: 0.08, seed: 3 }});
+        let traces = synthetic(#{{ count: 32, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], seed: 1 }});
+        sft(policy, traces, #{{ lr: 1e-3, epochs: 1, batch_tokens: 300, grad_accum: 4, max_steps: 3, log_every: 1, devices: {devices} }});
+        "#
+    ))
+}
+
+#[test]
+fn sft_replicas_end_with_the_weights_of_one_device() {
+    let run = |devices: usize| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        run_recipe(&sft_recipe(devices), &format!("sft{devices}.rhai"), dir.path());
+        (weights(dir.path(), "model-"), weights(dir.path(), "sft-"))
+    };
+    let (start, one) = run(1);
+    let moved: f32 = one.iter().zip(&start).flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs())).fold(0.0, f32::max);
+    assert!(moved > 1e-4, "training moved the weights by only {moved}");
+    for devices in [2, 3] {
+        let (_, many) = run(devices);
+        let worst = one.iter().zip(&many).flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "devices {devices}: weights differ by {worst}");
     }
 }

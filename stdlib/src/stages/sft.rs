@@ -50,6 +50,13 @@ pub struct SftConfig {
     /// Micro-batches per optimizer step.
     #[serde(default = "default_accum")]
     pub grad_accum: usize,
+    /// Data-parallel replicas: the run's device and the next `devices - 1` of its backend
+    /// (on the CPU, the same processor) each take every `devices`-th micro-batch of a step
+    /// on a copy of the weights; burn-collective's all-reduce sums their gradients before
+    /// the one optimizer update (the same update as one device, up to the order of float
+    /// additions). Useful with `grad_accum` of at least `devices`.
+    #[serde(default = "default_devices")]
+    pub devices: usize,
     /// Prompt budget in tokens; longer prompts are cut in the middle.
     #[serde(default = "default_max_input")]
     pub max_input: usize,
@@ -101,6 +108,9 @@ fn default_batch_tokens() -> usize {
 fn default_accum() -> usize {
     1
 }
+fn default_devices() -> usize {
+    1
+}
 fn default_max_input() -> usize {
     8192
 }
@@ -134,6 +144,9 @@ impl StageConfig for SftConfig {
         }
         if self.grad_accum == 0 || self.batch_tokens == 0 || self.max_input == 0 || self.max_response == 0 {
             problems.push("grad_accum, batch_tokens, max_input and max_response must be at least 1".into());
+        }
+        if self.devices == 0 || self.devices > crate::parallel::MAX_DEVICES {
+            problems.push(format!("devices must be between 1 and {}", crate::parallel::MAX_DEVICES));
         }
         let sizes = [
             ("epochs", self.epochs, limits::PASSES),
@@ -267,6 +280,7 @@ impl ModelStage for Sft {
             config: config.clone(),
             policy_dir: inputs.policy.dir,
             model_config,
+            replica_devices: crate::parallel::replica_devices::<B>(&device, config.devices),
             device,
             trainer: Trainer::new(model, config.optim.clone()).with_compute(compute),
             examples,
@@ -304,6 +318,8 @@ pub struct SftRun<B: TrainBackend> {
     policy_dir: PathBuf,
     model_config: ModelConfig,
     device: B::Device,
+    /// The data-parallel replicas' devices (the run's device first).
+    replica_devices: Vec<B::Device>,
     trainer: Trainer<B, CausalLm<B>>,
     examples: Vec<Example>,
     skipped: usize,
@@ -311,6 +327,34 @@ pub struct SftRun<B: TrainBackend> {
     steps: Vec<Vec<Vec<usize>>>,
     state: SftState,
     started: Instant,
+}
+
+impl<B: TrainBackend> SftRun<B> {
+    /// One step's gradients over the data-parallel replicas: replica r takes every r-th
+    /// micro-batch on its own device; the summed gradients go to the stage's trainer.
+    /// Returns the step's loss (its micro-batches' losses added in step order).
+    fn step_backward_parallel(&mut self, step: usize, denominator: f64) -> Result<f64, StageError> {
+        let micro_batches = &self.steps[step];
+        let positions: Vec<usize> = (0..micro_batches.len()).collect();
+        let shares = crate::parallel::shares(&positions, self.replica_devices.len());
+        let devices = &self.replica_devices[..shares.len()];
+        let (optim, compute, examples) = (self.trainer.config().clone(), self.trainer.compute_dtype(), &self.examples);
+        let (grads, outputs) = crate::parallel::all_reduce_gradients(self.trainer.model(), devices, |r, model| {
+            let mut replica = Trainer::new(model, optim.clone()).with_compute(compute);
+            let mut losses = Vec::with_capacity(shares[r].len());
+            for &position in &shares[r] {
+                let pairs: Vec<Example> = micro_batches[position].iter().map(|&i| examples[i].clone()).collect();
+                let loss = response_nll(&replica.compute_model(), &pairs, denominator)?;
+                losses.push((position, loss.clone().into_scalar().elem::<f64>()));
+                replica.backward(loss);
+            }
+            Ok((replica.take_gradients(), losses))
+        })?;
+        self.trainer.accumulate_params(grads);
+        let mut losses: Vec<(usize, f64)> = outputs.into_iter().flatten().collect();
+        losses.sort_by_key(|(position, _)| *position);
+        Ok(losses.into_iter().map(|(_, loss)| loss).sum())
+    }
 }
 
 impl<B: TrainBackend> StageRun<B> for SftRun<B> {
@@ -336,14 +380,19 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
         let micro_batches = &self.steps[step];
         // Every micro-batch's loss is divided by the step's response tokens: a token mean.
         let denominator: usize = micro_batches.iter().flatten().map(|&i| self.examples[i].1.len()).sum();
-        let (mut loss_sum, mut step_tokens) = (0.0, 0);
-        for batch in micro_batches {
-            let pairs: Vec<Example> = batch.iter().map(|&i| self.examples[i].clone()).collect();
-            step_tokens += pairs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
-            let loss = response_nll(&self.trainer.compute_model(), &pairs, denominator as f64)?;
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            self.trainer.backward(loss);
-        }
+        let step_tokens: usize = micro_batches.iter().flatten().map(|&i| self.examples[i].0.len() + self.examples[i].1.len()).sum();
+        let loss_sum = if self.replica_devices.len() > 1 {
+            self.step_backward_parallel(step, denominator as f64)?
+        } else {
+            let mut loss_sum = 0.0;
+            for batch in micro_batches {
+                let pairs: Vec<Example> = batch.iter().map(|&i| self.examples[i].clone()).collect();
+                let loss = response_nll(&self.trainer.compute_model(), &pairs, denominator as f64)?;
+                loss_sum += loss.clone().into_scalar().elem::<f64>();
+                self.trainer.backward(loss);
+            }
+            loss_sum
+        };
         let info = self.trainer.step(step, self.steps.len());
         self.state.tokens_seen += step_tokens;
         self.state.last_loss = Some(loss_sum);
