@@ -38,7 +38,7 @@ use longrl_stdlib::model::{ModelConfig, load_model};
 use serde_json::{Value, json};
 
 use protocol::{ApiError, ChatRequest, CompletionRequest, Planned, ReloadRequest, Reply, RpcRequest, Served, parse_body};
-use worker::{Generated, Sequencer, Swap, Work};
+use worker::{BatchStats, Generated, Sequencer, Swap, Work};
 
 /// What to serve, where.
 #[derive(Debug, Clone)]
@@ -80,6 +80,8 @@ struct Shared<'a> {
     /// Set once `max_requests` were served: the request threads end.
     stopping: AtomicBool,
     sequencer: Sequencer,
+    /// How the generation worker has batched requests.
+    batching: BatchStats,
 }
 
 impl Shared<'_> {
@@ -133,6 +135,7 @@ impl BackendTask for ServeOptions {
             served: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             sequencer: Sequencer::default(),
+            batching: BatchStats::default(),
         };
         let (work_tx, work_rx) = crossbeam_channel::unbounded::<Work<B::InnerBackend>>();
         let threads = self.threads.max(1);
@@ -172,7 +175,7 @@ impl BackendTask for ServeOptions {
                     *current = (version.to_string(), path.to_path_buf());
                 }
             };
-            worker::run(model, INITIAL_VERSION.to_string(), work_rx, &shared.sequencer, on_swap);
+            worker::run(model, INITIAL_VERSION.to_string(), work_rx, &shared.sequencer, &shared.batching, on_swap);
         });
         Ok(())
     }
@@ -229,6 +232,7 @@ fn route<B: CustomGrad>(
                 "model_path": path.display().to_string(),
                 "weight_version": version,
                 "requests": shared.served.load(Ordering::SeqCst),
+                "batching": shared.batching.to_json(),
             }))
         }
         ("GET", "/v1/models") => {

@@ -5,9 +5,11 @@
 //! choice of a response comes from one set of weights, whose version the response names.
 //!
 //! Batching: the worker takes everything queued when it wakes (several requests' groups)
-//! and runs it before it sleeps again; the groups of that batch are decoded one after the
-//! other (the in-process generator decodes one group at a time), so concurrent requests
-//! share the model without waiting for each other's HTTP handling, not a decoding batch.
+//! and decodes the groups of all those requests together ([`BatchDecoder`]: each prompt
+//! prefilled once, up to [`BatchOptions::max_rows`] samples per decode step, a finished
+//! group's rows going to a waiting one). A sample draws from its own seeded stream, so it
+//! gets the same tokens whatever decodes beside it. A weight swap splits the batch where
+//! it stands.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::tensor::{Int, Tensor, TensorData};
 use crossbeam_channel::{Receiver, Sender};
 use longrl_backends::CustomGrad;
-use longrl_stdlib::model::generate::{Completion, SamplingConfig, generate_group};
+use longrl_stdlib::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
+use longrl_stdlib::model::generate::{Completion, SamplingConfig};
 use longrl_stdlib::model::{CausalLm, ForwardArgs};
 
 /// One prompt's group: `n` samples, and the log-probs asked for beside them.
@@ -98,32 +101,62 @@ impl Sequencer {
 /// The message of work a weight update aborted.
 pub const ABORTED: &str = "aborted by a weight update (abort_all_requests)";
 
+/// How the worker has batched so far (for `/health`).
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Decoding batches run.
+    pub batches: AtomicU64,
+    /// Requests answered from them.
+    pub requests: AtomicU64,
+    /// Groups (prompts) decoded in them.
+    pub groups: AtomicU64,
+    /// The most groups one batch held.
+    pub largest: AtomicU64,
+}
+
+impl BatchStats {
+    fn record(&self, requests: usize, groups: usize) {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.requests.fetch_add(requests as u64, Ordering::SeqCst);
+        self.groups.fetch_add(groups as u64, Ordering::SeqCst);
+        self.largest.fetch_max(groups as u64, Ordering::SeqCst);
+    }
+
+    /// The figures as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "batches": self.batches.load(Ordering::SeqCst),
+            "requests": self.requests.load(Ordering::SeqCst),
+            "groups": self.groups.load(Ordering::SeqCst),
+            "largest_batch_groups": self.largest.load(Ordering::SeqCst),
+        })
+    }
+}
+
+/// A generation request waiting for its batch.
+struct Pending {
+    seq: u64,
+    jobs: Vec<GenJob>,
+    reply: Sender<Result<Generated, String>>,
+}
+
 /// Runs queued work until every sender is gone. `on_swap` hears of each new version.
 pub fn run<B: CustomGrad>(
     mut model: CausalLm<B>,
     mut version: String,
     work: Receiver<Work<B>>,
     sequencer: &Sequencer,
+    stats: &BatchStats,
     on_swap: impl Fn(&str, &std::path::Path),
 ) {
     while let Ok(first) = work.recv() {
         // Everything queued now is one batch; a swap inside it splits it where it stands.
-        let batch: Vec<Work<B>> = std::iter::once(first).chain(work.try_iter()).collect();
-        for item in batch {
+        let mut pending: Vec<Pending> = Vec::new();
+        for item in std::iter::once(first).chain(work.try_iter()) {
             match item {
-                Work::Generate { seq, jobs, reply } => {
-                    let result = if sequencer.aborted(seq) {
-                        Err(ABORTED.to_string())
-                    } else {
-                        jobs.iter()
-                            .map(|job| run_job(&model, job))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map(|outputs| Generated { outputs, weights_version: version.clone() })
-                    };
-                    // The requester may have gone (client closed the connection).
-                    let _ = reply.send(result);
-                }
+                Work::Generate { seq, jobs, reply } => pending.push(Pending { seq, jobs, reply }),
                 Work::Swap { swap, reply } => {
+                    generate_batch(&model, &version, std::mem::take(&mut pending), sequencer, stats);
                     let old = std::mem::replace(&mut version, swap.version);
                     model = swap.model;
                     on_swap(&version, &swap.path);
@@ -131,12 +164,88 @@ pub fn run<B: CustomGrad>(
                 }
             }
         }
+        generate_batch(&model, &version, pending, sequencer, stats);
     }
 }
 
-/// Generates one group and the log-probs asked for beside it.
-fn run_job<B: CustomGrad>(model: &CausalLm<B>, job: &GenJob) -> Result<GenOutput, String> {
-    let completions = generate_group(model, &job.prompt, job.n, &job.sampling).map_err(|e| e.to_string())?;
+/// Answers `requests` (those a weight update did not abort) from one decoding batch of all
+/// their groups. A request whose group cannot be decoded gets its own error; a failure of
+/// the batch itself is every request's.
+fn generate_batch<B: CustomGrad>(model: &CausalLm<B>, version: &str, requests: Vec<Pending>, sequencer: &Sequencer, stats: &BatchStats) {
+    // The requester may have gone (client closed the connection): sends ignore that.
+    let live: Vec<Pending> = requests
+        .into_iter()
+        .filter_map(|request| {
+            if sequencer.aborted(request.seq) {
+                let _ = request.reply.send(Err(ABORTED.to_string()));
+                return None;
+            }
+            Some(request)
+        })
+        .collect();
+    if live.is_empty() {
+        return;
+    }
+    let (decoded, mut errors, groups) = decode_together(model, &live);
+    stats.record(live.len(), groups);
+    for ((request, completions), error) in live.into_iter().zip(decoded).zip(errors.iter_mut()) {
+        let result = match error.take() {
+            Some(error) => Err(error),
+            None => request
+                .jobs
+                .iter()
+                .zip(completions)
+                .map(|(job, completions)| job_output(model, job, completions))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|outputs| Generated { outputs, weights_version: version.to_string() }),
+        };
+        let _ = request.reply.send(result);
+    }
+}
+
+/// Every request's groups decoded in one [`BatchDecoder`]: per request, each job's
+/// completions (in job order) and the request's error if one of its groups failed; and how
+/// many groups the batch took.
+fn decode_together<B: CustomGrad>(model: &CausalLm<B>, requests: &[Pending]) -> (Vec<Vec<Vec<Completion>>>, Vec<Option<String>>, usize) {
+    let mut decoder = BatchDecoder::new(model, BatchOptions::default());
+    let mut errors: Vec<Option<String>> = vec![None; requests.len()];
+    let mut decoded: Vec<Vec<Vec<Completion>>> = requests.iter().map(|r| vec![Vec::new(); r.jobs.len()]).collect();
+    // Decoder ids number the groups of all requests in order.
+    let mut owners: Vec<(usize, usize)> = Vec::new();
+    let mut submitted = 0;
+    for (r, request) in requests.iter().enumerate() {
+        for (j, job) in request.jobs.iter().enumerate() {
+            let id = owners.len();
+            owners.push((r, j));
+            match decoder.submit(id, GroupRequest::group(job.prompt.clone(), job.n, job.sampling.clone())) {
+                Ok(()) => submitted += 1,
+                Err(e) => {
+                    errors[r].get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+    }
+    while !decoder.is_idle() {
+        match decoder.step() {
+            Ok(done) => {
+                for (id, completions) in done {
+                    let (r, j) = owners[id];
+                    decoded[r][j] = completions;
+                }
+            }
+            Err(e) => {
+                for error in &mut errors {
+                    error.get_or_insert_with(|| e.to_string());
+                }
+                break;
+            }
+        }
+    }
+    (decoded, errors, submitted)
+}
+
+/// One group's output: its completions and the log-probs asked for beside them.
+fn job_output<B: CustomGrad>(model: &CausalLm<B>, job: &GenJob, completions: Vec<Completion>) -> Result<GenOutput, String> {
     let temperature = if job.sampling.temperature > 0.0 { job.sampling.temperature } else { 1.0 };
     let top = if job.top_logprobs > 0 {
         completions
@@ -225,6 +334,72 @@ fn score_row(row: &[f32], id: u32, temperature: f32, k: usize) -> PositionLogpro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use longrl_backends::Cpu;
+    use longrl_stdlib::model::checkpoint::RandomInit;
+    use longrl_stdlib::model::generate::generate_group;
+    use longrl_stdlib::model::{Architecture, ModelConfig};
+
+    fn tiny_model(seed: u64) -> CausalLm<Cpu> {
+        let config = ModelConfig::tiny(Architecture::Qwen2, 64, 32, 2, 4, 2, 64);
+        CausalLm::<Cpu>::build(&config, &mut RandomInit::new(seed, 0.3), &Default::default()).expect("builds")
+    }
+
+    fn job(prompt: Vec<u32>, n: usize, seed: u64) -> GenJob {
+        let sampling = SamplingConfig { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 6 + seed as usize, stop_tokens: vec![], seed };
+        GenJob { prompt, n, sampling, top_logprobs: 0, prompt_logprobs: None }
+    }
+
+    /// Queues a generation request; returns where its reply arrives.
+    fn queue(work: &Sender<Work<Cpu>>, seq: u64, jobs: Vec<GenJob>) -> Receiver<Result<Generated, String>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        work.send(Work::Generate { seq, jobs, reply }).expect("queued");
+        answer
+    }
+
+    #[test]
+    fn queued_requests_decode_in_one_batch_with_the_tokens_of_groups_alone() {
+        let model = tiny_model(7);
+        let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
+        let first = queue(&work, 1, vec![job(vec![1, 2, 3], 3, 1), job(vec![9, 8], 2, 2)]);
+        let bad = queue(&work, 2, vec![job(vec![5, 6], 2, 3), job(vec![], 2, 4)]);
+        let third = queue(&work, 3, vec![job(vec![4, 4, 4, 4], 4, 5)]);
+        // New weights between the third and the fourth request split the batch there.
+        let (swap_reply, swapped) = crossbeam_channel::bounded(1);
+        let swap = Swap { model: tiny_model(8), version: "v2".into(), path: PathBuf::from("elsewhere") };
+        work.send(Work::Swap { swap: Box::new(swap), reply: swap_reply }).expect("queued");
+        let fourth = queue(&work, 4, vec![job(vec![1, 2, 3], 3, 1)]);
+        drop(work);
+        let stats = BatchStats::default();
+        run(model.clone(), "v1".into(), received, &Sequencer::default(), &stats, |_, _| {});
+
+        // One batch before the swap (three requests, five groups submitted, one refused) and
+        // one after it.
+        assert_eq!(stats.batches.load(Ordering::SeqCst), 2);
+        assert_eq!(stats.requests.load(Ordering::SeqCst), 4);
+        assert_eq!(stats.largest.load(Ordering::SeqCst), 4);
+        assert_eq!(swapped.recv().expect("swap answered"), "v1");
+        let err = bad.recv().expect("answered").expect_err("an empty prompt");
+        assert!(err.contains("empty prompt"), "{err}");
+        let alone = |model: &CausalLm<Cpu>, job: &GenJob| generate_group(model, &job.prompt, job.n, &job.sampling).expect("group");
+        for (answer, jobs, version, weights) in [
+            (first, vec![job(vec![1, 2, 3], 3, 1), job(vec![9, 8], 2, 2)], "v1", tiny_model(7)),
+            (third, vec![job(vec![4, 4, 4, 4], 4, 5)], "v1", tiny_model(7)),
+            (fourth, vec![job(vec![1, 2, 3], 3, 1)], "v2", tiny_model(8)),
+        ] {
+            let generated = answer.recv().expect("answered").expect("generated");
+            assert_eq!(generated.weights_version, version);
+            for (output, job) in generated.outputs.iter().zip(&jobs) {
+                let reference = alone(&weights, job);
+                let tokens: Vec<&Vec<u32>> = output.completions.iter().map(|c| &c.tokens).collect();
+                assert_eq!(tokens, reference.iter().map(|c| &c.tokens).collect::<Vec<_>>());
+                for (batched, single) in output.completions.iter().zip(&reference) {
+                    for (a, b) in batched.logprobs.iter().zip(&single.logprobs) {
+                        assert!((a - b).abs() < 1e-4, "log-prob {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_row_is_scored_with_its_rank_and_top_tokens() {
