@@ -3,11 +3,12 @@
 # on the same machine: `score_difficulty` (pure rollouts: G samples per task, scored) over
 # the same tasks with the same seeds, once in the stage's process and once on the servers.
 # Usage: scripts/bench_remote_rollouts.sh [TASKS] [GROUP] [MAX_OUTPUT]  (after cargo build --release
-# or with LONGRL=path/to/longrl).
+# or with LONGRL=path/to/longrl; IN_FLIGHT=N requests waiting on each server, default 2: 1 leaves
+# a server nothing to batch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LONGRL=${LONGRL:-target/release/longrl}
-TASKS=${1:-16}; GROUP=${2:-8}; MAX_OUTPUT=${3:-48}
+LONGRL=$(realpath "${LONGRL:-target/release/longrl}")
+TASKS=${1:-16}; GROUP=${2:-8}; MAX_OUTPUT=${3:-48}; IN_FLIGHT=${IN_FLIGHT:-2}
 WORK=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 TINY=$PWD/examples/models/tiny
 recipe() {  # $1: the rollout option ("" for in process)
@@ -26,7 +27,7 @@ for i in 1 2; do
 done
 for i in 1 2; do until grep -q http "$WORK/serve$i.out" 2>/dev/null; do sleep 0.2; done; done
 URLS=$(for i in 1 2; do grep -o 'http://[0-9.:]*/v1' "$WORK/serve$i.out"; done | sed 's/.*/"&"/' | paste -sd, -)
-recipe ", rollout: #{ urls: [$URLS], model: \"tiny\", flavor: \"longrl\", max_in_flight: 2 }" > "$WORK/remote.rhai"
+recipe ", rollout: #{ urls: [$URLS], model: \"tiny\", flavor: \"longrl\", max_in_flight: $IN_FLIGHT }" > "$WORK/remote.rhai"
 (cd "$WORK" && "$LONGRL" run remote.rhai --runs-dir runs --name remote > remote.out 2>&1)
 cmp -s "$WORK/runs/local/scored.jsonl" "$WORK/runs/remote/scored.jsonl" && same=yes || same=no
 L=$(wall "$WORK/local.out"); R=$(wall "$WORK/remote.out")
