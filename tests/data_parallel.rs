@@ -29,9 +29,12 @@ fn recipe(devices: usize) -> String {
     ))
 }
 
+/// A model's weights: each tensor's name and values.
+type Weights = Vec<(String, Vec<f32>)>;
+
 /// The weights in the run directory's subdirectory whose name starts with `prefix`, by
 /// tensor name.
-fn weights(dir: &Path, prefix: &str) -> Vec<(String, Vec<f32>)> {
+fn weights(dir: &Path, prefix: &str) -> Weights {
     let found = std::fs::read_dir(dir)
         .expect("run directory")
         .flatten()
@@ -52,7 +55,7 @@ fn weights(dir: &Path, prefix: &str) -> Vec<(String, Vec<f32>)> {
 }
 
 /// The starting weights and the phase's final ones.
-fn trained(devices: usize) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>) {
+fn trained(devices: usize) -> (Weights, Weights) {
     let dir = tempfile::tempdir().expect("tempdir");
     run_recipe(&recipe(devices), &format!("dp{devices}.rhai"), dir.path());
     (weights(dir.path(), "model-"), weights(dir.path(), "rl-"))

@@ -203,13 +203,16 @@ fn generate_batch<B: CustomGrad>(model: &CausalLm<B>, version: &str, requests: V
     }
 }
 
+/// Per request of a batch, each job's completions (in job order).
+type BatchCompletions = Vec<Vec<Vec<Completion>>>;
+
 /// Every request's groups decoded in one [`BatchDecoder`]: per request, each job's
-/// completions (in job order) and the request's error if one of its groups failed; and how
-/// many groups the batch took.
-fn decode_together<B: CustomGrad>(model: &CausalLm<B>, requests: &[Pending]) -> (Vec<Vec<Vec<Completion>>>, Vec<Option<String>>, usize) {
+/// completions and the request's error if one of its groups failed; and how many groups
+/// the batch took.
+fn decode_together<B: CustomGrad>(model: &CausalLm<B>, requests: &[Pending]) -> (BatchCompletions, Vec<Option<String>>, usize) {
     let mut decoder = BatchDecoder::new(model, BatchOptions::default());
     let mut errors: Vec<Option<String>> = vec![None; requests.len()];
-    let mut decoded: Vec<Vec<Vec<Completion>>> = requests.iter().map(|r| vec![Vec::new(); r.jobs.len()]).collect();
+    let mut decoded: BatchCompletions = requests.iter().map(|r| vec![Vec::new(); r.jobs.len()]).collect();
     // Decoder ids number the groups of all requests in order.
     let mut owners: Vec<(usize, usize)> = Vec::new();
     let mut submitted = 0;
@@ -345,7 +348,8 @@ mod tests {
     }
 
     fn job(prompt: Vec<u32>, n: usize, seed: u64) -> GenJob {
-        let sampling = SamplingConfig { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 6 + seed as usize, stop_tokens: vec![], seed };
+        let sampling =
+            SamplingConfig { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 6 + seed as usize, stop_tokens: vec![], seed };
         GenJob { prompt, n, sampling, top_logprobs: 0, prompt_logprobs: None }
     }
 
