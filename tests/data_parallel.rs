@@ -54,10 +54,32 @@ fn weights(dir: &Path, prefix: &str) -> Weights {
     out
 }
 
+/// The same tensors, every value finite and within 1e-5 of the one-device run's.
+fn assert_close(one: &Weights, many: &Weights, devices: usize) {
+    let names = |w: &Weights| w.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(one), names(many), "devices {devices}: other tensors");
+    for ((name, a), (_, b)) in one.iter().zip(many) {
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(b) {
+            let close = x.is_finite() && y.is_finite() && (x - y).abs() <= 1e-5;
+            assert!(close, "devices {devices}: {name} has {y} where one device has {x}");
+        }
+    }
+}
+
+/// How many optimizer updates of the training stage (label starting with `stage`) drew on
+/// more than one replica.
+fn parallel_updates(report: &longrl_engine::RunReport, stage: &str) -> u64 {
+    let stage = report.stages.iter().find(|s| s.label.starts_with(stage)).expect("the training stage");
+    stage.summary["parallel_updates"].as_u64().expect("parallel_updates")
+}
+
 /// The starting weights and the phase's final ones.
 fn trained(devices: usize) -> (Weights, Weights) {
     let dir = tempfile::tempdir().expect("tempdir");
-    run_recipe(&recipe(devices), &format!("dp{devices}.rhai"), dir.path());
+    let report = run_recipe(&recipe(devices), &format!("dp{devices}.rhai"), dir.path());
+    // Three updates, each of four groups: split over the replicas whenever there are several.
+    assert_eq!(parallel_updates(&report, "rl_phase"), if devices > 1 { 3 } else { 0 });
     (weights(dir.path(), "model-"), weights(dir.path(), "rl-"))
 }
 
@@ -69,16 +91,7 @@ fn replicas_end_with_the_weights_of_one_device() {
     for devices in [2, 3] {
         let (_, many) = trained(devices);
         assert_eq!(many.len(), one.len());
-        let mut worst = (0.0f32, String::new());
-        for ((name, a), (_, b)) in one.iter().zip(&many) {
-            for (x, y) in a.iter().zip(b) {
-                let diff = (x - y).abs();
-                if diff > worst.0 {
-                    worst = (diff, name.clone());
-                }
-            }
-        }
-        assert!(worst.0 <= 1e-5, "devices {devices}: {} differs by {}", worst.1, worst.0);
+        assert_close(&one, &many, devices);
     }
 }
 
@@ -98,7 +111,9 @@ fn sft_recipe(devices: usize) -> String {
 fn sft_replicas_end_with_the_weights_of_one_device() {
     let run = |devices: usize| {
         let dir = tempfile::tempdir().expect("tempdir");
-        run_recipe(&sft_recipe(devices), &format!("sft{devices}.rhai"), dir.path());
+        let report = run_recipe(&sft_recipe(devices), &format!("sft{devices}.rhai"), dir.path());
+        let steps_split = parallel_updates(&report, "sft");
+        assert!(if devices > 1 { steps_split >= 2 } else { steps_split == 0 }, "devices {devices}: {steps_split} steps split");
         (weights(dir.path(), "model-"), weights(dir.path(), "sft-"))
     };
     let (start, one) = run(1);

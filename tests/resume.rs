@@ -26,7 +26,7 @@ let short = synthetic(#{ count: 24, lengths: [64], tokenizer: tiny, kinds: ["ret
 let long = synthetic(#{ count: 12, lengths: [160], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 4 });
 // The letter-count reward says nothing about correctness: groups are filtered on its variance.
 let phase = #{
-    reward: letters, dynamic_sampling_metric: "reward", max_output: 8, group: 4, prompts_per_step: 2,
+    reward: letters, dynamic_sampling_metric: "reward", max_output: 8, group: 4, prompts_per_step: param("prompts", 2),
     mini_batch: param("mini_batch", 1), devices: param("devices", 1), lr: 3e-3,
     temperature: 1.0, top_p: 1.0, seed: 1, checkpoint_every: 1,
 };
@@ -184,7 +184,7 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
     assert!(a[&phase2_label].len() >= 3, "phase 2 logged its steps");
 }
 
-/// A data-parallel run (two replicas on the CPU, each taking one of a mini-batch's two
+/// A data-parallel run (three replicas on the CPU, each taking one of a mini-batch's three
 /// groups) killed inside its second phase and resumed ends bit for bit as the run left
 /// alone.
 #[test]
@@ -193,7 +193,7 @@ fn a_data_parallel_run_killed_and_resumed_ends_bitwise_identical() {
     let recipe = dir.path().join("chain.rhai");
     std::fs::write(&recipe, RECIPE.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string())).expect("recipe");
     let runs = dir.path().join("runs");
-    let parallel = ["--set", "devices=2", "--set", "mini_batch=2"];
+    let parallel = ["--set", "devices=3", "--set", "mini_batch=3", "--set", "prompts=3"];
     let args = |name: &'static str| [&["run", "chain.rhai", "--name", name][..], &parallel[..]].concat();
 
     let (ok, stderr) = finish(longrl(dir.path(), &args("whole")).spawn().expect("starts"));

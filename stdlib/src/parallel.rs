@@ -67,9 +67,12 @@ where
     Ok((summed, outputs))
 }
 
-/// All-reduces (sums) each replica's gradients with burn-collective, one peer per device,
-/// as one flat tensor per replica (one collective operation per optimizer step), and
-/// returns replica 0's copy of the sum.
+/// Sums the replicas' gradients, flattened into one tensor each, and returns the sum on
+/// `devices[0]`. Replicas on distinct devices all-reduce with burn-collective (one
+/// operation per optimizer step); replicas that share a device (the CPU backend) are added
+/// on it in replica order, because burn-collective orders peers of equal device ids as a
+/// hash map iterates, and with three or more the float sum would change from run to run.
+/// Two replicas add the same either way (`a + b == b + a`), so they take the collective path.
 fn sum_across<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: Vec<GradientsParams>,
@@ -78,27 +81,54 @@ fn sum_across<B: AutodiffBackend, M: AutodiffModule<B>>(
     if grads.len() == 1 {
         return grads.into_iter().next().ok_or_else(|| StageError::Failed("no replica".into()));
     }
+    let mut flats = Vec::with_capacity(grads.len());
+    let mut presence: Option<Vec<bool>> = None;
+    for (r, (mut g, device)) in grads.into_iter().zip(devices).enumerate() {
+        let (flat, present) = flatten::<B, M>(model, &mut g, device);
+        match &presence {
+            Some(first) if *first != present => {
+                return Err(StageError::Failed(format!(
+                    "data-parallel replica {r} has gradients for other parameters than replica 0 (their autodiff graphs interfered, or the model is not the same); the step is not applied"
+                )));
+            }
+            Some(_) => {}
+            None => presence = Some(present),
+        }
+        flats.push(flat);
+    }
+    let present = presence.unwrap_or_default();
+    let ids: Vec<DeviceId> = devices.iter().map(Device::to_id).collect();
+    let shared_device = ids.iter().all(|id| *id == ids[0]);
+    let flat = if shared_device && flats.len() > 2 {
+        let mut flats = flats.into_iter();
+        let first = flats.next().ok_or_else(|| StageError::Failed("no replica".into()))?;
+        flats.fold(first, |sum, flat| sum.add(flat.to_device(&devices[0])))
+    } else {
+        all_reduce_flat::<B::InnerBackend>(flats, devices)?
+    };
+    Ok(unflatten::<B, M>(model, flat, &present))
+}
+
+/// burn-collective's all-reduce (sum) of one flat tensor per replica, one peer per device;
+/// replica 0's copy of the result.
+fn all_reduce_flat<B: Backend>(flats: Vec<Tensor<B, 1>>, devices: &[B::Device]) -> Result<Tensor<B, 1>, StageError> {
     let _turn = COLLECTIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let local = grads.len();
-    let config = CollectiveConfig::default().with_num_devices(local);
-    let register_now = start_session::<B::InnerBackend>(local);
-    let flats: Vec<Tensor<B::InnerBackend, 1>> =
-        grads.into_iter().zip(devices).map(|(mut g, device)| flatten::<B, M>(model, &mut g, device)).collect();
-    let reduced: Vec<Result<Tensor<B::InnerBackend, 1>, StageError>> = std::thread::scope(|scope| {
+    let config = CollectiveConfig::default().with_num_devices(flats.len());
+    let register_now = start_session::<B>(devices);
+    let reduced: Vec<Result<Tensor<B, 1>, StageError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = flats
             .into_iter()
             .zip(devices)
             .enumerate()
             .map(|(r, (flat, device))| {
                 let config = config.clone();
-                scope.spawn(move || -> Result<Tensor<B::InnerBackend, 1>, StageError> {
+                scope.spawn(move || -> Result<Tensor<B, 1>, StageError> {
                     let peer = PeerId(r as u32);
                     let failed = |e| StageError::Failed(format!("data-parallel all-reduce (replica {r}): {e:?}"));
                     if register_now {
-                        register::<B::InnerBackend>(peer, device.clone(), config).map_err(failed)?;
+                        register::<B>(peer, device.clone(), config).map_err(failed)?;
                     }
-                    let summed =
-                        all_reduce::<B::InnerBackend>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum).map_err(failed)?;
+                    let summed = all_reduce::<B>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum).map_err(failed)?;
                     Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
                 })
             })
@@ -111,34 +141,35 @@ fn sum_across<B: AutodiffBackend, M: AutodiffModule<B>>(
             Ok(flat) if r == 0 => first = Some(flat),
             Ok(_) => {}
             Err(e) => {
-                // A failed peer leaves the others waiting: the next step starts a new session.
-                end_session::<B::InnerBackend>();
+                // A failed peer leaves the others' operation unfinished: the next step opens
+                // a new session.
+                end_session::<B>();
                 return Err(e);
             }
         }
     }
-    let flat = first.ok_or_else(|| StageError::Failed("no replica".into()))?;
-    Ok(unflatten::<B, M>(model, flat))
+    first.ok_or_else(|| StageError::Failed("no replica".into()))
 }
 
-/// The local replica count of the registered collective session, if one is open.
-static SESSION: Mutex<Option<usize>> = Mutex::new(None);
+/// The registered collective session, if one is open: its backend and its peers' devices
+/// (burn-collective keeps one collective per backend type).
+static SESSION: Mutex<Option<(std::any::TypeId, Vec<DeviceId>)>> = Mutex::new(None);
 
 /// Whether the replicas must register before this step's all-reduce: the first step, or
-/// a step with another replica count than the open session's (which is closed first).
-fn start_session<B: Backend>(local: usize) -> bool {
+/// one on another backend or other devices than the open session's (closed first).
+fn start_session<B: Backend>(devices: &[B::Device]) -> bool {
+    let key = (std::any::TypeId::of::<B>(), devices.iter().map(Device::to_id).collect::<Vec<_>>());
     let mut session = SESSION.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    match *session {
-        Some(open) if open == local => return false,
-        Some(open) => {
-            for r in 0..open {
-                let _ = finish_collective::<B>(PeerId(r as u32));
-            }
-            reset_collective::<B>();
-        }
-        None => {}
+    if session.as_ref() == Some(&key) {
+        return false;
     }
-    *session = Some(local);
+    if let Some((_, open)) = session.take() {
+        for r in 0..open.len() {
+            let _ = finish_collective::<B>(PeerId(r as u32));
+        }
+        reset_collective::<B>();
+    }
+    *session = Some(key);
     true
 }
 
@@ -148,45 +179,50 @@ fn end_session<B: Backend>() {
 }
 
 /// `grads` of `model`'s float parameters laid end to end in the module's visit order, on
-/// `device` (zeros for a parameter without a gradient).
+/// `device`, and which parameters had one (those without are left out).
 ///
 /// # Shapes
-/// - returns `[total parameters]`
+/// - returns `[total elements of the parameters with a gradient]`
 fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     grads: &mut GradientsParams,
     device: &B::Device,
-) -> Tensor<B::InnerBackend, 1> {
+) -> (Tensor<B::InnerBackend, 1>, Vec<bool>) {
     struct Flatten<'a, B: AutodiffBackend> {
         grads: &'a mut GradientsParams,
         parts: Vec<Tensor<B::InnerBackend, 1>>,
+        present: Vec<bool>,
         device: &'a B::Device,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let shape = param.val().shape();
-            let grad = self
-                .grads
-                .remove::<B::InnerBackend, D>(param.id)
-                .map(|g| g.to_device(self.device))
-                .unwrap_or_else(|| Tensor::zeros(shape.clone(), self.device));
-            self.parts.push(grad.reshape([shape.num_elements()]));
+            let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
+            self.present.push(grad.is_some());
+            if let Some(grad) = grad {
+                let n = grad.shape().num_elements();
+                self.parts.push(grad.to_device(self.device).reshape([n]));
+            }
         }
     }
-    let mut visitor = Flatten::<B> { grads, parts: Vec::new(), device };
+    let mut visitor = Flatten::<B> { grads, parts: Vec::new(), present: Vec::new(), device };
     model.visit(&mut visitor);
-    Tensor::cat(visitor.parts, 0)
+    let flat = if visitor.parts.is_empty() { Tensor::zeros([0], device) } else { Tensor::cat(visitor.parts, 0) };
+    (flat, visitor.present)
 }
 
-/// The inverse of [`flatten`]: each parameter's slice of `flat`, in its shape.
-fn unflatten<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, flat: Tensor<B::InnerBackend, 1>) -> GradientsParams {
-    struct Unflatten<B: AutodiffBackend> {
+/// The inverse of [`flatten`]: each present parameter's slice of `flat`, in its shape.
+fn unflatten<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, flat: Tensor<B::InnerBackend, 1>, present: &[bool]) -> GradientsParams {
+    struct Unflatten<'a, B: AutodiffBackend> {
         flat: Tensor<B::InnerBackend, 1>,
         offset: usize,
+        present: std::slice::Iter<'a, bool>,
         grads: GradientsParams,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<B> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.present.next() != Some(&true) {
+                return;
+            }
             let shape = param.val().shape();
             let n = shape.num_elements();
             let part = self.flat.clone().slice(self.offset..self.offset + n).reshape::<D, _>(shape);
@@ -194,7 +230,7 @@ fn unflatten<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, flat: Tensor<B
             self.grads.register::<B::InnerBackend, D>(param.id, part);
         }
     }
-    let mut visitor = Unflatten::<B> { flat, offset: 0, grads: GradientsParams::new() };
+    let mut visitor = Unflatten::<B> { flat, offset: 0, present: present.iter(), grads: GradientsParams::new() };
     model.visit(&mut visitor);
     visitor.grads
 }

@@ -12,8 +12,8 @@ use serde_json::Value;
 pub enum Origin {
     /// `--set key=value` on the command line (also the default for values set in code).
     Set,
-    /// A line of a parameter file.
-    File { path: String, line: usize },
+    /// A parameter file, and the line of the key when it could be told.
+    File { path: String, line: Option<usize> },
     /// The values a run recorded when it started (`run.json`), used again by `--resume`.
     Recorded,
 }
@@ -71,7 +71,8 @@ impl Params {
     pub fn describe(&self, key: &str) -> String {
         let value = self.values.get(key).map(Value::to_string).unwrap_or_default();
         match self.origins.get(key) {
-            Some(Origin::File { path, line }) => format!("{path}:{line}: {key}: {value}"),
+            Some(Origin::File { path, line: Some(line) }) => format!("{path}:{line}: {key}: {value}"),
+            Some(Origin::File { path, line: None }) => format!("{path}: {key}: {value}"),
             Some(Origin::Recorded) => format!("{key}={value} (recorded in run.json)"),
             Some(Origin::Set) | None => format!("--set {key}={value}"),
         }
@@ -89,10 +90,13 @@ pub fn valid_name(key: &str) -> bool {
 pub fn read_params_file(path: &Path) -> Result<Params, String> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read parameter file {name}: {e}"))?;
-    let document: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| match e.location() {
+    let not_yaml = |e: serde_yaml::Error| match e.location() {
         Some(at) => format!("{name}:{}:{}: not valid YAML: {e}", at.line(), at.column()),
         None => format!("{name}: not valid YAML: {e}"),
-    })?;
+    };
+    let mut document: serde_yaml::Value = serde_yaml::from_str(&text).map_err(not_yaml)?;
+    // `<<: *base` merges an anchored mapping, as YAML 1.1 files expect.
+    document.apply_merge().map_err(not_yaml)?;
     let mapping = match document {
         serde_yaml::Value::Mapping(mapping) => mapping,
         serde_yaml::Value::Null => return Err(format!("{name}: the parameter file is empty; write `name: value` lines")),
@@ -109,7 +113,7 @@ pub fn read_params_file(path: &Path) -> Result<Params, String> {
             return Err(format!("{at}: `{key}` is not a valid parameter name (letters, digits and _)"));
         }
         let value = yaml_to_json(&value).map_err(|why| format!("{at}: {key}: {why}"))?;
-        params.insert_from(key, value, Origin::File { path: name.clone(), line: line.unwrap_or(0) });
+        params.insert_from(key, value, Origin::File { path: name.clone(), line });
     }
     Ok(params)
 }
@@ -204,11 +208,21 @@ mod tests {
             ("x: .nan\n", "p.yaml:1: x: .nan is not a finite number"),
             ("x: !secret 3\n", "YAML tags"),
             ("1: 2\n", "parameter names are strings"),
+            ("{lr: 1, bad key: 2}\n", "p.yaml: `bad key` is not a valid parameter name"),
         ];
         for (text, expected) in cases {
             let err = read(text).expect_err(text);
             assert!(err.contains(expected), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn anchors_and_merge_keys_are_resolved() {
+        let params = read("base: &base {group: 8, lr: 0.1}\nphase: {<<: *base, lr: 0.2}\nsteps: 3\n").expect("valid");
+        assert_eq!(params.get("phase"), Some(&serde_json::json!({"group": 8, "lr": 0.2})));
+        // A flow-style file has no line per key: messages name the file alone.
+        let params = read("{lr: 0.1}\n").expect("valid");
+        assert!(params.describe("lr").ends_with("p.yaml: lr: 0.1"), "{}", params.describe("lr"));
     }
 
     #[test]

@@ -491,6 +491,9 @@ pub fn parse_set(text: &str) -> Result<(String, Value), String> {
         return Err(format!("--set {text}: `{key}` is not a valid parameter name"));
     }
     let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    if value.is_null() {
+        return Err(format!("--set {text}: a parameter needs a value (leave it out for the recipe's default)"));
+    }
     Ok((key.to_string(), value))
 }
 
@@ -505,6 +508,7 @@ mod tests {
         assert_eq!(parse_set("name=hello"), Ok(("name".into(), Value::from("hello"))));
         assert_eq!(parse_set("flag=true"), Ok(("flag".into(), Value::from(true))));
         assert!(parse_set("oops").is_err());
+        assert!(parse_set("x=null").is_err());
         assert!(parse_set("a b=1").is_err());
     }
 

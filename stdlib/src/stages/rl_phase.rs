@@ -535,6 +535,8 @@ pub struct RlRun<B: TrainBackend> {
     device: B::Device,
     /// The data-parallel replicas' devices (the run's device first).
     replica_devices: Vec<B::Device>,
+    /// Optimizer updates of this process whose gradients came from more than one replica.
+    parallel_updates: usize,
     tokenizer: ModelTokenizer,
     trainer: Trainer<B, CausalLm<B>>,
     /// The frozen starting policy, when the loss has a KL term.
@@ -607,6 +609,7 @@ impl<B: TrainBackend> RlRun<B> {
             policy_dir: inputs.policy.dir,
             model_config,
             replica_devices: crate::parallel::replica_devices::<B>(&device, config.devices),
+            parallel_updates: 0,
             device,
             tokenizer,
             trainer,
@@ -757,6 +760,7 @@ impl<B: TrainBackend> RlRun<B> {
         let positions: Vec<usize> = (0..chunk.len()).collect();
         let shares = crate::parallel::shares(&positions, self.replica_devices.len());
         let devices = &self.replica_devices[..shares.len()];
+        self.parallel_updates += usize::from(shares.len() > 1);
         let (optim, compute) = (self.trainer.config().clone(), self.trainer.compute_dtype());
         // The KL reference, if any, on each replica's device.
         let references: Vec<Option<CausalLm<B::InnerBackend>>> =
@@ -896,6 +900,7 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
         summary.insert("carried_tasks".into(), self.carried_tasks.into());
         summary.insert("updates".into(), self.state.update.into());
         summary.insert("precision".into(), self.config.precision.as_str().into());
+        summary.insert("parallel_updates".into(), self.parallel_updates.into());
         summary.insert("optimizer_state".into(), (if self.state.optimizer_carried { "carried" } else { "fresh" }).into());
         summary.insert("prompts_tried".into(), totals.tried.into());
         summary.insert("groups_filtered".into(), totals.filtered().into());

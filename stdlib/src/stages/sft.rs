@@ -281,6 +281,7 @@ impl ModelStage for Sft {
             policy_dir: inputs.policy.dir,
             model_config,
             replica_devices: crate::parallel::replica_devices::<B>(&device, config.devices),
+            parallel_updates: 0,
             device,
             trainer: Trainer::new(model, config.optim.clone()).with_compute(compute),
             examples,
@@ -320,6 +321,8 @@ pub struct SftRun<B: TrainBackend> {
     device: B::Device,
     /// The data-parallel replicas' devices (the run's device first).
     replica_devices: Vec<B::Device>,
+    /// Optimizer steps of this process whose gradients came from more than one replica.
+    parallel_updates: usize,
     trainer: Trainer<B, CausalLm<B>>,
     examples: Vec<Example>,
     skipped: usize,
@@ -338,6 +341,7 @@ impl<B: TrainBackend> SftRun<B> {
         let positions: Vec<usize> = (0..micro_batches.len()).collect();
         let shares = crate::parallel::shares(&positions, self.replica_devices.len());
         let devices = &self.replica_devices[..shares.len()];
+        self.parallel_updates += usize::from(shares.len() > 1);
         let (optim, compute, examples) = (self.trainer.config().clone(), self.trainer.compute_dtype(), &self.examples);
         let (grads, outputs) = crate::parallel::all_reduce_gradients(self.trainer.model(), devices, |r, model| {
             let mut replica = Trainer::new(model, optim.clone()).with_compute(compute);
@@ -423,6 +427,7 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
         summary.insert("skipped_without_trace".into(), self.skipped.into());
         summary.insert("steps".into(), self.steps.len().into());
         summary.insert("precision".into(), self.config.precision.as_str().into());
+        summary.insert("parallel_updates".into(), self.parallel_updates.into());
         summary.insert("final_loss".into(), self.state.last_loss.unwrap_or(f64::NAN).into());
         summary.insert("tokens_per_s".into(), (self.state.tokens_seen as f64 / wall).into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());

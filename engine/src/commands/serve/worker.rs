@@ -186,7 +186,7 @@ fn generate_batch<B: CustomGrad>(model: &CausalLm<B>, version: &str, requests: V
     if live.is_empty() {
         return;
     }
-    let (decoded, mut errors, groups) = decode_together(model, &live);
+    let (decoded, mut errors, groups) = decode_together(model, &live, sequencer);
     stats.record(live.len(), groups);
     for ((request, completions), error) in live.into_iter().zip(decoded).zip(errors.iter_mut()) {
         let result = match error.take() {
@@ -208,37 +208,54 @@ type BatchCompletions = Vec<Vec<Vec<Completion>>>;
 
 /// Every request's groups decoded in one [`BatchDecoder`]: per request, each job's
 /// completions and the request's error if one of its groups failed; and how many groups
-/// the batch took.
-fn decode_together<B: CustomGrad>(model: &CausalLm<B>, requests: &[Pending]) -> (BatchCompletions, Vec<Option<String>>, usize) {
+/// the batch took. A failed decoding step fails only the requests with groups still
+/// decoding; once a weight update has aborted every such request, decoding stops and
+/// they are answered [`ABORTED`].
+fn decode_together<B: CustomGrad>(
+    model: &CausalLm<B>,
+    requests: &[Pending],
+    sequencer: &Sequencer,
+) -> (BatchCompletions, Vec<Option<String>>, usize) {
     let mut decoder = BatchDecoder::new(model, BatchOptions::default());
     let mut errors: Vec<Option<String>> = vec![None; requests.len()];
     let mut decoded: BatchCompletions = requests.iter().map(|r| vec![Vec::new(); r.jobs.len()]).collect();
     // Decoder ids number the groups of all requests in order.
     let mut owners: Vec<(usize, usize)> = Vec::new();
-    let mut submitted = 0;
+    // Groups of each request still decoding.
+    let mut unfinished = vec![0usize; requests.len()];
     for (r, request) in requests.iter().enumerate() {
         for (j, job) in request.jobs.iter().enumerate() {
             let id = owners.len();
             owners.push((r, j));
             match decoder.submit(id, GroupRequest::group(job.prompt.clone(), job.n, job.sampling.clone())) {
-                Ok(()) => submitted += 1,
+                Ok(()) => unfinished[r] += 1,
                 Err(e) => {
                     errors[r].get_or_insert_with(|| e.to_string());
                 }
             }
         }
     }
+    let submitted = unfinished.iter().sum();
+    let still_decoding = |unfinished: &[usize]| (0..requests.len()).filter(|&r| unfinished[r] > 0).collect::<Vec<_>>();
     while !decoder.is_idle() {
+        let waiting = still_decoding(&unfinished);
+        if !waiting.is_empty() && waiting.iter().all(|&r| sequencer.aborted(requests[r].seq)) {
+            for r in waiting {
+                errors[r] = Some(ABORTED.to_string());
+            }
+            break;
+        }
         match decoder.step() {
             Ok(done) => {
                 for (id, completions) in done {
                     let (r, j) = owners[id];
                     decoded[r][j] = completions;
+                    unfinished[r] -= 1;
                 }
             }
             Err(e) => {
-                for error in &mut errors {
-                    error.get_or_insert_with(|| e.to_string());
+                for r in still_decoding(&unfinished) {
+                    errors[r].get_or_insert_with(|| e.to_string());
                 }
                 break;
             }
@@ -361,6 +378,33 @@ mod tests {
     }
 
     #[test]
+    fn a_weight_update_aborts_queued_and_decoding_requests() {
+        let config = ModelConfig::tiny(Architecture::Qwen2, 64, 32, 2, 4, 2, 4096);
+        let model = CausalLm::<Cpu>::build(&config, &mut RandomInit::new(3, 0.3), &Default::default()).expect("builds");
+        let sequencer = Sequencer::default();
+        let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
+        // Aborted while queued.
+        let early = queue(&work, sequencer.next(), vec![job(vec![1, 2], 2, 1)]);
+        sequencer.abort_queued();
+        // Aborted while it decodes 4,000 tokens (about 4.7 s here when left alone): the
+        // worker stops between two steps.
+        let mut long = job(vec![3, 4], 2, 2);
+        long.sampling.max_new_tokens = 4000;
+        let decoding = queue(&work, sequencer.next(), vec![long]);
+        drop(work);
+        let stats = BatchStats::default();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                sequencer.abort_queued();
+            });
+            run(model, "v1".into(), received, &sequencer, &stats, |_, _| {});
+        });
+        assert_eq!(early.recv().expect("answered").expect_err("aborted"), ABORTED);
+        assert_eq!(decoding.recv().expect("answered").expect_err("aborted"), ABORTED);
+    }
+
+    #[test]
     fn queued_requests_decode_in_one_batch_with_the_tokens_of_groups_alone() {
         let model = tiny_model(7);
         let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
@@ -392,8 +436,10 @@ mod tests {
         ] {
             let generated = answer.recv().expect("answered").expect("generated");
             assert_eq!(generated.weights_version, version);
+            assert_eq!(generated.outputs.len(), jobs.len());
             for (output, job) in generated.outputs.iter().zip(&jobs) {
                 let reference = alone(&weights, job);
+                assert_eq!(output.completions.len(), job.n);
                 let tokens: Vec<&Vec<u32>> = output.completions.iter().map(|c| &c.tokens).collect();
                 assert_eq!(tokens, reference.iter().map(|c| &c.tokens).collect::<Vec<_>>());
                 for (batched, single) in output.completions.iter().zip(&reference) {
