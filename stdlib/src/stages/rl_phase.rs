@@ -92,9 +92,10 @@ pub struct RlPhaseConfig {
     pub mini_batch: usize,
     /// Data-parallel replicas: the run's device and the next `devices - 1` of its backend
     /// (on the CPU, the same processor) each compute the gradients of every `devices`-th
-    /// group of a mini-batch on a copy of the weights; burn-collective's all-reduce sums
-    /// them before the one optimizer update. The same update as one device (up to the order
-    /// of float additions). Rollouts stay on the run's device (or the `rollout` servers).
+    /// group of a mini-batch on a copy of the weights; their gradients are summed (by
+    /// burn-collective's all-reduce, or in replica order when three or more share a device)
+    /// before the one optimizer update. The same update as one device (up to the order of
+    /// float additions). Rollouts stay on the run's device (or the `rollout` servers).
     #[serde(default = "default_one")]
     pub devices: usize,
     /// Passes over each step's rollouts.
@@ -748,8 +749,8 @@ impl<B: TrainBackend> RlRun<B> {
         }
     }
 
-    /// One mini-batch's gradients over the data-parallel replicas: replica r takes every
-    /// r-th group of `chunk` on its own device; the summed gradients go to the phase's
+    /// One mini-batch's gradients over the N data-parallel replicas: replica r takes groups
+    /// r, r + N, ... of `chunk` on its own device; the summed gradients go to the phase's
     /// trainer. Returns each group's loss and figures in `chunk` order.
     fn chunk_backward_parallel(
         &mut self,

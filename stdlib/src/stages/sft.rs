@@ -52,9 +52,10 @@ pub struct SftConfig {
     pub grad_accum: usize,
     /// Data-parallel replicas: the run's device and the next `devices - 1` of its backend
     /// (on the CPU, the same processor) each take every `devices`-th micro-batch of a step
-    /// on a copy of the weights; burn-collective's all-reduce sums their gradients before
-    /// the one optimizer update (the same update as one device, up to the order of float
-    /// additions). Useful with `grad_accum` of at least `devices`.
+    /// on a copy of the weights; their gradients are summed (by burn-collective's all-reduce,
+    /// or in replica order when three or more share a device) before the one optimizer
+    /// update (the same update as one device, up to the order of float additions). Useful
+    /// with `grad_accum` of at least `devices`.
     #[serde(default = "default_devices")]
     pub devices: usize,
     /// Prompt budget in tokens; longer prompts are cut in the middle.
@@ -333,8 +334,8 @@ pub struct SftRun<B: TrainBackend> {
 }
 
 impl<B: TrainBackend> SftRun<B> {
-    /// One step's gradients over the data-parallel replicas: replica r takes every r-th
-    /// micro-batch on its own device; the summed gradients go to the stage's trainer.
+    /// One step's gradients over the N data-parallel replicas: replica r takes micro-batches
+    /// r, r + N, ... on its own device; the summed gradients go to the stage's trainer.
     /// Returns the step's loss (its micro-batches' losses added in step order).
     fn step_backward_parallel(&mut self, step: usize, denominator: f64) -> Result<f64, StageError> {
         let micro_batches = &self.steps[step];
