@@ -57,10 +57,6 @@ impl Params {
         self.values.keys()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
-    }
-
     /// The values alone, as the run directory records them.
     pub fn values(&self) -> &BTreeMap<String, Value> {
         &self.values

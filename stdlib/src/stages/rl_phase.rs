@@ -515,7 +515,13 @@ impl<B: TrainBackend> Clone for GroupScoring<'_, B> {
 
 impl<B: TrainBackend> Copy for GroupScoring<'_, B> {}
 
-impl<B: TrainBackend> GroupScoring<'_, B> {
+impl<'a, B: TrainBackend> GroupScoring<'a, B> {
+    /// The phase's settings for a group's backward (built from fields, so that the
+    /// trainer can be borrowed mutably beside it).
+    fn of(config: &RlPhaseConfig, reference: Option<&'a CausalLm<B::InnerBackend>>, loss: &'a LossConfig) -> Self {
+        Self { reference, temperature: config.temperature, loss, micro_batch_tokens: config.micro_batch_tokens }
+    }
+
     /// Adds one group's loss gradients to `trainer` (the phase's own, or a replica's).
     fn backward(
         &self,
@@ -712,12 +718,7 @@ impl<B: TrainBackend> RlRun<B> {
                 let parts = if self.replica_devices.len() > 1 {
                     self.chunk_backward_parallel(groups, chunk, normalizer)?
                 } else {
-                    let scoring = GroupScoring {
-                        reference: self.reference.as_ref(),
-                        temperature: self.config.temperature,
-                        loss: &self.loss,
-                        micro_batch_tokens: self.config.micro_batch_tokens,
-                    };
+                    let scoring = GroupScoring::of(&self.config, self.reference.as_ref(), &self.loss);
                     let mut parts = Vec::with_capacity(chunk.len());
                     for &g in chunk {
                         parts.push(scoring.backward(&mut self.trainer, &groups[g], normalizer)?);
@@ -739,16 +740,6 @@ impl<B: TrainBackend> RlRun<B> {
         Ok(stats)
     }
 
-    /// What a group's backward needs besides the weights.
-    fn scoring(&self) -> GroupScoring<'_, B> {
-        GroupScoring {
-            reference: self.reference.as_ref(),
-            temperature: self.config.temperature,
-            loss: &self.loss,
-            micro_batch_tokens: self.config.micro_batch_tokens,
-        }
-    }
-
     /// One mini-batch's gradients over the N data-parallel replicas: replica r takes groups
     /// r, r + N, ... of `chunk` on its own device; the summed gradients go to the phase's
     /// trainer. Returns each group's loss and figures in `chunk` order.
@@ -766,7 +757,7 @@ impl<B: TrainBackend> RlRun<B> {
         // The KL reference, if any, on each replica's device.
         let references: Vec<Option<CausalLm<B::InnerBackend>>> =
             devices.iter().map(|device| self.reference.as_ref().map(|reference| reference.clone().fork(device))).collect();
-        let scoring = self.scoring();
+        let scoring = GroupScoring::of(&self.config, self.reference.as_ref(), &self.loss);
         let (grads, outputs) = crate::parallel::all_reduce_gradients(self.trainer.model(), devices, |r, model| {
             let scoring = GroupScoring { reference: references[r].as_ref(), ..scoring };
             let mut replica = Trainer::new(model, optim.clone()).with_compute(compute);
