@@ -7,7 +7,9 @@ use std::ops::Range;
 
 use burn::tensor::Slice;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+
+use crate::cpu::f32_values;
 
 /// One causal attention call, in the layout of `longrl_stdlib::model::flash`.
 #[derive(Debug, Clone)]
@@ -52,6 +54,79 @@ pub trait Kernels: Backend {
         None
     }
 
+    /// Whether [`Kernels::fused_attention`] computes attention at this dtype (training then
+    /// uses it at every length, not only where memory demands it).
+    fn has_fused_attention(_dtype: burn::tensor::DType) -> bool {
+        false
+    }
+
+    /// RMSNorm over the last axis, `x * rsqrt(mean(x^2) + eps) * gamma`.
+    ///
+    /// # Shapes
+    /// - x: `[.., d]`, gamma: `[d]` -> `[.., d]`
+    fn fused_rms_norm(_x: &FloatTensor<Self>, _gamma: &FloatTensor<Self>, _eps: f64) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The gradients of RMSNorm's `x` and `gamma` given the output's.
+    fn fused_rms_norm_backward(
+        _x: &FloatTensor<Self>,
+        _gamma: &FloatTensor<Self>,
+        _eps: f64,
+        _d_y: &FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// The rotary embedding (rotate half) `x cos + rot(x) sin`, or with `transpose` its
+    /// gradient's map `dy cos + rot^T(dy sin)`.
+    ///
+    /// # Shapes
+    /// - x: `[b, heads, s, hd]`; cos, sin: `[b or 1, 1, s, hd]` -> `[b, heads, s, hd]`
+    fn fused_rope(
+        _x: &FloatTensor<Self>,
+        _cos: &FloatTensor<Self>,
+        _sin: &FloatTensor<Self>,
+        _transpose: bool,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The MLP's gate, `silu(gate) * up`, element-wise.
+    fn fused_swiglu(_gate: &FloatTensor<Self>, _up: &FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The gradients of the gate's `gate` and `up` given the output's.
+    fn fused_swiglu_backward(
+        _gate: &FloatTensor<Self>,
+        _up: &FloatTensor<Self>,
+        _d_y: &FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// Each row's log-probability of its target and the entropy of its distribution under
+    /// `softmax(logits / temperature)`.
+    ///
+    /// # Shapes
+    /// - logits: `[rows, vocab]` f32; targets: one per row -> `[rows, 2]` (log-prob, entropy)
+    fn fused_token_scores(_logits: &FloatTensor<Self>, _targets: &[i64], _temperature: f32) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The logits' gradient `[rows, vocab]` given the scores' gradient `grad` `[rows, 2]`
+    /// (its entropy column only when `entropy_grad`).
+    fn fused_token_scores_backward(
+        _logits: &FloatTensor<Self>,
+        _targets: &[i64],
+        _temperature: f32,
+        _grad: &FloatTensor<Self>,
+        _entropy_grad: bool,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// `tensor[ranges] = value` (one range per dimension), written into `tensor`'s own
     /// buffer where the backend can: a KV cache that grows a token at a time must not be
     /// copied per token. The default is Burn's `slice_assign`.
@@ -62,6 +137,99 @@ pub trait Kernels: Backend {
 }
 
 impl Kernels for crate::Cpu {
+    fn has_fused_attention(dtype: burn::tensor::DType) -> bool {
+        dtype == burn::tensor::DType::F32
+    }
+
+    fn fused_rms_norm(x: &FloatTensor<Self>, gamma: &FloatTensor<Self>, eps: f64) -> Option<FloatTensor<Self>> {
+        let (mut x_holder, mut gamma_holder) = (None, None);
+        let values = f32_values(x, &mut x_holder)?;
+        let gamma = f32_values(gamma, &mut gamma_holder)?;
+        if gamma.is_empty() || values.len() % gamma.len() != 0 {
+            return None;
+        }
+        Some(crate::cpu::tensor(crate::cpu::rms_norm::forward(values, gamma, eps as f32), &dims(x)))
+    }
+
+    fn fused_rms_norm_backward(
+        x: &FloatTensor<Self>,
+        gamma: &FloatTensor<Self>,
+        eps: f64,
+        d_y: &FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        let (mut x_holder, mut gamma_holder, mut d_y_holder) = (None, None, None);
+        let values = f32_values(x, &mut x_holder)?;
+        let gamma_values = f32_values(gamma, &mut gamma_holder)?;
+        let d_y = f32_values(d_y, &mut d_y_holder)?;
+        if gamma_values.is_empty() || values.len() % gamma_values.len() != 0 || d_y.len() != values.len() {
+            return None;
+        }
+        let (d_x, d_gamma) = crate::cpu::rms_norm::backward(values, gamma_values, eps as f32, d_y);
+        Some((crate::cpu::tensor(d_x, &dims(x)), crate::cpu::tensor(d_gamma, &dims(gamma))))
+    }
+
+    fn fused_rope(x: &FloatTensor<Self>, cos: &FloatTensor<Self>, sin: &FloatTensor<Self>, transpose: bool) -> Option<FloatTensor<Self>> {
+        use crate::cpu::view4;
+        let (x, cos, sin) = (view4(x)?, view4(cos)?, view4(sin)?);
+        let [b, heads, s, hd] = x.dims;
+        let table_fits = |t: &crate::cpu::attention::View4| (t.dims[0] == b || t.dims[0] == 1) && t.dims[1..] == [1, s, hd];
+        if hd % 2 != 0 || !table_fits(&cos) || !table_fits(&sin) {
+            return None;
+        }
+        let token_major = crate::cpu::tensor(crate::cpu::rope::apply(x, cos, sin, transpose), &[b, s, heads, hd]);
+        Some(<Self as FloatTensorOps<Self>>::float_swap_dims(token_major, 1, 2))
+    }
+
+    fn fused_swiglu(gate: &FloatTensor<Self>, up: &FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        let (mut gate_holder, mut up_holder) = (None, None);
+        let gate_values = f32_values(gate, &mut gate_holder)?;
+        let up = f32_values(up, &mut up_holder)?;
+        (gate_values.len() == up.len()).then(|| crate::cpu::tensor(crate::cpu::swiglu::forward(gate_values, up), &dims(gate)))
+    }
+
+    fn fused_swiglu_backward(
+        gate: &FloatTensor<Self>,
+        up: &FloatTensor<Self>,
+        d_y: &FloatTensor<Self>,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        let (mut gate_holder, mut up_holder, mut d_y_holder) = (None, None, None);
+        let gate_values = f32_values(gate, &mut gate_holder)?;
+        let up = f32_values(up, &mut up_holder)?;
+        let d_y = f32_values(d_y, &mut d_y_holder)?;
+        if gate_values.len() != up.len() || d_y.len() != up.len() {
+            return None;
+        }
+        let (d_gate, d_up) = crate::cpu::swiglu::backward(gate_values, up, d_y);
+        let shape = dims(gate);
+        Some((crate::cpu::tensor(d_gate, &shape), crate::cpu::tensor(d_up, &shape)))
+    }
+
+    fn fused_token_scores(logits: &FloatTensor<Self>, targets: &[i64], temperature: f32) -> Option<FloatTensor<Self>> {
+        let mut holder = None;
+        let values = f32_values(logits, &mut holder)?;
+        let (vocab, targets) = token_rows(logits, targets, temperature)?;
+        let scores = crate::cpu::token_scores::forward(values, vocab, &targets, temperature);
+        Some(crate::cpu::tensor(scores, &[targets.len(), 2]))
+    }
+
+    fn fused_token_scores_backward(
+        logits: &FloatTensor<Self>,
+        targets: &[i64],
+        temperature: f32,
+        grad: &FloatTensor<Self>,
+        entropy_grad: bool,
+    ) -> Option<FloatTensor<Self>> {
+        let (mut holder, mut grad_holder) = (None, None);
+        let values = f32_values(logits, &mut holder)?;
+        let grad = f32_values(grad, &mut grad_holder)?;
+        let (vocab, targets) = token_rows(logits, targets, temperature)?;
+        if grad.len() != 2 * targets.len() {
+            return None;
+        }
+        let d_logits = crate::cpu::token_scores::backward(values, vocab, &targets, temperature, grad, entropy_grad);
+        Some(crate::cpu::tensor(d_logits, &[targets.len(), vocab]))
+    }
+
     fn slice_assign_in_place(tensor: FloatTensor<Self>, ranges: &[Range<usize>], value: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::inplace::assign(tensor, ranges, value)
     }
@@ -99,6 +267,20 @@ impl Kernels for crate::Cpu {
             shared,
         })
     }
+}
+
+/// The vocabulary size and the targets as indices, when `logits` is `[targets, vocab]`,
+/// every target is a valid index and the temperature is positive.
+fn token_rows(logits: &FloatTensor<crate::Cpu>, targets: &[i64], temperature: f32) -> Option<(usize, Vec<usize>)> {
+    let shape = dims(logits);
+    let [rows, vocab] = shape[..] else { return None };
+    let targets: Vec<usize> = targets.iter().map(|&t| usize::try_from(t).ok().filter(|&t| t < vocab)).collect::<Option<_>>()?;
+    (rows == targets.len() && temperature > 0.0).then_some((vocab, targets))
+}
+
+/// A CPU tensor's dimensions.
+fn dims(tensor: &FloatTensor<crate::Cpu>) -> Vec<usize> {
+    tensor.layout().shape().iter().copied().collect()
 }
 
 /// The CPU kernel's view of a call, when every tensor is f32 with a contiguous last axis.

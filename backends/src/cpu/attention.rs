@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use pulp::Simd;
 
-use super::{Task, vectorized};
+use super::{Task, exp_nonpositive, vectorized};
 
 /// Score given to masked keys (finite, as the tensor-op path).
 pub const MASKED: f32 = -1.0e30;
@@ -38,7 +38,7 @@ pub struct View4<'a> {
 impl<'a> View4<'a> {
     /// The contiguous last-dimension row at `[a, b, c, ..]`.
     #[inline(always)]
-    fn row(&self, a: usize, b: usize, c: usize) -> &'a [f32] {
+    pub(crate) fn row(&self, a: usize, b: usize, c: usize) -> &'a [f32] {
         let start = self.offset + a * self.strides[0] + b * self.strides[1] + c * self.strides[2];
         &self.data[start..start + self.dims[3]]
     }
@@ -296,21 +296,6 @@ fn tile_accumulate_keys<S: Simd>(
             out[j * hd + c] = sum;
         }
     }
-}
-
-/// `exp(x)` for x <= 0 within about 2e-7 relative, 0 below -87; written so that loops over
-/// it vectorize.
-#[inline(always)]
-pub fn exp_nonpositive(x: f32) -> f32 {
-    let clamped = x.max(-87.0);
-    let t = clamped * std::f32::consts::LOG2_E;
-    // Round to nearest by adding and removing 1.5 * 2^23 (plain arithmetic, so it
-    // vectorizes without SSE4.1).
-    let n = (t + 12_582_912.0) - 12_582_912.0;
-    let y = (t - n) * std::f32::consts::LN_2;
-    let poly = 1.0 + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.0 { 0.0 } else { poly * scale }
 }
 
 // ---------------------------------------------------------------------------------------

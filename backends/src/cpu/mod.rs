@@ -3,6 +3,10 @@
 //! with rayon, and compiled for the machine's vector unit at run time.
 
 pub mod attention;
+pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
+pub mod token_scores;
 
 use burn::tensor::TensorData;
 use burn_flex::FlexTensor;
@@ -60,4 +64,64 @@ pub fn view4(tensor: &FlexTensor) -> Option<View4<'_>> {
 /// A contiguous f32 tensor of `shape` holding `values`.
 pub fn tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+/// `sum_i a[i] b[i]`, vectorized (lanes summed at the end).
+#[inline(always)]
+pub(crate) fn dot<S: pulp::Simd>(simd: S, a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a_head, a_tail) = S::as_simd_f32s(&a[..n]);
+    let (b_head, b_tail) = S::as_simd_f32s(&b[..n]);
+    let mut acc = simd.splat_f32s(0.0);
+    for (&x, &y) in a_head.iter().zip(b_head) {
+        acc = simd.mul_add_f32s(x, y, acc);
+    }
+    let mut sum = simd.reduce_sum_f32s(acc);
+    for (&x, &y) in a_tail.iter().zip(b_tail) {
+        sum = x.mul_add(y, sum);
+    }
+    sum
+}
+
+/// `sum_i a[i] b[i] c[i]`, vectorized.
+#[inline(always)]
+pub(crate) fn dot3<S: pulp::Simd>(simd: S, a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a_head, a_tail) = S::as_simd_f32s(&a[..n]);
+    let (b_head, b_tail) = S::as_simd_f32s(&b[..n]);
+    let (c_head, c_tail) = S::as_simd_f32s(&c[..n]);
+    let mut acc = simd.splat_f32s(0.0);
+    for ((&x, &y), &z) in a_head.iter().zip(b_head).zip(c_head) {
+        acc = simd.mul_add_f32s(simd.mul_f32s(x, y), z, acc);
+    }
+    let mut sum = simd.reduce_sum_f32s(acc);
+    for ((&x, &y), &z) in a_tail.iter().zip(b_tail).zip(c_tail) {
+        sum = (x * y).mul_add(z, sum);
+    }
+    sum
+}
+
+/// A tensor's values as one contiguous f32 slice (copied into `holder` first when the
+/// tensor is a strided view), or `None` when it is not f32.
+pub fn f32_values<'a>(tensor: &FlexTensor, holder: &'a mut Option<FlexTensor>) -> Option<&'a [f32]> {
+    if tensor.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    let contiguous = holder.insert(tensor.to_contiguous());
+    contiguous.as_slice::<f32>()
+}
+
+/// `exp(x)` for x <= 0 within about 2e-7 relative, 0 below -87; written so that loops over
+/// it vectorize.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    let clamped = x.max(-87.0);
+    let t = clamped * std::f32::consts::LOG2_E;
+    // Round to nearest by adding and removing 1.5 * 2^23 (plain arithmetic, so it
+    // vectorizes without SSE4.1).
+    let n = (t + 12_582_912.0) - 12_582_912.0;
+    let y = (t - n) * std::f32::consts::LN_2;
+    let poly = 1.0 + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { poly * scale }
 }

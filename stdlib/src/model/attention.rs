@@ -149,8 +149,8 @@ impl<B: CustomGrad> SelfAttention<B> {
         let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2); // [b, h, s, hd]
         let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
         let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
-        let q = crate::model::rope::Rope::apply(q, cos.clone(), sin.clone());
-        let k = crate::model::rope::Rope::apply(k, cos, sin);
+        let q = crate::model::fused::rope(q, cos.clone(), sin.clone());
+        let k = crate::model::fused::rope(k, cos, sin);
         (q, k, v)
     }
 
@@ -188,9 +188,12 @@ pub fn attend<B: CustomGrad>(
     let prefix = shared.as_ref().map_or(0, |(k, _)| k.dims()[2]);
     let rep = h / kvh;
     // Under autodiff the plain path keeps a few `[b, heads, queries, keys]` tensors per layer:
-    // fine for short inputs (and faster), not for long ones.
-    let autodiff_long = B::ad_enabled(&q.device()) && b * h * s * (prefix + t) > options.chunk_threshold;
-    let flash = options.kernel == AttentionKernel::Flash || (options.kernel == AttentionKernel::Auto && autodiff_long);
+    // fine for short inputs, not for long ones. A backend with a fused kernel (the CPU's)
+    // runs it at every length: it reads the grouped heads and strided views as they are.
+    let autodiff = B::ad_enabled(&q.device());
+    let fused_kernel = <B::Base as longrl_backends::Kernels>::has_fused_attention(q.dtype());
+    let autodiff_flash = autodiff && (fused_kernel || b * h * s * (prefix + t) > options.chunk_threshold);
+    let flash = options.kernel == AttentionKernel::Flash || (options.kernel == AttentionKernel::Auto && autodiff_flash);
     if flash {
         return attend_flash(q, shared, own_k, own_v, past, key_padding, options);
     }

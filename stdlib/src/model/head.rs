@@ -8,7 +8,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
-use longrl_backends::Vjp;
+use longrl_backends::{Kernels, Vjp};
 
 use crate::model::flash::{primitive, tensor};
 use crate::model::precision::{to_dtype, to_f32};
@@ -51,35 +51,58 @@ impl TokenScoresVjp {
         (0..n).step_by(rows).map(|start| (start, (start + rows).min(n))).collect()
     }
 
-    /// The logits in f32: the product runs in the weights' dtype (bf16 under mixed
-    /// precision), the softmax and log-probs that follow in f32.
-    fn logits<B: Backend>(&self, hidden: Tensor<B, 2>, weight: &Tensor<B, 2>) -> Tensor<B, 2> {
-        let logits = if self.tied { hidden.matmul(weight.clone().transpose()) } else { hidden.matmul(weight.clone()) };
-        let logits = to_f32(logits);
-        if (self.temperature - 1.0).abs() > f32::EPSILON { logits.div_scalar(self.temperature) } else { logits }
+    /// The logits of rows `span` in f32, before the temperature: the product runs in the
+    /// weights' dtype (bf16 under mixed precision), what follows in f32.
+    fn logits<B: Backend>(&self, hidden: &Tensor<B, 2>, weight: &Tensor<B, 2>, (start, end): (usize, usize)) -> Tensor<B, 2> {
+        let [_, d] = hidden.dims();
+        let hidden = hidden.clone().slice([start..end, 0..d]);
+        to_f32(if self.tied { hidden.matmul(weight.clone().transpose()) } else { hidden.matmul(weight.clone()) })
     }
 
-    fn chunk<B: Backend>(&self, hidden: &Tensor<B, 2>, weight: &Tensor<B, 2>, span: (usize, usize)) -> ChunkLogits<B> {
-        let [_, d] = hidden.dims();
-        let (start, end) = span;
-        let logits = self.logits(hidden.clone().slice([start..end, 0..d]), weight);
-        let log_probs = burn::tensor::activation::log_softmax(logits, 1);
+    /// The log-softmax of logits over the temperature, with the targets, in tensor ops.
+    fn log_probs<B: Backend>(&self, logits: Tensor<B, 2>, (start, end): (usize, usize)) -> ChunkLogits<B> {
+        let scaled = if (self.temperature - 1.0).abs() > f32::EPSILON { logits.div_scalar(self.temperature) } else { logits };
         let ids = TensorData::new(self.targets[start..end].to_vec(), [end - start, 1]);
-        ChunkLogits { log_probs, targets: Tensor::from_data(ids, &hidden.device()) }
+        let targets = Tensor::from_data(ids, &scaled.device());
+        ChunkLogits { log_probs: burn::tensor::activation::log_softmax(scaled, 1), targets }
+    }
+
+    /// `[rows, 2]` scores of a chunk's logits in tensor ops.
+    fn scores_ops<B: Backend>(&self, logits: Tensor<B, 2>, span: (usize, usize)) -> Tensor<B, 2> {
+        let ChunkLogits { log_probs, targets } = self.log_probs(logits, span);
+        let picked = log_probs.clone().gather(1, targets); // [rows, 1]
+        let entropy = (log_probs.clone().exp() * log_probs).sum_dim(1).neg(); // [rows, 1]
+        Tensor::cat(vec![picked, entropy], 1)
+    }
+
+    /// The gradient of a chunk's logits (f32) given its scores' gradient `g` `[rows, 2]`, in
+    /// tensor ops.
+    fn logits_grad_ops<B: Backend>(&self, logits: Tensor<B, 2>, span: (usize, usize), g: Tensor<B, 2>) -> Tensor<B, 2> {
+        let rows = span.1 - span.0;
+        let ChunkLogits { log_probs, targets } = self.log_probs(logits, span);
+        let g_logp = g.clone().slice([0..rows, 0..1]); // [rows, 1]
+        let probs = log_probs.clone().exp();
+        let mut d_z = probs.clone() * g_logp.clone().neg();
+        if self.entropy_grad {
+            let g_entropy = g.slice([0..rows, 1..2]);
+            let entropy = (probs.clone() * log_probs.clone()).sum_dim(1).neg(); // [rows, 1]
+            d_z = d_z - probs * (log_probs + entropy) * g_entropy;
+        }
+        let d_z = d_z.scatter(1, targets, g_logp, IndexingUpdateOp::Add);
+        if (self.temperature - 1.0).abs() > f32::EPSILON { d_z.div_scalar(self.temperature) } else { d_z }
     }
 }
 
-impl<B: Backend> Vjp<B> for TokenScoresVjp {
+impl<B: Kernels> Vjp<B> for TokenScoresVjp {
     type Saved = ();
 
     fn forward(&self, inputs: &[FloatTensor<B>]) -> (FloatTensor<B>, ()) {
         let (hidden, weight) = (tensor::<B, 2>(&inputs[0]), tensor::<B, 2>(&inputs[1]));
         let mut out = Vec::new();
         for span in self.chunks(hidden.dims()[0], self.vocab(&weight)) {
-            let ChunkLogits { log_probs, targets } = self.chunk(&hidden, &weight, span);
-            let picked = log_probs.clone().gather(1, targets); // [rows, 1]
-            let entropy = (log_probs.clone().exp() * log_probs).sum_dim(1).neg(); // [rows, 1]
-            out.push(Tensor::cat(vec![picked, entropy], 1));
+            let logits = self.logits(&hidden, &weight, span);
+            let fused = B::fused_token_scores(&primitive(logits.clone()), &self.targets[span.0..span.1], self.temperature);
+            out.push(fused.map_or_else(|| self.scores_ops(logits, span), |scores| tensor(&scores)));
         }
         (primitive(Tensor::cat(out, 0)), ())
     }
@@ -95,18 +118,17 @@ impl<B: Backend> Vjp<B> for TokenScoresVjp {
         let mut d_hidden = Vec::new();
         let mut d_weight = Tensor::<B, 2>::zeros(weight.dims(), &weight.device());
         for (start, end) in self.chunks(n, self.vocab(&weight)) {
-            let ChunkLogits { log_probs, targets } = self.chunk(&hidden, &weight, (start, end));
+            let logits = self.logits(&hidden, &weight, (start, end));
             let g = grad.clone().slice([start..end, 0..2]);
-            let g_logp = g.clone().slice([0..end - start, 0..1]); // [rows, 1]
-            let probs = log_probs.clone().exp();
-            let mut d_z = probs.clone() * g_logp.clone().neg();
-            if self.entropy_grad {
-                let g_entropy = g.slice([0..end - start, 1..2]);
-                let entropy = (probs.clone() * log_probs.clone()).sum_dim(1).neg(); // [rows, 1]
-                d_z = d_z - probs * (log_probs + entropy) * g_entropy;
-            }
-            let d_z = d_z.scatter(1, targets, g_logp, IndexingUpdateOp::Add);
-            let d_logits = if (self.temperature - 1.0).abs() > f32::EPSILON { d_z.div_scalar(self.temperature) } else { d_z };
+            let targets = &self.targets[start..end];
+            let fused = B::fused_token_scores_backward(
+                &primitive(logits.clone()),
+                targets,
+                self.temperature,
+                &primitive(g.clone()),
+                self.entropy_grad,
+            );
+            let d_logits = fused.map_or_else(|| self.logits_grad_ops(logits, (start, end), g), |d| tensor(&d));
             let d_logits = to_dtype(d_logits, dtype);
             let h = hidden.clone().slice([start..end, 0..d]);
             if self.tied {
@@ -118,5 +140,47 @@ impl<B: Backend> Vjp<B> for TokenScoresVjp {
             }
         }
         vec![wanted[0].then(|| primitive(Tensor::cat(d_hidden, 0))), wanted[1].then(|| primitive(to_dtype(d_weight, dtype)))]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The CPU kernel's scores and logits gradient against the tensor-op path.
+
+    use super::*;
+    use burn::tensor::Distribution;
+    use longrl_backends::Cpu;
+
+    fn values<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+        t.into_data().to_vec().expect("f32 values")
+    }
+
+    fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32, what: &str) {
+        let scale = expected.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        let worst = actual.iter().zip(expected).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(actual.len() == expected.len() && worst / scale < tolerance, "{what}: relative difference {}", worst / scale);
+    }
+
+    #[test]
+    fn the_cpu_kernel_matches_the_tensor_ops_with_temperature_and_entropy() {
+        let device = Default::default();
+        <Cpu as Backend>::seed(&device, 11);
+        let (rows, vocab) = (5, 301);
+        let logits = Tensor::<Cpu, 2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), &device);
+        let g = Tensor::<Cpu, 2>::random([rows, 2], Distribution::Normal(0.0, 1.0), &device);
+        let targets = vec![0, 300, 17, 17, 150];
+        for (temperature, entropy_grad) in [(1.0, false), (0.7, true), (1.3, true)] {
+            let head = TokenScoresVjp { targets: targets.clone(), temperature, tied: false, entropy_grad };
+            let span = (0, rows);
+            let expected = values(head.scores_ops(logits.clone(), span));
+            let fused = Cpu::fused_token_scores(&primitive(logits.clone()), &targets, temperature).expect("the CPU kernel");
+            assert_close(&values(tensor::<Cpu, 2>(&fused)), &expected, 1e-5, "scores");
+            let expected = values(head.logits_grad_ops(logits.clone(), span, g.clone()));
+            let fused =
+                Cpu::fused_token_scores_backward(&primitive(logits.clone()), &targets, temperature, &primitive(g.clone()), entropy_grad)
+                    .expect("the CPU kernel");
+            assert_close(&values(tensor::<Cpu, 2>(&fused)), &expected, 1e-5, "logits gradient");
+        }
+        assert!(Cpu::fused_token_scores(&primitive(logits), &[0, 1, 2, 3, 301], 1.0).is_none(), "a target past the vocabulary");
     }
 }

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod flash;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod head;

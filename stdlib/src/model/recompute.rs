@@ -8,12 +8,12 @@
 //! against autodiff of the plain layer.
 
 use burn::tensor::Tensor;
-use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use longrl_backends::{Kernels, Vjp};
 
 use crate::model::flash::{AttentionGrads, AttentionInputs, AttentionVjp, primitive, tensor};
+use crate::model::fused;
 use crate::model::precision::{to_dtype, to_f32};
 
 /// The shape of a decoder layer.
@@ -75,28 +75,15 @@ impl Slots {
 // Building blocks: forward and backward of the layer's parts.
 // ---------------------------------------------------------------------------------------
 
-/// RMSNorm as Burn computes it: `x / sqrt(mean(x^2) + eps) * gamma`.
-///
-/// # Shapes
-/// - x: `[n, d]`, gamma: `[d]` -> the output `[n, d]` and the root mean square `[n, 1]`
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, eps: f64) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    // The mean of squares in f32, as Burn's RmsNorm (a no-op in f32).
-    let rms = to_dtype((to_f32(x.clone()).square().mean_dim(1) + eps).sqrt(), x.dtype()); // [n, 1]
-    ((x / rms.clone()) * gamma.unsqueeze(), rms)
+/// RMSNorm of rows `[n, d]` (see [`fused::rms_norm`]).
+fn rms_norm<B: Kernels>(x: Tensor<B, 2>, gamma: &FloatTensor<B>, eps: f64) -> Tensor<B, 2> {
+    tensor(&fused::rms_norm_forward::<B>(&primitive(x), gamma, eps))
 }
 
 /// The gradients of [`rms_norm`]'s input and gamma.
-fn rms_norm_backward<B: Backend>(
-    x: Tensor<B, 2>,
-    gamma: Tensor<B, 1>,
-    rms: Tensor<B, 2>,
-    d_y: Tensor<B, 2>,
-) -> (Tensor<B, 2>, Tensor<B, 1>) {
-    let normed = x / rms.clone(); // [n, d]
-    let d_gamma = to_dtype(to_f32(d_y.clone() * normed.clone()).sum_dim(0), gamma.dtype()).squeeze_dim(0); // [d]
-    let d_normed = d_y * gamma.unsqueeze(); // [n, d]
-    let projection = (d_normed.clone() * normed.clone()).mean_dim(1); // [n, 1]
-    ((d_normed - normed * projection) / rms, d_gamma)
+fn rms_norm_backward<B: Kernels>(x: Tensor<B, 2>, gamma: &FloatTensor<B>, eps: f64, d_y: Tensor<B, 2>) -> (Tensor<B, 2>, FloatTensor<B>) {
+    let (d_x, d_gamma) = fused::rms_norm_backward::<B>(&primitive(x), gamma, eps, &primitive(d_y));
+    (tensor(&d_x), d_gamma)
 }
 
 /// `x W (+ b)`.
@@ -112,23 +99,6 @@ fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor
 fn linear_param_grads<B: Backend>(x: Tensor<B, 2>, d_y: Tensor<B, 2>, bias: bool) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
     let d_bias = bias.then(|| to_dtype(to_f32(d_y.clone()).sum_dim(0), d_y.dtype()).squeeze_dim(0));
     (x.transpose().matmul(d_y), d_bias)
-}
-
-/// Rotary embedding, rotate-half convention: `x cos + rot(x) sin`, `rot(x) = [-x2, x1]`.
-///
-/// # Shapes
-/// - x: `[b, heads, s, hd]`; cos, sin: `[b, 1, s, hd]`
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    crate::model::rope::Rope::apply(x, cos, sin)
-}
-
-/// The gradient of [`rope`]'s input: `dy cos + rot^T(dy sin)`, `rot^T(z) = [z2, -z1]`.
-fn rope_backward<B: Backend>(d_y: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, h, s, d] = d_y.dims();
-    let z = d_y.clone() * sin;
-    let first = z.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-    let second = z.slice([0..b, 0..h, 0..s, d / 2..d]);
-    d_y * cos + Tensor::cat(vec![second, first.neg()], 3)
 }
 
 /// `[n, heads * hd]` (token-major) -> `[b, heads, s, hd]`.
@@ -165,14 +135,12 @@ pub struct LayerVjp {
 struct LayerActs<B: Backend> {
     x: Tensor<B, 2>,
     h1: Tensor<B, 2>,
-    rms1: Tensor<B, 2>,
     attention: AttentionInputs<B>,
     attention_out: Tensor<B, 4>,
     lse: Tensor<B, 5>,
     merged: Tensor<B, 2>,
     x1: Tensor<B, 2>,
     h2: Tensor<B, 2>,
-    rms2: Tensor<B, 2>,
     gate: Tensor<B, 2>,
     up: Tensor<B, 2>,
     act: Tensor<B, 2>,
@@ -197,21 +165,26 @@ impl LayerVjp {
         let [b, s, d] = x3.dims();
         let (cos, sin) = (tensor::<B, 4>(&inputs[COS]), tensor::<B, 4>(&inputs[SIN]));
         let x = x3.reshape([b * s, d]);
-        let (h1, rms1) = rms_norm(x.clone(), tensor(&inputs[NORM1]), eps);
+        let h1 = rms_norm(x.clone(), &inputs[NORM1], eps);
         let q = split_heads(linear(h1.clone(), tensor(&inputs[WQ]), bias(slots.bq)), b, s, heads);
         let k = split_heads(linear(h1.clone(), tensor(&inputs[WK]), bias(slots.bk)), b, s, kv_heads);
         let v = split_heads(linear(h1.clone(), tensor(&inputs[WV]), bias(slots.bv)), b, s, kv_heads);
         let shared = slots.shared.map(|i| (tensor::<B, 4>(&inputs[i]), tensor::<B, 4>(&inputs[i + 1])));
-        let attention = AttentionInputs { q: rope(q, cos.clone(), sin.clone()), own_k: rope(k, cos, sin), own_v: v, shared };
+        let attention = AttentionInputs {
+            q: fused::rope_forward(q, cos.clone(), sin.clone()),
+            own_k: fused::rope_forward(k, cos, sin),
+            own_v: v,
+            shared,
+        };
         let (attention_out, lse) = self.attention().attend(&attention);
         let merged = merge_heads(attention_out.clone());
         let x1 = x.clone() + linear(merged.clone(), tensor(&inputs[WO]), bias(slots.bo));
-        let (h2, rms2) = rms_norm(x1.clone(), tensor(&inputs[NORM2]), eps);
+        let h2 = rms_norm(x1.clone(), &inputs[NORM2], eps);
         let gate = h2.clone().matmul(tensor(&inputs[WGATE]));
         let up = h2.clone().matmul(tensor(&inputs[WUP]));
-        let act = silu(gate.clone()) * up.clone();
+        let act = fused::swiglu_forward(gate.clone(), up.clone());
         let y = x1.clone() + act.clone().matmul(tensor(&inputs[WDOWN]));
-        LayerActs { x, h1, rms1, attention, attention_out, lse, merged, x1, h2, rms2, gate, up, act, y }
+        LayerActs { x, h1, attention, attention_out, lse, merged, x1, h2, gate, up, act, y }
     }
 
     /// The MLP half's gradients: of `x1` (through the MLP and its norm, without the
@@ -225,14 +198,12 @@ impl LayerVjp {
     ) -> Tensor<B, 2> {
         grads[WDOWN] = Some(primitive(acts.act.clone().transpose().matmul(d_y.clone())));
         let d_act = d_y.matmul(tensor::<B, 2>(&inputs[WDOWN]).transpose()); // [n, inter]
-        let sig = sigmoid(acts.gate.clone());
-        let d_up = d_act.clone() * silu(acts.gate.clone());
-        let d_gate = d_act * acts.up.clone() * sig.clone() * (acts.gate.clone() * (sig.neg() + 1.0) + 1.0);
+        let (d_gate, d_up) = fused::swiglu_backward(acts.gate.clone(), acts.up.clone(), d_act);
         grads[WGATE] = Some(primitive(acts.h2.clone().transpose().matmul(d_gate.clone())));
         grads[WUP] = Some(primitive(acts.h2.clone().transpose().matmul(d_up.clone())));
         let d_h2 = d_gate.matmul(tensor::<B, 2>(&inputs[WGATE]).transpose()) + d_up.matmul(tensor::<B, 2>(&inputs[WUP]).transpose());
-        let (d_x1, d_norm2) = rms_norm_backward(acts.x1.clone(), tensor(&inputs[NORM2]), acts.rms2.clone(), d_h2);
-        grads[NORM2] = Some(primitive(d_norm2));
+        let (d_x1, d_norm2) = rms_norm_backward(acts.x1.clone(), &inputs[NORM2], self.shape.rms_norm_eps, d_h2);
+        grads[NORM2] = Some(d_norm2);
         d_x1
     }
 
@@ -261,8 +232,8 @@ impl LayerVjp {
             grads[i + 1] = Some(primitive(v));
         }
         let (cos, sin) = (tensor::<B, 4>(&inputs[COS]), tensor::<B, 4>(&inputs[SIN]));
-        let d_q = merge_heads(rope_backward(q, cos.clone(), sin.clone()));
-        let d_k = merge_heads(rope_backward(own_k, cos, sin));
+        let d_q = merge_heads(fused::rope_backward(q, cos.clone(), sin.clone()));
+        let d_k = merge_heads(fused::rope_backward(own_k, cos, sin));
         let d_v = merge_heads(own_v);
         let mut d_h1 = acts.h1.zeros_like();
         for (d_out, weight, bias) in [(d_q, WQ, slots.bq), (d_k, WK, slots.bk), (d_v, WV, slots.bv)] {
@@ -273,8 +244,8 @@ impl LayerVjp {
             }
             d_h1 = d_h1 + d_out.matmul(tensor::<B, 2>(&inputs[weight]).transpose());
         }
-        let (d_x, d_norm1) = rms_norm_backward(acts.x.clone(), tensor(&inputs[NORM1]), acts.rms1.clone(), d_h1);
-        grads[NORM1] = Some(primitive(d_norm1));
+        let (d_x, d_norm1) = rms_norm_backward(acts.x.clone(), &inputs[NORM1], self.shape.rms_norm_eps, d_h1);
+        grads[NORM1] = Some(d_norm1);
         d_x
     }
 }
@@ -319,30 +290,29 @@ const KV_BK: usize = 6;
 const KV_BV: usize = 7;
 
 impl KvVjp {
-    /// The normed input, its root mean square, and keys and values before rotation.
-    #[allow(clippy::type_complexity)]
-    fn run<B: Backend>(&self, inputs: &[FloatTensor<B>]) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>) {
+    /// The normed input, and keys and values before rotation.
+    fn run<B: Kernels>(&self, inputs: &[FloatTensor<B>]) -> (Tensor<B, 2>, Tensor<B, 4>, Tensor<B, 4>) {
         let x3 = tensor::<B, 3>(&inputs[X]);
         let [b, s, d] = x3.dims();
-        let (h, rms) = rms_norm(x3.reshape([b * s, d]), tensor(&inputs[KV_NORM]), self.shape.rms_norm_eps);
+        let h = rms_norm(x3.reshape([b * s, d]), &inputs[KV_NORM], self.shape.rms_norm_eps);
         let bias = |slot: usize| self.shape.qkv_bias.then(|| tensor::<B, 1>(&inputs[slot]));
         let k = split_heads(linear(h.clone(), tensor(&inputs[KV_WK]), bias(KV_BK)), b, s, self.shape.kv_heads);
         let v = split_heads(linear(h.clone(), tensor(&inputs[KV_WV]), bias(KV_BV)), b, s, self.shape.kv_heads);
-        (h, rms, k, v)
+        (h, k, v)
     }
 }
 
-impl<B: Backend> Vjp<B> for KvVjp {
+impl<B: Kernels> Vjp<B> for KvVjp {
     type Saved = ();
 
     fn forward(&self, inputs: &[FloatTensor<B>]) -> (FloatTensor<B>, ()) {
-        let (_, _, k, v) = self.run::<B>(inputs);
-        let k = rope(k, tensor(&inputs[COS]), tensor(&inputs[SIN]));
+        let (_, k, v) = self.run::<B>(inputs);
+        let k = fused::rope_forward(k, tensor(&inputs[COS]), tensor(&inputs[SIN]));
         (primitive(Tensor::cat(vec![k, v], 1)), ())
     }
 
     fn backward(&self, inputs: &[FloatTensor<B>], _: (), output_grad: FloatTensor<B>, _wanted: &[bool]) -> Vec<Option<FloatTensor<B>>> {
-        let (h, rms, _, _) = self.run(inputs);
+        let (h, _, _) = self.run(inputs);
         let x3 = tensor::<B, 3>(&inputs[X]);
         let [b, s, d] = x3.dims();
         let kvh = self.shape.kv_heads;
@@ -350,7 +320,7 @@ impl<B: Backend> Vjp<B> for KvVjp {
         let [_, _, _, hd] = d_out.dims();
         let d_k_rot = d_out.clone().slice([0..b, 0..kvh, 0..s, 0..hd]);
         let d_v = merge_heads(d_out.slice([0..b, kvh..2 * kvh, 0..s, 0..hd]));
-        let d_k = merge_heads(rope_backward(d_k_rot, tensor(&inputs[COS]), tensor(&inputs[SIN])));
+        let d_k = merge_heads(fused::rope_backward(d_k_rot, tensor(&inputs[COS]), tensor(&inputs[SIN])));
         let mut grads: Vec<Option<FloatTensor<B>>> = vec![None; inputs.len()];
         let mut d_h = h.zeros_like();
         for (d, weight, bias) in [(d_k, KV_WK, KV_BK), (d_v, KV_WV, KV_BV)] {
@@ -361,8 +331,8 @@ impl<B: Backend> Vjp<B> for KvVjp {
             }
             d_h = d_h + d.matmul(tensor::<B, 2>(&inputs[weight]).transpose());
         }
-        let (d_x, d_norm) = rms_norm_backward(x3.reshape([b * s, d]), tensor(&inputs[KV_NORM]), rms, d_h);
-        grads[KV_NORM] = Some(primitive(d_norm));
+        let (d_x, d_norm) = rms_norm_backward(x3.reshape([b * s, d]), &inputs[KV_NORM], self.shape.rms_norm_eps, d_h);
+        grads[KV_NORM] = Some(d_norm);
         grads[X] = Some(primitive(d_x.reshape([b, s, d])));
         grads
     }

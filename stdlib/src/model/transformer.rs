@@ -5,7 +5,6 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Int, Tensor, TensorData, TensorPrimitive};
@@ -14,6 +13,7 @@ use longrl_backends::CustomGrad;
 use crate::model::ModelError;
 use crate::model::attention::{AttentionOptions, LayerKv, SelfAttention};
 use crate::model::config::ModelConfig;
+use crate::model::fused;
 use crate::model::head::TokenScoresVjp;
 use crate::model::precision::to_dtype;
 use crate::model::recompute::{KvVjp, LayerShape, LayerVjp};
@@ -33,13 +33,21 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: CustomGrad> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone())); // [b, s, inter]
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone()); // [b, s, inter]
+        self.down_proj.forward(fused::swiglu(gate, self.up_proj.forward(x)))
     }
+}
+
+/// RMSNorm through the fused operation of [`fused::rms_norm`].
+///
+/// # Shapes
+/// - x: `[.., hidden]` -> the same
+fn normalize<B: CustomGrad, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    fused::rms_norm(x, norm.gamma.val(), norm.epsilon)
 }
 
 /// One pre-norm decoder layer.
@@ -130,9 +138,9 @@ impl<B: CustomGrad> DecoderLayer<B> {
         x: Tensor<B, 3>,
         attend: impl FnOnce(&SelfAttention<B>, Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> Tensor<B, 3> {
-        let attn = attend(&self.self_attn, self.input_layernorm.forward(x.clone()));
+        let attn = attend(&self.self_attn, normalize(&self.input_layernorm, x.clone()));
         let x = x + attn;
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        x.clone() + self.mlp.forward(normalize(&self.post_attention_layernorm, x))
     }
 
     /// The layer as one recomputed operation; with `append`, its keys and values (also
@@ -366,7 +374,7 @@ impl<B: CustomGrad> CausalLm<B> {
     /// # Shapes
     /// - tokens: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn forward_hidden(&self, tokens: Tensor<B, 2, Int>, args: ForwardArgs<B>, cache: &mut KvCache<B>) -> Tensor<B, 3> {
-        self.norm.forward(self.forward_layers(tokens, args, cache))
+        normalize(&self.norm, self.forward_layers(tokens, args, cache))
     }
 
     /// The residual stream after the last layer, before the final norm (apply
@@ -393,7 +401,7 @@ impl<B: CustomGrad> CausalLm<B> {
 
     /// The final norm.
     pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.norm.forward(x)
+        normalize(&self.norm, x)
     }
 
     /// Log-probability of each target and the entropy at each position, computed over
