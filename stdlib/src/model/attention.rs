@@ -13,6 +13,7 @@ use longrl_backends::CustomGrad;
 
 use crate::model::flash::{AttentionInputs, AttentionVjp};
 use crate::model::precision::{to_dtype, to_f32};
+use crate::model::transformer::apply_linear;
 
 /// Score given to masked keys. Finite (not -inf) so that a row with every key masked (a
 /// padding row) stays finite instead of spreading NaN through later layers.
@@ -146,9 +147,9 @@ impl<B: CustomGrad> SelfAttention<B> {
     pub(crate) fn project(&self, x: Tensor<B, 3>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2); // [b, h, s, hd]
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
-        let v = self.v_proj.forward(x).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
+        let q = apply_linear(&self.q_proj, x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2); // [b, h, s, hd]
+        let k = apply_linear(&self.k_proj, x.clone()).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
+        let v = apply_linear(&self.v_proj, x).reshape([b, s, kvh, hd]).swap_dims(1, 2); // [b, kvh, s, hd]
         let q = crate::model::fused::rope(q, cos.clone(), sin.clone());
         let k = crate::model::fused::rope(k, cos, sin);
         (q, k, v)
@@ -160,7 +161,7 @@ impl<B: CustomGrad> SelfAttention<B> {
     /// - out: `[batch, heads, seq, head_dim]` -> `[batch, seq, hidden]`
     pub(crate) fn output(&self, out: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, s, hd] = out.dims();
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
+        apply_linear(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, h * hd]))
     }
 }
 

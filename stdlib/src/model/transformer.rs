@@ -37,9 +37,23 @@ impl<B: CustomGrad> Mlp<B> {
     /// # Shapes
     /// - x: `[batch, seq, hidden]` -> `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone()); // [b, s, inter]
-        self.down_proj.forward(fused::swiglu(gate, self.up_proj.forward(x)))
+        let gate = apply_linear(&self.gate_proj, x.clone()); // [b, s, inter]
+        apply_linear(&self.down_proj, fused::swiglu(gate, apply_linear(&self.up_proj, x)))
     }
+}
+
+/// A linear layer over the last axis as one 2-D product. Burn's `Linear` on a `[b, s, in]`
+/// input runs one product per batch row against the broadcast weight, each packing the
+/// weight anew (and under autodiff, sums `b` weight-sized gradients): at decode time, with
+/// one token in each of dozens of rows, that costs more than the product itself.
+///
+/// # Shapes
+/// - x: `[b, s, in]` -> `[b, s, out]`
+pub(crate) fn apply_linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, s, d] = x.dims();
+    let y = linear.forward(x.reshape([b * s, d])); // [b*s, out]
+    let out = y.dims()[1];
+    y.reshape([b, s, out])
 }
 
 /// RMSNorm through the fused operation of [`fused::rms_norm`].
@@ -436,7 +450,7 @@ impl<B: CustomGrad> CausalLm<B> {
     /// - hidden: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => apply_linear(head, hidden),
             None => {
                 // E h^T keeps the (large) embedding in its stored layout; only the small
                 // hidden states and the output are transposed.
