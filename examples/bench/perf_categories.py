@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Groups a `perf report --no-children --sort symbol` listing into the cost categories of the
-README's profile table (matmul, attention kernel, layout copies, element-wise, reductions,
+README's profile table (matmul, fused kernels, layout copies, element-wise, reductions,
 allocation, autodiff bookkeeping, ...) and prints a markdown table of their shares.
 
     perf report -i perf.data --no-children --sort symbol --stdio | python3 perf_categories.py
@@ -11,7 +11,8 @@ import sys
 # First match wins; patterns are tried against the symbol name.
 CATEGORIES = [
     ("matmul (gemm)", r"gemm"),
-    ("attention (fused CPU kernel)", r"pulp::|longrl_backends::cpu::attention"),
+    # The fused kernels all run inside pulp's dispatch, under its symbols.
+    ("fused CPU kernels (attention, RMSNorm, RoPE, SwiGLU, LM-head softmax)", r"pulp::|longrl_backends::cpu::"),
     ("layout copies (strided reads, transposes, memmove)",
      r"StridedIter|to_contiguous|memmove|memcpy|transpose|swap_dims|permute|SpecFromIter|try_from_fn|try_map|copy_"),
     ("exp / log (libm)", r"__expf|__logf|expf|logf|exp_nonpositive"),

@@ -60,18 +60,18 @@ pub fn backward(x: &[f32], gamma: &[f32], eps: f32, d_y: &[f32]) -> (Vec<f32>, V
     let d = gamma.len();
     let mut d_x = vec![0.0; x.len()];
     let chunk = rows_per_task(d) * d;
-    let d_gamma = d_x
+    // Each block's share of d_gamma, summed in block order: the same bits on every run
+    // (rayon's own reduce would pair them as the threads happen to split the work).
+    let parts: Vec<Vec<f32>> = d_x
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .zip(d_y.par_chunks(chunk))
         .map(|((d_x, x), d_y)| vectorized(Backward { x, gamma, eps, d_y, d_x }))
-        .reduce(
-            || vec![0.0; d],
-            |mut total, part| {
-                total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
-                total
-            },
-        );
+        .collect();
+    let mut d_gamma = vec![0.0; d];
+    for part in &parts {
+        d_gamma.iter_mut().zip(part).for_each(|(total, p)| *total += p);
+    }
     (d_x, d_gamma)
 }
 
