@@ -36,6 +36,17 @@ pub struct AttentionCallGrads<B: Backend> {
     pub shared: Option<(FloatTensor<B>, FloatTensor<B>)>,
 }
 
+/// The tensors of one AdamW update, all of one shape: the weights, their gradient, and the
+/// moments (`None` before the first update, which starts them at zero).
+#[derive(Debug, Clone)]
+pub struct AdamWTensors<B: Backend> {
+    pub param: FloatTensor<B>,
+    pub grad: FloatTensor<B>,
+    pub moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
+}
+
+pub use crate::cpu::adamw::Step as AdamWStep;
+
 /// Fused kernels of a backend.
 pub trait Kernels: Backend {
     /// The attention output `[b, heads, s, hd]` and each query row's log-sum-exp
@@ -79,7 +90,8 @@ pub trait Kernels: Backend {
     }
 
     /// The rotary embedding (rotate half) `x cos + rot(x) sin`, or with `transpose` its
-    /// gradient's map `dy cos + rot^T(dy sin)`.
+    /// gradient's map `dy cos + rot^T(dy sin)`. The result may be a strided view (the CPU
+    /// kernel's is a `[b, heads, s, hd]` view of a token-major `[b, s, heads, hd]` buffer).
     ///
     /// # Shapes
     /// - x: `[b, heads, s, hd]`; cos, sin: `[b or 1, 1, s, hd]` -> `[b, heads, s, hd]`
@@ -127,6 +139,12 @@ pub trait Kernels: Backend {
         None
     }
 
+    /// One AdamW update (Burn's arithmetic): the updated weights and moments, or the inputs
+    /// handed back when the backend has no kernel for them.
+    fn fused_adamw(tensors: AdamWTensors<Self>, _step: AdamWStep) -> Result<AdamWTensors<Self>, AdamWTensors<Self>> {
+        Err(tensors)
+    }
+
     /// `tensor[ranges] = value` (one range per dimension), written into `tensor`'s own
     /// buffer where the backend can: a KV cache that grows a token at a time must not be
     /// copied per token. The default is Burn's `slice_assign`.
@@ -145,7 +163,7 @@ impl Kernels for crate::Cpu {
         let (mut x_holder, mut gamma_holder) = (None, None);
         let values = f32_values(x, &mut x_holder)?;
         let gamma = f32_values(gamma, &mut gamma_holder)?;
-        if gamma.is_empty() || values.len() % gamma.len() != 0 {
+        if gamma.is_empty() || dims(x).last() != Some(&gamma.len()) {
             return None;
         }
         Some(crate::cpu::tensor(crate::cpu::rms_norm::forward(values, gamma, eps as f32), &dims(x)))
@@ -160,8 +178,9 @@ impl Kernels for crate::Cpu {
         let (mut x_holder, mut gamma_holder, mut d_y_holder) = (None, None, None);
         let values = f32_values(x, &mut x_holder)?;
         let gamma_values = f32_values(gamma, &mut gamma_holder)?;
+        let d_y_tensor = d_y;
         let d_y = f32_values(d_y, &mut d_y_holder)?;
-        if gamma_values.is_empty() || values.len() % gamma_values.len() != 0 || d_y.len() != values.len() {
+        if gamma_values.is_empty() || dims(x).last() != Some(&gamma_values.len()) || dims(d_y_tensor) != dims(x) {
             return None;
         }
         let (d_x, d_gamma) = crate::cpu::rms_norm::backward(values, gamma_values, eps as f32, d_y);
@@ -228,6 +247,30 @@ impl Kernels for crate::Cpu {
         }
         let d_logits = crate::cpu::token_scores::backward(values, vocab, &targets, temperature, grad, entropy_grad);
         Some(crate::cpu::tensor(d_logits, &[targets.len(), vocab]))
+    }
+
+    fn fused_adamw(tensors: AdamWTensors<Self>, step: AdamWStep) -> Result<AdamWTensors<Self>, AdamWTensors<Self>> {
+        use crate::cpu::owned_contiguous;
+        let shape = dims(&tensors.param);
+        let fits = |t: &FloatTensor<Self>| t.dtype() == burn::tensor::DType::F32 && dims(t) == shape;
+        let moments_fit = tensors.moments.as_ref().is_none_or(|(m, v)| fits(m) && fits(v));
+        if !fits(&tensors.param) || !fits(&tensors.grad) || !moments_fit {
+            return Err(tensors);
+        }
+        let AdamWTensors { param, grad, moments } = tensors;
+        let (moment_1, moment_2) = match moments {
+            Some(moments) => moments,
+            None => {
+                let zeros = || crate::cpu::tensor(vec![0.0; shape.iter().product()], &shape);
+                (zeros(), zeros())
+            }
+        };
+        let (mut param, grad) = (owned_contiguous(param), owned_contiguous(grad));
+        let (mut moment_1, mut moment_2) = (owned_contiguous(moment_1), owned_contiguous(moment_2));
+        // Contiguous and whole: the storage is the values, in order.
+        let grad_values = grad.storage::<f32>();
+        crate::cpu::adamw::update(param.storage_mut(), grad_values, moment_1.storage_mut(), moment_2.storage_mut(), step);
+        Ok(AdamWTensors { param, grad, moments: Some((moment_1, moment_2)) })
     }
 
     fn slice_assign_in_place(tensor: FloatTensor<Self>, ranges: &[Range<usize>], value: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -14,7 +14,7 @@ pub mod kernels;
 use burn::backend::Autodiff;
 
 pub use custom::{CustomGrad, TrainBackend, Vjp};
-pub use kernels::{AttentionCall, AttentionCallGrads, Kernels};
+pub use kernels::{AdamWStep, AdamWTensors, AttentionCall, AttentionCallGrads, Kernels};
 
 /// The CPU backend (burn-flex: pure Rust, `gemm` matmul).
 pub type Cpu = burn::backend::Flex;

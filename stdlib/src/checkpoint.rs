@@ -38,7 +38,7 @@ pub struct Done {
 /// tokenizer files of `tokenizer_dir` (a loadable Hugging Face model), and the optimizer
 /// state: the moments and, when the weights were saved below f32, the f32 master weights
 /// (see [`write_master_weights`]), so that a resumed run continues exactly.
-pub fn write_training_state<B: AutodiffBackend>(
+pub fn write_training_state<B: AutodiffBackend<InnerBackend: longrl_backends::Kernels>>(
     dir: &Path,
     trainer: &Trainer<B, CausalLm<B>>,
     config: &ModelConfig,

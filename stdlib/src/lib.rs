@@ -1,6 +1,7 @@
 //! longrl standard library: the stage contract, the standard stages (sources, filter,
 //! sinks, training and evaluation stages) and the model runtime they share.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod device_lock;
 pub mod driver;

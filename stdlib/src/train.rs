@@ -5,10 +5,13 @@
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Tensor};
+use longrl_backends::Kernels;
 use serde::{Deserialize, Serialize};
+
+use crate::adamw::FusedAdamW;
 
 use std::path::Path;
 
@@ -169,10 +172,10 @@ pub struct StepInfo {
 /// precision ([`Trainer::with_compute`]) the loss is computed with
 /// [`Trainer::compute_model`], a copy cast to the compute dtype inside the autodiff graph, so
 /// the backward runs in that dtype and the gradients arrive at the master weights in f32.
-pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
+pub struct Trainer<B: AutodiffBackend<InnerBackend: Kernels>, M: AutodiffModule<B>> {
     /// Always `Some` outside [`Trainer::step`], which moves the weights through the optimizer.
     model: Option<M>,
-    optim: OptimizerAdaptor<AdamW, M, B>,
+    optim: OptimizerAdaptor<FusedAdamW, M, B>,
     accumulator: GradientsAccumulator<M>,
     config: OptimConfig,
     pending: usize,
@@ -180,15 +183,11 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
     compute: DType,
 }
 
-impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
+impl<B: AutodiffBackend<InnerBackend: Kernels>, M: AutodiffModule<B>> Trainer<B, M> {
     /// Trains `model` with fresh optimizer moments.
     pub fn new(model: M, config: OptimConfig) -> Self {
-        let optim = AdamWConfig::new()
-            .with_beta_1(config.betas[0] as f32)
-            .with_beta_2(config.betas[1] as f32)
-            .with_epsilon(config.eps as f32)
-            .with_weight_decay(config.weight_decay as f32)
-            .init::<B, M>();
+        let adamw = FusedAdamW::new(config.betas[0] as f32, config.betas[1] as f32, config.eps as f32, config.weight_decay as f32);
+        let optim = OptimizerAdaptor::from(adamw);
         Self { model: Some(model), optim, accumulator: GradientsAccumulator::new(), config, pending: 0, compute: DType::F32 }
     }
 
@@ -322,17 +321,20 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> Trainer<B, M> {
 }
 
 /// The optimizer's moments as Burn records them, by parameter id.
-type MomentRecord<B, M> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
+type MomentRecord<B, M> = <OptimizerAdaptor<FusedAdamW, M, B> as Optimizer<M, B>>::Record;
 
 /// Checks that each moment of a loaded optimizer state has its parameter's rank and shape
 /// (a state saved for another model would fail inside the first update).
-fn check_moments<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, record: &MomentRecord<B, M>) -> Result<(), String> {
-    struct Fit<'a, B: AutodiffBackend, M: AutodiffModule<B>> {
+fn check_moments<B: AutodiffBackend<InnerBackend: Kernels>, M: AutodiffModule<B>>(
+    model: &M,
+    record: &MomentRecord<B, M>,
+) -> Result<(), String> {
+    struct Fit<'a, B: AutodiffBackend<InnerBackend: Kernels>, M: AutodiffModule<B>> {
         record: &'a MomentRecord<B, M>,
         problem: Option<String>,
         checked: usize,
     }
-    impl<B: AutodiffBackend, M: AutodiffModule<B>> ModuleVisitor<B> for Fit<'_, B, M> {
+    impl<B: AutodiffBackend<InnerBackend: Kernels>, M: AutodiffModule<B>> ModuleVisitor<B> for Fit<'_, B, M> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let Some(AdaptorRecord::V1(state)) = self.record.get(&param.id).filter(|_| self.problem.is_none()) else { return };
             let rank = adaptor_rank(state);
@@ -341,7 +343,7 @@ fn check_moments<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, record: &M
                 self.problem = Some(format!("holds rank-{rank} moments for a parameter of shape {expected:?}"));
                 return;
             }
-            let moments = AdaptorRecord::<AdamW, B>::V1(state.clone()).into_state::<D>().momentum;
+            let moments = AdaptorRecord::<FusedAdamW, B>::V1(state.clone()).into_state::<D>().momentum;
             let found = moments.moment_1.dims().to_vec();
             let second = moments.moment_2.dims().to_vec();
             if found != expected || second != expected {

@@ -2,6 +2,7 @@
 //! through their strides: no layout copies, one pass where Burn's ops take several, parallel
 //! with rayon, and compiled for the machine's vector unit at run time.
 
+pub mod adamw;
 pub mod attention;
 pub mod rms_norm;
 pub mod rope;
@@ -124,4 +125,13 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let poly = 1.0 + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if x < -87.0 { 0.0 } else { poly * scale }
+}
+
+/// A tensor as a contiguous tensor covering its whole buffer, which this caller owns alone
+/// unless the buffer is shared elsewhere (then writing its storage copies it first): a copy
+/// only when it was a view.
+pub fn owned_contiguous(tensor: FlexTensor) -> FlexTensor {
+    let contiguous = tensor.to_contiguous();
+    drop(tensor);
+    contiguous
 }

@@ -5,7 +5,7 @@
 //! scalar `exp`; here `exp` is vectorized).
 //!
 //! Per row with `z = logits / T`, `lse = log sum exp z`, `p = exp(z - lse)`:
-//! log-prob `z_target - lse`, entropy `H = lse - sum p z`; given their gradients `g_logp`,
+//! log-prob `z_target - lse`, entropy `H = lse - sum p z`; a row holding NaN scores NaN; given their gradients `g_logp`,
 //! `g_H`: `dz = g_logp (onehot(target) - p) - g_H p (z - lse + H)` and `dlogits = dz / T`.
 
 use pulp::Simd;
@@ -13,26 +13,33 @@ use rayon::prelude::*;
 
 use super::{Task, exp_nonpositive, vectorized};
 
-/// A row's softmax statistics.
+/// A row's softmax statistics (NaN when the row holds a NaN, as the tensor ops give).
 #[derive(Debug, Clone, Copy)]
 struct RowStats {
     /// `log sum exp z`.
     lse: f32,
-    /// `sum p z`.
-    mean_z: f32,
+    /// The entropy `lse - sum p z`, computed as `log sum e - sum e (z - max) / sum e` with
+    /// `e = exp(z - max)`, which keeps it accurate when the logits are large.
+    entropy: f32,
 }
 
 /// The statistics of `z = logits / T` for one row (two passes: the max, then the sums).
 #[inline(always)]
 fn row_stats(logits: &[f32], inv_t: f32) -> RowStats {
-    // T > 0, so the max of z is the max of the logits, scaled.
+    // T > 0, so the max of z is the max of the logits, scaled. `f32::max` skips NaN, so
+    // NaN is looked for on the way.
     let mut maxes = [f32::NEG_INFINITY; 16];
+    let mut nan = [false; 16];
     let chunks = logits.chunks_exact(16);
     let tail = chunks.remainder();
     for chunk in chunks {
-        for (m, &x) in maxes.iter_mut().zip(chunk) {
+        for ((m, n), &x) in maxes.iter_mut().zip(nan.iter_mut()).zip(chunk) {
             *m = m.max(x);
+            *n |= x.is_nan();
         }
+    }
+    if nan.iter().any(|&n| n) || tail.iter().any(|x| x.is_nan()) {
+        return RowStats { lse: f32::NAN, entropy: f32::NAN };
     }
     let max = tail.iter().fold(maxes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b)) * inv_t;
     let (mut sums, mut weighted) = ([0f32; 16], [0f32; 16]);
@@ -40,20 +47,21 @@ fn row_stats(logits: &[f32], inv_t: f32) -> RowStats {
     let tail = chunks.remainder();
     for chunk in chunks {
         for ((s, w), &x) in sums.iter_mut().zip(weighted.iter_mut()).zip(chunk) {
-            let z = x * inv_t;
-            let e = exp_nonpositive(z - max);
+            let shifted = x * inv_t - max;
+            let e = exp_nonpositive(shifted);
             *s += e;
-            *w += e * z;
+            *w += e * shifted;
         }
     }
     let (mut sum, mut weighted_sum) = (sums.iter().sum::<f32>(), weighted.iter().sum::<f32>());
     for &x in tail {
-        let z = x * inv_t;
-        let e = exp_nonpositive(z - max);
+        let shifted = x * inv_t - max;
+        let e = exp_nonpositive(shifted);
         sum += e;
-        weighted_sum += e * z;
+        weighted_sum += e * shifted;
     }
-    RowStats { lse: max + sum.ln(), mean_z: weighted_sum / sum }
+    let log_sum = sum.ln();
+    RowStats { lse: max + log_sum, entropy: log_sum - weighted_sum / sum }
 }
 
 /// `[rows, 2]`: each row's target log-probability and entropy. `logits` is `[rows, vocab]`
@@ -64,7 +72,7 @@ pub fn forward(logits: &[f32], vocab: usize, targets: &[usize], temperature: f32
     out.par_chunks_mut(2).zip(logits.par_chunks(vocab)).zip(targets.par_iter()).for_each(|((out, row), &target)| {
         let stats = vectorized(Stats { row, inv_t });
         out[0] = row[target] * inv_t - stats.lse;
-        out[1] = stats.lse - stats.mean_z;
+        out[1] = stats.entropy;
     });
     out
 }
@@ -111,8 +119,11 @@ impl Task for RowGradient<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, _simd: S) {
-        let RowStats { lse, mean_z } = row_stats(self.row, self.inv_t);
-        let entropy = lse - mean_z;
+        let RowStats { lse, entropy } = row_stats(self.row, self.inv_t);
+        if lse.is_nan() {
+            self.d_row.fill(f32::NAN);
+            return;
+        }
         let (inv_t, g_logp, g_entropy) = (self.inv_t, self.g_logp, self.g_entropy);
         for (d, &x) in self.d_row.iter_mut().zip(self.row) {
             let log_p = (x * inv_t - lse).min(0.0);

@@ -2,8 +2,9 @@
 //! one autodiff node each, keeping only its inputs, computed by the backend's fused kernel
 //! where it has one ([`Kernels`]: one pass, no layout copies) and by the tensor-op formulas
 //! here otherwise (bf16, wgpu, CUDA). The decoder layer uses them in every path: plain,
-//! recomputed ([`crate::model::recompute`]) and inference. Both ways are tested against
-//! autodiff of the plain formulas.
+//! recomputed ([`crate::model::recompute`]) and inference. The kernels' forward and backward
+//! and the fallbacks' backward are tested against autodiff of the plain formulas; the
+//! fallbacks' forward is Burn's own formula, run by the bf16 and wgpu tests.
 
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
@@ -13,10 +14,12 @@ use longrl_backends::{CustomGrad, Kernels, Vjp};
 
 use crate::model::precision::{to_dtype, to_f32};
 
+/// A tensor's primitive.
 fn float<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
+/// A primitive as a tensor of rank `D`.
 fn from_float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
 }
@@ -42,6 +45,7 @@ fn from_rows<B: Backend>(t: Tensor<B, 2>, shape: Shape) -> FloatTensor<B> {
 /// `[d]`.
 #[derive(Debug, Clone)]
 pub struct RmsNormVjp {
+    /// Added to the mean of squares.
     pub eps: f64,
 }
 
@@ -265,7 +269,8 @@ mod tests {
 
     #[test]
     fn rms_norm_kernel_and_fallback_match_autodiff() {
-        let (x, gamma, weights) = (random::<Cpu, 3>([3, 5, 40], 1), random::<Cpu, 1>([40], 2), random::<Cpu, 3>([3, 5, 40], 3));
+        // 450 rows of 40: two blocks of the kernel's backward, whose gamma gradients are summed.
+        let (x, gamma, weights) = (random::<Cpu, 3>([3, 150, 40], 1), random::<Cpu, 1>([40], 2), random::<Cpu, 3>([3, 150, 40], 3));
         let eps = 1e-5;
         let plain = |t: &[Tensor<CpuTrain, 3>]| {
             let gamma: Tensor<CpuTrain, 1> = t[1].clone().reshape([40]);
@@ -287,7 +292,8 @@ mod tests {
 
     #[test]
     fn rope_kernel_and_fallback_match_autodiff_on_strided_heads() {
-        let (b, s, heads, hd) = (2, 7, 3, 16);
+        // 26 tokens: the kernel's tasks of 16 tokens straddle the two batch rows.
+        let (b, s, heads, hd) = (2, 13, 3, 16);
         let rope_tables = crate::model::rope::Rope::new(hd, 10_000.0, crate::model::config::RopeScaling::None);
         let positions: Vec<f32> = (0..b * s).map(|i| (i % s + 3 * (i / s)) as f32).collect();
         let (cos, sin) = rope_tables.tables::<Cpu>(Tensor::from_data(TensorData::new(positions, [b, s]), &Default::default()));
@@ -304,12 +310,18 @@ mod tests {
         let (y, g) = gradients([x], weights.clone(), fused);
         assert_close(&y, &y_ref, 1e-6, "fused forward");
         assert_close(&g[0], &g_ref[0], 1e-6, "fused d_x");
-        assert_close(&values(rope_backward_ops(weights, cos, sin)), &g_ref[0], 1e-6, "tensor-op d_x");
+        assert_close(&values(rope_backward_ops(weights, cos.clone(), sin.clone())), &g_ref[0], 1e-6, "tensor-op d_x");
+        // Tables of one batch row, broadcast over both.
+        let (cos1, sin1) = (cos.slice([0..1, 0..1, 0..s, 0..hd]), sin.slice([0..1, 0..1, 0..s, 0..hd]));
+        let x = random::<Cpu, 4>([b, heads, s, hd], 9);
+        let expected = values(crate::model::rope::Rope::apply(x.clone(), cos1.clone(), sin1.clone()));
+        assert_close(&values(rope_forward(x, cos1, sin1)), &expected, 1e-6, "broadcast tables");
     }
 
     #[test]
     fn swiglu_kernel_and_fallback_match_autodiff() {
-        let (gate, up, weights) = (random::<Cpu, 2>([6, 50], 6), random::<Cpu, 2>([6, 50], 7), random::<Cpu, 2>([6, 50], 8));
+        // Two of the kernel's blocks of 16,384 elements.
+        let (gate, up, weights) = (random::<Cpu, 2>([6, 3000], 6), random::<Cpu, 2>([6, 3000], 7), random::<Cpu, 2>([6, 3000], 8));
         let plain = |t: &[Tensor<CpuTrain, 2>]| silu(t[0].clone()) * t[1].clone();
         let (y_ref, g_ref) = gradients([gate.clone(), up.clone()], weights.clone(), plain);
         let fused = |t: &[Tensor<CpuTrain, 2>]| swiglu(t[0].clone(), t[1].clone());

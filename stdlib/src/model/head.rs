@@ -166,7 +166,9 @@ mod tests {
         let device = Default::default();
         <Cpu as Backend>::seed(&device, 11);
         let (rows, vocab) = (5, 301);
-        let logits = Tensor::<Cpu, 2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), &device);
+        // Large logits (40 and up, as a trained model's) keep the entropy accurate only when it
+        // is computed from shifted logits.
+        let logits = Tensor::<Cpu, 2>::random([rows, vocab], Distribution::Normal(40.0, 3.0), &device);
         let g = Tensor::<Cpu, 2>::random([rows, 2], Distribution::Normal(0.0, 1.0), &device);
         let targets = vec![0, 300, 17, 17, 150];
         for (temperature, entropy_grad) in [(1.0, false), (0.7, true), (1.3, true)] {
@@ -181,6 +183,11 @@ mod tests {
                     .expect("the CPU kernel");
             assert_close(&values(tensor::<Cpu, 2>(&fused)), &expected, 1e-5, "logits gradient");
         }
-        assert!(Cpu::fused_token_scores(&primitive(logits), &[0, 1, 2, 3, 301], 1.0).is_none(), "a target past the vocabulary");
+        assert!(Cpu::fused_token_scores(&primitive(logits.clone()), &[0, 1, 2, 3, 301], 1.0).is_none(), "a target past the vocabulary");
+        // A NaN logit makes its row's scores NaN (as the tensor ops do), not a finite number.
+        let with_nan = logits.slice_assign([2..3, 7..8], Tensor::from_floats([[f32::NAN]], &device));
+        let scores = values(tensor::<Cpu, 2>(&Cpu::fused_token_scores(&primitive(with_nan), &targets, 1.0).expect("the CPU kernel")));
+        assert!(scores[4].is_nan() && scores[5].is_nan(), "row 2: {:?}", &scores[4..6]);
+        assert!(scores.iter().enumerate().all(|(i, x)| i / 2 == 2 || x.is_finite()), "{scores:?}");
     }
 }

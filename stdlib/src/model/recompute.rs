@@ -225,16 +225,16 @@ impl LayerVjp {
         }
         let d_merged = d_x1.matmul(tensor::<B, 2>(&inputs[WO]).transpose());
         let d_attention = split_heads(d_merged, b, s, heads);
-        let AttentionGrads { q, own_k, own_v, shared } =
+        let AttentionGrads { q: d_q_rot, own_k: d_k_rot, own_v: d_v, shared } =
             self.attention().gradients(&acts.attention, acts.attention_out.clone(), acts.lse.clone(), d_attention);
         if let (Some(i), Some((k, v))) = (slots.shared, shared) {
             grads[i] = Some(primitive(k));
             grads[i + 1] = Some(primitive(v));
         }
         let (cos, sin) = (tensor::<B, 4>(&inputs[COS]), tensor::<B, 4>(&inputs[SIN]));
-        let d_q = merge_heads(fused::rope_backward(q, cos.clone(), sin.clone()));
-        let d_k = merge_heads(fused::rope_backward(own_k, cos, sin));
-        let d_v = merge_heads(own_v);
+        let d_q = merge_heads(fused::rope_backward(d_q_rot, cos.clone(), sin.clone()));
+        let d_k = merge_heads(fused::rope_backward(d_k_rot, cos, sin));
+        let d_v = merge_heads(d_v);
         let mut d_h1 = acts.h1.zeros_like();
         for (d_out, weight, bias) in [(d_q, WQ, slots.bq), (d_k, WK, slots.bk), (d_v, WV, slots.bv)] {
             let (d_w, d_b) = linear_param_grads(acts.h1.clone(), d_out.clone(), bias.is_some());
