@@ -175,12 +175,14 @@ impl Kernels for crate::Cpu {
         eps: f64,
         d_y: &FloatTensor<Self>,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        if dims(d_y) != dims(x) {
+            return None;
+        }
         let (mut x_holder, mut gamma_holder, mut d_y_holder) = (None, None, None);
         let values = f32_values(x, &mut x_holder)?;
         let gamma_values = f32_values(gamma, &mut gamma_holder)?;
-        let d_y_tensor = d_y;
         let d_y = f32_values(d_y, &mut d_y_holder)?;
-        if gamma_values.is_empty() || dims(x).last() != Some(&gamma_values.len()) || dims(d_y_tensor) != dims(x) {
+        if gamma_values.is_empty() || dims(x).last() != Some(&gamma_values.len()) {
             return None;
         }
         let (d_x, d_gamma) = crate::cpu::rms_norm::backward(values, gamma_values, eps as f32, d_y);
