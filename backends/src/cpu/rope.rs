@@ -59,36 +59,24 @@ impl Task for Rotate<'_> {
             for (head, out) in out.chunks_exact_mut(hd).enumerate() {
                 let (x1, x2) = self.x.row(bi, head, si).split_at(half);
                 let (y1, y2) = out.split_at_mut(half);
-                if self.transpose {
-                    rotate_back(x1, x2, cos1, cos2, sin1, sin2, y1, y2);
-                } else {
-                    rotate(x1, x2, cos1, cos2, sin1, sin2, y1, y2);
-                }
+                // The transpose swaps which half of the sine table each output uses and
+                // negates it: `y1 = x1 cos1 + x2 sin2`, `y2 = x2 cos2 - x1 sin1`.
+                let (sin1, sin2, sign) = if self.transpose { (sin2, sin1, -1.0) } else { (sin1, sin2, 1.0) };
+                rotate(x1, x2, cos1, cos2, sin1, sin2, sign, y1, y2);
             }
         }
     }
 }
 
-/// `y1 = x1 cos1 - x2 sin1`, `y2 = x2 cos2 + x1 sin2`.
+/// `y1 = x1 cos1 - sign x2 sin1`, `y2 = x2 cos2 + sign x1 sin2` (`sign` is 1 or -1, so the
+/// product by it is exact).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn rotate(x1: &[f32], x2: &[f32], cos1: &[f32], cos2: &[f32], sin1: &[f32], sin2: &[f32], y1: &mut [f32], y2: &mut [f32]) {
+fn rotate(x1: &[f32], x2: &[f32], cos1: &[f32], cos2: &[f32], sin1: &[f32], sin2: &[f32], sign: f32, y1: &mut [f32], y2: &mut [f32]) {
     let n = y1.len();
     let (x1, x2, cos1, cos2, sin1, sin2, y2) = (&x1[..n], &x2[..n], &cos1[..n], &cos2[..n], &sin1[..n], &sin2[..n], &mut y2[..n]);
     for i in 0..n {
-        y1[i] = x1[i] * cos1[i] - x2[i] * sin1[i];
-        y2[i] = x2[i] * cos2[i] + x1[i] * sin2[i];
-    }
-}
-
-/// The transpose of [`rotate`]: `y1 = x1 cos1 + x2 sin2`, `y2 = x2 cos2 - x1 sin1`.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn rotate_back(x1: &[f32], x2: &[f32], cos1: &[f32], cos2: &[f32], sin1: &[f32], sin2: &[f32], y1: &mut [f32], y2: &mut [f32]) {
-    let n = y1.len();
-    let (x1, x2, cos1, cos2, sin1, sin2, y2) = (&x1[..n], &x2[..n], &cos1[..n], &cos2[..n], &sin1[..n], &sin2[..n], &mut y2[..n]);
-    for i in 0..n {
-        y1[i] = x1[i] * cos1[i] + x2[i] * sin2[i];
-        y2[i] = x2[i] * cos2[i] - x1[i] * sin1[i];
+        y1[i] = x1[i] * cos1[i] - sign * (x2[i] * sin1[i]);
+        y2[i] = x2[i] * cos2[i] + sign * (x1[i] * sin2[i]);
     }
 }
