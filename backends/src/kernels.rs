@@ -55,6 +55,13 @@ pub trait Kernels: Backend {
         None
     }
 
+    /// The outputs of several inference calls with the same heads, query positions and head
+    /// size (the segments of a decode batch, each with its own prefix and past), computed
+    /// together and concatenated over the batch: `[sum of b, heads, s, hd]`.
+    fn fused_attention_batch(_calls: &[AttentionCall<Self>]) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// The attention's input gradients from its output, log-sum-exp and output gradient.
     fn fused_attention_backward(
         _call: &AttentionCall<Self>,
@@ -287,6 +294,17 @@ impl Kernels for crate::Cpu {
         let out = crate::cpu::tensor(forward.out, &[b, heads, s, hd]);
         let lse = crate::cpu::tensor(forward.lse, &[b, kvh, heads / kvh, s, 1]);
         Some((out, lse))
+    }
+
+    fn fused_attention_batch(calls: &[AttentionCall<Self>]) -> Option<FloatTensor<Self>> {
+        let problems: Vec<_> = calls.iter().map(cpu_problem).collect::<Option<_>>()?;
+        let [_, heads, s, hd] = problems.first()?.q.dims;
+        if problems.iter().any(|p| p.q.dims[1..] != [heads, s, hd]) {
+            return None;
+        }
+        let rows: usize = problems.iter().map(|p| p.q.dims[0]).sum();
+        let out: Vec<f32> = crate::cpu::attention::forward_many(&problems).into_iter().flat_map(|f| f.out).collect();
+        Some(crate::cpu::tensor(out, &[rows, heads, s, hd]))
     }
 
     fn fused_attention_backward(

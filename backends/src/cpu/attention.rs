@@ -171,6 +171,21 @@ fn tile_scores<S: Simd>(simd: S, a: &[&[f32]; GROUP], bt: &[f32], hd: usize, out
     }
 }
 
+/// Rows up to which a key block's scores are taken as dot products of each row with each
+/// key, without transposing the block: decoding, a token's few query heads per kv head.
+const DOT_ROWS: usize = 4;
+
+/// `out[r][j] = a_r . key_j` for the `a.len()` rows and keys `j < nk` of a block.
+#[inline(always)]
+fn dot_scores<S: Simd>(simd: S, a: &[&[f32]], keys: KeyRows, nk: usize, out: &mut [[f32; KEY_BLOCK]; GROUP]) {
+    for j in 0..nk {
+        let key = keys.row(j);
+        for (r, row) in a.iter().enumerate() {
+            out[r][j] = super::dot(simd, row, key);
+        }
+    }
+}
+
 /// Rows `k0..` of one (batch row, kv head) of a key or value view.
 #[derive(Clone, Copy)]
 struct KeyRows<'a> {
@@ -187,21 +202,44 @@ impl<'a> KeyRows<'a> {
     }
 }
 
-/// `acc[r] += sum_j weights[r][j] * row_j` for the group's rows (`acc` is `[n][hd]`) over
-/// keys `j < nk` of a value (or key) block.
+/// `acc[r] += sum_j weights[r][j] * row_j` for the group's `n` rows (`acc` is `[n][hd]`)
+/// over keys `j < nk` of a value (or key) block.
 #[inline(always)]
 fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32; KEY_BLOCK]; GROUP], nk: usize, rows: KeyRows, hd: usize) {
+    // As many accumulators as rows: a partial group (a decoded token's few heads) does no
+    // work for the missing rows.
+    match n {
+        1 => accumulate_rows::<S, 1>(simd, acc, weights, nk, rows, hd),
+        2 => accumulate_rows::<S, 2>(simd, acc, weights, nk, rows, hd),
+        3 => accumulate_rows::<S, 3>(simd, acc, weights, nk, rows, hd),
+        4 => accumulate_rows::<S, 4>(simd, acc, weights, nk, rows, hd),
+        5 => accumulate_rows::<S, 5>(simd, acc, weights, nk, rows, hd),
+        _ => accumulate_rows::<S, GROUP>(simd, acc, weights, nk, rows, hd),
+    }
+}
+
+/// [`tile_accumulate`] for `N` rows.
+#[inline(always)]
+fn accumulate_rows<S: Simd, const N: usize>(
+    simd: S,
+    acc: &mut [f32],
+    weights: &[[f32; KEY_BLOCK]; GROUP],
+    nk: usize,
+    rows: KeyRows,
+    hd: usize,
+) {
+    let n = N;
     let lanes = S::F32_LANES;
     let (pairs, singles) = column_split(hd, lanes);
     for c in (0..pairs).step_by(2 * lanes) {
         let zero = simd.splat_f32s(0.0);
-        let mut t = [[zero; 2]; GROUP];
+        let mut t = [[zero; 2]; N];
         for r in 0..n {
             t[r] = load2::<S>(&acc[r * hd + c..r * hd + c + 2 * lanes]);
         }
         for j in 0..nk {
             let [b0, b1] = load2::<S>(&rows.row(j)[c..c + 2 * lanes]);
-            for r in 0..GROUP {
+            for r in 0..N {
                 let x = simd.splat_f32s(weights[r][j]);
                 t[r][0] = simd.mul_add_f32s(x, b0, t[r][0]);
                 t[r][1] = simd.mul_add_f32s(x, b1, t[r][1]);
@@ -216,13 +254,13 @@ fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32;
     // One vector per row (a head size of 16 with 16 lanes).
     for c in (pairs..singles).step_by(lanes) {
         let zero = simd.splat_f32s(0.0);
-        let mut t = [zero; GROUP];
+        let mut t = [zero; N];
         for r in 0..n {
             t[r] = S::as_simd_f32s(&acc[r * hd + c..r * hd + c + lanes]).0[0];
         }
         for j in 0..nk {
             let b = S::as_simd_f32s(&rows.row(j)[c..c + lanes]).0[0];
-            for r in 0..GROUP {
+            for r in 0..N {
                 t[r] = simd.mul_add_f32s(simd.splat_f32s(weights[r][j]), b, t[r]);
             }
         }
@@ -309,26 +347,40 @@ pub struct Forward {
     pub lse: Vec<f32>,
 }
 
-/// The query rows of one task: `rep` heads x `rows` positions, index `r * rows + i`.
+/// The query rows of one task: for each of its batch rows, `rep` heads x `rows` positions,
+/// index `(batch_row * rep + r) * rows + i`.
 struct TaskRows {
-    /// Scaled queries, `[rep * rows][hd]`.
+    /// Scaled queries, `[batch rows * rep * rows][hd]`.
     q: Vec<f32>,
+    /// Positions per head.
     rows: usize,
     /// First query position.
     q0: usize,
+    /// First batch row.
+    b0: usize,
 }
 
 impl TaskRows {
     #[inline(always)]
-    fn new(problem: &Problem, sz: &Sizes, bi: usize, g: usize, (q0, q1): (usize, usize)) -> Self {
+    fn new(problem: &Problem, sz: &Sizes, (b0, b1): (usize, usize), g: usize, (q0, q1): (usize, usize)) -> Self {
         let rows = q1 - q0;
-        let mut q = Vec::with_capacity(sz.rep * rows * sz.hd);
-        for r in 0..sz.rep {
-            for i in q0..q1 {
-                q.extend(problem.q.row(bi, g * sz.rep + r, i).iter().map(|x| x * sz.scale));
+        let mut q = Vec::with_capacity((b1 - b0) * sz.rep * rows * sz.hd);
+        for bi in b0..b1 {
+            for r in 0..sz.rep {
+                for i in q0..q1 {
+                    q.extend(problem.q.row(bi, g * sz.rep + r, i).iter().map(|x| x * sz.scale));
+                }
             }
         }
-        Self { q, rows, q0 }
+        Self { q, rows, q0, b0 }
+    }
+
+    /// Rows of batch row `bi` (all its heads and positions), a range of the task's rows.
+    #[inline(always)]
+    fn of_batch_row(&self, sz: &Sizes, bi: usize) -> (usize, usize) {
+        let per_batch_row = sz.rep * self.rows;
+        let first = (bi - self.b0) * per_batch_row;
+        (first, first + per_batch_row)
     }
 }
 
@@ -389,19 +441,37 @@ struct ForwardScratch {
 }
 
 impl ForwardScratch {
-    /// Folds one key block into every row of the task.
+    /// Folds one key block into the task's rows `lo..hi`: all of them for a shared prefix
+    /// block, one batch row's for its own keys (`bi`, masked causally and by padding).
     #[inline(always)]
-    fn block<S: Simd>(&mut self, simd: S, problem: &Problem, sz: &Sizes, bi: usize, keys: KeyRows, values: KeyRows, k1: usize, own: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn block<S: Simd>(
+        &mut self,
+        simd: S,
+        problem: &Problem,
+        sz: &Sizes,
+        (keys, values): (KeyRows, KeyRows),
+        k1: usize,
+        (lo, hi): (usize, usize),
+        own: Option<usize>,
+    ) {
         let (k0, g) = (keys.k0, keys.g);
-        transpose_block(keys.view, keys.batch, g, (k0, k1), &mut self.kt);
         let nk = k1 - k0;
-        let total = self.state.max.len();
-        for first in (0..total).step_by(GROUP) {
-            let n = GROUP.min(total - first);
-            tile_scores(simd, &group_rows(&self.rows.q, first, n, sz.hd, &self.zero), &self.kt, sz.hd, &mut self.tile);
-            if own {
+        let direct = hi - lo <= DOT_ROWS;
+        if !direct {
+            transpose_block(keys.view, keys.batch, g, (k0, k1), &mut self.kt);
+        }
+        for first in (lo..hi).step_by(GROUP) {
+            let n = GROUP.min(hi - first);
+            let group = group_rows(&self.rows.q, first, n, sz.hd, &self.zero);
+            if direct {
+                dot_scores(simd, &group[..n], keys, nk, &mut self.tile);
+            } else {
+                tile_scores(simd, &group, &self.kt, sz.hd, &mut self.tile);
+            }
+            if let Some(bi) = own {
                 for (r, scores) in self.tile.iter_mut().enumerate().take(n) {
-                    let i = self.rows.q0 + (first + r) % self.rows.rows;
+                    let i = self.rows.q0 + (first + r - lo) % self.rows.rows;
                     problem.mask_scores(bi, sz.t, i, k0, &mut scores[..nk]);
                 }
             }
@@ -412,24 +482,35 @@ impl ForwardScratch {
     }
 }
 
-/// One forward task: query rows `q0..q1` of kv head `g` of batch row `bi`, all its query
-/// heads. Returns `(out [rep][rows][hd], lse [rep][rows])`.
+/// One forward task: query rows `q0..q1` of kv head `g` of batch rows `b0..b1`, all its
+/// query heads. A shared prefix's key blocks are read once for all the batch rows. Returns
+/// `(out [batch rows][rep][rows][hd], lse [batch rows][rep][rows])`.
 #[inline(always)]
-fn forward_task<S: Simd>(simd: S, problem: &Problem, sz: &Sizes, bi: usize, g: usize, span: (usize, usize)) -> (Vec<f32>, Vec<f32>) {
-    let rows = TaskRows::new(problem, sz, bi, g, span);
-    let total = sz.rep * rows.rows;
+fn forward_task<S: Simd>(
+    simd: S,
+    problem: &Problem,
+    sz: &Sizes,
+    batch: (usize, usize),
+    g: usize,
+    span: (usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = TaskRows::new(problem, sz, batch, g, span);
+    let total = (batch.1 - batch.0) * sz.rep * rows.rows;
     let state = OnlineRows { max: vec![MASKED; total], norm: vec![0.0; total], acc: vec![0.0; total * sz.hd] };
     let mut scratch =
         ForwardScratch { rows, state, kt: vec![0.0f32; sz.hd * KEY_BLOCK], zero: vec![0.0f32; sz.hd], tile: [[0.0f32; KEY_BLOCK]; GROUP] };
     if let Some((shared_k, shared_v)) = &problem.shared {
         for (k0, k1) in blocks(sz.p, KEY_BLOCK) {
             let (keys, values) = (KeyRows { view: shared_k, batch: 0, g, k0 }, KeyRows { view: shared_v, batch: 0, g, k0 });
-            scratch.block(simd, problem, sz, bi, keys, values, k1, false);
+            scratch.block(simd, problem, sz, (keys, values), k1, (0, total), None);
         }
     }
-    for (k0, k1) in problem.own_blocks(sz, span.1) {
-        let (keys, values) = (KeyRows { view: &problem.own_k, batch: bi, g, k0 }, KeyRows { view: &problem.own_v, batch: bi, g, k0 });
-        scratch.block(simd, problem, sz, bi, keys, values, k1, true);
+    for bi in batch.0..batch.1 {
+        let rows = scratch.rows.of_batch_row(sz, bi);
+        for (k0, k1) in problem.own_blocks(sz, span.1) {
+            let (keys, values) = (KeyRows { view: &problem.own_k, batch: bi, g, k0 }, KeyRows { view: &problem.own_v, batch: bi, g, k0 });
+            scratch.block(simd, problem, sz, (keys, values), k1, rows, Some(bi));
+        }
     }
     let OnlineRows { max, norm, mut acc } = scratch.state;
     for (r, row) in acc.chunks_mut(sz.hd).enumerate() {
@@ -443,7 +524,7 @@ fn forward_task<S: Simd>(simd: S, problem: &Problem, sz: &Sizes, bi: usize, g: u
 struct ForwardTask<'a> {
     problem: &'a Problem<'a>,
     sz: &'a Sizes,
-    bi: usize,
+    batch: (usize, usize),
     g: usize,
     q: (usize, usize),
 }
@@ -453,31 +534,67 @@ impl Task for ForwardTask<'_> {
 
     #[inline(always)]
     fn run<S: Simd>(self, simd: S) -> Self::Output {
-        forward_task(simd, self.problem, self.sz, self.bi, self.g, self.q)
+        forward_task(simd, self.problem, self.sz, self.batch, self.g, self.q)
     }
 }
 
-/// Causal attention over the problem's keys, parallel over (batch, kv head, query block).
+/// Batch rows per forward task. One, unless a prefix is shared and each row has fewer query
+/// positions than a query block (decoding a group): then as many as fill a query block, so
+/// that the prefix's key blocks are transposed and read once for several rows, while
+/// leaving at least two tasks per thread where the batch allows.
+fn batch_rows_per_task(sz: &Sizes, shared: bool, threads: usize) -> usize {
+    if !shared || sz.s >= QUERY_BLOCK {
+        return 1;
+    }
+    let filling = (QUERY_BLOCK / (sz.s * sz.rep)).max(1);
+    let for_threads = (2 * threads).div_ceil(sz.kvh).max(1);
+    let chunks = sz.b.div_ceil(filling).max(for_threads).min(sz.b);
+    sz.b.div_ceil(chunks.max(1))
+}
+
+/// Causal attention over the problem's keys, parallel over (batch rows, kv head, query
+/// block).
 pub fn forward(problem: &Problem) -> Forward {
-    let sz = problem.sizes();
-    let tasks: Vec<(usize, usize, (usize, usize))> =
-        (0..sz.b).flat_map(|bi| (0..sz.kvh).flat_map(move |g| blocks(sz.s, QUERY_BLOCK).map(move |q| (bi, g, q)))).collect();
-    let results: Vec<(Vec<f32>, Vec<f32>)> =
-        tasks.par_iter().map(|&(bi, g, q)| vectorized(ForwardTask { problem, sz: &sz, bi, g, q })).collect();
-    let mut out = vec![0.0f32; sz.b * sz.heads * sz.s * sz.hd];
-    let mut lse = vec![0.0f32; sz.b * sz.heads * sz.s];
-    for (&(bi, g, (q0, q1)), (task_out, task_lse)) in tasks.iter().zip(results) {
-        let rows = q1 - q0;
-        for r in 0..sz.rep {
-            let head = g * sz.rep + r;
-            let dst = ((bi * sz.heads + head) * sz.s + q0) * sz.hd;
-            out[dst..dst + rows * sz.hd].copy_from_slice(&task_out[r * rows * sz.hd..(r + 1) * rows * sz.hd]);
-            // lse layout [b, kvh, rep, s] = [b, heads, s] with heads = kvh * rep.
-            let dst = (bi * sz.heads + head) * sz.s + q0;
-            lse[dst..dst + rows].copy_from_slice(&task_lse[r * rows..(r + 1) * rows]);
+    forward_many(std::slice::from_ref(problem)).pop().unwrap_or(Forward { out: Vec::new(), lse: Vec::new() })
+}
+
+/// [`forward`] of several problems (a decode batch's segments, each with its own prefix),
+/// their tasks run as one parallel loop.
+pub fn forward_many(problems: &[Problem]) -> Vec<Forward> {
+    // Threads each problem may keep busy on its own.
+    let threads = rayon::current_num_threads().div_ceil(problems.len().max(1));
+    let sizes: Vec<Sizes> = problems.iter().map(Problem::sizes).collect();
+    let mut tasks: Vec<(usize, (usize, usize), usize, (usize, usize))> = Vec::new();
+    for (index, (problem, sz)) in problems.iter().zip(&sizes).enumerate() {
+        let per_task = batch_rows_per_task(sz, problem.shared.is_some(), threads);
+        for batch in blocks(sz.b, per_task) {
+            for g in 0..sz.kvh {
+                tasks.extend(blocks(sz.s, QUERY_BLOCK).map(|q| (index, batch, g, q)));
+            }
         }
     }
-    Forward { out, lse }
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(index, batch, g, q)| vectorized(ForwardTask { problem: &problems[index], sz: &sizes[index], batch, g, q }))
+        .collect();
+    let mut outputs: Vec<Forward> = sizes
+        .iter()
+        .map(|sz| Forward { out: vec![0.0f32; sz.b * sz.heads * sz.s * sz.hd], lse: vec![0.0f32; sz.b * sz.heads * sz.s] })
+        .collect();
+    for (&(index, (b0, b1), g, (q0, q1)), (task_out, task_lse)) in tasks.iter().zip(results) {
+        let (sz, Forward { out, lse }) = (&sizes[index], &mut outputs[index]);
+        let rows = q1 - q0;
+        // The task's rows in order: (batch row, head of the group), then position.
+        let heads = (b0..b1).flat_map(|bi| (0..sz.rep).map(move |r| (bi, g * sz.rep + r)));
+        for (k, (bi, head)) in heads.enumerate() {
+            let dst = ((bi * sz.heads + head) * sz.s + q0) * sz.hd;
+            out[dst..dst + rows * sz.hd].copy_from_slice(&task_out[k * rows * sz.hd..(k + 1) * rows * sz.hd]);
+            // lse layout [b, kvh, rep, s] = [b, heads, s] with heads = kvh * rep.
+            let dst = (bi * sz.heads + head) * sz.s + q0;
+            lse[dst..dst + rows].copy_from_slice(&task_lse[k * rows..(k + 1) * rows]);
+        }
+    }
+    outputs
 }
 
 // ---------------------------------------------------------------------------------------
@@ -573,7 +690,8 @@ impl<'a> Grads<'a> {
             }
             p[r][visible..].fill(0.0);
             d_s[r][visible..].fill(0.0);
-            if let Some(padding) = self.problem.padding(bi, self.sz.t, k0, nk).filter(|_| own) {
+            // Padding flags index own keys only (`k0` of a prefix block is no own position).
+            if let Some(padding) = own.then(|| self.problem.padding(bi, self.sz.t, k0, nk)).flatten() {
                 for (j, &pad) in padding.iter().enumerate() {
                     if pad {
                         p[r][j] = 0.0;

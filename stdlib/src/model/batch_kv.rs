@@ -3,13 +3,9 @@
 //! are the prefix every row of the segment attends to, and its rows' own keys and values
 //! live in a buffer preallocated for more tokens and written in place, one column per
 //! decode step (geometric growth; a finished row's slot is refilled by the segment's last
-//! row). Attention runs once per segment through [`attend`], so each row sees only its own
-//! group's prompt, and the backend's fused kernel (batch-1 shared prefix, own keys read
-//! through their strides) is used as it is.
-//!
-//! A single fused call for the whole batch would need, per row, the index of its prefix
-//! (prefixes of different lengths) and its own-key length; see the note on
-//! [`SelfAttention::forward_segments`].
+//! row). Each row attends only to its own group's prompt: the backend's batched kernel
+//! takes every segment (its prefix, its rows' keys read through their strides, its length)
+//! in one call; without one, [`attend`] runs once per segment.
 
 use std::ops::Range;
 
@@ -18,7 +14,8 @@ use burn::tensor::{Int, Tensor, TensorPrimitive};
 use longrl_backends::{CustomGrad, Kernels};
 
 use crate::model::ModelError;
-use crate::model::attention::{AttentionOptions, SelfAttention, attend};
+use crate::model::attention::{AttentionKernel, AttentionOptions, SelfAttention, attend};
+use crate::model::flash::{AttentionInputs, fused_batch};
 use crate::model::precision::to_dtype;
 use crate::model::transformer::{CausalLm, KvCache};
 
@@ -180,13 +177,9 @@ fn replace_with<B: Backend>(slot: &mut Tensor<B, 4>, f: impl FnOnce(Tensor<B, 4>
 
 impl<B: CustomGrad> SelfAttention<B> {
     /// Attends one new token per row to its group's prompt and its own earlier tokens, and
-    /// stores the token's key and value in the segment's buffers (in place). Runs one
-    /// [`attend`] per segment, so that a group's rows read only their own prompt, once for
-    /// all of them.
-    ///
-    /// A fused kernel taking the whole batch in one call would need: the prefixes (one per
-    /// segment, of different lengths) with each row's prefix index, and each row's own-key
-    /// count, in place of the batch-1 prefix and the common `past`.
+    /// stores the token's key and value in the segment's buffers (in place). Every row reads
+    /// only its own group's prompt, once for the group's rows: in one call of the backend's
+    /// batched kernel when it has one, else one [`attend`] per segment.
     ///
     /// # Shapes
     /// - x: `[rows, 1, hidden]` (the segments' rows in order); cos, sin: `[rows, 1, 1, head_dim]`
@@ -202,7 +195,7 @@ impl<B: CustomGrad> SelfAttention<B> {
     ) -> Tensor<B, 3> {
         let (q, k, v) = self.project(x, cos, sin); // [rows, h, 1, hd], [rows, kvh, 1, hd] x2
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let mut outputs = Vec::with_capacity(segments.len());
+        let mut calls = Vec::with_capacity(segments.len());
         let mut start = 0;
         for (kv, segment) in layer.iter_mut().zip(segments) {
             let (end, len) = (start + segment.rows, segment.len);
@@ -214,11 +207,17 @@ impl<B: CustomGrad> SelfAttention<B> {
             replace_with(&mut kv.own.0, |own| write(own, column.clone(), rows(&k, kvh)));
             replace_with(&mut kv.own.1, |own| write(own, column, rows(&v, kvh)));
             let seen = |t: &Tensor<B, 4>| t.clone().slice([0..segment.rows, 0..kvh, 0..len + 1, 0..hd]);
-            let out = attend(rows(&q, h), Some(kv.prefix.clone()), seen(&kv.own.0), seen(&kv.own.1), len, None, options);
-            outputs.push(out); // [rows of the segment, h, 1, hd]
+            let inputs =
+                AttentionInputs { q: rows(&q, h), own_k: seen(&kv.own.0), own_v: seen(&kv.own.1), shared: Some(kv.prefix.clone()) };
+            calls.push((inputs, len));
             start = end;
         }
-        self.output(Tensor::cat(outputs, 0))
+        let batched = if options.kernel == AttentionKernel::Auto { fused_batch(&calls) } else { None };
+        let out = batched.unwrap_or_else(|| {
+            let outputs = calls.into_iter().map(|(c, past)| attend(c.q, c.shared, c.own_k, c.own_v, past, None, options));
+            Tensor::cat(outputs.collect(), 0)
+        }); // [rows, h, 1, hd]
+        self.output(out)
     }
 }
 

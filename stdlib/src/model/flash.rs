@@ -291,6 +291,25 @@ pub struct AttentionInputs<B: Backend> {
     pub shared: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
 }
 
+/// Inference attention of several calls at once by the backend's fused kernel (see
+/// [`Kernels::fused_attention_batch`]): `(inputs, past)` per call, all with the same heads,
+/// query positions and head size, no key padding. Returns the outputs concatenated over the
+/// batch, `[sum of b, heads, s, hd]`, or `None` when the backend has no such kernel.
+pub fn fused_batch<B: Kernels>(calls: &[(AttentionInputs<B>, usize)]) -> Option<Tensor<B, 4>> {
+    let calls: Vec<AttentionCall<B>> = calls
+        .iter()
+        .map(|(inputs, past)| AttentionCall {
+            q: primitive(inputs.q.clone()),
+            own_k: primitive(inputs.own_k.clone()),
+            own_v: primitive(inputs.own_v.clone()),
+            shared: inputs.shared.as_ref().map(|(k, v)| (primitive(k.clone()), primitive(v.clone()))),
+            past: *past,
+            key_padding: None,
+        })
+        .collect();
+    B::fused_attention_batch(&calls).map(|out| tensor(&out))
+}
+
 /// The gradients of an attention call's inputs.
 #[derive(Debug, Clone)]
 pub struct AttentionGrads<B: Backend> {
