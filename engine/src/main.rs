@@ -208,6 +208,21 @@ enum BenchCommand {
     /// against one group at a time, on random weights; and whether both give the same
     /// tokens.
     Rollout(RolloutArgs),
+    /// GFLOP/s of the matrix product on the model's shapes (decode rows, prefill, training,
+    /// LM head, weight gradient), output allocation included; compare with torch's sgemm
+    /// through `examples/bench/compare_gemm.py`.
+    Gemm {
+        /// Seconds per shape.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// The figures as one JSON list.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "cpu", value_parser = parse_backend)]
+        backend: BackendKind,
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
     /// Seconds per GRPO step on a model directory and a JSONL of chat prompts: the steps
     /// `examples/bench/trl_grpo_step.py` runs in TRL (G samples per prompt at temperature 1,
     /// a contains-the-answer reward, one PPO-clip update without KL, AdamW).
@@ -661,6 +676,24 @@ fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `longrl bench gemm`.
+fn bench_gemm(seconds: f64, json: bool, spec: DeviceSpec) -> Result<ExitCode> {
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        bail!("--seconds must be a positive number, not {seconds}");
+    }
+    let figures = longrl_backends::dispatch(spec, longrl_engine::commands::bench::gemm::GemmBench { seconds })?;
+    if json {
+        outln!("{}", serde_json::to_string(&figures)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    outln!("gemm bench: [m, k] x [k, n] products, backend {}, output allocation included", spec.kind)?;
+    outln!("  {:<32} {:>6} {:>6} {:>6} {:>9}", "", "m", "k", "n", "GFLOP/s")?;
+    for f in figures {
+        outln!("  {:<32} {:>6} {:>6} {:>6} {:>9.1}", f.shape.name, f.shape.m, f.shape.k, f.shape.n, f.gflops)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `longrl bench grpo`.
 fn bench_grpo(args: GrpoArgs) -> Result<ExitCode> {
     let GrpoArgs { model, prompts, steps, group, prompts_per_step, new_tokens, lr, decode_rows, seed, json, backend, device } = args;
@@ -751,6 +784,7 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Model(args) => bench_model(args),
         BenchCommand::Rollout(args) => bench_rollout(args),
         BenchCommand::Grpo(args) => bench_grpo(args),
+        BenchCommand::Gemm { seconds, json, backend, device } => bench_gemm(seconds, json, DeviceSpec::new(backend, device)),
         BenchCommand::Judge { requests, delay_ms, concurrency } => {
             let figures = longrl_engine::commands::bench::judge_throughput(requests, delay_ms, &concurrency).map_err(anyhow::Error::msg)?;
             outln!("judge pool: {requests} requests, server delay {delay_ms} ms")?;

@@ -1,6 +1,7 @@
 //! `longrl bench ...`: throughput and memory figures, each printed as a table or, with
 //! `--json`, as JSON for scripts that compare them with the PyTorch equivalents.
 
+pub mod gemm;
 pub mod grpo;
 pub mod judge;
 pub mod memory;
