@@ -452,13 +452,12 @@ impl<B: CustomGrad> CausalLm<B> {
         match &self.lm_head {
             Some(head) => apply_linear(head, hidden),
             None => {
-                // E h^T keeps the (large) embedding in its stored layout; only the small
-                // hidden states and the output are transposed.
+                // h E^T: the product reads the embedding through its transposed strides (no
+                // copy) and writes the logits contiguous, so the reshape copies nothing.
                 let [b, s, d] = hidden.dims();
                 let weight = self.embed_tokens.weight.val(); // [vocab, d]
                 let vocab = weight.dims()[0];
-                let flat = hidden.reshape([b * s, d]).transpose(); // [d, b*s]
-                weight.matmul(flat).transpose().reshape([b, s, vocab]) // [b, s, vocab]
+                hidden.reshape([b * s, d]).matmul(weight.transpose()).reshape([b, s, vocab]) // [b, s, vocab]
             }
         }
     }
