@@ -1,6 +1,6 @@
 //! Fused causal attention for the CPU backend: the online-softmax forward (keeping each
 //! query row's log-sum-exp) and the FlashAttention-2 backward, over f32 slices, parallel
-//! over (batch, key/value head, block) tasks with rayon. Scores are computed a key block at
+//! over (batch rows, key/value head, block) tasks with rayon. Scores are computed a key block at
 //! a time in vectorizable loops (the module is compiled for the CPU's vector unit at run
 //! time, see [`super::vectorized`]); no score tensor larger than a block ever exists, and
 //! inputs are read through their strides, so views (heads split from a projection) need no
@@ -171,8 +171,10 @@ fn tile_scores<S: Simd>(simd: S, a: &[&[f32]; GROUP], bt: &[f32], hd: usize, out
     }
 }
 
-/// Rows up to which a key block's scores are taken as dot products of each row with each
-/// key, without transposing the block: decoding, a token's few query heads per kv head.
+/// Query rows per batch row (heads per kv head x positions) up to which own keys are scored
+/// by dot products of each row with each key, without transposing the block: decoding, a
+/// token's few query heads per kv head. Chosen for the whole problem, never by how the rows
+/// are split into tasks, so a row's result does not depend on the other rows of the batch.
 const DOT_ROWS: usize = 4;
 
 /// `out[r][j] = a_r . key_j` for the `a.len()` rows and keys `j < nk` of a block.
@@ -208,6 +210,7 @@ impl<'a> KeyRows<'a> {
 fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32; KEY_BLOCK]; GROUP], nk: usize, rows: KeyRows, hd: usize) {
     // As many accumulators as rows: a partial group (a decoded token's few heads) does no
     // work for the missing rows.
+    debug_assert!((1..=GROUP).contains(&n), "a group of {n} rows");
     match n {
         1 => accumulate_rows::<S, 1>(simd, acc, weights, nk, rows, hd),
         2 => accumulate_rows::<S, 2>(simd, acc, weights, nk, rows, hd),
@@ -217,6 +220,9 @@ fn tile_accumulate<S: Simd>(simd: S, acc: &mut [f32], n: usize, weights: &[[f32;
         _ => accumulate_rows::<S, GROUP>(simd, acc, weights, nk, rows, hd),
     }
 }
+
+// The arms above cover every group size.
+const _: () = assert!(GROUP == 6);
 
 /// [`tile_accumulate`] for `N` rows.
 #[inline(always)]
@@ -228,13 +234,12 @@ fn accumulate_rows<S: Simd, const N: usize>(
     rows: KeyRows,
     hd: usize,
 ) {
-    let n = N;
     let lanes = S::F32_LANES;
     let (pairs, singles) = column_split(hd, lanes);
     for c in (0..pairs).step_by(2 * lanes) {
         let zero = simd.splat_f32s(0.0);
         let mut t = [[zero; 2]; N];
-        for r in 0..n {
+        for r in 0..N {
             t[r] = load2::<S>(&acc[r * hd + c..r * hd + c + 2 * lanes]);
         }
         for j in 0..nk {
@@ -245,7 +250,7 @@ fn accumulate_rows<S: Simd, const N: usize>(
                 t[r][1] = simd.mul_add_f32s(x, b1, t[r][1]);
             }
         }
-        for r in 0..n {
+        for r in 0..N {
             let dst = S::as_mut_simd_f32s(&mut acc[r * hd + c..r * hd + c + 2 * lanes]).0;
             dst[0] = t[r][0];
             dst[1] = t[r][1];
@@ -255,7 +260,7 @@ fn accumulate_rows<S: Simd, const N: usize>(
     for c in (pairs..singles).step_by(lanes) {
         let zero = simd.splat_f32s(0.0);
         let mut t = [zero; N];
-        for r in 0..n {
+        for r in 0..N {
             t[r] = S::as_simd_f32s(&acc[r * hd + c..r * hd + c + lanes]).0[0];
         }
         for j in 0..nk {
@@ -264,12 +269,12 @@ fn accumulate_rows<S: Simd, const N: usize>(
                 t[r] = simd.mul_add_f32s(simd.splat_f32s(weights[r][j]), b, t[r]);
             }
         }
-        for r in 0..n {
+        for r in 0..N {
             S::as_mut_simd_f32s(&mut acc[r * hd + c..r * hd + c + lanes]).0[0] = t[r];
         }
     }
     for c in singles..hd {
-        for r in 0..n {
+        for r in 0..N {
             let mut sum = acc[r * hd + c];
             for j in 0..nk {
                 sum = weights[r][j].mul_add(rows.row(j)[c], sum);
@@ -348,7 +353,7 @@ pub struct Forward {
 }
 
 /// The query rows of one task: for each of its batch rows, `rep` heads x `rows` positions,
-/// index `(batch_row * rep + r) * rows + i`.
+/// index `((bi - b0) * rep + r) * rows + i`.
 struct TaskRows {
     /// Scaled queries, `[batch rows * rep * rows][hd]`.
     q: Vec<f32>,
@@ -391,7 +396,8 @@ fn group_rows<'a>(buffer: &'a [f32], first: usize, n: usize, hd: usize, zero: &'
     std::array::from_fn(|r| if r < n { &buffer[(first + r) * hd..(first + r + 1) * hd] } else { zero })
 }
 
-/// One task's online softmax over key blocks: `rep * rows` query rows of one kv head.
+/// One task's online softmax over key blocks: its query rows of one kv head (batch rows x
+/// `rep` heads x positions).
 struct OnlineRows {
     max: Vec<f32>,
     norm: Vec<f32>,
@@ -457,7 +463,7 @@ impl ForwardScratch {
     ) {
         let (k0, g) = (keys.k0, keys.g);
         let nk = k1 - k0;
-        let direct = hi - lo <= DOT_ROWS;
+        let direct = own.is_some() && sz.rep * sz.s <= DOT_ROWS;
         if !direct {
             transpose_block(keys.view, keys.batch, g, (k0, k1), &mut self.kt);
         }
@@ -540,10 +546,10 @@ impl Task for ForwardTask<'_> {
 
 /// Batch rows per forward task. One, unless a prefix is shared and each row has fewer query
 /// positions than a query block (decoding a group): then as many as fill a query block, so
-/// that the prefix's key blocks are transposed and read once for several rows, while
+/// that each of the prefix's key blocks is transposed and read once for several rows, while
 /// leaving at least two tasks per thread where the batch allows.
 fn batch_rows_per_task(sz: &Sizes, shared: bool, threads: usize) -> usize {
-    if !shared || sz.s >= QUERY_BLOCK {
+    if !shared || sz.p == 0 || sz.b == 0 || sz.s == 0 || sz.s >= QUERY_BLOCK {
         return 1;
     }
     let filling = (QUERY_BLOCK / (sz.s * sz.rep)).max(1);
@@ -558,43 +564,57 @@ pub fn forward(problem: &Problem) -> Forward {
     forward_many(std::slice::from_ref(problem)).pop().unwrap_or(Forward { out: Vec::new(), lse: Vec::new() })
 }
 
+/// One forward task's place: its problem, batch rows, kv head and query positions.
+#[derive(Debug, Clone, Copy)]
+struct TaskSpan {
+    problem: usize,
+    batch: (usize, usize),
+    g: usize,
+    q: (usize, usize),
+}
+
 /// [`forward`] of several problems (a decode batch's segments, each with its own prefix),
 /// their tasks run as one parallel loop.
 pub fn forward_many(problems: &[Problem]) -> Vec<Forward> {
     // Threads each problem may keep busy on its own.
     let threads = rayon::current_num_threads().div_ceil(problems.len().max(1));
     let sizes: Vec<Sizes> = problems.iter().map(Problem::sizes).collect();
-    let mut tasks: Vec<(usize, (usize, usize), usize, (usize, usize))> = Vec::new();
+    let mut tasks: Vec<TaskSpan> = Vec::new();
     for (index, (problem, sz)) in problems.iter().zip(&sizes).enumerate() {
         let per_task = batch_rows_per_task(sz, problem.shared.is_some(), threads);
         for batch in blocks(sz.b, per_task) {
             for g in 0..sz.kvh {
-                tasks.extend(blocks(sz.s, QUERY_BLOCK).map(|q| (index, batch, g, q)));
+                tasks.extend(blocks(sz.s, QUERY_BLOCK).map(|q| TaskSpan { problem: index, batch, g, q }));
             }
         }
     }
     let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
         .par_iter()
-        .map(|&(index, batch, g, q)| vectorized(ForwardTask { problem: &problems[index], sz: &sizes[index], batch, g, q }))
+        .map(|t| vectorized(ForwardTask { problem: &problems[t.problem], sz: &sizes[t.problem], batch: t.batch, g: t.g, q: t.q }))
         .collect();
     let mut outputs: Vec<Forward> = sizes
         .iter()
         .map(|sz| Forward { out: vec![0.0f32; sz.b * sz.heads * sz.s * sz.hd], lse: vec![0.0f32; sz.b * sz.heads * sz.s] })
         .collect();
-    for (&(index, (b0, b1), g, (q0, q1)), (task_out, task_lse)) in tasks.iter().zip(results) {
-        let (sz, Forward { out, lse }) = (&sizes[index], &mut outputs[index]);
-        let rows = q1 - q0;
-        // The task's rows in order: (batch row, head of the group), then position.
-        let heads = (b0..b1).flat_map(|bi| (0..sz.rep).map(move |r| (bi, g * sz.rep + r)));
-        for (k, (bi, head)) in heads.enumerate() {
-            let dst = ((bi * sz.heads + head) * sz.s + q0) * sz.hd;
-            out[dst..dst + rows * sz.hd].copy_from_slice(&task_out[k * rows * sz.hd..(k + 1) * rows * sz.hd]);
-            // lse layout [b, kvh, rep, s] = [b, heads, s] with heads = kvh * rep.
-            let dst = (bi * sz.heads + head) * sz.s + q0;
-            lse[dst..dst + rows].copy_from_slice(&task_lse[k * rows..(k + 1) * rows]);
-        }
+    for (task, result) in tasks.iter().zip(results) {
+        scatter(&sizes[task.problem], task, result, &mut outputs[task.problem]);
     }
     outputs
+}
+
+/// Copies a task's outputs `[rows of the task][hd]` and log-sum-exp into the problem's
+/// `[b, heads, s, hd]` and `[b, heads, s]` (= `[b, kvh, rep, s]`).
+fn scatter(sz: &Sizes, task: &TaskSpan, (task_out, task_lse): (Vec<f32>, Vec<f32>), Forward { out, lse }: &mut Forward) {
+    let ((b0, b1), (q0, q1)) = (task.batch, task.q);
+    let rows = q1 - q0;
+    // The task's rows in order: (batch row, head of the group), then position.
+    let heads = (b0..b1).flat_map(|bi| (0..sz.rep).map(move |r| (bi, task.g * sz.rep + r)));
+    for (k, (bi, head)) in heads.enumerate() {
+        let dst = ((bi * sz.heads + head) * sz.s + q0) * sz.hd;
+        out[dst..dst + rows * sz.hd].copy_from_slice(&task_out[k * rows * sz.hd..(k + 1) * rows * sz.hd]);
+        let dst = (bi * sz.heads + head) * sz.s + q0;
+        lse[dst..dst + rows].copy_from_slice(&task_lse[k * rows..(k + 1) * rows]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -212,7 +212,9 @@ impl<B: CustomGrad> SelfAttention<B> {
             calls.push((inputs, len));
             start = end;
         }
-        let batched = if options.kernel == AttentionKernel::Auto { fused_batch(&calls) } else { None };
+        // Inference only, as in `attend`: the kernel records no gradient.
+        let inference = options.kernel == AttentionKernel::Auto && !B::ad_enabled(&q.device());
+        let batched = if inference { fused_batch(&calls) } else { None };
         let out = batched.unwrap_or_else(|| {
             let outputs = calls.into_iter().map(|(c, past)| attend(c.q, c.shared, c.own_k, c.own_v, past, None, options));
             Tensor::cat(outputs.collect(), 0)

@@ -294,17 +294,14 @@ pub struct AttentionInputs<B: Backend> {
 /// Inference attention of several calls at once by the backend's fused kernel (see
 /// [`Kernels::fused_attention_batch`]): `(inputs, past)` per call, all with the same heads,
 /// query positions and head size, no key padding. Returns the outputs concatenated over the
-/// batch, `[sum of b, heads, s, hd]`, or `None` when the backend has no such kernel.
+/// batch, `[sum of b, heads, s, hd]`, or `None` when the backend cannot (no such kernel, or
+/// not for these dtypes or layouts): the caller then attends call by call.
 pub fn fused_batch<B: Kernels>(calls: &[(AttentionInputs<B>, usize)]) -> Option<Tensor<B, 4>> {
     let calls: Vec<AttentionCall<B>> = calls
         .iter()
-        .map(|(inputs, past)| AttentionCall {
-            q: primitive(inputs.q.clone()),
-            own_k: primitive(inputs.own_k.clone()),
-            own_v: primitive(inputs.own_v.clone()),
-            shared: inputs.shared.as_ref().map(|(k, v)| (primitive(k.clone()), primitive(v.clone()))),
-            past: *past,
-            key_padding: None,
+        .map(|(inputs, past)| {
+            let vjp = AttentionVjp { past: *past, shared: inputs.shared.is_some(), key_padding: None, key_chunk: 0, query_chunk: 0 };
+            vjp.call(inputs)
         })
         .collect();
     B::fused_attention_batch(&calls).map(|out| tensor(&out))
