@@ -111,10 +111,8 @@ struct ServeArgs {
     /// Requests answered at once (generation itself runs on one worker).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: u64,
-    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-    backend: BackendKind,
-    #[arg(long, default_value_t = 0)]
-    device: usize,
+    #[command(flatten)]
+    compute: DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -191,12 +189,8 @@ struct GenerateArgs {
     top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute backend.
-    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-    backend: BackendKind,
-    /// Device index within the backend.
-    #[arg(long, default_value_t = 0)]
-    device: usize,
+    #[command(flatten)]
+    compute: DeviceArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,10 +212,8 @@ enum BenchCommand {
         /// The figures as one JSON list.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-        backend: BackendKind,
-        #[arg(long, default_value_t = 0)]
-        device: usize,
+        #[command(flatten)]
+        compute: DeviceArgs,
     },
     /// Seconds per GRPO step on a model directory and a JSONL of chat prompts: the steps
     /// `examples/bench/trl_grpo_step.py` runs in TRL (G samples per prompt at temperature 1,
@@ -312,10 +304,25 @@ struct ModelArgs {
     /// (the keys of `examples/bench/transformers_bench.py --json`).
     #[arg(long, conflicts_with = "memory")]
     json: bool,
+    #[command(flatten)]
+    compute: DeviceArgs,
+}
+
+/// The compute device a command runs on.
+#[derive(Args, Debug, Clone, Copy)]
+struct DeviceArgs {
+    /// Compute backend: cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu", value_parser = parse_backend)]
     backend: BackendKind,
+    /// Device index within the backend.
     #[arg(long, default_value_t = 0)]
     device: usize,
+}
+
+impl DeviceArgs {
+    fn spec(self) -> DeviceSpec {
+        DeviceSpec::new(self.backend, self.device)
+    }
 }
 
 /// Options of `longrl bench rollout`.
@@ -350,10 +357,8 @@ struct RolloutArgs {
     /// The figures as one JSON object.
     #[arg(long)]
     json: bool,
-    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-    backend: BackendKind,
-    #[arg(long, default_value_t = 0)]
-    device: usize,
+    #[command(flatten)]
+    compute: DeviceArgs,
 }
 
 /// Options of `longrl bench grpo`.
@@ -385,10 +390,8 @@ struct GrpoArgs {
     /// The figures as one JSON object.
     #[arg(long)]
     json: bool,
-    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-    backend: BackendKind,
-    #[arg(long, default_value_t = 0)]
-    device: usize,
+    #[command(flatten)]
+    compute: DeviceArgs,
 }
 
 /// The step `bench memory` measures.
@@ -418,10 +421,8 @@ struct MemoryArgs {
     /// Training precision: f32 or bf16-mixed.
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     precision: longrl_stdlib::model::precision::Precision,
-    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-    backend: BackendKind,
-    #[arg(long, default_value_t = 0)]
-    device: usize,
+    #[command(flatten)]
+    compute: DeviceArgs,
 }
 
 impl MemoryArgs {
@@ -450,7 +451,7 @@ impl MemoryArgs {
         let recompute = serde_json::to_value(self.recompute).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         args.extend(["--recompute".to_string(), recompute, "--micro-batch-tokens".into(), self.micro_batch_tokens.to_string()]);
         args.extend(["--precision".to_string(), self.precision.to_string()]);
-        args.extend(["--backend".to_string(), self.backend.to_string(), "--device".into(), self.device.to_string()]);
+        args.extend(["--backend".to_string(), self.compute.backend.to_string(), "--device".into(), self.compute.device.to_string()]);
         args
     }
 }
@@ -529,7 +530,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         served_model_names: args.served_model_names,
         threads: args.threads as usize,
     };
-    longrl_backends::dispatch(DeviceSpec::new(args.backend, args.device), options)??;
+    longrl_backends::dispatch(args.compute.spec(), options)??;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -581,7 +582,7 @@ fn generate(args: GenerateArgs) -> Result<ExitCode> {
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
     }
-    let text = longrl_backends::dispatch(DeviceSpec::new(args.backend, args.device), request)??;
+    let text = longrl_backends::dispatch(args.compute.spec(), request)??;
     outln!("{text}")?;
     Ok(ExitCode::SUCCESS)
 }
@@ -593,7 +594,7 @@ fn bench_memory(step: &MemoryArgs, lengths: &[usize], json: bool) -> Result<Exit
     if !json {
         println!(
             "{:?} step, preset {}, backend {}, precision {} (one fresh process per length)",
-            step.step, step.preset, step.backend, step.precision
+            step.step, step.preset, step.compute.backend, step.precision
         );
         println!("{:>9} {:>10} {:>14} {:>10}", "length", "recompute", "peak RSS MiB", "seconds");
     }
@@ -624,21 +625,8 @@ fn bench_memory(step: &MemoryArgs, lengths: &[usize], json: bool) -> Result<Exit
 
 /// `longrl bench rollout`.
 fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
-    let RolloutArgs {
-        preset,
-        vocab,
-        prompts,
-        group,
-        prompt_len,
-        new_tokens,
-        max_rows,
-        stop_share,
-        temperature,
-        top_p,
-        json,
-        backend,
-        device,
-    } = args;
+    let RolloutArgs { preset, vocab, prompts, group, prompt_len, new_tokens, max_rows, stop_share, temperature, top_p, json, compute } =
+        args;
     let task = longrl_engine::commands::bench::RolloutBench {
         preset,
         vocab,
@@ -651,19 +639,20 @@ fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
         temperature,
         top_p,
     };
-    let f = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+    let f = longrl_backends::dispatch(compute.spec(), task)?.map_err(anyhow::Error::msg)?;
     if json {
         outln!("{}", serde_json::to_string(&f)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
-        "rollout bench: preset {}, vocab {}, {} prompts x {} samples, prompt {} tokens, up to {} new tokens, backend {backend}",
+        "rollout bench: preset {}, vocab {}, {} prompts x {} samples, prompt {} tokens, up to {} new tokens, backend {}",
         f.preset,
         f.vocab,
         f.prompts,
         f.group,
         f.prompt_len,
-        f.new_tokens
+        f.new_tokens,
+        compute.backend
     )?;
     outln!("  {:<44} {:>10} {:>16}", "", "tokens/s", "decode tokens/s")?;
     let one = f.one_group_at_a_time;
@@ -696,7 +685,7 @@ fn bench_gemm(seconds: f64, json: bool, spec: DeviceSpec) -> Result<ExitCode> {
 
 /// `longrl bench grpo`.
 fn bench_grpo(args: GrpoArgs) -> Result<ExitCode> {
-    let GrpoArgs { model, prompts, steps, group, prompts_per_step, new_tokens, lr, decode_rows, seed, json, backend, device } = args;
+    let GrpoArgs { model, prompts, steps, group, prompts_per_step, new_tokens, lr, decode_rows, seed, json, compute } = args;
     let task = longrl_engine::commands::bench::grpo::GrpoBench {
         model,
         prompts,
@@ -708,7 +697,7 @@ fn bench_grpo(args: GrpoArgs) -> Result<ExitCode> {
         decode_rows,
         seed,
     };
-    let f = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+    let f = longrl_backends::dispatch(compute.spec(), task)?.map_err(anyhow::Error::msg)?;
     if json {
         outln!("{}", serde_json::to_string(&f)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -724,21 +713,8 @@ fn bench_grpo(args: GrpoArgs) -> Result<ExitCode> {
 /// `longrl bench model`: the figures on the chosen device, then prefill peak memory by
 /// length (each in a fresh process).
 fn bench_model(args: ModelArgs) -> Result<ExitCode> {
-    let ModelArgs {
-        preset,
-        vocab,
-        prompt_len,
-        new_tokens,
-        group,
-        train_batch,
-        train_seq,
-        memory,
-        precision,
-        peak_tflops,
-        json,
-        backend,
-        device,
-    } = args;
+    let ModelArgs { preset, vocab, prompt_len, new_tokens, group, train_batch, train_seq, memory, precision, peak_tflops, json, compute } =
+        args;
     let task = longrl_engine::commands::bench::ModelBench {
         preset: preset.clone(),
         vocab,
@@ -750,13 +726,13 @@ fn bench_model(args: ModelArgs) -> Result<ExitCode> {
         precision,
         peak_tflops,
     };
-    let figures = longrl_backends::dispatch(DeviceSpec::new(backend, device), task)?.map_err(anyhow::Error::msg)?;
+    let figures = longrl_backends::dispatch(compute.spec(), task)?.map_err(anyhow::Error::msg)?;
     if json {
-        let object = longrl_engine::commands::bench::model::figures_json(&preset, vocab, backend.as_str(), &figures);
+        let object = longrl_engine::commands::bench::model::figures_json(&preset, vocab, compute.backend.as_str(), &figures);
         outln!("{object}")?;
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("model bench: preset {preset}, vocab {vocab}, backend {backend}, precision {precision}")?;
+    outln!("model bench: preset {preset}, vocab {vocab}, backend {}, precision {precision}", compute.backend)?;
     for f in figures {
         outln!("  {:<52} {:>12.1} {}", f.name, f.value, f.unit)?;
     }
@@ -784,7 +760,7 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Model(args) => bench_model(args),
         BenchCommand::Rollout(args) => bench_rollout(args),
         BenchCommand::Grpo(args) => bench_grpo(args),
-        BenchCommand::Gemm { seconds, json, backend, device } => bench_gemm(seconds, json, DeviceSpec::new(backend, device)),
+        BenchCommand::Gemm { seconds, json, compute } => bench_gemm(seconds, json, compute.spec()),
         BenchCommand::Judge { requests, delay_ms, concurrency } => {
             let figures = longrl_engine::commands::bench::judge_throughput(requests, delay_ms, &concurrency).map_err(anyhow::Error::msg)?;
             outln!("judge pool: {requests} requests, server delay {delay_ms} ms")?;
@@ -796,8 +772,7 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
         }
         BenchCommand::Memory { step, lengths, json } => bench_memory(&step, &lengths, json),
         BenchCommand::MemoryStep { step, length } => {
-            let figures =
-                longrl_backends::dispatch(DeviceSpec::new(step.backend, step.device), step.step(length))?.map_err(anyhow::Error::msg)?;
+            let figures = longrl_backends::dispatch(step.compute.spec(), step.step(length))?.map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string(&figures)?);
             Ok(ExitCode::SUCCESS)
         }

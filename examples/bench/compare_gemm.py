@@ -11,20 +11,13 @@ Needs a longrl build (default target/release/longrl) and torch in this Python.
 
 import argparse
 import json
-import subprocess
-import sys
 import time
+
+from compare_model import run_json
 
 
 def longrl_figures(binary, seconds):
-    command = [binary, "bench", "gemm", "--json", "--seconds", str(seconds)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"error: {' '.join(command)} failed ({done.returncode}):\n{done.stderr.strip()}")
-    lines = [line for line in done.stdout.splitlines() if line.strip().startswith("[")]
-    if not lines:
-        sys.exit(f"error: {' '.join(command)} printed no JSON list:\n{done.stdout.strip()}")
-    return json.loads(lines[-1])
+    return run_json([binary, "bench", "gemm", "--json", "--seconds", str(seconds)], opening="[")
 
 
 def torch_gflops(m, k, n, seconds):

@@ -26,14 +26,15 @@ KEYS = [
 SHAPE = ["prompt_len", "new_tokens", "group", "train_batch", "train_seq"]
 
 
-def run_json(command):
-    """Runs a benchmark and returns the JSON object on its last line of output."""
+def run_json(command, opening="{"):
+    """Runs a benchmark and returns the JSON value (an object, or with `opening="["` a list)
+    on its last line of output that starts with `opening`."""
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"error: {' '.join(command)} failed ({done.returncode}):\n{done.stderr.strip()}")
-    lines = [line for line in done.stdout.splitlines() if line.strip().startswith("{")]
+    lines = [line for line in done.stdout.splitlines() if line.strip().startswith(opening)]
     if not lines:
-        sys.exit(f"error: {' '.join(command)} printed no JSON object:\n{done.stdout.strip()}")
+        sys.exit(f"error: {' '.join(command)} printed no JSON value starting with {opening}:\n{done.stdout.strip()}")
     return json.loads(lines[-1])
 
 
