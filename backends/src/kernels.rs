@@ -152,6 +152,14 @@ pub trait Kernels: Backend {
         Err(tensors)
     }
 
+    /// Into how many row blocks an inference product `[rows, k] x [k, n]` is best split, to
+    /// run as one batched product of the blocks (1: a single product). The CPU backend runs
+    /// a single product under 192^3 multiply-adds on one thread but spreads a batched one
+    /// over its threads: every product of a small model's decode step is under that size.
+    fn product_row_blocks(_rows: usize, _k: usize, _n: usize) -> usize {
+        1
+    }
+
     /// `tensor[ranges] = value` (one range per dimension), written into `tensor`'s own
     /// buffer where the backend can: a KV cache that grows a token at a time must not be
     /// copied per token. The default is Burn's `slice_assign`.
@@ -164,6 +172,10 @@ pub trait Kernels: Backend {
 impl Kernels for crate::Cpu {
     fn has_fused_attention(dtype: burn::tensor::DType) -> bool {
         dtype == burn::tensor::DType::F32
+    }
+
+    fn product_row_blocks(rows: usize, k: usize, n: usize) -> usize {
+        crate::cpu::row_blocks(rows, k, n, rayon::current_num_threads())
     }
 
     fn fused_rms_norm(x: &FloatTensor<Self>, gamma: &FloatTensor<Self>, eps: f64) -> Option<FloatTensor<Self>> {

@@ -62,6 +62,26 @@ pub fn view4(tensor: &FlexTensor) -> Option<View4<'_>> {
     })
 }
 
+/// Multiply-adds from which a product pays for being split over threads (a rayon task
+/// costs a few microseconds; a million multiply-adds take about ten on one core).
+const SPLIT_FROM_MACS: usize = 1 << 20;
+/// Multiply-adds from which Burn's CPU matmul threads a single product itself (192^3).
+const THREADED_FROM_MACS: usize = 192 * 192 * 192;
+/// Fewest rows per block: fewer would waste the gemm kernel's row tile.
+const MIN_BLOCK_ROWS: usize = 16;
+
+/// Row blocks for a `[rows, k] x [k, n]` product on `threads` threads (see
+/// `Kernels::product_row_blocks`): as many as threads, of at least [`MIN_BLOCK_ROWS`] rows
+/// each and dividing the rows evenly; 1 where the product is too small to gain or large
+/// enough for the matmul to thread it.
+pub fn row_blocks(rows: usize, k: usize, n: usize, threads: usize) -> usize {
+    let macs = rows.saturating_mul(k).saturating_mul(n);
+    if !(SPLIT_FROM_MACS..THREADED_FROM_MACS).contains(&macs) {
+        return 1;
+    }
+    (2..=threads.min(rows / MIN_BLOCK_ROWS)).rev().find(|blocks| rows % blocks == 0).unwrap_or(1)
+}
+
 /// A contiguous f32 tensor of `shape` holding `values`.
 pub fn tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
@@ -134,4 +154,22 @@ pub fn owned_contiguous(tensor: FlexTensor) -> FlexTensor {
     let contiguous = tensor.to_contiguous();
     drop(tensor);
     contiguous
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_blocks;
+
+    #[test]
+    fn products_split_into_even_row_blocks_only_between_the_thresholds() {
+        // A decode step of 64 rows of a small model: one block per thread.
+        assert_eq!(row_blocks(64, 128, 384, 2), 2);
+        assert_eq!(row_blocks(64, 128, 384, 16), 4); // at least 16 rows a block
+        assert_eq!(row_blocks(48, 128, 384, 4), 3); // 4 does not divide 48
+        assert_eq!(row_blocks(61, 128, 384, 4), 1); // a prime: no even split
+        // Too small to gain (one group of 8 rows), or threaded by the matmul itself.
+        assert_eq!(row_blocks(8, 128, 1024, 2), 1);
+        assert_eq!(row_blocks(64, 576, 1536, 2), 1);
+        assert_eq!(row_blocks(64, 128, 384, 1), 1);
+    }
 }

@@ -45,15 +45,28 @@ impl<B: CustomGrad> Mlp<B> {
 /// A linear layer over the last axis as one 2-D product. Burn's `Linear` on a `[b, s, in]`
 /// input runs one product per batch row against the broadcast weight, each packing the
 /// weight anew (and under autodiff, sums `b` weight-sized gradients): at decode time, with
-/// one token in each of dozens of rows, that costs more than the product itself.
+/// one token in each of dozens of rows, that costs more than the product itself. Where the
+/// backend asks for it (the CPU backend, for products too small for its matmul to thread
+/// but large enough to gain: a decode step of many rows), the rows go in a few equal blocks
+/// as one batched product against the broadcast weight, whose blocks run on separate threads.
 ///
 /// # Shapes
 /// - x: `[b, s, in]` -> `[b, s, out]`
-pub(crate) fn apply_linear<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+pub(crate) fn apply_linear<B: CustomGrad>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, s, d] = x.dims();
-    let y = linear.forward(x.reshape([b * s, d])); // [b*s, out]
-    let out = y.dims()[1];
-    y.reshape([b, s, out])
+    let rows = b * s;
+    let weight = linear.weight.val(); // [in, out]
+    let out = weight.dims()[1];
+    let blocks = B::product_row_blocks(rows, d, out);
+    if blocks > 1 {
+        let y = x.reshape([blocks, rows / blocks, d]).matmul(weight.unsqueeze::<3>()); // [blocks, rows/blocks, out]
+        let y = match &linear.bias {
+            Some(bias) => y + bias.val().unsqueeze::<3>(),
+            None => y,
+        };
+        return y.reshape([b, s, out]);
+    }
+    linear.forward(x.reshape([rows, d])).reshape([b, s, out]) // [rows, out] -> [b, s, out]
 }
 
 /// RMSNorm through the fused operation of [`fused::rms_norm`].
@@ -546,4 +559,34 @@ fn rms_norm<B: Backend>(
 ) -> Result<RmsNorm<B>, ModelError> {
     let gamma = source.tensor(&format!("{prefix}.weight"), &[d])?;
     Ok(RmsNorm { gamma: named_param(&format!("{prefix}.weight"), tensor1(gamma, d, device)), epsilon: eps })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::LinearConfig;
+    use burn::tensor::{Tensor, TensorData};
+    use longrl_backends::{Cpu, Kernels};
+
+    use super::apply_linear;
+
+    /// A decode step's product split into row blocks (two threads: 64 rows of 128 -> 384,
+    /// as in the tiny preset) equals the single product, with and without a bias.
+    #[test]
+    fn a_product_split_into_row_blocks_equals_the_single_product() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a thread pool");
+        pool.install(|| {
+            assert_eq!(Cpu::product_row_blocks(64, 128, 384), 2, "the shape must take the split path");
+            let device = Default::default();
+            let values: Vec<f32> = (0..64 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let x = Tensor::<Cpu, 3>::from_data(TensorData::new(values, [8, 8, 128]), &device);
+            for bias in [false, true] {
+                let linear = LinearConfig::new(128, 384).with_bias(bias).init::<Cpu>(&device);
+                let split: Vec<f32> = apply_linear(&linear, x.clone()).into_data().into_vec().expect("f32");
+                let single: Vec<f32> = linear.forward(x.clone().reshape([64, 128])).into_data().into_vec().expect("f32");
+                assert_eq!(split.len(), single.len());
+                let worst = split.iter().zip(&single).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst < 1e-5, "bias {bias}: the split product differs by {worst}");
+            }
+        });
+    }
 }
