@@ -207,10 +207,11 @@ pub(crate) fn last_logits<B: CustomGrad>(model: &CausalLm<B>, hidden: Tensor<B, 
     logits.reshape([b, vocab])
 }
 
+/// The rows of `[batch, vocab]` logits on the host, each copied once from the tensor's data.
 pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>, ModelError> {
     let [b, vocab] = logits.dims();
-    let values =
-        logits.into_data().convert::<f32>().into_vec::<f32>().map_err(|e| ModelError::Invalid(format!("cannot read logits: {e:?}")))?;
+    let data = logits.into_data().convert::<f32>();
+    let values = data.as_slice::<f32>().map_err(|e| ModelError::Invalid(format!("cannot read logits: {e:?}")))?;
     Ok((0..b).map(|i| values[i * vocab..(i + 1) * vocab].to_vec()).collect())
 }
 
