@@ -248,3 +248,39 @@ fn the_paper_parameter_files_fit_the_qwenlong_recipe() {
         assert_eq!(phases[0].options["precision"], "bf16-mixed");
     }
 }
+
+/// `scripts/paired_gain.py` on a hand-computed case: four questions answered by both
+/// evaluations (one only by the second), per-question pass@1 before 0, 0.5, 1, 0 and after
+/// 1, 0.5, 0.5, 1: differences 1, 0, -0.5, 1, mean 0.375, sample variance 0.5625, so the 95%
+/// half-width is 1.96 x sqrt(0.5625 / 4) = 0.735.
+#[test]
+fn paired_gain_reports_the_mean_difference_and_its_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, values: &[(&str, f64)]| {
+        let lines: Vec<String> =
+            values.iter().map(|(id, pass)| serde_json::json!({ "id": id, "bucket": 64, "pass_at_1": pass }).to_string()).collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write");
+        path
+    };
+    let before = write("before.jsonl", &[("a", 0.0), ("b", 0.5), ("c", 1.0), ("d", 0.0)]);
+    let after = write("after.jsonl", &[("a", 1.0), ("b", 0.5), ("c", 0.5), ("d", 1.0), ("e", 1.0)]);
+    let out = Command::new("python3")
+        .arg(workspace().join("scripts/paired_gain.py"))
+        .args([&before, &after])
+        .arg("--json")
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let row: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).expect("one JSON line");
+    let close = |key: &str, expected: f64| {
+        let got = row[key].as_f64().expect(key);
+        assert!((got - expected).abs() < 1e-9, "{key}: {got} != {expected}");
+    };
+    close("before", 37.5);
+    close("after", 75.0);
+    close("gain", 37.5);
+    close("gain_95", 73.5);
+    assert_eq!((row["questions"].as_u64(), row["rose"].as_u64(), row["fell"].as_u64()), (Some(4), Some(2), Some(1)));
+    assert_eq!(row["unmatched"], 1);
+}

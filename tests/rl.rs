@@ -336,10 +336,45 @@ fn a_buffer_whose_fresh_tasks_wait_for_the_reporting_phase_does_not_deadlock() {
         let hard = hard_buffer(first.output("reports"), scored.output("records"), #{ mix: 1.0 });
         rl_phase(first, hard, phase + #{ min_input: 100, max_input: 200, prompts_per_step: 2, max_steps: 1 });
     "#;
+    let report = run_with_small_queues(recipe, "wait.rhai", dir.path());
+    let buffer = report.stages.iter().find(|s| s.label.starts_with("hard_buffer")).expect("buffer");
+    assert_eq!(buffer.summary["reports"], 8);
+    assert_eq!(buffer.summary["fresh"], 3);
+}
+
+/// One source feeds a warm-up SFT and the RL phase after it, and the held-out set feeds an
+/// evaluation before and after: each source sends more records than an edge holds while a
+/// stage that reads it waits for a model made from the source's other consumer. Model stages
+/// must drain their records while they wait for the policy.
+#[test]
+fn model_stages_drain_their_records_while_they_wait_for_the_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = r#"
+        let tiny = "{tiny}";
+        let policy = model(tiny, #{ init: "random", init_std: 0.08, seed: 3 });
+        let train = synthetic(#{ count: 8, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 1 });
+        let held_out = synthetic(#{ count: 6, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 2 });
+        let evaluation = #{ max_new_tokens: 2, samples: 1, batch: 2 };
+        evaluate(policy, held_out, evaluation + #{ name: "before" });
+        let warm = sft(policy, train, #{ epochs: 1, lr: 1e-3, batch_tokens: 256, max_steps: 1 });
+        let tuned = rl_phase(warm, train, #{ max_input: 100, max_output: 4, group: 2, prompts_per_step: 2, mini_batch: 2, lr: 1e-3, dynamic_sampling: false, max_steps: 1, seed: 1 });
+        evaluate(tuned, held_out, evaluation + #{ name: "after" });
+    "#;
+    let report = run_with_small_queues(recipe, "fan_out.rhai", dir.path());
+    let evaluated: Vec<_> = report.stages.iter().filter(|s| s.label.starts_with("evaluate")).collect();
+    assert_eq!(evaluated.len(), 2);
+    for stage in evaluated {
+        assert_eq!(stage.summary["tasks"], 6, "{}: {:?}", stage.label, stage.summary);
+    }
+}
+
+/// Runs a recipe on the tiny model with queues of two items per edge, failing the test
+/// (and stopping the run) if it has not finished within five minutes.
+fn run_with_small_queues(recipe: &str, name: &str, dir: &std::path::Path) -> longrl_engine::RunReport {
     let registry = Registry::standard();
-    let plan = load_plan(&with_tiny(recipe), "wait.rhai", &registry, &Params::new()).expect("recipe");
-    let plan = plan.validate(&registry, &StageContext::for_check(dir.path())).expect("valid");
-    let mut options = options_in(dir.path());
+    let plan = load_plan(&with_tiny(recipe), name, &registry, &Params::new()).expect("recipe");
+    let plan = plan.validate(&registry, &StageContext::for_check(dir)).expect("valid");
+    let mut options = options_in(dir);
     options.channel_capacity = 2;
     let cancel = CancelToken::new();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -357,7 +392,5 @@ fn a_buffer_whose_fresh_tasks_wait_for_the_reporting_phase_does_not_deadlock() {
     }
     let report = handle.join().expect("thread").expect("runs");
     assert!(report.succeeded(), "{report}");
-    let buffer = report.stages.iter().find(|s| s.label.starts_with("hard_buffer")).expect("buffer");
-    assert_eq!(buffer.summary["reports"], 8);
-    assert_eq!(buffer.summary["fresh"], 3);
+    report
 }

@@ -25,7 +25,7 @@ use crate::error::StageError;
 use crate::progress::Progress;
 use crate::record::Record;
 use crate::reward::{Reward, RuleConfig};
-use crate::stage::{ModelRef, Stage, StageContext, StageIo};
+use crate::stage::{Item, ModelRef, Stage, StageContext, StageIo};
 
 /// What a model stage receives on its inputs: the policy, the reward (the recipe's, or the
 /// stage's own rule check when no `reward` edge is connected) and every record.
@@ -39,17 +39,33 @@ pub struct StageInputs {
 }
 
 impl StageInputs {
-    /// Reads the `policy`, `reward` (when the stage has one) and `data` inputs.
+    /// Reads the `policy`, `reward` (when the stage has one) and `data` inputs together,
+    /// whichever has an item first: the records' source may also feed a stage upstream of
+    /// the policy (a source feeding both a warm-up SFT and the RL phase after it), which
+    /// finishes only once the source has sent everything, so waiting for the model before
+    /// draining the records would leave the source blocked on this stage's full queue.
     fn receive(io: &mut StageIo, rule: &RuleConfig, out_dir: Option<PathBuf>) -> Result<Self, StageError> {
-        let policy = io.recv_model("policy")?;
-        let reward = match io.recv_reward("reward")? {
+        let (mut policy, mut reward, mut records) = (None, None, Vec::new());
+        let ports: &[&'static str] = if io.input_connected("reward") { &["policy", "reward", "data"] } else { &["policy", "data"] };
+        while let Some((port, item)) = io.recv_any(ports)? {
+            match (port, item) {
+                ("data", Item::Record(record)) => records.push(*record),
+                ("policy", Item::Model(model)) if policy.is_none() => policy = Some(model),
+                ("reward", Item::Reward(published)) if reward.is_none() => reward = Some(published),
+                (port, item) => {
+                    return Err(StageError::Failed(format!("{}: unexpected {} on input `{port}`", io.label(), item.kind())));
+                }
+            }
+        }
+        let closed = |port: &str, what: &str| {
+            StageError::Failed(format!("{}: input `{port}` closed before {what} arrived (did the upstream stage fail?)", io.label()))
+        };
+        let policy = policy.ok_or_else(|| closed("policy", "a model"))?;
+        let reward = match reward {
             Some(reward) => reward,
+            None if io.input_connected("reward") => return Err(closed("reward", "a reward")),
             None => Arc::new(Reward::rule_only(rule.clone())),
         };
-        let mut records = Vec::new();
-        while let Some(record) = io.recv_record("data")? {
-            records.push(record);
-        }
         Ok(Self { policy, reward, records, out_dir })
     }
 }

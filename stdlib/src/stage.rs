@@ -365,7 +365,9 @@ impl StageIo {
         }
     }
 
-    /// The model published on a model port (waits for it).
+    /// The model published on a model port (waits for it). A stage with other inputs reads
+    /// them all with [`Self::recv_any`] instead: waiting here while another input's queue
+    /// fills can stop the source that feeds it.
     pub fn recv_model(&mut self, port: &str) -> Result<ModelRef, StageError> {
         match self.recv(port)? {
             Some(Item::Model(model)) => Ok(model),
