@@ -46,7 +46,8 @@ impl StageInputs {
     /// draining the records would leave the source blocked on this stage's full queue.
     fn receive(io: &mut StageIo, rule: &RuleConfig, out_dir: Option<PathBuf>) -> Result<Self, StageError> {
         let (mut policy, mut reward, mut records) = (None, None, Vec::new());
-        let ports: &[&'static str] = if io.input_connected("reward") { &["policy", "reward", "data"] } else { &["policy", "data"] };
+        let has_reward = io.input_connected("reward");
+        let ports: &[&'static str] = if has_reward { &["policy", "reward", "data"] } else { &["policy", "data"] };
         while let Some((port, item)) = io.recv_any(ports)? {
             match (port, item) {
                 ("data", Item::Record(record)) => records.push(*record),
@@ -63,7 +64,7 @@ impl StageInputs {
         let policy = policy.ok_or_else(|| closed("policy", "a model"))?;
         let reward = match reward {
             Some(reward) => reward,
-            None if io.input_connected("reward") => return Err(closed("reward", "a reward")),
+            None if has_reward => return Err(closed("reward", "a reward")),
             None => Arc::new(Reward::rule_only(rule.clone())),
         };
         Ok(Self { policy, reward, records, out_dir })

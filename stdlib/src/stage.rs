@@ -365,38 +365,12 @@ impl StageIo {
         }
     }
 
-    /// The model published on a model port (waits for it). A stage with other inputs reads
-    /// them all with [`Self::recv_any`] instead: waiting here while another input's queue
-    /// fills can stop the source that feeds it.
-    pub fn recv_model(&mut self, port: &str) -> Result<ModelRef, StageError> {
-        match self.recv(port)? {
-            Some(Item::Model(model)) => Ok(model),
-            Some(other) => Err(self.wrong_item(port, PortKind::Model, &other)),
-            None => Err(StageError::Failed(format!(
-                "{}: input `{port}` closed before a model arrived (did the upstream stage fail?)",
-                self.label
-            ))),
-        }
-    }
-
     /// The next report on a reports port.
     pub fn recv_report(&mut self, port: &str) -> Result<Option<DifficultyReport>, StageError> {
         match self.recv(port)? {
             None => Ok(None),
             Some(Item::Report(report)) => Ok(Some(*report)),
             Some(other) => Err(self.wrong_item(port, PortKind::Reports, &other)),
-        }
-    }
-
-    /// The reward published on a reward port, if the port is connected.
-    pub fn recv_reward(&mut self, port: &str) -> Result<Option<Arc<Reward>>, StageError> {
-        if !self.input_connected(port) {
-            return Ok(None);
-        }
-        match self.recv(port)? {
-            Some(Item::Reward(reward)) => Ok(Some(reward)),
-            Some(other) => Err(self.wrong_item(port, PortKind::Reward, &other)),
-            None => Err(StageError::Failed(format!("{}: input `{port}` closed before a reward arrived", self.label))),
         }
     }
 
