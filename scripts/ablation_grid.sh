@@ -5,6 +5,7 @@
 # then a table of held-out pass@1 means with 95% intervals (scripts/grid_table.py).
 #
 #   scripts/ablation_grid.sh                               # 3 seeds, 1,100 held-out questions per length
+#   scripts/ablation_grid.sh --mix retrieval               # single-fact retrieval, no distractors
 #   scripts/ablation_grid.sh --seeds "1 2 3 4 5" --tag five
 #   scripts/ablation_grid.sh --smoke                       # a few steps of everything, to try the plumbing
 #   scripts/ablation_grid.sh --set mix=0.5 --set buffer_policy=importance --tag mix50
@@ -19,27 +20,31 @@
 # 1.96 * 0.5 / sqrt(1100) = 2.95 points for one run. The table shows that per-run interval
 # beside the interval across seeds (Student t over the seeds' means).
 #
-# Wall time on 2 CPU cores (release build; an estimate scaled from the 100-question runs in
-# the README, evaluation dominating): 20-30 minutes per recipe run at 1,100 questions and
-# three lengths, plus the SFT, so 1.5-2 hours per seed. Runs that already finished
-# (every stage ok in their report.json) are skipped, so an interrupted grid continues.
+# Task mixes (`--mix`): `harder` (chain, aggregate, docqa_choice with 6 distractors; SFT on
+# 14,400 traces at 192 tokens; answers up to 128 tokens, as their traces run to 114) and
+# `retrieval` (the quickstart's tasks: one fact, no distractors, answers up to 48 tokens).
+#
+# Wall time on 2 CPU cores (release build): about 5 minutes per recipe run at 1,100
+# questions and three lengths (an evaluation of 3,300 questions x 4 samples takes about a
+# minute), so 15-20 minutes per seed. Runs that already finished (every stage ok in their
+# report.json) are skipped, so an interrupted grid continues.
 set -euo pipefail
 
 seeds="1 2 3"
-tag="harder"
+mix="harder"
+tag=""
 eval_count=1100
-kinds='["chain","aggregate","docqa_choice"]'
 extra=()
 smoke=false
 while [ $# -gt 0 ]; do
     case "$1" in
         --seeds) seeds="$2"; shift 2 ;;
+        --mix) mix="$2"; shift 2 ;;
         --tag) tag="$2"; shift 2 ;;
         --eval-count) eval_count="$2"; shift 2 ;;
-        --kinds) kinds="$2"; shift 2 ;;
         --set) extra+=(--set "$2"); shift 2 ;;
         --smoke) smoke=true; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -50,10 +55,18 @@ if [ ! -x "$longrl" ]; then
     cargo build --release --bin longrl
 fi
 
-common=(--set "kinds=$kinds" --set "eval_count=$eval_count" --set distractors=6 --set sft_length=192 --set sft_count=4800)
+case "$mix" in
+    harder) tasks=(--set 'kinds=["chain","aggregate","docqa_choice"]' --set distractors=6 --set sft_length=192)
+            budget=(--set sft_count=14400 --set max_output=128 --set overlong_buffer=16) ;;
+    retrieval) tasks=(--set 'kinds=["retrieval"]' --set distractors=0 --set sft_length=64)
+               budget=(--set sft_count=4800 --set max_output=48 --set overlong_buffer=8) ;;
+    *) echo "error: unknown mix $mix (harder or retrieval)" >&2; exit 2 ;;
+esac
+tag="${tag:-$mix}"
+common=("${tasks[@]}" "${budget[@]}" --set "eval_count=$eval_count")
 if $smoke; then
     tag="smoke-$tag"
-    common=(--set "kinds=$kinds" --set eval_count=4 --set distractors=6 --set sft_length=192 --set sft_count=32
+    common=("${tasks[@]}" --set eval_count=4 --set sft_count=32
             --set tasks=16 --set steps1=1 --set steps2=1 --set prompts=2 --set group=2 --set mini_batch=2
             --set eval_lengths=[256,512] --set max_output=32)
 fi

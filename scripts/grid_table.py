@@ -11,6 +11,10 @@ length bucket and its pass@1 (mean score over its samples). For a recipe and a l
   sampling and evaluation noise together; needs 2 seeds or more);
 - ± eval: the mean over runs of each run's own 95% interval from its questions
   (1.96 sd / sqrt(n)): the noise of the held-out set alone.
+A second table pairs the runs by seed (a seed's recipes share its warm-up SFT) and gives
+what each idea adds over the recipe without it: the per-seed difference of pass@1, its mean
+and 95% t-interval across seeds, and how many seeds gained. Pairing removes the spread of the
+SFT starting points, which dominates the first table's across-seed intervals.
 It also lists what the hard-sample buffers carried (from the runs' stage summaries).
 Standard library only.
 """
@@ -18,11 +22,16 @@ Standard library only.
 import json
 import math
 import pathlib
+import re
 import statistics
 import sys
 
 ORDER = [("sft", "SFT only"), ("single_phase", "SFT + one RL phase"), ("no_retrospective", "SFT + phased RL"),
          ("qwenlong_l1", "SFT + phased RL + retrospective buffer")]
+# Each idea's gain: (label, recipe with it, recipe without it).
+GAINS = [("one RL phase over SFT only", "single_phase", "sft"),
+         ("phased RL over one phase (curriculum)", "no_retrospective", "single_phase"),
+         ("retrospective buffer over phased RL", "qwenlong_l1", "no_retrospective")]
 # Two-sided 95% Student t quantiles by degrees of freedom.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -37,6 +46,12 @@ def run_scores(run_dir):
             for bucket in (item["bucket"], "all"):
                 scores.setdefault((name, bucket), []).append(item["pass_at_1"])
     return scores
+
+
+def seed_of(run_dir, index):
+    """The seed in a grid run's name (grid-<tag>-s<seed>-<recipe>), else the run's position."""
+    match = re.search(r"-s(\d+)-", pathlib.Path(run_dir).name)
+    return int(match.group(1)) if match else index
 
 
 def buffers(run_dir):
@@ -57,17 +72,45 @@ def cell(per_seed):
     evals = [1.96 * statistics.pstdev(s) / math.sqrt(len(s)) for s in per_seed if len(s) > 1]
     eval_half = 100 * statistics.fmean(evals) if evals else float("nan")
     if len(means) >= 2:
-        seeds_half = 100 * T95.get(len(means) - 1, 1.96) * statistics.stdev(means) / math.sqrt(len(means))
+        seeds_half = 100 * t_half(means)
         return f"{mean:.1f} ± {seeds_half:.1f} [± {eval_half:.1f}]"
     return f"{mean:.1f} [± {eval_half:.1f}]"
 
 
+def t_half(values):
+    """Half-width of the 95% Student-t interval of the mean of `values` (2 or more)."""
+    return T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def gain_cell(by_seed, with_idea, without, bucket):
+    """'mean ± t [gained/seeds]' of the per-seed pass@1 differences, in points."""
+    diffs = [100 * (statistics.fmean(runs[(with_idea, bucket)]) - statistics.fmean(runs[(without, bucket)]))
+             for runs in by_seed.values() if (with_idea, bucket) in runs and (without, bucket) in runs]
+    if not diffs:
+        return "–"
+    gained = sum(d > 0 for d in diffs)
+    spread = f" ± {t_half(diffs):.1f}" if len(diffs) >= 2 else ""
+    return f"{statistics.fmean(diffs):+.1f}{spread} [{gained}/{len(diffs)}]"
+
+
+def print_gains(by_seed, buckets):
+    print("\nWhat each idea adds, paired by seed (points of pass@1): mean ± 95% interval across seeds "
+          "[seeds that gained / seeds].\n")
+    print("| idea | " + " | ".join(f"<={b}" if b != "all" else "all" for b in buckets) + " |")
+    print("|---" * (len(buckets) + 1) + "|")
+    for label, with_idea, without in GAINS:
+        print(f"| {label} | " + " | ".join(gain_cell(by_seed, with_idea, without, b) for b in buckets) + " |")
+
+
 def main(run_dirs):
     pooled = {}
+    by_seed = {}
     notes = []
-    for run_dir in run_dirs:
-        for key, values in run_scores(run_dir).items():
+    for index, run_dir in enumerate(run_dirs):
+        scores = run_scores(run_dir)
+        for key, values in scores.items():
             pooled.setdefault(key, []).append(values)
+        by_seed.setdefault(seed_of(run_dir, index), {}).update(scores)
         notes.extend(buffers(run_dir))
     buckets = sorted({b for (_, b) in pooled if b != "all"}) + ["all"]
     seeds = max((len(v) for v in pooled.values()), default=0)
@@ -81,6 +124,7 @@ def main(run_dirs):
             per_seed = pooled.get((name, bucket))
             cells.append(f"{cell(per_seed)} (n={len(per_seed[0])})" if per_seed else "–")
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print_gains(by_seed, buckets)
     if notes:
         print("\nHard-sample buffers:\n")
         for note in notes:

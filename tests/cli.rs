@@ -47,8 +47,11 @@ fn check_prints_the_quickstart_plan() {
     // The ablation grid's settings (scripts/ablation_grid.sh): the harder task mix.
     for recipe in ["scripts/qwenlong_l1.rhai", "scripts/ablation_single_phase.rhai", "scripts/ablation_no_retrospective.rhai"] {
         let harder = r#"kinds=["chain","aggregate","docqa_choice"]"#;
-        let out =
-            longrl(&["check", recipe, "--set", harder, "--set", "distractors=6", "--set", "sft_length=192", "--set", "eval_count=1100"]);
+        let grid =
+            [harder, "distractors=6", "sft_length=192", "sft_count=14400", "max_output=128", "overlong_buffer=16", "eval_count=1100"];
+        let mut args = vec!["check", recipe];
+        args.extend(grid.iter().flat_map(|setting| ["--set", setting]));
+        let out = longrl(&args);
         assert!(out.status.success(), "{recipe}: {}", text(&out.stderr));
     }
 }
@@ -283,4 +286,32 @@ fn paired_gain_reports_the_mean_difference_and_its_interval() {
     close("gain_95", 73.5);
     assert_eq!((row["questions"].as_u64(), row["rose"].as_u64(), row["fell"].as_u64()), (Some(4), Some(2), Some(1)));
     assert_eq!(row["unmatched"], 1);
+}
+
+/// `scripts/grid_table.py` pairs a grid's runs by the seed in their names, whatever their
+/// order: seed 1's SFT scores 0.5 and its single phase 1.0, seed 2's 0.25 and 0.75, so the
+/// phase gains +50 points in both seeds (an interval of zero); pairing by position would
+/// match seed 2's SFT with seed 1's phase and give +75 and +25.
+#[test]
+fn grid_table_pairs_each_ideas_gain_by_seed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |run: &str, eval: &str, scores: &[f64]| {
+        let folder = dir.path().join(run).join(eval);
+        std::fs::create_dir_all(&folder).expect("mkdir");
+        let lines: Vec<String> = scores.iter().map(|pass| serde_json::json!({ "bucket": 256, "pass_at_1": pass }).to_string()).collect();
+        std::fs::write(folder.join("items.jsonl"), lines.join("\n") + "\n").expect("write");
+        dir.path().join(run)
+    };
+    let runs = [
+        write("grid-t-s2-qwenlong_l1", "sft", &[0.5, 0.0]),
+        write("grid-t-s1-ablation_single_phase", "single_phase", &[1.0, 1.0]),
+        write("grid-t-s1-qwenlong_l1", "sft", &[0.5, 0.5]),
+        write("grid-t-s2-ablation_single_phase", "single_phase", &[1.0, 0.5]),
+    ];
+    let out = Command::new("python3").arg(workspace().join("scripts/grid_table.py")).args(&runs).output().expect("python3 runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let row = table.lines().find(|l| l.starts_with("| one RL phase over SFT only")).unwrap_or_else(|| panic!("no gain row in\n{table}"));
+    assert_eq!(row, "| one RL phase over SFT only | +50.0 ± 0.0 [2/2] | +50.0 ± 0.0 [2/2] |", "{table}");
+    assert!(table.contains("| SFT only | 37.5 ± 158.8 [± "), "the unpaired means: {table}");
 }

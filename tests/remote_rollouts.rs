@@ -195,4 +195,15 @@ fn difficulty_scoring_and_evaluation_on_servers_match_in_process() {
     assert_eq!(local.len(), 4);
     assert!(local.iter().all(|r| r.as_array().is_some_and(|a| a.len() == 2)), "{local:?}");
     assert_eq!(local, remote, "the servers draw the same samples");
+    // Samples that ran out of their 5 tokens, as counted from in-process finish reasons and
+    // from the servers' `finish_reason`: the random model rarely stops by itself.
+    let cut = |name: &str| -> Vec<u64> {
+        read(&format!("{name}/items.jsonl"))
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json")["cut"].as_u64().expect("cut count"))
+            .collect()
+    };
+    let (local, remote) = (cut("local"), cut("remote"));
+    assert_eq!(local, remote, "the same samples reached max_new_tokens");
+    assert!(local.iter().sum::<u64>() > 0 && local.iter().all(|&c| c <= 2), "{local:?}");
 }

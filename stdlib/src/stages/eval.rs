@@ -16,7 +16,7 @@ use crate::error::StageError;
 use crate::fsutil::{AtomicFile, write_atomic};
 use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
 use crate::model::chat::ModelTokenizer;
-use crate::model::generate::SamplingConfig;
+use crate::model::generate::{Completion, FinishReason, SamplingConfig};
 use crate::model::{CausalLm, load_model};
 use crate::options::{at_most, limits, sampling_problems};
 use crate::prompt::encode_prompt;
@@ -173,6 +173,10 @@ pub struct ItemResult {
     pub pass_at_k: Option<f64>,
     /// Samples the reward could not score (left out of the means).
     pub unscorable: usize,
+    /// Samples that reached `max_new_tokens` before a stop token (their answer is often
+    /// missing: a budget shorter than the model's reasoning shows here first).
+    #[serde(default)]
+    pub cut: usize,
 }
 
 impl ItemResult {
@@ -198,6 +202,7 @@ impl ItemResult {
             pass_at_1,
             pass_at_k: scored.then(|| if scores.iter().any(|&s| s >= 1.0) { 1.0 } else { 0.0 }),
             unscorable: verdicts.len() - scores.len(),
+            cut: 0,
             responses,
             verdicts,
         }
@@ -227,6 +232,25 @@ pub fn bucket_of(record: &Record, prompt_tokens: usize, edges: &[usize]) -> usiz
         return length.next_power_of_two();
     }
     edges.iter().copied().find(|&e| length <= e).unwrap_or(usize::MAX)
+}
+
+/// Share of samples cut at `max_new_tokens` above which the evaluation warns.
+const CUT_WARNING_SHARE: f64 = 0.1;
+
+/// Counts the samples that reached `max_new_tokens`, warning when they are more than a
+/// tenth of all: their answers are mostly missing, so the accuracies measure the budget.
+fn warn_of_cut_samples(items: &[ItemResult], max_new_tokens: usize) -> usize {
+    let cut: usize = items.iter().map(|i| i.cut).sum();
+    let samples: usize = items.iter().map(|i| i.responses.len()).sum();
+    if samples > 0 && cut as f64 > CUT_WARNING_SHARE * samples as f64 {
+        tracing::warn!(
+            cut,
+            samples,
+            max_new_tokens,
+            "many samples reached max_new_tokens before their end, so most of their answers are missing: raise max_new_tokens above the length of the model's answers"
+        );
+    }
+    cut
 }
 
 /// Per (data source, bucket) means, then per data source over all lengths, then overall.
@@ -337,6 +361,7 @@ impl ModelStage for Eval {
             reward: inputs.reward,
             records: inputs.records,
             responses: vec![Vec::new(); prompts.len()],
+            cut: vec![0; prompts.len()],
             prompts,
             steps,
             rollouts,
@@ -366,12 +391,24 @@ pub struct EvalRun<B: TrainBackend> {
     prompts: Vec<(Vec<u32>, bool)>,
     /// Each task's decoded samples so far.
     responses: Vec<Vec<String>>,
+    /// Each task's samples so far that reached `max_new_tokens`.
+    cut: Vec<usize>,
     /// The tasks each step generates for.
     steps: Vec<Vec<usize>>,
     rollouts: Rollouts,
 }
 
 impl<B: TrainBackend> EvalRun<B> {
+    /// Keeps task `task`'s sampled completions: their text, and how many ran out of tokens.
+    fn keep(&mut self, task: usize, completions: Vec<Completion>) -> Result<(), StageError> {
+        for completion in completions {
+            let text = self.decode(&completion.tokens)?;
+            self.responses[task].push(text);
+            self.cut[task] += usize::from(completion.finish == FinishReason::Length);
+        }
+        Ok(())
+    }
+
     /// A completion's text, without its stop token.
     fn decode(&self, tokens: &[u32]) -> Result<String, StageError> {
         let mut tokens = tokens.to_vec();
@@ -402,11 +439,12 @@ impl<B: TrainBackend> EvalRun<B> {
             self.records.iter().zip(&self.responses).flat_map(|(r, texts)| texts.iter().map(move |t| (r, t.as_str()))).collect();
         let mut outcomes = self.reward.score_all(&pairs)?.into_iter();
         let mut items = Vec::with_capacity(self.records.len());
-        for ((record, (prompt, truncated)), texts) in self.records.iter().zip(&self.prompts).zip(&self.responses) {
+        for (((record, (prompt, truncated)), texts), &cut) in self.records.iter().zip(&self.prompts).zip(&self.responses).zip(&self.cut) {
             let verdicts: Vec<RewardOutcome> = outcomes.by_ref().take(texts.len()).collect();
             let tokens = record.input_tokens.unwrap_or(prompt.len());
             let bucket = bucket_of(record, prompt.len(), &self.config.buckets);
-            items.push(ItemResult::from_outcomes(record, bucket, tokens, *truncated, texts.clone(), verdicts));
+            let item = ItemResult::from_outcomes(record, bucket, tokens, *truncated, texts.clone(), verdicts);
+            items.push(ItemResult { cut, ..item });
         }
         Ok(items)
     }
@@ -448,10 +486,7 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
             let prompts: Vec<&[u32]> = tasks.iter().map(|&i| self.prompts[i].0.as_slice()).collect();
             let sampled = self.rollouts.generate::<B::InnerBackend>(None, &prompts, self.config.samples, &samplings, io.cancel_token())?;
             for (&i, group) in tasks.iter().zip(sampled) {
-                for completion in group.completions {
-                    let text = self.decode(&completion.tokens)?;
-                    self.responses[i].push(text);
-                }
+                self.keep(i, group.completions)?;
             }
             return Ok(StepOutcome { metrics: None, status: String::new(), last: false });
         };
@@ -459,10 +494,7 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
         let mut decoder = BatchDecoder::new(model, BatchOptions { max_rows: self.config.decode_rows });
         let groups = collect_groups(&mut decoder, requests, || io.cancel_token().check())?;
         for (&i, completions) in tasks.iter().zip(groups) {
-            for completion in completions {
-                let text = self.decode(&completion.tokens)?;
-                self.responses[i].push(text);
-            }
+            self.keep(i, completions)?;
         }
         Ok(StepOutcome { metrics: None, status: String::new(), last: false })
     }
@@ -497,8 +529,10 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
                 "samples could not be scored and are left out of the accuracies (items none of whose samples could be scored are left out of pass@1 and counted apart)"
             );
         }
+        let cut = warn_of_cut_samples(&items, self.config.max_new_tokens);
         let judge_stats = self.reward.judge.as_ref().map(|j| j.stats.snapshot());
         let summary = io.summary_mut();
+        summary.insert("cut_samples".into(), cut.into());
         summary.insert("unscorable".into(), unscorable.into());
         summary.insert("unscorable_items".into(), unscorable_items.into());
         if let Some(stats) = judge_stats {
