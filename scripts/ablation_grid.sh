@@ -24,9 +24,9 @@
 # 14,400 traces at 192 tokens; answers up to 128 tokens, as their traces run to 114) and
 # `retrieval` (the quickstart's tasks: one fact, no distractors, answers up to 48 tokens).
 #
-# Wall time on 2 CPU cores (release build): about 5 minutes per recipe run at 1,100
-# questions and three lengths (an evaluation of 3,300 questions x 4 samples takes about a
-# minute), so 15-20 minutes per seed. Runs that already finished (every stage ok in their
+# Wall time on 2 CPU cores (release build), measured with `--mix retrieval`: about 6 minutes
+# per seed at the recipes' L1/L2 = 256/512 and 17 at `--set l1=512 --set l2=1024 --set
+# 'eval_lengths=[512,1024,2048]'` (the evaluations of 3,300 questions x 4 samples dominate). Runs that already finished (every stage ok in their
 # report.json) are skipped, so an interrupted grid continues.
 set -euo pipefail
 
