@@ -103,15 +103,16 @@ def print_gains(by_seed, buckets):
 
 
 def main(run_dirs):
-    pooled = {}
     by_seed = {}
     notes = []
     for index, run_dir in enumerate(run_dirs):
-        scores = run_scores(run_dir)
-        for key, values in scores.items():
-            pooled.setdefault(key, []).append(values)
-        by_seed.setdefault(seed_of(run_dir, index), {}).update(scores)
+        by_seed.setdefault(seed_of(run_dir, index), {}).update(run_scores(run_dir))
         notes.extend(buffers(run_dir))
+    # {(eval name, bucket): [each seed's item scores]}
+    pooled = {}
+    for runs in by_seed.values():
+        for key, values in runs.items():
+            pooled.setdefault(key, []).append(values)
     buckets = sorted({b for (_, b) in pooled if b != "all"}) + ["all"]
     seeds = max((len(v) for v in pooled.values()), default=0)
     print(f"Held-out pass@1 (%), {seeds} seed(s): mean ± 95% interval across seeds [± per-run 95% interval "
