@@ -28,6 +28,7 @@ fn synthetic_config(seed: u64, lengths: Vec<usize>) -> SyntheticConfig {
         tokenizer: workspace().join("examples/tokenizers/qwen2.5"),
         kinds: vec![TaskKind::Retrieval, TaskKind::Multihop, TaskKind::Arithmetic, TaskKind::Choice],
         distractors: 6,
+        distractor_keys: Default::default(),
         seed,
         order: Default::default(),
     }

@@ -62,6 +62,11 @@ pub struct SyntheticConfig {
     /// or other companies' figures (distractors / 3) on top.
     #[serde(default = "default_distractors")]
     pub distractors: usize,
+    /// Which (color, object) keys the distractor facts of `retrieval`, `choice` and `multihop`
+    /// name: `look_alike` (half share the asked item's color or its object) or `distinct`
+    /// (another color and another object each, so one word of the question singles out the fact).
+    #[serde(default)]
+    pub distractor_keys: DistractorKeys,
     /// Question stream: different seeds give different questions (train vs held-out).
     #[serde(default)]
     pub seed: u64,
@@ -78,6 +83,17 @@ pub enum Order {
     #[default]
     Question,
     Length,
+}
+
+/// How the distractor facts' keys relate to the asked (color, object).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DistractorKeys {
+    /// Half share the asked item's color or its object ("the purple bell" beside "the purple lamp").
+    #[default]
+    LookAlike,
+    /// Each names another color and another object than the asked item.
+    Distinct,
 }
 
 fn default_kinds() -> Vec<TaskKind> {
@@ -156,7 +172,7 @@ impl Stage for Synthetic {
         let cancel = io.cancel_token().clone();
         for (index, length) in self.config.pairs() {
             let kind = self.config.kinds[index % self.config.kinds.len()];
-            let task = make_task(self.config.seed, index, kind, self.config.distractors);
+            let task = make_task(&self.config, index, kind);
             let record = render(&task, length, self.config.seed, index, &self.tokenizer, &cancel)?;
             worst_gap = worst_gap.max(length.abs_diff(record.input_tokens.unwrap_or(0)));
             io.send_record("records", record)?;
@@ -221,20 +237,21 @@ fn pick<'a>(rng: &mut ChaCha8Rng, items: &[&'a str]) -> &'a str {
     items.choose(rng).copied().unwrap_or("")
 }
 
-/// Distinct (color, object) keys: the target first, then distractors, half of which share
-/// its color or its object.
-fn keys(rng: &mut ChaCha8Rng, count: usize) -> Vec<(&'static str, &'static str)> {
+/// Distinct (color, object) keys: the target first, then `count` distractors; look-alike
+/// ones share its color (every third from the first), its object (from the second) or nothing.
+fn keys(rng: &mut ChaCha8Rng, count: usize, relation: DistractorKeys) -> Vec<(&'static str, &'static str)> {
     let target = (pick(rng, COLORS), pick(rng, OBJECTS));
     let mut out = vec![target];
     let mut guard = 0;
     while out.len() < count + 1 && guard < 10_000 {
         guard += 1;
-        let candidate = match out.len() % 3 {
-            1 => (target.0, pick(rng, OBJECTS)),
-            2 => (pick(rng, COLORS), target.1),
+        let candidate = match (relation, out.len() % 3) {
+            (DistractorKeys::LookAlike, 1) => (target.0, pick(rng, OBJECTS)),
+            (DistractorKeys::LookAlike, 2) => (pick(rng, COLORS), target.1),
             _ => (pick(rng, COLORS), pick(rng, OBJECTS)),
         };
-        if !out.contains(&candidate) {
+        let shares_a_word = candidate.0 == target.0 || candidate.1 == target.1;
+        if !out.contains(&candidate) && !(relation == DistractorKeys::Distinct && shares_a_word) {
             out.push(candidate);
         }
     }
@@ -248,11 +265,18 @@ fn distinct<'a>(rng: &mut ChaCha8Rng, items: &[&'a str], count: usize) -> Vec<&'
     all.into_iter().cycle().take(count).collect()
 }
 
-fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Task {
-    let mut rng = rng_for(seed, index, 1);
+fn make_task(config: &SyntheticConfig, index: usize, kind: TaskKind) -> Task {
+    let mut rng = rng_for(config.seed, index, 1);
+    let (distractors, relation) = (config.distractors, config.distractor_keys);
     match kind {
-        TaskKind::Retrieval | TaskKind::Choice => retrieval_task(&mut rng, kind, distractors),
-        TaskKind::Multihop => multihop_task(&mut rng, distractors),
+        TaskKind::Retrieval | TaskKind::Choice => {
+            let keys = keys(&mut rng, distractors, relation);
+            retrieval_task(&mut rng, kind, keys)
+        }
+        TaskKind::Multihop => {
+            let keys = keys(&mut rng, distractors / 2, relation);
+            multihop_task(&mut rng, keys)
+        }
         TaskKind::Arithmetic => arithmetic_task(&mut rng, distractors),
         TaskKind::Chain => harder::chain_task(&mut rng, distractors),
         TaskKind::Aggregate => harder::aggregate_task(&mut rng, distractors),
@@ -262,8 +286,7 @@ fn make_task(seed: u64, index: usize, kind: TaskKind, distractors: usize) -> Tas
 
 /// Where a (color, object) is kept: as a text answer, or (`Choice`) as one of four lettered
 /// cities.
-fn retrieval_task(rng: &mut ChaCha8Rng, kind: TaskKind, distractors: usize) -> Task {
-    let keys = keys(rng, distractors);
+fn retrieval_task(rng: &mut ChaCha8Rng, kind: TaskKind, keys: Vec<(&str, &str)>) -> Task {
     let cities = distinct(rng, CITIES, keys.len());
     let facts: Vec<String> = keys.iter().zip(&cities).map(|((c, o), city)| format!("The {c} {o} is kept in {city}.")).collect();
     let (color, object) = keys[0];
@@ -304,9 +327,8 @@ fn retrieval_task(rng: &mut ChaCha8Rng, kind: TaskKind, distractors: usize) -> T
 }
 
 /// Two chained facts: who owns the object, and where that person lives.
-fn multihop_task(rng: &mut ChaCha8Rng, distractors: usize) -> Task {
+fn multihop_task(rng: &mut ChaCha8Rng, keys: Vec<(&str, &str)>) -> Task {
     let kind = TaskKind::Multihop;
-    let keys = keys(rng, distractors / 2);
     let owners = distinct(rng, NAMES, keys.len() * 2);
     let cities = distinct(rng, CITIES, owners.len());
     let belongs: Vec<String> = keys.iter().zip(&owners).map(|((c, o), n)| format!("The {c} {o} belongs to {n}.")).collect();
@@ -491,7 +513,7 @@ pub fn generate(config: &SyntheticConfig, tokenizer: &Tokenizer) -> Result<Vec<R
     let mut out = Vec::new();
     for index in 0..config.count {
         let kind = config.kinds[index % config.kinds.len()];
-        let task = make_task(config.seed, index, kind, config.distractors);
+        let task = make_task(config, index, kind);
         for &length in &config.lengths {
             out.push(render(&task, length, config.seed, index, tokenizer, &CancelToken::new())?);
         }
@@ -509,7 +531,16 @@ mod tests {
     }
 
     fn config(kinds: Vec<TaskKind>, lengths: Vec<usize>, distractors: usize, seed: u64, count: usize) -> SyntheticConfig {
-        SyntheticConfig { count, lengths, tokenizer: PathBuf::new(), kinds, distractors, seed, order: Order::Question }
+        SyntheticConfig {
+            count,
+            lengths,
+            tokenizer: PathBuf::new(),
+            kinds,
+            distractors,
+            distractor_keys: DistractorKeys::LookAlike,
+            seed,
+            order: Order::Question,
+        }
     }
 
     /// FNV-1a over the records' JSON: a stable digest across Rust versions.
@@ -527,5 +558,36 @@ mod tests {
             config(vec![TaskKind::Retrieval, TaskKind::Multihop, TaskKind::Arithmetic, TaskKind::Choice], vec![100, 300, 1200], 6, 7, 8);
         let got = [digest(&generate(&quickstart, &tokenizer).expect("generates")), digest(&generate(&all, &tokenizer).expect("generates"))];
         assert_eq!(got, [6_186_910_761_619_993_361, 12_213_820_711_518_674_989]);
+    }
+
+    /// The (color, object) of a "... is kept in" / "... belongs to" sentence: the two words before.
+    fn fact_key(sentence: &str) -> Option<[String; 2]> {
+        let head = [" is kept in ", " belongs to "].iter().find_map(|verb| sentence.split_once(verb).map(|(head, _)| head))?;
+        let mut words = head.rsplit(' ').map(String::from);
+        let object = words.next()?;
+        Some([words.next()?, object])
+    }
+
+    #[test]
+    fn distinct_distractors_share_no_word_with_the_asked_item() {
+        let tokenizer = tiny_tokenizer();
+        for relation in [DistractorKeys::LookAlike, DistractorKeys::Distinct] {
+            let mut config = config(vec![TaskKind::Retrieval, TaskKind::Multihop], vec![400], 4, 3, 40);
+            config.distractor_keys = relation;
+            let mut sharing_one_word = 0;
+            for record in generate(&config, &tokenizer).expect("generates") {
+                let keys: Vec<[String; 2]> = record.input_text().split('.').filter_map(fact_key).collect();
+                assert!(keys.len() >= 3, "{}: the asked fact and its distractors: {keys:?}", record.id);
+                let shared = |key: &[String; 2]| key.iter().filter(|w| record.question.contains(&format!(" {w} "))).count();
+                assert_eq!(keys.iter().filter(|k| shared(k) == 2).count(), 1, "{}: one fact names the asked item: {keys:?}", record.id);
+                sharing_one_word += keys.iter().filter(|k| shared(k) == 1).count();
+            }
+            // Look-alike keys share a word with the question in every task; distinct ones never.
+            assert_eq!(
+                sharing_one_word == 0,
+                relation == DistractorKeys::Distinct,
+                "{relation:?}: {sharing_one_word} facts share one word"
+            );
+        }
     }
 }

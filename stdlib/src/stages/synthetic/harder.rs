@@ -8,7 +8,7 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::{CITIES, COMPANIES, NAMES, SEASONS, Task, TaskKind, distinct, keys, pick};
+use super::{CITIES, COMPANIES, DistractorKeys, NAMES, SEASONS, Task, TaskKind, distinct, keys, pick};
 use crate::record::AnswerKind;
 
 /// The instruction of a `docqa_choice` prompt, in the DocQA-RL phrasing.
@@ -123,7 +123,7 @@ impl Chain {
 fn chain(rng: &mut ChaCha8Rng, distractors: usize) -> Problem {
     let three = rng.random_bool(0.5);
     let near = (1 + distractors / 2).min(8);
-    let keys = keys(rng, near);
+    let keys = keys(rng, near, DistractorKeys::LookAlike);
     // Every person and city is distinct, so each hop has one answer in the document.
     let mut people = distinct(rng, NAMES, 2 * keys.len() + 2).into_iter();
     let mut cities = distinct(rng, CITIES, keys.len() + 3).into_iter();
@@ -382,7 +382,7 @@ fn share(rng: &mut ChaCha8Rng, books: &Books) -> Problem {
 mod tests {
     use std::path::PathBuf;
 
-    use super::super::{Order, SyntheticConfig, TaskKind, generate};
+    use super::super::{DistractorKeys, Order, SyntheticConfig, TaskKind, generate};
     use crate::record::{AnswerKind, Record};
     use crate::reward::RuleConfig;
     use crate::reward::numeric::score_numeric;
@@ -402,6 +402,7 @@ mod tests {
             tokenizer: PathBuf::new(),
             kinds: HARDER.to_vec(),
             distractors,
+            distractor_keys: DistractorKeys::LookAlike,
             seed,
             order: Order::Question,
         };
