@@ -1,7 +1,7 @@
 """Which fact each answer of a retrieval evaluation names: the asked fact's city, a distractor
 fact's city, a city no fact of the document names, or no answer at all.
 
-    python3 scripts/answer_sources.py RUN/held_out.jsonl RUN/sft/items.jsonl RUN/rl-16k/items.jsonl
+    python3 scripts/answer_sources.py RUN/held_out.jsonl RUN/sft/items.jsonl RUN/rl/items.jsonl
 
 The first file holds the held-out records as `write_jsonl` writes them (context, question,
 answers); each further file is an `evaluate` stage's items.jsonl. Only `synthetic` retrieval
