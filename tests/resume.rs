@@ -1,7 +1,8 @@
 //! Exact resume: a run of SFT, two RL phases and a hard buffer, killed with SIGKILL inside
 //! SFT, between the phases and inside the second phase, and resumed each time, ends with
 //! the same final weights, bit for bit, and the same metrics as the run left alone. A
-//! damaged checkpoint and a changed recipe are refused with messages that say why.
+//! damaged checkpoint and a changed recipe are refused with messages that say why; a file
+//! the run wrote into its own directory is written again, not refused as someone else's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,8 @@ let phase = #{
 let first = rl_phase(warm, short, phase + #{ max_input: 100, max_steps: 5 });
 let hard = hard_buffer(first.output("reports"), long, #{ policy: "hardest", count: 4, mix: 0.5 });
 let second = rl_phase(first, hard, phase + #{ min_input: 100, max_input: 200, max_steps: 5 });
+// A file the run writes into its own directory early on: each resume writes it again.
+write_jsonl(long, "long_tasks.jsonl");
 "#;
 
 /// Fields that measure time, which no two runs share.
@@ -182,6 +185,8 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
         assert_eq!(lines, &b[stage], "metrics of {stage} differ");
     }
     assert!(a[&phase2_label].len() >= 3, "phase 2 logged its steps");
+    let tasks = |run: &Path| std::fs::read(run.join("long_tasks.jsonl")).expect("long_tasks.jsonl");
+    assert!(tasks(&killed) == tasks(&whole), "the resumed run rewrote its own long_tasks.jsonl with the same records");
 }
 
 /// A data-parallel run (three replicas on the CPU, each taking one of a mini-batch's three

@@ -153,6 +153,9 @@ pub struct StageContext {
     pub closures: Arc<Vec<ScriptFn>>,
     /// The compute device the run was started with.
     pub device: longrl_backends::DeviceSpec,
+    /// True in a run continued with `--resume`: files in the run directory may be this
+    /// run's own from its earlier attempt, and a stage replaces them.
+    pub resuming: bool,
 }
 
 impl StageContext {
@@ -166,6 +169,7 @@ impl StageContext {
             node: 0,
             closures: Arc::new(Vec::new()),
             device: longrl_backends::DeviceSpec::default(),
+            resuming: false,
         }
     }
 
@@ -180,6 +184,13 @@ impl StageContext {
             (_, true) | (None, _) => path.to_path_buf(),
             (Some(dir), false) => dir.join(path),
         }
+    }
+
+    /// Whether a stage may replace an existing file at `path` (an output path) although its
+    /// recipe did not ask to overwrite: only in a resumed run, and only inside the run
+    /// directory, which no other run shares, so the file is this run's own.
+    pub fn owns_existing_output(&self, path: &Path) -> bool {
+        self.resuming && self.run_dir.as_ref().is_some_and(|dir| path.starts_with(dir))
     }
 
     /// A validation problem if `path` (an input) is not an existing file.

@@ -116,7 +116,7 @@ pub fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
     });
     run_dir.record_inputs(&source, &plan, info)?;
     crate::errln!("run directory: {}", run_dir.path.display());
-    execute_in(plan, registry, run_dir, device, args.seed.unwrap_or(0), args.channel_capacity)
+    execute_in(plan, registry, run_dir, device, args.seed.unwrap_or(0), args.channel_capacity, false)
 }
 
 /// The recipe's parameters: the `--params` file's values, then the `--set` ones over them.
@@ -191,7 +191,7 @@ fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCod
     let labels: Vec<String> = plan.nodes.iter().map(|n| n.label()).collect();
     let kept = rewind_metrics(dir, &labels)?;
     crate::errln!("resuming {} ({kept} metrics lines kept)", dir.display());
-    execute_in(plan, registry, run_dir, device, seed, args.channel_capacity)
+    execute_in(plan, registry, run_dir, device, seed, args.channel_capacity, true)
 }
 
 /// The parameters a run recorded in its `run.json` when it started.
@@ -265,6 +265,7 @@ fn execute_in(
     device: DeviceSpec,
     seed: u64,
     channel_capacity: usize,
+    resuming: bool,
 ) -> Result<ExitCode> {
     let cancel = CancelToken::new();
     install_interrupt_handler(&cancel)?;
@@ -275,6 +276,7 @@ fn execute_in(
         device,
         channel_capacity,
         metrics: run_dir.metrics()?,
+        resuming,
     };
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let refresher = spawn_report_refresher(run_dir.path.clone(), registry.clone(), std::sync::Arc::clone(&running));

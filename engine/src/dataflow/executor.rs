@@ -31,6 +31,8 @@ pub struct RunOptions {
     /// Items each edge's queue holds before its producer waits.
     pub channel_capacity: usize,
     pub metrics: Metrics,
+    /// The run continues an earlier attempt (`--resume`) in the same run directory.
+    pub resuming: bool,
 }
 
 impl RunOptions {
@@ -43,6 +45,7 @@ impl RunOptions {
             device: DeviceSpec::cpu(),
             channel_capacity: 64,
             metrics: Metrics::discard(),
+            resuming: false,
         }
     }
 }
@@ -190,6 +193,7 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
             node: node.id,
             closures: Arc::clone(&plan.closures),
             device: options.device,
+            resuming: options.resuming,
         };
         let counters = Arc::new(StageCounters::default());
         let io = StageIo::new(label.clone(), inputs, outputs, cancel.clone(), Arc::clone(&counters), options.metrics.clone());

@@ -16,7 +16,8 @@ pub struct WriteJsonlConfig {
     /// Output file; a relative path lands in the run directory. The file appears only once
     /// complete (written beside it, then renamed).
     pub path: PathBuf,
-    /// Replace the file if it exists (otherwise an existing file is an error).
+    /// Replace the file if it exists (otherwise an existing file is an error, except in a
+    /// resumed run, which replaces the file its earlier attempt wrote in the run directory).
     #[serde(default)]
     pub overwrite: bool,
 }
@@ -39,7 +40,8 @@ impl StageConfig for WriteJsonlConfig {
 
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let path = ctx.output_path(&self.path);
-        let file = AtomicFile::create(&path, self.overwrite)?;
+        let overwrite = self.overwrite || ctx.owns_existing_output(&path);
+        let file = AtomicFile::create(&path, overwrite)?;
         Ok(Box::new(WriteJsonl { file, path }))
     }
 }
