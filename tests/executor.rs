@@ -330,6 +330,48 @@ fn a_predicate_that_errors_fails_its_stage_with_the_recipe_position() {
     assert!(message.contains("closure at test.rhai:1:"), "{message}");
 }
 
+/// Runs `recipe` from `base` into the run directory `run_dir`, as a fresh run or a resumed one.
+fn run_into(recipe: &str, base: &Path, run_dir: &Path, resuming: bool) -> RunReport {
+    let registry = Registry::standard();
+    let plan = load_plan(recipe, "test.rhai", &registry, &Params::new()).expect("recipe evaluates");
+    let plan = plan.validate(&registry, &StageContext::for_check(base)).expect("plan is valid");
+    let mut options = RunOptions::in_dir(base);
+    options.run_dir = Some(run_dir.to_path_buf());
+    options.resuming = resuming;
+    execute(&plan, &registry, &options, &CancelToken::new()).expect("run starts")
+}
+
+#[test]
+fn a_resumed_run_rewrites_its_own_outputs_and_no_one_elses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path();
+    std::fs::write(base.join("tasks.jsonl"), "{\"question\": \"q\"}\n").expect("write");
+    let run_dir = base.join("runs/a");
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    let exported = base.join("exported.jsonl");
+    let recipe = format!(r#"let t = jsonl("tasks.jsonl"); write_jsonl(t, "inside.jsonl"); write_jsonl(t, "{}");"#, exported.display());
+    assert!(run_into(&recipe, base, &run_dir, false).succeeded());
+    // The same plan again as a fresh run finds both files there and refuses them ...
+    let again = run_into(&recipe, base, &run_dir, false);
+    assert!(again.failure_message().expect("refused").contains("refusing to overwrite"));
+    // ... and as a resume writes both again: inside the run directory and the one outside,
+    // which the earlier attempt recorded writing.
+    let resumed = run_into(&recipe, base, &run_dir, true);
+    assert!(resumed.succeeded(), "{resumed}");
+    let inside = std::fs::read_to_string(run_dir.join("inside.jsonl")).expect("inside");
+    assert!(inside.lines().count() == 1 && std::fs::read_to_string(&exported).expect("exported") == inside);
+
+    // A file this run never wrote stays refused when resuming, `..` out of the run too.
+    std::fs::write(base.join("runs/precious.jsonl"), "precious\n").expect("write");
+    std::fs::write(base.join("other.jsonl"), "other\n").expect("write");
+    for path in ["../precious.jsonl".to_string(), base.join("other.jsonl").display().to_string()] {
+        let report = run_into(&format!(r#"write_jsonl(jsonl("tasks.jsonl"), "{path}");"#), base, &run_dir, true);
+        assert!(report.failure_message().expect("refused").contains("refusing to overwrite"), "{path}");
+    }
+    assert_eq!(std::fs::read_to_string(base.join("runs/precious.jsonl")).expect("read"), "precious\n");
+    assert_eq!(std::fs::read_to_string(base.join("other.jsonl")).expect("read"), "other\n");
+}
+
 #[test]
 fn outputs_never_overwrite_existing_files() {
     let dir = tempfile::tempdir().expect("tempdir");

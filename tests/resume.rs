@@ -1,8 +1,9 @@
 //! Exact resume: a run of SFT, two RL phases and a hard buffer, killed with SIGKILL inside
 //! SFT, between the phases and inside the second phase, and resumed each time, ends with
 //! the same final weights, bit for bit, and the same metrics as the run left alone. A
-//! damaged checkpoint and a changed recipe are refused with messages that say why; a file
-//! the run wrote into its own directory is written again, not refused as someone else's.
+//! damaged checkpoint and a changed recipe (an option or a closure's body) are refused with
+//! messages that say why; a file the run wrote into its own directory is written again, not
+//! refused as someone else's; a resume while the run still goes is refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,10 @@ fn kill_when(dir: &Path, args: &[&str], run: &Path, what: &str, ready: impl Fn(&
         assert!(started.elapsed() < Duration::from_secs(600), "kill point `{what}` never reached");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // While it runs, a second process on the same run directory is refused.
+    let resume = run.strip_prefix(dir).expect("the run lies in dir").display().to_string();
+    let (ok, stderr) = finish(longrl(dir, &["run", "--resume", &resume]).spawn().expect("starts"));
+    assert!(!ok && stderr.contains("in use by another longrl process"), "a resume beside the live run: {stderr}");
     child.kill().expect("SIGKILL");
     let _ = child.wait();
     std::fs::read_to_string(&log).expect("log")
@@ -165,6 +170,11 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
     // A changed recipe is refused, saying what changed.
     let (ok, stderr) = finish(longrl(dir.path(), &["run", "--resume", "runs/killed", "--set", "lr=0.01"]).spawn().expect("starts"));
     assert!(!ok && stderr.contains("option `lr` changed from 0.002 to 0.01"), "{stderr}");
+    // So is a recipe whose closure (the reward script) counts another letter.
+    let edited = std::fs::read_to_string(&recipe).expect("recipe").replace("c == 'e'", "c == 'a'");
+    std::fs::write(dir.path().join("edited.rhai"), edited).expect("edited recipe");
+    let (ok, stderr) = finish(longrl(dir.path(), &["run", "edited.rhai", "--resume", "runs/killed"]).spawn().expect("starts"));
+    assert!(!ok && stderr.contains("closure #0 (edited.rhai:"), "{stderr}");
 
     // The last resume runs to the end, phase 2 continuing from its checkpoint.
     let (ok, stderr) = finish(longrl(dir.path(), &resume).env("RUST_LOG", "info").spawn().expect("starts"));
@@ -236,4 +246,38 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), &target).expect("copy");
         }
     }
+}
+
+/// A finished run is not resumed. A run moved to another directory resumes there: a finished `score_difficulty`
+/// republishes its scores from the run's new place (not the path it recorded), and what
+/// flows on from it is the same.
+#[test]
+fn a_moved_run_republishes_its_scores_from_its_new_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recipe = r#"
+let tiny = "{tiny}";
+let policy = model(tiny, #{ init: "random", init_std: 0.08, seed: 3 });
+let tasks = synthetic(#{ count: 6, lengths: [64], tokenizer: tiny, kinds: ["retrieval"], distractors: 0, seed: 1 });
+let parity = reward(#{ script: |response, record| if record.answers[0].len() % 2 == 0 { 1.0 } else { 0.0 } });
+let scored = score_difficulty(policy, tasks, #{ reward: parity, group: 3, max_output: 4 });
+scored.output("records").write_jsonl("scored.jsonl");
+"#;
+    std::fs::write(
+        dir.path().join("score.rhai"),
+        recipe.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string()),
+    )
+    .expect("recipe");
+    let (ok, stderr) = finish(longrl(dir.path(), &["run", "score.rhai", "--name", "first"]).spawn().expect("starts"));
+    assert!(ok, "{stderr}");
+    let runs = dir.path().join("runs");
+    let scored_before = std::fs::read(runs.join("first/scored.jsonl")).expect("scored");
+    // A finished run is not resumed; without its report.json it reads as killed at the end.
+    let (ok, stderr) = finish(longrl(dir.path(), &["run", "--resume", "runs/first"]).spawn().expect("starts"));
+    assert!(!ok && stderr.contains("already finished"), "{stderr}");
+    std::fs::remove_file(runs.join("first/report.json")).expect("remove report.json");
+    std::fs::rename(runs.join("first"), runs.join("moved")).expect("move");
+    let (ok, stderr) = finish(longrl(dir.path(), &["run", "--resume", "runs/moved"]).env("RUST_LOG", "info").spawn().expect("starts"));
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("finished in an earlier attempt"), "score_difficulty was republished, not redone:\n{stderr}");
+    assert!(std::fs::read(runs.join("moved/scored.jsonl")).expect("scored") == scored_before);
 }

@@ -464,7 +464,16 @@ fn parse_recompute(text: &str) -> Result<longrl_stdlib::train::RecomputeChoice, 
     serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| format!("`{text}` is not auto, layer or none"))
 }
 
+/// Rhai's hashing seed, fixed so that a closure's name (a hash of its body) is the same in
+/// every process: `--resume` compares the closures of a run's plan with the recipe's now.
+/// Recipes are the user's own code, so the randomized seed's protection is not needed.
+const RHAI_HASHING_SEED: [u64; 4] = [0x6c6f_6e67, 0x726c, 0x7265_6369, 0x7065];
+
 fn main() -> ExitCode {
+    // Before any Rhai engine exists: every hash Rhai computes depends on it.
+    if rhai::config::hashing::set_hashing_seed(Some(RHAI_HASHING_SEED)).is_err() {
+        errln!("warning: Rhai's hashing seed was already set; `--resume` may see closures as changed");
+    }
     let cli = Cli::parse();
     init_tracing();
     match dispatch(cli) {

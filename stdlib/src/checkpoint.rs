@@ -124,7 +124,7 @@ fn is_step_name(name: &str) -> bool {
 
 /// Whether `path` lies inside `dir`: lexically (no `..`), and, when both exist, once links
 /// are resolved.
-fn lies_inside(path: &Path, dir: &Path) -> bool {
+pub(crate) fn lies_inside(path: &Path, dir: &Path) -> bool {
     use std::path::Component;
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
         return false;

@@ -110,7 +110,8 @@ pub trait ModelStage: Send + Sync + 'static {
 
     /// Sends again what the stage published besides its model, when it finished in an
     /// earlier attempt of the run (the driver republishes the summary and the model).
-    fn republish(&self, _done: &Done, _io: &mut StageIo) -> Result<(), StageError> {
+    /// `out_dir` is where the stage's results are now (the run may have moved since).
+    fn republish(&self, _done: &Done, _out_dir: Option<&Path>, _io: &mut StageIo) -> Result<(), StageError> {
         Ok(())
     }
 }
@@ -189,8 +190,8 @@ impl<S: ModelStage> Stage for Driver<S> {
         let checkpoints = self.ctx.run_dir.as_ref().map(|run| StageCheckpoints::new(run, io.label(), self.stage.cadence().keep));
         if let Some(done) = checkpoints.as_ref().map(StageCheckpoints::done).transpose()?.flatten() {
             tracing::info!(stage = %io.label(), "finished in an earlier attempt; republishing its results");
-            self.stage.republish(&done, io)?;
-            io.summary_mut().extend(done.summary);
+            io.summary_mut().extend(done.summary.clone());
+            self.stage.republish(&done, self.out_dir.as_deref(), io)?;
             if let Some(dir) = done.model {
                 io.send_model("model", ModelRef { dir })?;
             }
@@ -241,6 +242,9 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
                 let _turn = crate::device_lock::acquire(driver.ctx.device, io.label());
                 run.step(step, io)?
             };
+            // A stop during the step (Ctrl-C, another stage failing) may have cut it short:
+            // a judge answers `unscorable` once the run stops. Nothing of it is kept.
+            io.cancel_token().check()?;
             if let Some(metrics) = &outcome.metrics {
                 io.log_metrics(step as u64, metrics_fields(metrics)?)?;
             }
@@ -256,6 +260,8 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
         }
         progress.finish();
         let model = run.finish(driver.out_dir.as_deref(), io)?;
+        // Likewise for the final work (an evaluation's judging): a stopped stage is not done.
+        io.cancel_token().check()?;
         if let Some(checkpoints) = &checkpoints {
             let metrics_lines = resumed_lines + io.metrics_logged();
             checkpoints.mark_done(&Done { model: model.clone(), summary: io.summary_mut().clone(), metrics_lines })?;
@@ -273,5 +279,116 @@ fn metrics_fields<M: Serialize>(metrics: &M) -> Result<serde_json::Map<String, s
         Ok(serde_json::Value::Object(fields)) => Ok(fields),
         Ok(other) => Err(StageError::Failed(format!("step metrics must serialize to an object, got {other}"))),
         Err(e) => Err(StageError::Failed(format!("cannot encode step metrics: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::stage::{CancelToken, PortKind, PortSpec, StageCounters};
+
+    /// When the fake stage stops the run (as Ctrl-C would while a step or the final
+    /// judging is under way).
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum StopDuring {
+        Step(usize),
+        Finish,
+    }
+
+    /// A model stage without a model: four steps, a checkpoint after each, logging one
+    /// metrics line per step.
+    struct Fake {
+        stop: StopDuring,
+    }
+
+    struct FakeRun {
+        stop: StopDuring,
+    }
+
+    impl ModelStage for Fake {
+        type State = usize;
+        type Run<B: TrainBackend> = FakeRun;
+
+        fn cadence(&self) -> Cadence {
+            Cadence { every: 1, keep: 10 }
+        }
+
+        fn prepare<B: TrainBackend>(&self, _inputs: StageInputs, _device: B::Device, _io: &mut StageIo) -> Result<FakeRun, StageError> {
+            Ok(FakeRun { stop: self.stop })
+        }
+    }
+
+    impl<B: TrainBackend> StageRun<B> for FakeRun {
+        type State = usize;
+        type Metrics = serde_json::Value;
+
+        fn total_steps(&self) -> usize {
+            4
+        }
+
+        fn restore(&mut self, _dir: &Path, _state: usize, _io: &mut StageIo) -> Result<(), StageError> {
+            Ok(())
+        }
+
+        fn step(&mut self, step: usize, io: &mut StageIo) -> Result<StepOutcome<serde_json::Value>, StageError> {
+            if self.stop == StopDuring::Step(step) {
+                io.cancel_token().cancel();
+            }
+            Ok(StepOutcome { metrics: Some(serde_json::json!({ "loss": step })), status: String::new(), last: false })
+        }
+
+        fn checkpoint(&self, _dir: &Path) -> Result<usize, StageError> {
+            Ok(0)
+        }
+
+        fn finish(self, _out_dir: Option<&Path>, io: &mut StageIo) -> Result<Option<PathBuf>, StageError> {
+            if self.stop == StopDuring::Finish {
+                io.cancel_token().cancel();
+            }
+            Ok(None)
+        }
+    }
+
+    /// Runs the fake stage in `run_dir` with a policy on its input; returns its result and
+    /// the metrics lines it logged.
+    fn run_fake(run_dir: &Path, stop: StopDuring) -> (Result<(), StageError>, usize) {
+        let (policy_tx, policy_rx) = crossbeam_channel::unbounded();
+        policy_tx.send(Item::Model(ModelRef { dir: run_dir.join("model") })).expect("send");
+        drop(policy_tx);
+        let inputs = vec![
+            (PortSpec::required("policy", PortKind::Model, "policy"), Some(policy_rx)),
+            (PortSpec::required("data", PortKind::Records, "data"), None),
+        ];
+        let mut io = StageIo::new("fake#1", inputs, Vec::new(), CancelToken::new(), Arc::new(StageCounters::default()), Metrics::discard());
+        let ctx = StageContext { run_dir: Some(run_dir.to_path_buf()), ..StageContext::for_check(run_dir) };
+        let result = Box::new(Driver::new(Fake { stop }, &ctx, None)).run(&mut io);
+        (result, io.metrics_logged())
+    }
+
+    #[test]
+    fn a_step_cut_short_by_a_stop_is_neither_logged_nor_saved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (result, logged) = run_fake(dir.path(), StopDuring::Step(2));
+        assert!(matches!(result, Err(StageError::Cancelled)), "{result:?}");
+        assert_eq!(logged, 2, "steps 0 and 1 logged, not the stopped step 2");
+        let checkpoints = StageCheckpoints::new(dir.path(), "fake#1", 10);
+        let (latest, _) = checkpoints.latest().expect("reads").expect("a checkpoint");
+        assert!(latest.ends_with("step-000002"), "the newest checkpoint is after step 1: {}", latest.display());
+        assert!(checkpoints.done().expect("reads").is_none());
+    }
+
+    #[test]
+    fn a_stage_stopped_while_finishing_is_not_marked_done() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (result, logged) = run_fake(dir.path(), StopDuring::Finish);
+        assert!(matches!(result, Err(StageError::Cancelled)), "{result:?}");
+        assert_eq!(logged, 4);
+        assert!(StageCheckpoints::new(dir.path(), "fake#1", 10).done().expect("reads").is_none(), "no done.json");
+        // Left alone, the same stage is marked done.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (result, _) = run_fake(dir.path(), StopDuring::Step(99));
+        assert!(result.is_ok(), "{result:?}");
+        assert!(StageCheckpoints::new(dir.path(), "fake#1", 10).done().expect("reads").is_some());
     }
 }

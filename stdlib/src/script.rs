@@ -35,6 +35,14 @@ impl ScriptFn {
         &self.origin
     }
 
+    /// What identifies the closure's behaviour across processes: Rhai names an anonymous
+    /// function by a hash of its parameters and body (positions included), and the values
+    /// it captured follow. Two recipes whose closure differs in any of these differ here.
+    pub fn fingerprint(&self) -> String {
+        let captured: Vec<String> = self.function.curry().iter().map(|value| format!("{value:?}")).collect();
+        format!("{}({})", self.function.fn_name(), captured.join(", "))
+    }
+
     /// Calls the closure with one argument.
     pub fn call1(&self, arg: Dynamic) -> Result<Dynamic, StageError> {
         self.function

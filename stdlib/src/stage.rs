@@ -188,9 +188,9 @@ impl StageContext {
 
     /// Whether a stage may replace an existing file at `path` (an output path) although its
     /// recipe did not ask to overwrite: only in a resumed run, and only inside the run
-    /// directory, which no other run shares, so the file is this run's own.
+    /// directory (no `..` out of it), which no other run shares, so the file is this run's own.
     pub fn owns_existing_output(&self, path: &Path) -> bool {
-        self.resuming && self.run_dir.as_ref().is_some_and(|dir| path.starts_with(dir))
+        self.resuming && self.run_dir.as_ref().is_some_and(|dir| crate::checkpoint::lies_inside(path, dir))
     }
 
     /// A validation problem if `path` (an input) is not an existing file.

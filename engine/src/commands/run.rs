@@ -14,7 +14,7 @@ use crate::commands::report::{checkpoint_stamp, write_report};
 use crate::dataflow::executor::RunOptions;
 use crate::dataflow::params::{Origin, read_params_file};
 use crate::dataflow::recipe::parse_set;
-use crate::dataflow::resume::{plan_changes, rewind_metrics};
+use crate::dataflow::resume::{plan_changes, remove_leftovers, rewind_metrics};
 use crate::dataflow::rundir::RunDir;
 use crate::dataflow::{CheckError, Params, ValidPlan, check_recipe, execute};
 
@@ -105,6 +105,7 @@ pub fn run(args: RunArgs, registry: &Registry) -> Result<ExitCode> {
     let device = DeviceSpec::new(args.backend, args.device);
     longrl_backends::probe(device)?;
     let run_dir = RunDir::create(&args.runs_dir, args.name.as_deref(), &recipe_args.recipe)?;
+    let _lock = run_dir.lock()?;
     let info = serde_json::json!({
         "recipe": recipe_args.recipe.display().to_string(),
         "params": params.values(),
@@ -160,6 +161,7 @@ fn read_json(path: &Path, what: &str) -> Result<serde_json::Value> {
 /// of unfinished work dropped back to each stage's last checkpoint.
 fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCode> {
     let run_dir = RunDir::open(dir)?;
+    let _lock = run_dir.lock()?;
     let info = read_json(&dir.join("run.json"), "the run's settings")?;
     let seed = info["seed"].as_u64().unwrap_or(0);
     if let Some(asked) = args.seed {
@@ -185,13 +187,30 @@ fn resume_run(args: &RunArgs, dir: &Path, registry: &Registry) -> Result<ExitCod
             changes.join("\n  ")
         );
     }
+    if finished(dir) {
+        bail!(
+            "the run {} already finished (its report.json has every stage ok); nothing to resume (start a new run to run it again)",
+            dir.display()
+        );
+    }
     let backend = info["backend"].as_str().map(parse_backend).transpose().map_err(anyhow::Error::msg)?.unwrap_or(args.backend);
     let device = DeviceSpec::new(backend, info["device"].as_str().and_then(|d| d.rsplit(':').next()?.parse().ok()).unwrap_or(args.device));
     longrl_backends::probe(device)?;
     let labels: Vec<String> = plan.nodes.iter().map(|n| n.label()).collect();
     let kept = rewind_metrics(dir, &labels)?;
-    crate::errln!("resuming {} ({kept} metrics lines kept)", dir.display());
+    let leftovers = remove_leftovers(dir)?;
+    let swept = if leftovers > 0 { format!(", {leftovers} half-written files of the killed attempt removed") } else { String::new() };
+    crate::errln!("resuming {} ({kept} metrics lines kept{swept})", dir.display());
     execute_in(plan, registry, run_dir, device, seed, args.channel_capacity, true)
+}
+
+/// Whether the run's last attempt ended with every stage done (`report.json` is written
+/// when an attempt ends; a killed attempt leaves none, or the one before it).
+fn finished(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("report.json")) else { return false };
+    let Ok(report) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    let stages = report["stages"].as_array().map(Vec::as_slice).unwrap_or_default();
+    report["interrupted"] == false && !stages.is_empty() && stages.iter().all(|stage| stage["status"] == "ok")
 }
 
 /// The parameters a run recorded in its `run.json` when it started.

@@ -381,8 +381,8 @@ fn find_cycle(node_count: usize, edges: &[ResolvedEdge]) -> Option<Vec<usize>> {
 }
 
 /// Files the run directory itself holds: no stage may write them.
-const RUN_FILES: [&str; 8] =
-    ["recipe.rhai", "plan.json", "run.json", "metrics.jsonl", "report.json", "report.html", "stages", "checkpoints"];
+const RUN_FILES: [&str; 9] =
+    ["recipe.rhai", "plan.json", "run.json", "metrics.jsonl", "report.json", "report.html", "stages", "checkpoints", ".lock"];
 
 /// Problems of stages that would write the same file or directory (or one of the run's own).
 fn shared_writes<'a>(nodes: &'a [Node], registry: &Registry, ctx: &dyn Fn(&Node) -> StageContext) -> Vec<Problem> {
@@ -454,7 +454,9 @@ impl ValidPlan {
 
     /// The plan as JSON (saved in the run directory).
     pub fn to_json(&self) -> Value {
-        serde_json::json!({ "recipe": self.recipe, "nodes": self.nodes, "edges": self.edges })
+        let closures: Vec<Value> =
+            self.closures.iter().map(|c| serde_json::json!({ "at": c.origin(), "fingerprint": c.fingerprint() })).collect();
+        serde_json::json!({ "recipe": self.recipe, "nodes": self.nodes, "edges": self.edges, "closures": closures })
     }
 }
 

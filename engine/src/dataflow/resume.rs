@@ -1,6 +1,7 @@
 //! Resuming a killed run: the recipe's plan must be the one the run started with (every
-//! difference is named), and `metrics.jsonl` is cut back to what each stage logged before
-//! its last checkpoint, so the resumed stages log the rest exactly once.
+//! difference is named, closures' bodies and captured values included), `metrics.jsonl` is
+//! cut back to what each stage logged before its last checkpoint, so the resumed stages log
+//! the rest exactly once, and the half-written files a kill left behind are removed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,7 +45,54 @@ pub fn plan_changes(saved: &Value, now: &Value) -> Vec<String> {
     if saved["edges"] != now["edges"] && before.len() == after.len() {
         changes.push("the stages are connected differently".into());
     }
+    changes.extend(closure_changes(saved, now));
     changes
+}
+
+/// Closures whose fingerprint (body and captured values) differs; nothing for a plan saved
+/// before plans recorded closures.
+fn closure_changes(saved: &Value, now: &Value) -> Vec<String> {
+    let (Some(before), Some(after)) = (saved["closures"].as_array(), now["closures"].as_array()) else { return Vec::new() };
+    if before.len() != after.len() {
+        return vec![format!("the recipe had {} closures, it now has {}", before.len(), after.len())];
+    }
+    before
+        .iter()
+        .zip(after)
+        .enumerate()
+        .filter(|(_, (old, new))| old["fingerprint"] != new["fingerprint"])
+        .map(|(i, (_, new))| {
+            format!(
+                "closure #{i} ({}) changed: its body, its place in the recipe or a value it captures",
+                new["at"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+/// Removes what a killed attempt left half-written in the run directory: atomic writes'
+/// temporary files (`.NAME.*.tmp`) and checkpoint staging directories (`.step-NNNNNN.*`),
+/// neither of which is ever read. Returns how many were removed. Links are not followed.
+pub fn remove_leftovers(run_dir: &Path) -> Result<usize, StageError> {
+    let mut removed = 0;
+    let mut pending = vec![run_dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| StageError::io(&dir, e))? {
+            let entry = entry.map_err(|e| StageError::io(&dir, e))?;
+            let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+            let kind = entry.file_type().map_err(|e| StageError::io(&path, e))?;
+            if kind.is_dir() && name.starts_with(".step-") {
+                std::fs::remove_dir_all(&path).map_err(|e| StageError::io(&path, e))?;
+                removed += 1;
+            } else if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file() && name.starts_with('.') && name.ends_with(".tmp") {
+                std::fs::remove_file(&path).map_err(|e| StageError::io(&path, e))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Rewrites `metrics.jsonl` keeping, per stage, the lines it logged before its last
@@ -103,5 +151,32 @@ mod tests {
         let more =
             json!({ "nodes": [{ "id": 0, "stage": "sft", "options": {} }, { "id": 1, "stage": "evaluate", "options": {} }], "edges": [] });
         assert!(plan_changes(&saved, &more).iter().any(|c| c.contains("had 1 stages")));
+
+        let with =
+            |fingerprint: &str| json!({ "nodes": [], "edges": [], "closures": [{ "at": "r.rhai:3:9", "fingerprint": fingerprint }] });
+        assert!(plan_changes(&with("anon$1()"), &with("anon$1()")).is_empty());
+        let changes = plan_changes(&with("anon$1()"), &with("anon$2()"));
+        assert!(changes.iter().any(|c| c.contains("closure #0 (r.rhai:3:9) changed")), "{changes:?}");
+        let older = json!({ "nodes": [], "edges": [] });
+        assert!(plan_changes(&older, &with("anon$1()")).is_empty(), "plans saved before closures were recorded still resume");
+    }
+
+    #[test]
+    fn leftovers_of_a_kill_are_removed_and_nothing_else() {
+        let run = tempfile::tempdir().expect("tempdir");
+        let stage = run.path().join("checkpoints/sft-4");
+        std::fs::create_dir_all(stage.join("step-000002")).expect("dirs");
+        std::fs::create_dir_all(stage.join(".step-000004.Xy12")).expect("dirs");
+        std::fs::write(stage.join(".step-000004.Xy12/model.safetensors"), b"half").expect("write");
+        std::fs::create_dir_all(run.path().join("sft-4")).expect("dirs");
+        std::fs::write(run.path().join("sft-4/.model.safetensors.Ab3.tmp"), b"half").expect("write");
+        std::fs::write(run.path().join("sft-4/model.safetensors"), b"whole").expect("write");
+        std::fs::write(run.path().join(".lock"), b"").expect("write");
+        std::fs::write(run.path().join("metrics.jsonl"), b"").expect("write");
+        assert_eq!(remove_leftovers(run.path()).expect("sweeps"), 2);
+        assert!(!stage.join(".step-000004.Xy12").exists() && !run.path().join("sft-4/.model.safetensors.Ab3.tmp").exists());
+        for kept in ["checkpoints/sft-4/step-000002", "sft-4/model.safetensors", ".lock", "metrics.jsonl"] {
+            assert!(run.path().join(kept).exists(), "{kept} was kept");
+        }
     }
 }

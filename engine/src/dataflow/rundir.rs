@@ -17,6 +17,9 @@ pub struct RunDir {
     pub name: String,
 }
 
+/// The file a running process locks inside its run directory (see [`RunDir::lock`]).
+pub const LOCK_FILE: &str = ".lock";
+
 /// The first lines of a run's `params.yaml`.
 const PARAMS_HEADER: &str = "# The parameters this run started with (the --params file's, then --set's over them).\n# `longrl run RECIPE --params` this file runs the same again.\n";
 
@@ -75,6 +78,25 @@ impl RunDir {
             write_atomic(&self.path.join("params.yaml"), text.as_bytes())?;
         }
         self.write_json("run.json", &run_info)
+    }
+
+    /// Takes the run directory for this process: an exclusive lock on its `.lock` file, held
+    /// until the returned file is dropped (the OS drops it when the process dies, SIGKILL
+    /// included). A second process on the same run, a resume while the run still goes, is
+    /// refused instead of writing the same checkpoints and metrics.
+    pub fn lock(&self) -> Result<std::fs::File, StageError> {
+        let path = self.path.join(LOCK_FILE);
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| StageError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StageError::Invalid(format!(
+                "run directory {} is in use by another longrl process (it holds {}); wait for it to end or stop it first",
+                self.path.display(),
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(StageError::io(&path, e)),
+        }
     }
 
     /// Opens `metrics.jsonl` for appending.
@@ -138,6 +160,13 @@ mod tests {
         assert!(first.path.is_dir());
         let err = RunDir::create(root.path(), Some("a"), recipe).expect_err("exists");
         assert!(err.to_string().contains("already exists"));
+        let held = first.lock().expect("the first lock");
+        let again = RunDir::open(&first.path);
+        assert!(again.is_err(), "no run.json yet");
+        let err = first.lock().expect_err("a second lock on the same run");
+        assert!(err.to_string().contains("in use by another longrl process"), "{err}");
+        drop(held);
+        first.lock().expect("free again once dropped");
         let one = RunDir::create(root.path(), None, recipe).expect("auto");
         let two = RunDir::create(root.path(), None, recipe).expect("auto");
         assert_ne!(one.path, two.path);

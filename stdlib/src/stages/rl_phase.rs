@@ -378,7 +378,7 @@ impl ModelStage for RlPhase {
         RlRun::prepare(&self.config, self.run_seed, inputs, device, io)
     }
 
-    fn republish(&self, done: &Done, io: &mut StageIo) -> Result<(), StageError> {
+    fn republish(&self, done: &Done, _out_dir: Option<&Path>, io: &mut StageIo) -> Result<(), StageError> {
         if let Some(dir) = &done.model {
             send_reports(io, &read_reports(&dir.join(REPORTS_FILE))?)?;
         }

@@ -187,11 +187,13 @@ impl ModelStage for ScoreDifficulty {
         })
     }
 
-    fn republish(&self, done: &Done, io: &mut StageIo) -> Result<(), StageError> {
-        let Some(dir) = done.summary.get("results").and_then(serde_json::Value::as_str) else { return Ok(()) };
-        for scored in read_scored(&Path::new(dir).join(SCORED_FILE))? {
+    fn republish(&self, done: &Done, out_dir: Option<&Path>, io: &mut StageIo) -> Result<(), StageError> {
+        // The results are in this stage's own directory (the recorded path may predate a move).
+        let Some(dir) = out_dir.filter(|_| done.summary.contains_key("results")) else { return Ok(()) };
+        for scored in read_scored(&dir.join(SCORED_FILE))? {
             emit(io, scored)?;
         }
+        io.summary_mut().insert("results".into(), dir.display().to_string().into());
         Ok(())
     }
 }

@@ -290,6 +290,7 @@ impl ModelStage for Sft {
             steps,
             state: SftState { tokens_seen: 0, last_loss: None },
             started: Instant::now(),
+            tokens_before: 0,
         })
     }
 }
@@ -331,6 +332,8 @@ pub struct SftRun<B: TrainBackend> {
     steps: Vec<Vec<Vec<usize>>>,
     state: SftState,
     started: Instant,
+    /// Tokens already trained on when this process started the stage (a resumed run's).
+    tokens_before: usize,
 }
 
 impl<B: TrainBackend> SftRun<B> {
@@ -375,6 +378,7 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
         self.trainer = Trainer::new(weights, self.config.optim.clone())
             .with_compute(self.trainer.compute_dtype())
             .load_state(&dir.join(OPTIMIZER_FILE), &self.device)?;
+        self.tokens_before = state.tokens_seen;
         self.state = state;
         Ok(())
     }
@@ -430,7 +434,9 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
         summary.insert("precision".into(), self.config.precision.as_str().into());
         summary.insert("parallel_updates".into(), self.parallel_updates.into());
         summary.insert("final_loss".into(), self.state.last_loss.unwrap_or(f64::NAN).into());
-        summary.insert("tokens_per_s".into(), (self.state.tokens_seen as f64 / wall).into());
+        // This process's throughput: a resumed run's earlier tokens took an earlier process's time.
+        let tokens_now = self.state.tokens_seen.saturating_sub(self.tokens_before);
+        summary.insert("tokens_per_s".into(), (tokens_now as f64 / wall).into());
         summary.insert("checkpoint".into(), dir.display().to_string().into());
         Ok(Some(dir.to_path_buf()))
     }
