@@ -79,7 +79,9 @@ fn default_timeout() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Setup {
-    /// Copies the finished base run (see [`base_run`]) to `to`.
+    /// Copies the finished base run (see [`base_run`]) to `to` as an attempt killed after its
+    /// last checkpoint would leave it: without the report an ended attempt writes (a run whose
+    /// report says every stage ended is not resumed; `tests/resume.rs` checks that refusal).
     CopyBaseRun {
         to: String,
     },
@@ -364,7 +366,10 @@ fn apply(step: &Setup, dir: &Path, places: &Placeholders) -> Result<(), String> 
     let at = |path: &str| dir.join(path);
     let io = |e: std::io::Error| e.to_string();
     match step {
-        Setup::CopyBaseRun { to } => copy_tree(base_run()?, &at(to)),
+        Setup::CopyBaseRun { to } => {
+            copy_tree(base_run()?, &at(to))?;
+            ["report.json", "report.html"].iter().try_for_each(|name| std::fs::remove_file(at(to).join(name)).map_err(io))
+        }
         Setup::Copy { from, to } => {
             let from = PathBuf::from(places.fill(from));
             if from.is_dir() { copy_tree(&from, &at(to)) } else { std::fs::copy(&from, at(to)).map(|_| ()).map_err(io) }

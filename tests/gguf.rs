@@ -210,6 +210,32 @@ fn malformed_files_are_errors_that_name_the_file_and_the_fault() {
     huge_array.extend(u64::MAX.to_le_bytes());
     let message = open_error(d, "array.gguf", &gguf_bytes(3, &[huge_array], &[], &[]));
     assert!(message.contains("claims 18446744073709551615 items"), "{message}");
+    // An array the file does hold, but of more items than any model's metadata: each would
+    // take a 32-byte value in memory.
+    let mut long_array = gguf_string("tokenizer.ggml.token_type");
+    long_array.extend(9u32.to_le_bytes());
+    long_array.extend(0u32.to_le_bytes());
+    long_array.extend(3_000_000u64.to_le_bytes());
+    long_array.extend(vec![1u8; 3_000_000]);
+    let message = open_error(d, "long.gguf", &gguf_bytes(3, &[long_array], &[], &[]));
+    assert!(message.contains("holds 3000000 items, more than the 2097152 longrl reads"), "{message}");
+}
+
+#[test]
+fn a_forged_layer_count_is_refused_before_any_tensor_is_planned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bytes = std::fs::read(fixture("tiny-llama-tied.gguf")).expect("fixture");
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).expect("the fixture names its layer count") + key.len();
+    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "a u32 value");
+    bytes[at + 4..at + 8].copy_from_slice(&4_000_000_000u32.to_le_bytes());
+    let path = dir.path().join("forged.gguf");
+    std::fs::write(&path, &bytes).expect("write");
+    let out = dir.path().join("out");
+    let err = convert_gguf(&path, &out, &ConvertOptions::default()).expect_err("four billion layers").to_string();
+    assert!(err.starts_with(&path.display().to_string()), "the error names the file: {err}");
+    assert!(err.contains("num_hidden_layers is 4000000000") || err.contains("memory available on this machine"), "{err}");
+    assert!(!out.exists(), "nothing is written");
 }
 
 #[test]

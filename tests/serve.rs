@@ -139,6 +139,7 @@ fn chat_honours_n_and_logprobs_and_unsupported_fields_are_refused_by_name() {
         (&completions_url, json!({ "prompt": [1, 2], "no_such_field": 1 }), "no_such_field"),
         (&completions_url, json!({ "prompt": [1, 2], "max_tokens": 100000 }), "max_tokens"),
         (&completions_url, json!({ "prompt": [1, 2], "n": "three" }), "n"),
+        (&completions_url, json!({ "prompt": vec![vec![1, 2]; 1024], "n": 5 }), "n"),
         (&chat_url, json!({ "messages": [{ "role": "user", "content": "Hi" }], "tools": [{ "type": "function" }] }), "tools"),
         (&chat_url, json!({ "messages": [{ "role": "user", "content": "Hi" }], "presence_penalty": 1.0 }), "presence_penalty"),
     ];

@@ -175,10 +175,17 @@ fn one_sft_step_lowers_the_loss() {
     let before = loss_of(trainer.model());
     let before_value = before.clone().into_scalar().elem::<f64>();
     trainer.backward(before);
-    let info = trainer.step(0, 1);
+    let info = trainer.step(0, 1).expect("finite gradients");
     let after = loss_of(trainer.model()).into_scalar().elem::<f64>();
     assert!(after < before_value - 0.05, "loss {before_value} -> {after}");
     assert!(info.grad_norm > 0.0 && info.lr == 1e-2);
+
+    // A diverged loss: NaN gradients are refused and leave the weights as they were.
+    let weights_before = loss_of(trainer.model()).into_scalar().elem::<f64>();
+    trainer.backward(loss_of(trainer.model()).mul_scalar(f32::NAN));
+    let err = trainer.step(1, 2).expect_err("NaN gradients");
+    assert!(err.contains("update 2 are not finite") && err.contains("the weights were not updated"), "{err}");
+    assert_eq!(loss_of(trainer.model()).into_scalar().elem::<f64>(), weights_before);
 }
 
 #[test]

@@ -59,6 +59,12 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The largest id in the vocabulary, added tokens included (ids need not be dense, so
+    /// this can exceed [`Tokenizer::vocab_size`]).
+    pub fn max_id(&self) -> Option<u32> {
+        self.inner.get_vocab(true).into_values().max()
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

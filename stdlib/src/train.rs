@@ -150,8 +150,16 @@ impl OptimConfig {
         if self.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             out.push("betas must be within [0, 1)".into());
         }
-        if self.grad_clip < 0.0 {
-            out.push("grad_clip must not be negative".into());
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            out.push(format!("grad_clip must be 0 (off) or a positive number, got {}", self.grad_clip));
+        }
+        // f32 moments: an epsilon below f32's smallest normal is lost to rounding, one of 1
+        // or more swamps every update.
+        if !(self.eps >= 1e-30 && self.eps < 1.0) {
+            out.push(format!("eps must be within [1e-30, 1), got {}", self.eps));
+        }
+        if !(0.0..1.0).contains(&self.weight_decay) {
+            out.push(format!("weight_decay must be within [0, 1), got {}", self.weight_decay));
         }
         out
     }
@@ -298,18 +306,27 @@ impl<B: AutodiffBackend<InnerBackend: Kernels>, M: AutodiffModule<B>> Trainer<B,
         self.optim.to_record().len()
     }
 
-    /// Applies the accumulated gradients at the learning rate of `step` of `total`.
-    pub fn step(&mut self, step: usize, total: usize) -> StepInfo {
-        let model = self.take_model();
+    /// Applies the accumulated gradients at the learning rate of `step` of `total`. Gradients
+    /// with a NaN or infinite value (a diverged loss) are an error and leave the weights
+    /// and moments as they were, so that the last checkpoint stays a good place to resume.
+    pub fn step(&mut self, step: usize, total: usize) -> Result<StepInfo, String> {
         let mut grads = self.accumulator.grads();
         self.pending = 0;
-        let grad_norm = global_norm::<B, M>(&model, &grads);
+        let grad_norm = global_norm::<B, M>(self.model(), &grads);
+        if !grad_norm.is_finite() {
+            return Err(format!(
+                "the gradients of update {} are not finite (global norm {grad_norm}): the loss diverged; \
+                 the weights were not updated (a lower lr, more warmup_steps or grad_clip may help)",
+                step + 1
+            ));
+        }
+        let model = self.take_model();
         if self.config.grad_clip > 0.0 && grad_norm > self.config.grad_clip {
             scale_grads::<B, M>(&model, &mut grads, self.config.grad_clip / (grad_norm + 1e-6));
         }
         let lr = self.config.lr_at(step, total);
         self.model = Some(self.optim.step(lr, model, grads));
-        StepInfo { lr, grad_norm }
+        Ok(StepInfo { lr, grad_norm })
     }
 
     fn take_model(&mut self) -> M {

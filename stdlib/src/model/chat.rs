@@ -10,6 +10,11 @@ use crate::model::ModelError;
 use crate::record::ChatMessage;
 use crate::tokenizer::Tokenizer;
 
+/// The work one render may do (minijinja's fuel: about one unit per instruction or per 64
+/// bytes of data made): enough for any real template over a conversation of tens of
+/// megabytes, and a bound on a template that loops or grows without end.
+const RENDER_FUEL: u64 = 20_000_000;
+
 /// A compiled chat template with the special-token strings it may refer to.
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
@@ -34,6 +39,7 @@ impl ChatTemplate {
             .build()
             .map_err(|e| ModelError::Template(e.to_string()))?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
@@ -107,6 +113,26 @@ fn special_token(config: &Value, key: &str) -> Option<String> {
     }
 }
 
+/// The JSON of `path`, or `Null` when there is no such file; a file that is there but not
+/// valid JSON is an error naming it.
+fn read_json_if_present(path: &Path) -> Result<Value, ModelError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::checkpoint(path, format!("not valid JSON: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Null),
+        Err(e) => Err(ModelError::io(path, e)),
+    }
+}
+
+/// The `eos_token_id` of a config: absent, one id, or a list of ids.
+fn eos_ids(config: &Value) -> Result<Vec<u32>, String> {
+    let as_id = |v: &Value| v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| format!("eos_token_id {v} is not a token id"));
+    match config.get("eos_token_id") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(ids)) => ids.iter().map(as_id).collect(),
+        Some(one) => Ok(vec![as_id(one)?]),
+    }
+}
+
 /// A model's tokenizer, chat template and special token ids, read from its directory.
 #[derive(Debug)]
 pub struct ModelTokenizer {
@@ -125,31 +151,58 @@ pub struct ModelTokenizer {
 }
 
 impl ModelTokenizer {
-    /// Loads `tokenizer.json`, the chat template and the special ids of `dir`.
+    /// Loads `tokenizer.json`, the chat template and the special ids of `dir`. Every id the
+    /// tokenizer can produce, and every special id, must lie inside the model's embedding
+    /// (`vocab_size` of config.json, when the directory has one).
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let tokenizer = Tokenizer::load(dir).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let template = ChatTemplate::load(dir)?;
+        let tok_config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
+        let model_config = read_json_if_present(&dir.join("config.json"))?;
         let mut stop_ids = Vec::new();
-        let read = |name: &str| -> Value {
-            std::fs::read_to_string(dir.join(name)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null)
-        };
-        let tok_config = read("tokenizer_config.json");
         if let Some(id) = special_token(&tok_config, "eos_token").and_then(|t| tokenizer.token_id(&t)) {
             stop_ids.push(id);
         }
-        for file in ["generation_config.json", "config.json"] {
-            match read(file).get("eos_token_id") {
-                Some(Value::Number(n)) => stop_ids.extend(n.as_u64().map(|v| v as u32)),
-                Some(Value::Array(ids)) => stop_ids.extend(ids.iter().filter_map(Value::as_u64).map(|v| v as u32)),
-                _ => {}
-            }
+        for (file, config) in
+            [("generation_config.json", read_json_if_present(&dir.join("generation_config.json"))?), ("config.json", model_config.clone())]
+        {
+            stop_ids.extend(eos_ids(&config).map_err(|message| ModelError::checkpoint(dir.join(file), message))?);
         }
         let end_of_turn = stop_ids.first().copied();
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let pad_id = special_token(&tok_config, "pad_token").and_then(|t| tokenizer.token_id(&t));
         let think_end_id = tokenizer.token_id("</think>");
-        Ok(Self { tokenizer, template, stop_ids, end_of_turn, pad_id, think_end_id })
+        let loaded = Self { tokenizer, template, stop_ids, end_of_turn, pad_id, think_end_id };
+        if let Some(vocab_size) = model_config.get("vocab_size").and_then(Value::as_u64) {
+            loaded.check_fits(vocab_size, dir)?;
+        }
+        Ok(loaded)
+    }
+
+    /// Errors unless every id the tokenizer knows and every stop id is below `vocab_size`
+    /// (an id past the embedding would index out of it mid-run).
+    fn check_fits(&self, vocab_size: u64, dir: &Path) -> Result<(), ModelError> {
+        if let Some(max) = self.tokenizer.max_id()
+            && u64::from(max) >= vocab_size
+        {
+            return Err(ModelError::checkpoint(
+                self.tokenizer.path(),
+                format!(
+                    "has token id {max}, but the model's embedding has {vocab_size} rows (vocab_size of {})",
+                    dir.join("config.json").display()
+                ),
+            ));
+        }
+        if let Some(&stop) = self.stop_ids.iter().find(|&&id| u64::from(id) >= vocab_size) {
+            return Err(ModelError::checkpoint(
+                dir,
+                format!(
+                    "eos token id {stop} (tokenizer_config.json, generation_config.json or config.json) is not below vocab_size {vocab_size}"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Token ids of a conversation rendered with the chat template (no template: the turns'
@@ -180,6 +233,42 @@ mod tests {
         // As jinja2 renders it: lstrip_blocks strips only before block tags, and trim_blocks
         // eats the newline after `{% endif %}`.
         assert_eq!(out, "  ABC|yes");
+    }
+
+    #[test]
+    fn a_template_that_would_run_for_hours_runs_out_of_fuel() {
+        let source = "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}";
+        let template = ChatTemplate::new(source, "", "").expect("compiles");
+        let err = template.render(&[user("hi")], false, &Value::Null).expect_err("stops");
+        assert!(err.to_string().contains("fuel"), "{err}");
+        let huge = ChatTemplate::new("{{ 'x' * 100000000000 }}", "", "").expect("compiles");
+        assert!(huge.render(&[], false, &Value::Null).is_err());
+        // A long document is far inside the budget.
+        let echo = ChatTemplate::new("{% for m in messages %}{{ m.content.strip() }}{% endfor %}", "", "").expect("compiles");
+        let document = "word ".repeat(200_000);
+        assert_eq!(echo.render(&[user(&document)], false, &Value::Null).expect("renders").len(), document.trim().len());
+    }
+
+    #[test]
+    fn ids_past_the_embedding_are_refused_when_the_model_is_loaded() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/tiny");
+        std::fs::copy(fixture.join("tokenizer.json"), dir.path().join("tokenizer.json")).expect("copy tokenizer");
+        let vocab = ModelTokenizer::load(dir.path()).expect("no config: nothing to check").tokenizer.max_id().expect("ids") as u64 + 1;
+        let write_config =
+            |config: serde_json::Value| std::fs::write(dir.path().join("config.json"), config.to_string()).expect("write config");
+        write_config(serde_json::json!({"vocab_size": vocab}));
+        ModelTokenizer::load(dir.path()).expect("every id fits");
+        write_config(serde_json::json!({"vocab_size": vocab - 1}));
+        let err = ModelTokenizer::load(dir.path()).expect_err("the last id does not fit").to_string();
+        assert!(err.contains("tokenizer.json") && err.contains(&format!("has token id {}", vocab - 1)), "{err}");
+        write_config(serde_json::json!({"vocab_size": vocab, "eos_token_id": vocab}));
+        let err = ModelTokenizer::load(dir.path()).expect_err("eos past the end").to_string();
+        assert!(err.contains(&format!("eos token id {vocab}")), "{err}");
+        write_config(serde_json::json!({"vocab_size": vocab}));
+        std::fs::write(dir.path().join("generation_config.json"), "{\"eos_token_id\": [1,").expect("write");
+        let err = ModelTokenizer::load(dir.path()).expect_err("broken generation config").to_string();
+        assert!(err.contains("generation_config.json") && err.contains("not valid JSON"), "{err}");
     }
 
     #[test]

@@ -41,7 +41,10 @@ impl SafetensorsSource {
                 .get("weight_map")
                 .and_then(serde_json::Value::as_object)
                 .ok_or_else(|| ModelError::checkpoint(&index_path, "has no `weight_map` object"))?;
-            let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            let mut names = Vec::with_capacity(map.len());
+            for (tensor, shard) in map {
+                names.push(shard_name(shard).map_err(|why| ModelError::checkpoint(&index_path, format!("tensor `{tensor}`: {why}")))?);
+            }
             names.sort();
             names.dedup();
             names
@@ -54,6 +57,9 @@ impl SafetensorsSource {
         let mut index = HashMap::new();
         for name in file_names {
             let path = dir.join(&name);
+            if !path.is_file() {
+                return Err(ModelError::checkpoint(&path, "is listed in model.safetensors.index.json but is not a file"));
+            }
             let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
             let tensors = SafeTensors::deserialize(&bytes)
                 .map_err(|e| ModelError::checkpoint(&path, format!("not a valid safetensors file ({e}); is it truncated?")))?;
@@ -71,6 +77,17 @@ impl SafetensorsSource {
         names.sort();
         names
     }
+}
+
+/// A shard's name from the index's `weight_map`: a plain file name inside the model
+/// directory (no folder, no `..`), so that an index cannot point the loader elsewhere.
+fn shard_name(value: &serde_json::Value) -> Result<String, String> {
+    let name = value.as_str().ok_or_else(|| format!("its shard {value} is not a file name"))?;
+    let plain = Path::new(name).file_name().is_some_and(|f| f == name) && name != "..";
+    if !plain || name.contains(['/', '\\']) {
+        return Err(format!("its shard `{name}` is not a plain file name inside the model directory"));
+    }
+    Ok(name.to_string())
 }
 
 impl WeightSource for SafetensorsSource {
@@ -277,5 +294,28 @@ mod properties {
             bytes.extend_from_slice(&data);
             open_and_read(&bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_cannot_point_outside_the_model_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = dir.path().join("model.safetensors.index.json");
+        for shard in ["../model.safetensors", "/dev/zero", "..", "sub/model.safetensors", "a\\b"] {
+            std::fs::write(&index, serde_json::json!({"weight_map": {"w": shard}}).to_string()).expect("write");
+            let err = SafetensorsSource::open(dir.path()).err().expect("refused").to_string();
+            assert!(err.contains("not a plain file name inside the model directory") && err.contains("tensor `w`"), "{shard}: {err}");
+        }
+        std::fs::write(&index, serde_json::json!({"weight_map": {"w": 7}}).to_string()).expect("write");
+        let err = SafetensorsSource::open(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("its shard 7 is not a file name"), "{err}");
+        std::fs::create_dir(dir.path().join("shard")).expect("mkdir");
+        std::fs::write(&index, serde_json::json!({"weight_map": {"w": "shard"}}).to_string()).expect("write");
+        let err = SafetensorsSource::open(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("is listed in model.safetensors.index.json but is not a file"), "{err}");
     }
 }

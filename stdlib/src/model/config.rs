@@ -211,8 +211,8 @@ impl ModelConfig {
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})", self.num_attention_heads));
         }
-        if !self.head_dim().is_multiple_of(2) {
-            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim()));
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return Err(format!("head_dim ({}) must be positive and even for rotary embeddings", self.head_dim()));
         }
         if self.mlp_bias == Some(true) {
             return Err("mlp_bias = true is not supported".into());
@@ -267,10 +267,18 @@ impl ModelConfig {
     pub fn rope(&self) -> Result<(f64, RopeScaling), String> {
         let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|v| !v.is_null());
         let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(self.rope_theta).unwrap_or(10_000.0);
+        if !(theta.is_finite() && theta > 1.0) {
+            return Err(format!("rope_theta must be a number above 1, got {theta}"));
+        }
         let Some(params) = params else { return Ok((theta, RopeScaling::None)) };
         let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
         let number = |key: &str| -> Result<f32, String> {
-            params.get(key).and_then(Value::as_f64).map(|v| v as f32).ok_or_else(|| format!("rope scaling `{kind}` needs `{key}`"))
+            params
+                .get(key)
+                .and_then(Value::as_f64)
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .map(|v| v as f32)
+                .ok_or_else(|| format!("rope scaling `{kind}` needs `{key}`, a positive number"))
         };
         let scaling = match kind {
             "default" => RopeScaling::None,
@@ -442,6 +450,21 @@ mod tests {
             config["rms_norm_eps"] = eps;
             assert!(parse(config).check().expect_err("eps").contains("rms_norm_eps"));
         }
+    }
+
+    #[test]
+    fn a_zero_head_dim_or_a_rope_base_not_above_one_is_refused() {
+        let mut zero = base();
+        zero["head_dim"] = 0.into();
+        assert!(parse(zero).check().expect_err("head_dim 0").contains("head_dim (0) must be positive"));
+        for theta in [serde_json::json!(0.0), serde_json::json!(-10000.0), serde_json::json!(1.0)] {
+            let mut config = base();
+            config["rope_theta"] = theta;
+            assert!(parse(config).check().expect_err("theta").contains("rope_theta must be a number above 1"));
+        }
+        let mut scaled = base();
+        scaled["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": -2.0});
+        assert!(parse(scaled).check().expect_err("factor").contains("`factor`, a positive number"));
     }
 
     #[test]

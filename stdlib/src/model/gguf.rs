@@ -332,6 +332,11 @@ fn read_pair(reader: &mut Cursor) -> Result<(String, Value), GgufErrorKind> {
     Ok((key, value))
 }
 
+/// Most items a metadata array may hold: eight times the largest vocabulary released (its
+/// token list is the longest array a model carries), and a bound on the memory a forged
+/// count can make the reader take (each item is one [`Value`]).
+const MAX_ARRAY_ITEMS: u64 = 1 << 21;
+
 /// Smallest encoded size of a value of each type, to bound array lengths.
 fn min_size(ty: u32) -> u64 {
     match ty {
@@ -364,6 +369,9 @@ fn read_value(reader: &mut Cursor, ty: u32, key: &str, depth: usize) -> Result<V
             let count = reader.u64(&what)?;
             if count > reader.remaining() / min_size(item_ty) {
                 return Err(GgufErrorKind::Truncated(format!("`{key}` claims {count} items, more than the file holds")));
+            }
+            if count > MAX_ARRAY_ITEMS {
+                return Err(GgufErrorKind::Malformed(format!("`{key}` holds {count} items, more than the {MAX_ARRAY_ITEMS} longrl reads")));
             }
             let mut items = Vec::with_capacity(count as usize);
             for _ in 0..count {

@@ -252,6 +252,8 @@ pub struct RemoteRollouts {
     stage: String,
     agent: ureq::Agent,
     servers: Vec<Server>,
+    /// Rows of the policy's embedding: a reply with an id at or past it is refused.
+    vocab_size: usize,
     /// The version the servers hold since the last [`RemoteRollouts::load_weights`].
     loaded: Mutex<Option<String>>,
     /// Held until the stage is done with the servers.
@@ -260,8 +262,9 @@ pub struct RemoteRollouts {
 
 impl RemoteRollouts {
     /// Takes the servers for `stage` (waiting while another stage of the run holds any of
-    /// them) and checks that each answers `/health`; one that does not is taken out.
-    pub fn connect(config: RolloutConfig, stage: &str, cancel: &CancelToken) -> Result<Self, StageError> {
+    /// them) and checks that each answers `/health`; one that does not is taken out. Replies
+    /// must hold ids below `vocab_size` (the policy's embedding rows).
+    pub fn connect(config: RolloutConfig, stage: &str, vocab_size: usize, cancel: &CancelToken) -> Result<Self, StageError> {
         let problems = config.problems();
         if !problems.is_empty() {
             return Err(StageError::Invalid(problems.join("; ")));
@@ -274,7 +277,7 @@ impl RemoteRollouts {
             .into();
         let servers: Vec<Server> = config.urls.iter().map(|u| Server::new(u)).collect();
         let lease = Lease::acquire(servers.iter().map(|s| s.url.clone()).collect(), stage, cancel)?;
-        let remote = Self { config, stage: stage.to_string(), agent, servers, loaded: Mutex::new(None), _lease: lease };
+        let remote = Self { config, stage: stage.to_string(), agent, servers, vocab_size, loaded: Mutex::new(None), _lease: lease };
         let health: ureq::Agent =
             ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).http_status_as_error(false).build().into();
         std::thread::scope(|scope| {
@@ -508,7 +511,9 @@ impl RemoteRollouts {
     ) -> Result<RemoteGroup, Failure> {
         let body = request_body(&self.config, prompt, n, sampling);
         let reply = self.post(&format!("{}/completions", server.url), &body)?;
-        let group = parse_reply(&reply, n, &sampling.stop_tokens).map_err(|why| Failure::Retry(format!("{}: {why}", server.url)))?;
+        let group = parse_reply(&reply, n, &sampling.stop_tokens)
+            .and_then(|group| check_completions(group, self.vocab_size, sampling.max_new_tokens))
+            .map_err(|why| Failure::Retry(format!("{}: {why}", server.url)))?;
         if let (Some(expected), Some(found)) = (expected, group.weights_version.as_deref())
             && expected != found
         {
@@ -556,6 +561,20 @@ fn parse_reply(reply: &Value, n: usize, stop_tokens: &[u32]) -> Result<RemoteGro
     let completions = ordered.into_iter().map(|c| parse_choice(c, stop_tokens)).collect::<Result<Vec<_>, _>>()?;
     let weights_version = reply.pointer("/metadata/weight_version").and_then(Value::as_str).map(str::to_string);
     Ok(RemoteGroup { completions, weights_version, server: String::new() })
+}
+
+/// `group` if every sample fits what was asked: ids inside the vocabulary and no more than
+/// `max_tokens` of them (one more where the stop token the server left out was put back).
+fn check_completions(group: RemoteGroup, vocab_size: usize, max_tokens: usize) -> Result<RemoteGroup, String> {
+    for completion in &group.completions {
+        if let Some(id) = completion.tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(format!("the reply holds token id {id}, past the policy's vocabulary of {vocab_size}"));
+        }
+        if completion.tokens.len() > max_tokens + 1 {
+            return Err(format!("a sample of {} tokens where max_tokens was {max_tokens}", completion.tokens.len()));
+        }
+    }
+    Ok(group)
 }
 
 /// One choice: its token ids (from `token_ids`, else `token_id:N` logprob tokens), their
@@ -830,7 +849,8 @@ mod tests {
     #[test]
     fn requests_are_spread_bounded_and_answered_in_order() {
         let (a, b) = (fake(0, 30, false), fake(0, 30, false));
-        let remote = RemoteRollouts::connect(config(vec![a.url.clone(), b.url.clone()]), "test#1", &CancelToken::new()).expect("connect");
+        let remote =
+            RemoteRollouts::connect(config(vec![a.url.clone(), b.url.clone()]), "test#1", 1 << 20, &CancelToken::new()).expect("connect");
         let dir = tempfile::tempdir().expect("tempdir");
         remote.load_weights(dir.path(), "v1").expect("load");
         let groups = ask(&remote, 12).expect("rollouts");
@@ -852,7 +872,7 @@ mod tests {
     #[test]
     fn transient_failures_are_retried_and_a_dead_server_is_taken_out() {
         let flaky = fake(2, 0, false);
-        let remote = RemoteRollouts::connect(config(vec![flaky.url.clone()]), "test#2", &CancelToken::new()).expect("connect");
+        let remote = RemoteRollouts::connect(config(vec![flaky.url.clone()]), "test#2", 1 << 20, &CancelToken::new()).expect("connect");
         assert_eq!(ask(&remote, 1).expect("retried").len(), 1);
         assert_eq!(flaky.requests.load(Ordering::SeqCst), 3, "two 500s, then an answer");
 
@@ -868,8 +888,8 @@ mod tests {
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
             // The listener closes here: later requests are refused.
         });
-        let remote =
-            RemoteRollouts::connect(config(vec![good.url.clone(), doomed_url.clone()]), "test#3", &CancelToken::new()).expect("connect");
+        let remote = RemoteRollouts::connect(config(vec![good.url.clone(), doomed_url.clone()]), "test#3", 1 << 20, &CancelToken::new())
+            .expect("connect");
         health.join().expect("health answered");
         let groups = ask(&remote, 6).expect("the other server carries on");
         assert_eq!(groups.len(), 6);
@@ -880,7 +900,8 @@ mod tests {
     #[test]
     fn no_server_left_is_an_error_naming_them() {
         let (x, y) = (dead_url(), dead_url());
-        let err = RemoteRollouts::connect(config(vec![x.clone(), y.clone()]), "test#4", &CancelToken::new()).expect_err("all dead");
+        let err =
+            RemoteRollouts::connect(config(vec![x.clone(), y.clone()]), "test#4", 1 << 20, &CancelToken::new()).expect_err("all dead");
         let text = err.to_string();
         assert!(text.contains("every rollout server failed") && text.contains(&x) && text.contains(&y), "{text}");
     }
@@ -888,8 +909,8 @@ mod tests {
     #[test]
     fn a_stale_reply_is_rejected_and_its_server_taken_out() {
         let (liar, honest) = (fake(0, 0, true), fake(0, 0, false));
-        let remote =
-            RemoteRollouts::connect(config(vec![liar.url.clone(), honest.url.clone()]), "test#5", &CancelToken::new()).expect("connect");
+        let remote = RemoteRollouts::connect(config(vec![liar.url.clone(), honest.url.clone()]), "test#5", 1 << 20, &CancelToken::new())
+            .expect("connect");
         let dir = tempfile::tempdir().expect("tempdir");
         remote.load_weights(dir.path(), "v2").expect("load");
         let groups = ask(&remote, 4).expect("the honest server answers");
@@ -897,10 +918,25 @@ mod tests {
         assert_eq!(remote.alive(), vec![honest.url.clone()]);
         // With only the liar, the step fails and names it.
         let liar2 = fake(0, 0, true);
-        let remote = RemoteRollouts::connect(config(vec![liar2.url.clone()]), "test#6", &CancelToken::new()).expect("connect");
+        let remote = RemoteRollouts::connect(config(vec![liar2.url.clone()]), "test#6", 1 << 20, &CancelToken::new()).expect("connect");
         remote.load_weights(dir.path(), "v3").expect("load");
         let err = ask(&remote, 1).expect_err("stale").to_string();
         assert!(err.contains(&liar2.url) && err.contains("weights version `old`"), "{err}");
+    }
+
+    #[test]
+    fn samples_past_the_vocabulary_or_the_length_asked_are_refused() {
+        let group = |tokens: Vec<u32>| RemoteGroup {
+            completions: vec![Completion { logprobs: vec![0.0; tokens.len()], tokens, finish: FinishReason::Stop }],
+            weights_version: None,
+            server: String::new(),
+        };
+        assert!(check_completions(group(vec![3, 9]), 10, 2).is_ok());
+        assert!(check_completions(group(vec![3, 4, 9]), 10, 2).is_ok(), "the stop token put back");
+        let err = check_completions(group(vec![3, 10]), 10, 8).expect_err("id 10 of 10");
+        assert!(err.contains("token id 10"), "{err}");
+        let err = check_completions(group(vec![1; 5]), 10, 3).expect_err("5 tokens of 3");
+        assert!(err.contains("max_tokens was 3"), "{err}");
     }
 
     #[test]

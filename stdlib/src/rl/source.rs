@@ -41,16 +41,18 @@ pub enum Rollouts {
 
 impl Rollouts {
     /// In process without a `rollout` option; else the servers it names, for `stage`,
-    /// writing weights into its `weights_dir` or `default_dir`.
+    /// writing weights into its `weights_dir` or `default_dir`; their replies must hold ids
+    /// below `vocab_size`.
     pub fn connect(
         config: Option<&RolloutConfig>,
         stage: &str,
         default_dir: Option<PathBuf>,
+        vocab_size: usize,
         cancel: &CancelToken,
     ) -> Result<Self, StageError> {
         let Some(config) = config else { return Ok(Self::InProcess) };
         let weights_dir = config.weights_dir.clone().or(default_dir);
-        Ok(Self::Remote { servers: Box::new(RemoteRollouts::connect(config.clone(), stage, cancel)?), weights_dir })
+        Ok(Self::Remote { servers: Box::new(RemoteRollouts::connect(config.clone(), stage, vocab_size, cancel)?), weights_dir })
     }
 
     pub fn remote(&self) -> Option<&RemoteRollouts> {

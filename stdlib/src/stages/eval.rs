@@ -327,7 +327,8 @@ impl ModelStage for Eval {
     fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<EvalRun<B>, StageError> {
         let config = &self.config;
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
-        let rollouts = Rollouts::connect(config.rollout.as_ref(), io.label(), None, io.cancel_token())?;
+        let vocab_size = crate::model::ModelConfig::load(&inputs.policy.dir.join("config.json"))?.vocab_size;
+        let rollouts = Rollouts::connect(config.rollout.as_ref(), io.label(), None, vocab_size, io.cancel_token())?;
         // The servers generate: the model is not loaded here.
         let model = match rollouts.remote() {
             None => Some(load_model::<B::InnerBackend>(&inputs.policy.dir, &device)?.1),

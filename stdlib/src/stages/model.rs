@@ -80,6 +80,9 @@ impl StageConfig for ModelConfigOptions {
                 problems.push(format!("option `rope_theta`: must be a finite number above 1, not {theta}"));
             }
         }
+        if !(self.init_std > 0.0 && self.init_std <= 1.0) {
+            problems.push(format!("option `init_std`: must be within (0, 1], got {}", self.init_std));
+        }
         let has_weights = dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
         if self.init == Init::Checkpoint && !has_weights {
             problems.push(format!(

@@ -337,6 +337,7 @@ impl RlPhaseConfig {
             problems.push(format!("devices must be between 1 and {}", crate::parallel::MAX_DEVICES));
         }
         problems.extend(sampling_problems(self.temperature, self.top_p, false));
+        problems.extend(self.loss_problems());
         let sizes = [
             ("max_input", self.max_input, limits::TOKENS),
             ("prompt_room", self.prompt_room, limits::TOKENS),
@@ -349,6 +350,26 @@ impl RlPhaseConfig {
             ("max_tries", self.max_tries, limits::PASSES),
         ];
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
+        problems
+    }
+}
+
+impl RlPhaseConfig {
+    /// The loss coefficients: clip ranges within (0, 1] (a ratio clipped below 0 or a range
+    /// of 0 stops learning), penalties not negative (a negative KL coefficient rewards
+    /// drifting away), all finite.
+    fn loss_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, value) in [("eps_low", self.eps_low), ("eps_high", self.eps_high)] {
+            if !(value > 0.0 && value <= 1.0) {
+                problems.push(format!("{name} must be within (0, 1], got {value}"));
+            }
+        }
+        for (name, value) in [("kl_coef", self.kl_coef), ("entropy_coef", self.entropy_coef)] {
+            if !(value >= 0.0 && value.is_finite()) {
+                problems.push(format!("{name} must be 0 or a positive number, got {value}"));
+            }
+        }
         problems
     }
 }
@@ -609,7 +630,7 @@ impl<B: TrainBackend> RlRun<B> {
         let mut stop_tokens = tokenizer.stop_ids.clone();
         stop_tokens.extend(model_config.eos_ids());
         let weights_dir = inputs.out_dir.as_ref().map(|d| d.with_file_name(format!("{}-rollout-weights", io.label().replace('#', "-"))));
-        let rollouts = Rollouts::connect(config.rollout.as_ref(), io.label(), weights_dir, io.cancel_token())?;
+        let rollouts = Rollouts::connect(config.rollout.as_ref(), io.label(), weights_dir, model_config.vocab_size, io.cancel_token())?;
         Ok(Self {
             config: config.clone(),
             run_seed,
@@ -701,7 +722,7 @@ impl<B: TrainBackend> RlRun<B> {
 
     /// PPO-clip updates over mini-batches of the step's groups, in an order drawn from the
     /// step's own stream (so a resumed run draws the same).
-    fn train(&mut self, groups: &[Group], step: usize) -> Result<TrainStats, StageError> {
+    fn train(&mut self, groups: &[Group], step: usize, label: &str) -> Result<TrainStats, StageError> {
         let (ppo_epochs, mini_batch) = (self.config.ppo_epochs, self.config.mini_batch);
         let mut step_rng = rand_chacha::ChaCha8Rng::seed_from_u64(rng_seed(self.config.seed ^ 0x5eed, self.run_seed, step, 0));
         let started = Instant::now();
@@ -730,7 +751,10 @@ impl<B: TrainBackend> RlRun<B> {
                     stats.sums = stats.sums.add(&part);
                     stats.tokens += groups[g].prompt.len() + groups[g].responses.iter().map(Vec::len).sum::<usize>();
                 }
-                let info = self.trainer.step(self.state.update, self.total_steps * self.updates_per_step);
+                let info = self
+                    .trainer
+                    .step(self.state.update, self.total_steps * self.updates_per_step)
+                    .map_err(|why| StageError::Failed(format!("{label}: {why}")))?;
                 self.state.update += 1;
                 stats.grad_norm = info.grad_norm;
                 stats.lr = info.lr;
@@ -825,7 +849,7 @@ impl<B: TrainBackend> StageRun<B> for RlRun<B> {
         for group in &mut groups {
             group.advantages = group_advantages(&group.rewards, self.config.std_scaling, batch_std);
         }
-        let train = self.train(&groups, step)?;
+        let train = self.train(&groups, step, io.label())?;
         let responses = stats.responses.max(1) as f64;
         let reward_mean = stats.reward_sum / stats.scorable.max(1) as f64;
         self.state.last_reward_mean = Some(reward_mean);

@@ -161,8 +161,8 @@ impl ModelStage for ScoreDifficulty {
 
     fn prepare<B: TrainBackend>(&self, inputs: StageInputs, device: B::Device, io: &mut StageIo) -> Result<ScoreRun<B>, StageError> {
         let tokenizer = ModelTokenizer::load(&inputs.policy.dir)?;
-        let rollouts = Rollouts::connect(self.config.rollout.as_ref(), io.label(), None, io.cancel_token())?;
         let model_config = crate::model::ModelConfig::load(&inputs.policy.dir.join("config.json"))?;
+        let rollouts = Rollouts::connect(self.config.rollout.as_ref(), io.label(), None, model_config.vocab_size, io.cancel_token())?;
         // The servers sample: the model is not loaded here.
         let model = match rollouts.remote() {
             None => Some(load_model::<B>(&inputs.policy.dir, &device)?.1.valid()),

@@ -383,7 +383,7 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
         Ok(())
     }
 
-    fn step(&mut self, step: usize, _io: &mut StageIo) -> Result<StepOutcome<SftStepMetrics>, StageError> {
+    fn step(&mut self, step: usize, io: &mut StageIo) -> Result<StepOutcome<SftStepMetrics>, StageError> {
         let step_started = Instant::now();
         let _autodiff = crate::train::autodiff_lock();
         let micro_batches = &self.steps[step];
@@ -402,7 +402,7 @@ impl<B: TrainBackend> StageRun<B> for SftRun<B> {
             }
             loss_sum
         };
-        let info = self.trainer.step(step, self.steps.len());
+        let info = self.trainer.step(step, self.steps.len()).map_err(|why| StageError::Failed(format!("{}: {why}", io.label())))?;
         self.state.tokens_seen += step_tokens;
         self.state.last_loss = Some(loss_sum);
         let tokens_per_s = step_tokens as f64 / step_started.elapsed().as_secs_f64();

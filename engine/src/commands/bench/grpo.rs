@@ -204,7 +204,7 @@ impl GrpoBench {
                 group_backward(&mut loaded.trainer, None, group, 1.0, &loss(self.new_tokens), norm, 0).map_err(|e| e.to_string())?;
             }
         }
-        loaded.trainer.step(step, self.steps);
+        loaded.trainer.step(step, self.steps)?;
         Ok((rollout_s, groups))
     }
 

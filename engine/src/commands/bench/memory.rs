@@ -139,7 +139,7 @@ impl MemoryStep {
                 trainer.backward(loss);
             }
         }
-        trainer.step(0, 1);
+        trainer.step(0, 1)?;
         let seconds = started.elapsed().as_secs_f64();
         Ok(MemoryFigures {
             length: self.length,

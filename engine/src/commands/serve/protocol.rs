@@ -25,6 +25,9 @@ pub const MAX_LOGPROBS: usize = 20;
 pub const MAX_PROMPTS: usize = 1024;
 /// Most samples per prompt.
 pub const MAX_N: usize = longrl_stdlib::options::limits::GROUP;
+/// Most sequences (prompts times `n`) one request may ask for: one request cannot queue
+/// more work than the largest group a trainer samples.
+pub const MAX_SEQUENCES: usize = longrl_stdlib::options::limits::GROUP;
 
 /// A request the server will not serve, with the HTTP status and the field at fault.
 #[derive(Debug, Clone, PartialEq)]
@@ -492,6 +495,15 @@ impl CompletionRequest {
         };
         if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
             return Err(ApiError::bad("prompt", format!("`prompt` must hold 1 to {MAX_PROMPTS} prompts, got {}", prompts.len())));
+        }
+        if prompts.len().saturating_mul(n) > MAX_SEQUENCES {
+            return Err(ApiError::bad(
+                "n",
+                format!(
+                    "`n` = {n} samples of {} prompts is more than the {MAX_SEQUENCES} sequences one request may ask for",
+                    prompts.len()
+                ),
+            ));
         }
         for (i, prompt) in prompts.iter().enumerate() {
             let field = if prompts.len() == 1 { "prompt".to_string() } else { format!("prompt[{i}]") };

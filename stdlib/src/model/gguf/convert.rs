@@ -234,13 +234,15 @@ pub fn convert_gguf(file: &Path, out: &Path, options: &ConvertOptions) -> Result
         }));
     }
     let tied = gguf.tensor("output.weight").is_none();
-    let plan = plan_tensors(&gguf, &shape, tied).map_err(fail)?;
     let output_error = |e: String| GgufError::new(out, GgufErrorKind::Output(e));
-    std::fs::create_dir_all(out).map_err(|e| output_error(e.to_string()))?;
     let config = shape.config_json(tied, &vocab, options.dtype);
-    // The written config must be one longrl accepts.
+    // The written config must be one longrl accepts, and the model must fit in memory: both
+    // checked before the tensors are planned, so that absurd sizes go no further.
     let parsed: ModelConfig = serde_json::from_value(config.clone()).map_err(|e| output_error(e.to_string()))?;
+    parsed.check_memory(crate::model::config::available_memory()).map_err(|e| fail(GgufErrorKind::Unsupported(e)))?;
     parsed.check().map_err(|e| fail(GgufErrorKind::Unsupported(e)))?;
+    let plan = plan_tensors(&gguf, &shape, tied).map_err(fail)?;
+    std::fs::create_dir_all(out).map_err(|e| output_error(e.to_string()))?;
     let tokenizer = vocab.tokenizer_json().map_err(fail)?;
     let generation = json!({"bos_token_id": vocab.bos, "eos_token_id": vocab.eos, "pad_token_id": vocab.pad});
     let mut summary = ConvertSummary {
