@@ -193,6 +193,11 @@ fn malformed_files_are_errors_that_name_the_file_and_the_fault() {
         ("blocks.gguf", gguf_bytes(3, &[], &[tensor_info("w", &[30], 8, 0)], &[0u8; 64]), "rows of 30 values are not whole Q8_0 blocks"),
         ("rank.gguf", gguf_bytes(3, &[], &[tensor_info("w", &[1, 1, 1, 1, 1], 0, 0)], &[0u8; 32]), "has 5 dimensions"),
         ("align.gguf", gguf_bytes(3, &[u32_pair("general.alignment", 24)], &[], &[]), "`general.alignment` is U32(24), not a power of two"),
+        (
+            "twice.gguf",
+            gguf_bytes(3, &[pair.clone(), u32_pair("general.alignment", 64)], &[], &[]),
+            "metadata pair 1: the key `general.alignment` appears twice",
+        ),
     ];
     for (name, bytes, expected) in cases {
         let message = open_error(d, name, &bytes);

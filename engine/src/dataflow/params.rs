@@ -2,7 +2,7 @@
 //! (`--params FILE.yaml`) overridden by `--set key=value`, each remembering where it came
 //! from so that a message about it names the file and line or the flag.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde_json::Value;
@@ -99,11 +99,12 @@ pub fn read_params_file(path: &Path) -> Result<Params, String> {
         other => return Err(format!("{name}: a parameter file is a mapping of `name: value` lines, not {}", yaml_kind(&other))),
     };
     let mut params = Params::new();
+    let key_lines = key_lines(&text);
     for (key, value) in mapping {
         let serde_yaml::Value::String(key) = key else {
             return Err(format!("{name}: parameter names are strings, found {}", yaml_kind(&key)));
         };
-        let line = key_line(&text, &key);
+        let line = key_lines.get(key.as_str()).copied();
         let at = line.map_or_else(|| name.clone(), |line| format!("{name}:{line}"));
         if !valid_name(&key) {
             return Err(format!("{at}: `{key}` is not a valid parameter name (letters, digits and _)"));
@@ -114,18 +115,24 @@ pub fn read_params_file(path: &Path) -> Result<Params, String> {
     Ok(params)
 }
 
-/// The 1-based line where the top-level key `key` is written.
-fn key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| {
-            let line = line.trim_end();
-            let rest = line.strip_prefix(key).or_else(|| {
-                let quoted = line.strip_prefix('"').or_else(|| line.strip_prefix('\''))?;
-                quoted.strip_prefix(key)?.strip_prefix(['"', '\''])
-            });
-            rest.is_some_and(|rest| rest.trim_start().starts_with(':'))
-        })
-        .map(|index| index + 1)
+/// The 1-based line where each top-level key is first written (`key:`, `"key":` or
+/// `'key':` at the start of a line), read in one pass so that a file of many keys costs
+/// time linear in its size.
+fn key_lines(text: &str) -> HashMap<&str, usize> {
+    let mut lines = HashMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let key = match line.chars().next() {
+            Some(quote @ ('"' | '\'')) => {
+                line[1..].split_once(quote).and_then(|(key, rest)| rest.trim_start().starts_with(':').then_some(key))
+            }
+            Some(c) if !c.is_whitespace() && c != '#' && c != '-' => line.split_once(':').map(|(key, _)| key.trim_end()),
+            _ => None,
+        };
+        if let Some(key) = key {
+            lines.entry(key).or_insert(index + 1);
+        }
+    }
+    lines
 }
 
 /// A YAML value as the JSON a recipe parameter holds.
@@ -210,6 +217,16 @@ mod tests {
             let err = read(text).expect_err(text);
             assert!(err.contains(expected), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn quoted_keys_and_files_of_many_keys_keep_their_lines() {
+        let params = read("# c\n\"lr\": 0.1\n'steps' : 3\nnested:\n  lr: 9\n").expect("valid");
+        assert!(params.describe("lr").ends_with("p.yaml:2: lr: 0.1"), "{}", params.describe("lr"));
+        assert!(params.describe("steps").ends_with("p.yaml:3: steps: 3"), "{}", params.describe("steps"));
+        let many: String = (0..50_000).map(|i| format!("key_{i}: {i}\n")).collect();
+        let params = read(&many).expect("valid");
+        assert!(params.describe("key_49999").ends_with("p.yaml:50000: key_49999: 49999"), "{}", params.describe("key_49999"));
     }
 
     #[test]

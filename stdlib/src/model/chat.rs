@@ -2,7 +2,7 @@
 //! `chat_template.jinja`) rendered with minijinja in the dialect transformers uses (trimmed
 //! blocks, Python string methods), and the eos / pad / `</think>` ids read from the files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -20,6 +20,8 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The file the template came from, named in render errors.
+    origin: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -49,7 +51,7 @@ impl ChatTemplate {
             format.replace("%d", "01").replace("%b", "Jan").replace("%B", "January").replace("%Y", "2025").replace("%m", "01")
         });
         env.add_template_owned("chat", source.to_string()).map_err(|e| ModelError::Template(format!("does not compile: {e}")))?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), origin: None })
     }
 
     /// Reads the template of a model directory: `chat_template.jinja`, else the
@@ -63,6 +65,7 @@ impl ChatTemplate {
             Value::Null
         };
         let jinja_path = dir.join("chat_template.jinja");
+        let origin = if jinja_path.is_file() { jinja_path.clone() } else { config_path.clone() };
         let source = if jinja_path.is_file() {
             Some(std::fs::read_to_string(&jinja_path).map_err(|e| ModelError::io(&jinja_path, e))?)
         } else {
@@ -81,10 +84,11 @@ impl ChatTemplate {
         let Some(source) = source else { return Ok(None) };
         let bos = special_token(&config, "bos_token").unwrap_or_default();
         let eos = special_token(&config, "eos_token").unwrap_or_default();
-        Self::new(&source, &bos, &eos).map(Some).map_err(|e| match e {
-            ModelError::Template(message) => ModelError::checkpoint(&config_path, format!("chat template {message}")),
-            other => other,
-        })
+        match Self::new(&source, &bos, &eos) {
+            Ok(template) => Ok(Some(Self { origin: Some(origin), ..template })),
+            Err(ModelError::Template(message)) => Err(ModelError::checkpoint(&origin, format!("chat template {message}"))),
+            Err(other) => Err(other),
+        }
     }
 
     /// Renders a conversation; `extra` adds template variables (e.g. `enable_thinking`).
@@ -98,9 +102,10 @@ impl ChatTemplate {
         if let Value::Object(more) = extra {
             context.extend(more.clone());
         }
-        template
-            .render(minijinja::Value::from(minijinja::value::Serde(Value::Object(context))))
-            .map_err(|e| ModelError::Template(format!("render failed: {e}")))
+        template.render(minijinja::Value::from(minijinja::value::Serde(Value::Object(context)))).map_err(|e| match &self.origin {
+            Some(path) => ModelError::checkpoint(path, format!("chat template render failed: {e}")),
+            None => ModelError::Template(format!("render failed: {e}")),
+        })
     }
 }
 
@@ -276,5 +281,18 @@ mod tests {
         let template = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").expect("compiles");
         let err = template.render(&[], false, &Value::Null).expect_err("raises");
         assert!(err.to_string().contains("no system role"), "{err}");
+    }
+
+    #[test]
+    fn errors_of_a_loaded_template_name_its_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = serde_json::json!({"chat_template": "{{ raise_exception('roles must alternate') }}"});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).expect("write config");
+        let template = ChatTemplate::load(dir.path()).expect("compiles").expect("present");
+        let err = template.render(&[user("hi")], true, &Value::Null).expect_err("raises").to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("roles must alternate"), "{err}");
+        std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}").expect("write template");
+        let err = ChatTemplate::load(dir.path()).expect_err("unclosed block").to_string();
+        assert!(err.contains("chat_template.jinja") && err.contains("does not compile"), "{err}");
     }
 }

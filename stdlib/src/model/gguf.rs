@@ -206,6 +206,10 @@ impl GgufFile {
         let mut metadata = BTreeMap::new();
         for index in 0..kv_count {
             let (key, value) = read_pair(&mut reader).map_err(|k| fail(context(k, &format!("metadata pair {index}"))))?;
+            if metadata.contains_key(&key) {
+                // Which of two values a reader keeps is unspecified: refuse rather than guess.
+                return Err(fail(GgufErrorKind::Malformed(format!("metadata pair {index}: the key `{key}` appears twice"))));
+            }
             metadata.insert(key, value);
         }
         let alignment = alignment(&metadata).map_err(fail)?;
