@@ -58,14 +58,7 @@ impl BackendTask for GenerateRequest {
         }
         let tokenizer_dir = self.tokenizer.clone().unwrap_or_else(|| self.model.clone());
         let tokenizer = ModelTokenizer::load(&tokenizer_dir)?;
-        if let Some(max) = tokenizer.tokenizer.max_id()
-            && max as usize >= vocab
-        {
-            return Err(ModelError::checkpoint(
-                tokenizer.tokenizer.path(),
-                format!("has ids up to {max}, past the vocabulary of {vocab} of the model in {}", self.model.display()),
-            ));
-        }
+        tokenizer.check_fits(vocab as u64, &self.model)?;
         if self.chat && tokenizer.template.is_none() {
             return Err(ModelError::Invalid(format!(
                 "{}: --chat, but the model has no chat template (chat_template.jinja, or `chat_template` in tokenizer_config.json); leave out --chat to use the prompt as it is",

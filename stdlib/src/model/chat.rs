@@ -187,7 +187,8 @@ impl ModelTokenizer {
 
     /// Errors unless every id the tokenizer knows and every stop id is below `vocab_size`
     /// (an id past the embedding would index out of it mid-run).
-    fn check_fits(&self, vocab_size: u64, dir: &Path) -> Result<(), ModelError> {
+    /// `dir` is the model directory whose config.json gave `vocab_size`.
+    pub fn check_fits(&self, vocab_size: u64, dir: &Path) -> Result<(), ModelError> {
         if let Some(max) = self.tokenizer.max_id()
             && u64::from(max) >= vocab_size
         {

@@ -83,8 +83,9 @@ impl SafetensorsSource {
 /// directory (no folder, no `..`), so that an index cannot point the loader elsewhere.
 fn shard_name(value: &serde_json::Value) -> Result<String, String> {
     let name = value.as_str().ok_or_else(|| format!("its shard {value} is not a file name"))?;
-    let plain = Path::new(name).file_name().is_some_and(|f| f == name) && name != "..";
-    if !plain || name.contains(['/', '\\']) {
+    // `file_name` is None for `..` and `.`, and differs from `name` when it holds a `/`.
+    let plain = Path::new(name).file_name().is_some_and(|f| f == name);
+    if !plain || name.contains('\\') {
         return Err(format!("its shard `{name}` is not a plain file name inside the model directory"));
     }
     Ok(name.to_string())
