@@ -381,3 +381,39 @@ fn outputs_never_overwrite_existing_files() {
     assert!(report.failure_message().expect("refused").contains("refusing to overwrite"));
     assert_eq!(std::fs::read_to_string(dir.path().join("out.jsonl")).expect("read"), "precious\n");
 }
+
+#[test]
+fn several_edges_into_one_input_take_turns_in_recipe_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path();
+    let lines = |tag: &str, n: usize| (0..n).map(|i| format!("{{\"question\": \"{tag}{i}\"}}\n")).collect::<String>();
+    std::fs::write(base.join("a.jsonl"), lines("a", 40)).expect("write");
+    std::fs::write(base.join("b.jsonl"), lines("b", 25)).expect("write");
+    // Edge b goes through a filter (one more thread, so other timing); queues hold one item.
+    let recipe = r#"let a = jsonl("a.jsonl"); let b = jsonl("b.jsonl").filter(#{ predicate: |r| true });
+                    write_jsonl(#{ input: [a, b], path: "merged.jsonl" });"#;
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        expected.push(format!("a{i}"));
+        if i < 25 {
+            expected.push(format!("b{i}"));
+        }
+    }
+    for attempt in 0..3 {
+        let run_dir = base.join(format!("runs/{attempt}"));
+        std::fs::create_dir_all(&run_dir).expect("run dir");
+        let plan = load_plan(recipe, "test.rhai", &Registry::standard(), &Params::new()).expect("recipe evaluates");
+        let plan = plan.validate(&Registry::standard(), &StageContext::for_check(base)).expect("plan is valid");
+        let mut options = RunOptions::in_dir(base);
+        options.run_dir = Some(run_dir.clone());
+        options.channel_capacity = 1;
+        let report = execute(&plan, &Registry::standard(), &options, &CancelToken::new()).expect("run starts");
+        assert!(report.succeeded(), "{report}");
+        let merged = std::fs::read_to_string(run_dir.join("merged.jsonl")).expect("merged");
+        let questions: Vec<String> = merged
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("json")["question"].as_str().expect("question").to_string())
+            .collect();
+        assert_eq!(questions, expected, "attempt {attempt}");
+    }
+}

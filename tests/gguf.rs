@@ -265,8 +265,13 @@ fn the_convert_command_writes_a_model_that_generate_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out_dir = dir.path().join("tiny");
     let out = out_dir.to_str().expect("utf-8");
+    // What a killed conversion leaves: its staging directory beside the target.
+    std::fs::create_dir(dir.path().join(".tiny.k1ll3d.partial")).expect("stale staging");
     let run = longrl(&["convert", "gguf", "tests/fixtures/gguf/tiny-llama-untied.gguf", out]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let beside: Vec<String> =
+        std::fs::read_dir(dir.path()).expect("list").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(beside, ["tiny"], "the model appears whole, and nothing else is left beside it");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("converted a llama model") && stdout.contains("1 Q8_0") && stdout.contains("untied"), "{stdout}");
     for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {

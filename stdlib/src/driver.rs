@@ -357,8 +357,8 @@ mod tests {
         policy_tx.send(Item::Model(ModelRef { dir: run_dir.join("model") })).expect("send");
         drop(policy_tx);
         let inputs = vec![
-            (PortSpec::required("policy", PortKind::Model, "policy"), Some(policy_rx)),
-            (PortSpec::required("data", PortKind::Records, "data"), None),
+            (PortSpec::required("policy", PortKind::Model, "policy"), vec![policy_rx]),
+            (PortSpec::required("data", PortKind::Records, "data"), Vec::new()),
         ];
         let mut io = StageIo::new("fake#1", inputs, Vec::new(), CancelToken::new(), Arc::new(StageCounters::default()), Metrics::discard());
         let ctx = StageContext { run_dir: Some(run_dir.to_path_buf()), ..StageContext::for_check(run_dir) };

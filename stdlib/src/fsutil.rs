@@ -1,5 +1,6 @@
 //! Atomic file writes: write beside the target, fsync, then rename, so a reader never sees a
-//! half-written file and a crash leaves the previous version intact.
+//! half-written file and a crash leaves the previous version intact; and the same for a
+//! whole directory ([`StagedDir`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,96 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
     file.commit()
 }
 
+/// A directory being filled beside its target (`.NAME.XXXXXX.partial`); it appears at its
+/// path, whole, only on [`StagedDir::commit`]. Dropped uncommitted, it leaves nothing.
+#[derive(Debug)]
+pub struct StagedDir {
+    staging: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl StagedDir {
+    /// Starts filling `path` (its parent is created if needed). Staging directories that an
+    /// earlier, killed attempt left beside `path` are removed first.
+    pub fn create(path: &Path) -> Result<Self, StageError> {
+        let parent = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| StageError::Failed(format!("{} names no directory", path.display())))?;
+        std::fs::create_dir_all(&parent).map_err(|e| StageError::io(&parent, e))?;
+        remove_stale_staging(&parent, &name);
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".partial")
+            .tempdir_in(&parent)
+            .map_err(|e| StageError::io(&parent, e))?;
+        Ok(Self { staging, path: path.to_path_buf() })
+    }
+
+    /// Where to write the files.
+    pub fn path(&self) -> &Path {
+        self.staging.path()
+    }
+
+    /// Moves the directory into place: renamed whole when the target is absent (or an empty
+    /// directory); into an existing directory file by file, each rename atomic.
+    pub fn commit(self) -> Result<(), StageError> {
+        let path = self.path;
+        // Temporary directories are private (0700); the result gets the usual permissions.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(self.staging.path(), std::fs::Permissions::from_mode(0o755));
+        }
+        let staged = self.staging.keep();
+        let moved = match std::fs::rename(&staged, &path) {
+            Ok(()) => Ok(()),
+            Err(_) if path.is_dir() => move_entries(&staged, &path).and_then(|()| std::fs::remove_dir(&staged)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = moved {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(StageError::io(&path, e));
+        }
+        if let Some(parent) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Ok(handle) = std::fs::File::open(parent)
+        {
+            let _ = handle.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// Renames every entry of `from` into `to`, replacing entries of the same name.
+fn move_entries(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if target.is_dir() && entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&target)?;
+        }
+        std::fs::rename(entry.path(), target)?;
+    }
+    Ok(())
+}
+
+/// Removes `.NAME.*.partial` directories in `parent`: what a killed [`StagedDir`] left.
+fn remove_stale_staging(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if file_name.starts_with(&prefix) && file_name.ends_with(".partial") && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            tracing::info!(path = %entry.path().display(), "removing what an interrupted write left");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +192,50 @@ mod tests {
         assert_eq!(std::fs::read(&path).expect("read"), b"{}\n");
         let err = AtomicFile::create(&path, false).expect_err("exists");
         assert!(err.to_string().contains("refusing to overwrite"));
+    }
+
+    #[test]
+    fn a_staged_directory_appears_whole_on_commit_and_not_at_all_without() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("model");
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .expect("list")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // Dropped before commit: nothing there.
+        let staged = StagedDir::create(&target).expect("create");
+        std::fs::write(staged.path().join("config.json"), "{}").expect("write");
+        drop(staged);
+        assert!(listing().is_empty(), "{:?}", listing());
+
+        // A killed attempt's staging directory is removed by the next one; commit renames
+        // the whole directory, with the usual permissions.
+        std::fs::create_dir(dir.path().join(".model.AbC123.partial")).expect("stale");
+        std::fs::create_dir(dir.path().join(".other.AbC123.partial")).expect("someone else's");
+        let staged = StagedDir::create(&target).expect("create");
+        std::fs::write(staged.path().join("config.json"), "{\"a\": 1}").expect("write");
+        assert!(!target.exists());
+        staged.commit().expect("commit");
+        assert_eq!(listing(), [".other.AbC123.partial", "model"]);
+        assert_eq!(std::fs::read_to_string(target.join("config.json")).expect("read"), "{\"a\": 1}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&target).expect("metadata").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o755);
+        }
+
+        // Into an existing directory: its files are replaced, others kept.
+        std::fs::write(target.join("notes.txt"), "kept").expect("write");
+        let staged = StagedDir::create(&target).expect("create");
+        std::fs::write(staged.path().join("config.json"), "{\"a\": 2}").expect("write");
+        staged.commit().expect("commit");
+        assert_eq!(std::fs::read_to_string(target.join("config.json")).expect("read"), "{\"a\": 2}");
+        assert_eq!(std::fs::read_to_string(target.join("notes.txt")).expect("read"), "kept");
+        assert_eq!(listing(), [".other.AbC123.partial", "model"]);
     }
 }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod device_lock;
 pub mod driver;
 pub mod error;
+pub mod fan_in;
 pub mod fsutil;
 pub mod guard;
 pub mod metrics;

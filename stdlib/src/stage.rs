@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::StageError;
+use crate::fan_in::{Due, FanIn};
 use crate::metrics::Metrics;
 use crate::options::{OptionDoc, describe_options, parse_options};
 use crate::record::{Difficulty, Record};
@@ -240,7 +241,8 @@ impl schemars::JsonSchema for ClosureRef {
 /// A running stage's view of its edges.
 pub struct StageIo {
     label: String,
-    inputs: Vec<(PortSpec, Option<Receiver<Item>>)>,
+    /// Each input port with its edges' queues, in recipe order (see [`FanIn`]).
+    inputs: Vec<(PortSpec, FanIn)>,
     outputs: Vec<(PortSpec, Vec<Sender<Item>>)>,
     cancel: CancelToken,
     counters: Arc<StageCounters>,
@@ -254,16 +256,17 @@ pub struct StageIo {
 const POLL: Duration = Duration::from_millis(50);
 
 impl StageIo {
-    /// Wires a stage: one receiver per connected input port, the senders of every edge
-    /// leaving each output port.
+    /// Wires a stage: the receivers of every edge into each input port (in recipe order;
+    /// none: not connected), the senders of every edge leaving each output port.
     pub fn new(
         label: impl Into<String>,
-        inputs: Vec<(PortSpec, Option<Receiver<Item>>)>,
+        inputs: Vec<(PortSpec, Vec<Receiver<Item>>)>,
         outputs: Vec<(PortSpec, Vec<Sender<Item>>)>,
         cancel: CancelToken,
         counters: Arc<StageCounters>,
         metrics: Metrics,
     ) -> Self {
+        let inputs = inputs.into_iter().map(|(spec, receivers)| (spec, FanIn::new(receivers))).collect();
         Self { label: label.into(), inputs, outputs, cancel, counters, metrics, metrics_logged: 0, summary: serde_json::Map::new() }
     }
 
@@ -302,7 +305,7 @@ impl StageIo {
 
     /// Whether an input port has an edge.
     pub fn input_connected(&self, port: &str) -> bool {
-        self.inputs.iter().any(|(spec, rx)| spec.name == port && rx.is_some())
+        self.inputs.iter().any(|(spec, edges)| spec.name == port && edges.is_connected())
     }
 
     /// Whether an output port has at least one edge.
@@ -311,60 +314,65 @@ impl StageIo {
     }
 
     /// The next item on an input port; `None` once every upstream stage has finished (or
-    /// the port is not connected). Blocks, but returns `Cancelled` promptly on a stop.
+    /// the port is not connected). Several edges into the port take turns in recipe order
+    /// (see [`FanIn`]). Blocks, but returns `Cancelled` promptly on a stop.
     pub fn recv(&mut self, port: &str) -> Result<Option<Item>, StageError> {
-        self.cancel.check()?;
         let index = self.input_index(port)?;
-        let Some(rx) = &self.inputs[index].1 else { return Ok(None) };
-        loop {
-            match rx.recv_timeout(POLL) {
-                Ok(item) => {
-                    self.counters.items_in.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Some(item));
-                }
-                Err(RecvTimeoutError::Timeout) => self.cancel.check()?,
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.cancel.check()?;
-                    return Ok(None);
-                }
-            }
-        }
+        Ok(self.recv_from(&[index])?.map(|(_, item)| item))
     }
 
     /// The next item on whichever of `ports` has one first, with that port's name; `None`
     /// once all of them are closed. Reading several inputs this way cannot deadlock on an
-    /// upstream stage that waits for this stage to drain another input.
+    /// upstream stage that waits for this stage to drain another input. Each port's own
+    /// items keep their order.
     pub fn recv_any(&mut self, ports: &[&'static str]) -> Result<Option<(&'static str, Item)>, StageError> {
+        let indices = ports.iter().map(|port| self.input_index(port)).collect::<Result<Vec<_>, _>>()?;
+        Ok(self.recv_from(&indices)?.map(|(position, item)| (ports[position], item)))
+    }
+
+    /// The first due item of the input ports `indices` (checked in that order), with the
+    /// position in `indices` of its port; waits on every open edge of them while none is due.
+    fn recv_from(&mut self, indices: &[usize]) -> Result<Option<(usize, Item)>, StageError> {
         self.cancel.check()?;
-        let mut open: Vec<(&'static str, Receiver<Item>)> = Vec::new();
-        for &port in ports {
-            let index = self.input_index(port)?;
-            if let Some(rx) = &self.inputs[index].1 {
-                open.push((port, rx.clone()));
+        loop {
+            let mut waiting = false;
+            for (position, &index) in indices.iter().enumerate() {
+                match self.inputs[index].1.take_due() {
+                    Due::Item(item) => {
+                        self.counters.items_in.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Some((position, item)));
+                    }
+                    Due::Wait => waiting = true,
+                    Due::End => {}
+                }
             }
-        }
-        while !open.is_empty() {
-            let mut select = crossbeam_channel::Select::new();
-            for (_, rx) in &open {
-                select.recv(rx);
-            }
-            let Ok(operation) = select.select_timeout(POLL) else {
+            if !waiting {
                 self.cancel.check()?;
-                continue;
-            };
-            let index = operation.index();
-            match operation.recv(&open[index].1) {
-                Ok(item) => {
-                    self.counters.items_in.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Some((open[index].0, item)));
-                }
-                Err(_) => {
-                    open.remove(index);
-                }
+                return Ok(None);
             }
+            self.wait_for_items(indices)?;
         }
-        self.cancel.check()?;
-        Ok(None)
+    }
+
+    /// Waits (up to one poll) for an item or an end on any open edge of the ports
+    /// `indices`, and files it with its port.
+    fn wait_for_items(&mut self, indices: &[usize]) -> Result<(), StageError> {
+        let open: Vec<(usize, usize, Receiver<Item>)> = indices
+            .iter()
+            .flat_map(|&index| self.inputs[index].1.open_receivers().into_iter().map(move |(edge, rx)| (index, edge, rx)))
+            .collect();
+        let mut select = crossbeam_channel::Select::new();
+        for (_, _, rx) in &open {
+            select.recv(rx);
+        }
+        let Ok(operation) = select.select_timeout(POLL) else {
+            return self.cancel.check();
+        };
+        let (index, edge, rx) = &open[operation.index()];
+        let received = operation.recv(rx).ok();
+        let (spec, fan_in) = &mut self.inputs[*index];
+        fan_in.accept(*edge, received, spec.name, &self.label);
+        Ok(())
     }
 
     /// The next record on a records port.

@@ -154,23 +154,22 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
     let started = Instant::now();
     let capacity = options.channel_capacity.max(1);
 
-    // One channel per connected input port; every edge into the port shares its sender.
-    let mut receivers: BTreeMap<(usize, &'static str), Receiver<Item>> = BTreeMap::new();
-    let mut port_senders: BTreeMap<(usize, &'static str), Sender<Item>> = BTreeMap::new();
+    // One channel per edge: a port fed by several edges reads them in turn, in recipe order
+    // (`FanIn`), so its order does not depend on the threads' timing.
+    let mut receivers: BTreeMap<(usize, &'static str), Vec<Receiver<Item>>> = BTreeMap::new();
+    let mut edge_senders: Vec<Sender<Item>> = Vec::with_capacity(plan.edges.len());
     for edge in &plan.edges {
-        port_senders.entry((edge.to, edge.to_port)).or_insert_with(|| {
-            let (tx, rx) = bounded(capacity);
-            receivers.insert((edge.to, edge.to_port), rx);
-            tx
-        });
+        let (tx, rx) = bounded(capacity);
+        receivers.entry((edge.to, edge.to_port)).or_default().push(rx);
+        edge_senders.push(tx);
     }
 
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, StageReport)>();
     let mut handles = Vec::new();
     for node in &plan.nodes {
         let factory = registry.get(&node.stage).ok_or_else(|| ExecuteError::UnknownStage(node.stage.clone()))?;
-        let inputs: Vec<(PortSpec, Option<Receiver<Item>>)> =
-            factory.inputs().iter().map(|port| (*port, receivers.remove(&(node.id, port.name)))).collect();
+        let inputs: Vec<(PortSpec, Vec<Receiver<Item>>)> =
+            factory.inputs().iter().map(|port| (*port, receivers.remove(&(node.id, port.name)).unwrap_or_default())).collect();
         let outputs: Vec<(PortSpec, Vec<Sender<Item>>)> = factory
             .outputs()
             .iter()
@@ -178,8 +177,9 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
                 let senders = plan
                     .edges
                     .iter()
-                    .filter(|e| e.from == node.id && e.from_port == port.name)
-                    .filter_map(|e| port_senders.get(&(e.to, e.to_port)).cloned())
+                    .zip(&edge_senders)
+                    .filter(|(e, _)| e.from == node.id && e.from_port == port.name)
+                    .map(|(_, tx)| tx.clone())
                     .collect();
                 (*port, senders)
             })
@@ -249,7 +249,7 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
     }
     drop(done_tx);
     // The executor's own senders would keep channels open: drop them so ends propagate.
-    drop(port_senders);
+    drop(edge_senders);
 
     let mut reports = collect_reports(&done_rx, plan.nodes.len(), cancel);
     // A stage still busy after the grace period (inside one long computation or a request)

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::vocab::GgufVocab;
 use super::{GgufError, GgufErrorKind, GgufFile, TensorInfo};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{StagedDir, write_atomic};
 use crate::model::checkpoint::SaveDtype;
 use crate::model::config::ModelConfig;
 
@@ -215,7 +215,8 @@ pub fn unpermute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Converts the GGUF file `file` into a Hugging Face model directory `out` (created; files
-/// in it are replaced).
+/// in it are replaced). The files are written into a staging directory beside `out` that
+/// takes its place at the end, so an interrupted conversion leaves no half a model.
 pub fn convert_gguf(file: &Path, out: &Path, options: &ConvertOptions) -> Result<ConvertSummary, GgufError> {
     let mut gguf = GgufFile::open(file)?;
     let fail = |kind| GgufError::new(file, kind);
@@ -242,7 +243,7 @@ pub fn convert_gguf(file: &Path, out: &Path, options: &ConvertOptions) -> Result
     parsed.check_memory(crate::model::config::available_memory()).map_err(|e| fail(GgufErrorKind::Unsupported(e)))?;
     parsed.check().map_err(|e| fail(GgufErrorKind::Unsupported(e)))?;
     let plan = plan_tensors(&gguf, &shape, tied).map_err(fail)?;
-    std::fs::create_dir_all(out).map_err(|e| output_error(e.to_string()))?;
+    let staged = StagedDir::create(out).map_err(|e| output_error(e.to_string()))?;
     let tokenizer = vocab.tokenizer_json().map_err(fail)?;
     let generation = json!({"bos_token_id": vocab.bos, "eos_token_id": vocab.eos, "pad_token_id": vocab.pad});
     let mut summary = ConvertSummary {
@@ -254,7 +255,7 @@ pub fn convert_gguf(file: &Path, out: &Path, options: &ConvertOptions) -> Result
         tied_embeddings: tied,
     };
     let tensors = read_tensors(&mut gguf, &plan, options.dtype, &mut summary)?;
-    write_safetensors(&out.join("model.safetensors"), tensors, options.dtype).map_err(output_error)?;
+    write_safetensors(&staged.path().join("model.safetensors"), tensors, options.dtype).map_err(output_error)?;
     for (name, value) in [
         ("config.json", config),
         ("tokenizer.json", tokenizer),
@@ -262,8 +263,9 @@ pub fn convert_gguf(file: &Path, out: &Path, options: &ConvertOptions) -> Result
         ("generation_config.json", generation),
     ] {
         let bytes = serde_json::to_vec_pretty(&value).map_err(|e| output_error(e.to_string()))?;
-        write_atomic(&out.join(name), &bytes).map_err(|e| output_error(e.to_string()))?;
+        write_atomic(&staged.path().join(name), &bytes).map_err(|e| output_error(e.to_string()))?;
     }
+    staged.commit().map_err(|e| output_error(e.to_string()))?;
     Ok(summary)
 }
 
