@@ -97,18 +97,23 @@ fn kill_when(dir: &Path, args: &[&str], run: &Path, what: &str, ready: impl Fn(&
     std::fs::read_to_string(&log).expect("log")
 }
 
-/// The final weights of phase 2 (paths in the report are relative to the working directory).
-fn final_weights(base: &Path, run: &Path) -> Vec<u8> {
+/// Phase 2's entry in the run's report.json.
+fn phase2_report(run: &Path) -> serde_json::Value {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).expect("report.json")).expect("json");
-    let second = report["stages"]
+    report["stages"]
         .as_array()
         .expect("stages")
         .iter()
         .rev()
         .find(|s| s["label"].as_str().is_some_and(|l| l.starts_with("rl_phase")))
-        .expect("phase 2");
-    let dir = base.join(second["summary"]["checkpoint"].as_str().expect("checkpoint"));
+        .expect("phase 2")
+        .clone()
+}
+
+/// The final weights of phase 2 (paths in the report are relative to the working directory).
+fn final_weights(base: &Path, run: &Path) -> Vec<u8> {
+    let dir = base.join(phase2_report(run)["summary"]["checkpoint"].as_str().expect("checkpoint"));
     std::fs::read(dir.join("model.safetensors")).expect("weights")
 }
 
@@ -189,6 +194,13 @@ fn a_run_killed_three_times_and_resumed_ends_bitwise_identical() {
         final_weights(dir.path(), &killed) == final_weights(dir.path(), &whole),
         "the resumed run's final weights differ from the uninterrupted run's"
     );
+    // Phase 2's summary counts the attempt killed inside it: its time up to the checkpoint
+    // the last attempt resumed from, added to the last attempt's own.
+    let (whole2, killed2) = (phase2_report(&whole), phase2_report(&killed));
+    assert_eq!((whole2["summary"]["attempts"].as_u64(), killed2["summary"]["attempts"].as_u64()), (Some(1), Some(2)));
+    let all = |report: &serde_json::Value| report["summary"]["wall_s_all_attempts"].as_f64().expect("wall_s_all_attempts");
+    assert!(all(&whole2) <= whole2["wall_s"].as_f64().expect("wall_s"), "one attempt: its own time");
+    assert!(all(&killed2) > killed2["wall_s"].as_f64().expect("wall_s"), "the killed attempt's time is added");
     let (a, b) = (metrics(&whole), metrics(&killed));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (stage, lines) in &a {
@@ -229,6 +241,13 @@ fn a_data_parallel_run_killed_and_resumed_ends_bitwise_identical() {
         final_weights(dir.path(), &killed) == final_weights(dir.path(), &whole),
         "the resumed data-parallel run's final weights differ"
     );
+    // Phase 2's summary counts the attempt killed inside it: its time up to the checkpoint
+    // the last attempt resumed from, added to the last attempt's own.
+    let (whole2, killed2) = (phase2_report(&whole), phase2_report(&killed));
+    assert_eq!((whole2["summary"]["attempts"].as_u64(), killed2["summary"]["attempts"].as_u64()), (Some(1), Some(2)));
+    let all = |report: &serde_json::Value| report["summary"]["wall_s_all_attempts"].as_f64().expect("wall_s_all_attempts");
+    assert!(all(&whole2) <= whole2["wall_s"].as_f64().expect("wall_s"), "one attempt: its own time");
+    assert!(all(&killed2) > killed2["wall_s"].as_f64().expect("wall_s"), "the killed attempt's time is added");
     let (a, b) = (metrics(&whole), metrics(&killed));
     for (stage, lines) in &a {
         assert_eq!(lines, &b[stage], "metrics of {stage} differ");

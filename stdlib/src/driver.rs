@@ -160,6 +160,13 @@ pub struct SavedState<S> {
     pub step: usize,
     /// Lines the stage had logged to `metrics.jsonl` (a resumed run keeps these).
     pub metrics_lines: usize,
+    /// Seconds the stage had run up to this checkpoint, summed over attempts (an attempt's
+    /// time after its last checkpoint is lost with it).
+    #[serde(default)]
+    pub seconds: f64,
+    /// Attempts that reached this checkpoint: 1 when no earlier attempt was resumed.
+    #[serde(default)]
+    pub attempts: usize,
     /// The stage's state.
     pub stage: S,
 }
@@ -216,9 +223,10 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
     fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
         let Self { driver, io, inputs, checkpoints } = self;
         let cadence = driver.stage.cadence();
+        let started = std::time::Instant::now();
         let mut run = driver.stage.prepare::<B>(inputs, device, io)?;
         let total = run.total_steps();
-        let (first_step, resumed_lines) = match checkpoints.as_ref().map(|c| c.latest_state::<S::State>()).transpose()?.flatten() {
+        let (first_step, resumed_lines, earlier) = match checkpoints.as_ref().map(|c| c.latest_state::<S::State>()).transpose()?.flatten() {
             Some((dir, saved)) => {
                 if saved.step > total {
                     return Err(StageError::Failed(format!(
@@ -229,9 +237,9 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
                 }
                 run.restore(&dir, saved.stage, io)?;
                 tracing::info!(stage = %io.label(), step = saved.step, "resuming from {}", dir.display());
-                (saved.step, saved.metrics_lines)
+                (saved.step, saved.metrics_lines, Earlier { seconds: saved.seconds, attempts: saved.attempts.max(1) })
             }
-            None => (0, 0),
+            None => (0, 0, Earlier::default()),
         };
         let progress = Progress::new(io.label(), total as u64, "steps");
         progress.skip(first_step as u64);
@@ -255,11 +263,16 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
             let done = step + 1;
             if let Some(checkpoints) = checkpoints.as_ref().filter(|_| cadence.due(done, total)) {
                 let metrics_lines = resumed_lines + io.metrics_logged();
-                checkpoints.save(done, |dir| Ok(SavedState { step: done, metrics_lines, stage: run.checkpoint(dir)? }))?;
+                let (seconds, attempts) = earlier.with_this(started);
+                checkpoints
+                    .save(done, |dir| Ok(SavedState { step: done, metrics_lines, seconds, attempts, stage: run.checkpoint(dir)? }))?;
             }
         }
         progress.finish();
         let model = run.finish(driver.out_dir.as_deref(), io)?;
+        let (seconds, attempts) = earlier.with_this(started);
+        io.summary_mut().insert("wall_s_all_attempts".into(), seconds.into());
+        io.summary_mut().insert("attempts".into(), attempts.into());
         // Likewise for the final work (an evaluation's judging): a stopped stage is not done.
         io.cancel_token().check()?;
         if let Some(checkpoints) = &checkpoints {
@@ -270,6 +283,20 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
             io.send_model("model", ModelRef { dir })?;
         }
         Ok(())
+    }
+}
+
+/// What the attempts before this one spent, as the checkpoint resumed from recorded it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Earlier {
+    seconds: f64,
+    attempts: usize,
+}
+
+impl Earlier {
+    /// Seconds and attempts including this attempt, which started at `started`.
+    fn with_this(self, started: std::time::Instant) -> (f64, usize) {
+        (self.seconds + started.elapsed().as_secs_f64(), self.attempts + 1)
     }
 }
 
