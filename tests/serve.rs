@@ -223,3 +223,54 @@ fn the_official_openai_python_client_works_against_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The address `host:port` of a server's API base.
+fn address(url: &str) -> String {
+    url.trim_start_matches("http://").split('/').next().expect("host:port").to_string()
+}
+
+/// What the server sends on `stream` before it closes it (or 20 s pass).
+fn read_until_closed(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(20))).expect("timeout");
+    let mut bytes = Vec::new();
+    let result = stream.read_to_end(&mut bytes);
+    assert!(result.is_ok() || !bytes.is_empty(), "the server neither answered nor closed the connection: {result:?}");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn stalled_clients_hold_no_request_thread_and_are_cut_off_at_the_deadline() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 4);
+    // One request thread and a 5 s deadline.
+    let server = serve(dir.path(), &["--threads", "1", "--request-timeout", "5"]);
+    let addr = address(&server.url);
+    let connect = || std::net::TcpStream::connect(&addr).expect("connects");
+    // Half a request's headers; headers promising a body of 100 bytes and sending 10; a
+    // connection that never sends anything.
+    let mut half_headers = connect();
+    half_headers.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty").expect("write");
+    let mut short_body = connect();
+    short_body
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+        .expect("write");
+    let mut silent = connect();
+    // Meanwhile the one request thread answers others.
+    let started = std::time::Instant::now();
+    assert_eq!(get_json(&format!("{}/health", server.root()))["status"], "ok");
+    let (status, _, text) = post(&format!("{}/completions", server.url), &completion_request(1));
+    assert_eq!(status, 200, "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "answered before any stalled client was cut off");
+    // At the deadline: a 408 for the body that never came, closed connections for the rest.
+    let reply = read_until_closed(&mut short_body);
+    assert!(reply.starts_with("HTTP/1.1 408") && reply.contains("did not arrive within 5 s"), "{reply}");
+    for stream in [&mut half_headers, &mut silent] {
+        let reply = read_until_closed(stream);
+        assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 408"), "{reply}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(25));
+    // The server goes on.
+    assert_eq!(get_json(&format!("{}/health", server.root()))["status"], "ok");
+}

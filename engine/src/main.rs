@@ -111,6 +111,13 @@ struct ServeArgs {
     /// Requests answered at once (generation itself runs on one worker).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: u64,
+    /// Seconds a client has to send a request's headers, then its body (408 or a closed
+    /// connection after that); a kept-alive connection idle that long is closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    request_timeout: u64,
+    /// Connections open at once; more wait until one closes.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    max_connections: u64,
     #[command(flatten)]
     compute: DeviceArgs,
 }
@@ -538,6 +545,8 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_requests: args.max_requests,
         served_model_names: args.served_model_names,
         threads: args.threads as usize,
+        request_timeout: std::time::Duration::from_secs(args.request_timeout),
+        max_connections: args.max_connections as usize,
     };
     longrl_backends::dispatch(args.compute.spec(), options)??;
     Ok(ExitCode::SUCCESS)

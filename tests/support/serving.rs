@@ -63,7 +63,8 @@ pub fn serve(model: &Path, extra: &[&str]) -> Server {
 }
 
 pub fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    // A server that hangs fails the test instead of holding it forever.
+    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(std::time::Duration::from_secs(120))).build().into()
 }
 
 /// POSTs `body` to `url`: the status, the content type and the body text.

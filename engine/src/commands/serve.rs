@@ -16,20 +16,23 @@
 //!   started with;
 //! - `GET /health`, `GET /v1/models`.
 //!
-//! Requests are answered concurrently by a pool of threads; one worker owns the model and
-//! runs the queued groups (see [`worker`]). The server binds to loopback unless `--host`
-//! says otherwise, and has no authentication.
+//! Requests arrive through hyper ([`http`]: deadlines for headers and bodies, capped
+//! connections and bodies) and are answered, read whole, by a pool of threads; one worker
+//! owns the model and runs the queued groups (see [`worker`]). The server binds to loopback
+//! unless `--host` says otherwise, and has no authentication.
 //!
 //! Log-probs of sampled tokens are those of the distribution the sampler drew from
 //! (`softmax(logits / temperature)`, before top-k / top-p truncation: what a GRPO trainer
 //! needs as the old policy's); `prompt_logprobs` are raw (temperature 1), as vLLM's are.
 
+mod http;
 mod protocol;
 mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use longrl_backends::{BackendTask, CustomGrad, TrainBackend};
@@ -37,6 +40,7 @@ use longrl_stdlib::model::chat::ModelTokenizer;
 use longrl_stdlib::model::{ModelConfig, load_model};
 use serde_json::{Value, json};
 
+use http::{Answer, Call, Limits, Listener, StopHandle};
 use protocol::{ApiError, ChatRequest, CompletionRequest, Planned, ReloadRequest, Reply, RpcRequest, Served, parse_body};
 use worker::{BatchStats, Generated, Sequencer, Swap, Work};
 
@@ -56,10 +60,15 @@ pub struct ServeOptions {
     pub served_model_names: Vec<String>,
     /// Threads answering requests at once.
     pub threads: usize,
+    /// Time a client has to send a request's headers, then its body; a kept-alive
+    /// connection idle that long is closed.
+    pub request_timeout: Duration,
+    /// Connections open at once (more wait in the listen queue).
+    pub max_connections: usize,
 }
 
-/// The largest request body read (the rest of a longer one is ignored, and its JSON fails).
-const MAX_BODY_BYTES: u64 = 64 << 20;
+/// The largest request body taken (a longer one is a 413).
+const MAX_BODY_BYTES: usize = 64 << 20;
 
 /// The version of the weights the server starts with (SGLang's default name).
 pub const INITIAL_VERSION: &str = "default";
@@ -77,8 +86,8 @@ struct Shared<'a> {
     reloading: Mutex<()>,
     reloads: AtomicUsize,
     served: AtomicUsize,
-    /// Set once `max_requests` were served: the request threads end.
-    stopping: AtomicBool,
+    /// Stops the listener once `max_requests` were served.
+    stop: StopHandle,
     sequencer: Sequencer,
     /// How the generation worker has batched requests.
     batching: BatchStats,
@@ -112,13 +121,13 @@ impl BackendTask for ServeOptions {
             Some(name) => name.clone(),
             None => self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "longrl".into()),
         };
-        let server = tiny_http::Server::http((self.host.as_str(), self.port))
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", self.host, self.port))?;
-        let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(self.port);
+        let listener = Listener::bind(&self.host, self.port)?;
+        let port = listener.port();
         crate::outln!("listening on http://{}:{port}/v1 (model {name})", self.host)?;
         if !is_loopback(&self.host) {
             tracing::warn!(host = %self.host, "the server listens beyond this machine and has no authentication");
         }
+        let (stop, stop_watch) = Listener::stop_handle();
         let mut eos_ids = tokenizer.stop_ids.clone();
         eos_ids.extend(config.eos_ids());
         eos_ids.sort_unstable();
@@ -133,38 +142,28 @@ impl BackendTask for ServeOptions {
             reloading: Mutex::new(()),
             reloads: AtomicUsize::new(0),
             served: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
+            stop: stop.clone(),
             sequencer: Sequencer::default(),
             batching: BatchStats::default(),
         };
         let (work_tx, work_rx) = crossbeam_channel::unbounded::<Work<B::InnerBackend>>();
-        let threads = self.threads.max(1);
+        let (calls_tx, calls_rx) = crossbeam_channel::unbounded::<Call>();
+        let limits =
+            Limits { request_timeout: self.request_timeout, max_body_bytes: MAX_BODY_BYTES, max_connections: self.max_connections };
         std::thread::scope(|scope| {
             let shared = &shared;
-            let server = &server;
-            for _ in 0..threads {
-                let work = work_tx.clone();
+            scope.spawn(move || listener.serve(calls_tx, limits, stop_watch));
+            for _ in 0..self.threads.max(1) {
+                let (work, calls) = (work_tx.clone(), calls_rx.clone());
                 let device = device.clone();
+                // Ends once the listener has stopped and every request it took is answered.
                 scope.spawn(move || {
-                    loop {
-                        let request = match server.recv() {
-                            Ok(request) => request,
-                            // Unblocked to stop, or a connection that failed to open.
-                            Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "a connection failed");
-                                continue;
-                            }
-                        };
-                        handle::<B::InnerBackend>(request, shared, &work, &device);
+                    for call in calls.iter() {
+                        let answer = answer::<B::InnerBackend>(&call.method, &call.url, &call.body, shared, &work, &device);
+                        let _ = call.reply.send(answer);
                         let served = shared.served.fetch_add(1, Ordering::SeqCst) + 1;
-                        if shared.options.max_requests.is_some_and(|max| served >= max) && !shared.stopping.swap(true, Ordering::SeqCst) {
-                            for _ in 0..threads {
-                                server.unblock();
-                            }
-                        }
-                        if shared.stopping.load(Ordering::SeqCst) {
-                            break;
+                        if shared.options.max_requests.is_some_and(|max| served >= max) {
+                            shared.stop.stop();
                         }
                     }
                 });
@@ -186,30 +185,11 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// Answers one request.
-fn handle<B: CustomGrad>(mut request: tiny_http::Request, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) {
-    let method = request.method().to_string();
-    let url = request.url().split('?').next().unwrap_or("").to_string();
-    let body = if method == "POST" {
-        let mut text = String::new();
-        match std::io::Read::read_to_string(&mut std::io::Read::take(request.as_reader(), MAX_BODY_BYTES), &mut text) {
-            Ok(_) => Ok(text),
-            Err(e) => Err(ApiError::status(400, format!("cannot read the request body: {e}"))),
-        }
-    } else {
-        Ok(String::new())
-    };
-    let reply = body.and_then(|body| route::<B>(&method, &url, &body, shared, work, device));
-    let (status, content_type, bytes) = match reply {
-        Ok((status, Reply::Json(value))) => (status, "application/json", value.to_string().into_bytes()),
-        Ok((status, Reply::Events(text))) => (status, "text/event-stream", text.into_bytes()),
-        Err(err) => (err.status, "application/json", err.body().to_string().into_bytes()),
-    };
-    let mut response = tiny_http::Response::from_data(bytes).with_status_code(status);
-    if let Ok(header) = tiny_http::Header::from_bytes("Content-Type", content_type) {
-        response = response.with_header(header);
-    }
-    if let Err(e) = request.respond(response) {
-        tracing::warn!(error = %e, "could not send a reply");
+fn answer<B: CustomGrad>(method: &str, url: &str, body: &str, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) -> Answer {
+    match route::<B>(method, url, body, shared, work, device) {
+        Ok((status, Reply::Json(value))) => Answer { status, content_type: "application/json", bytes: value.to_string().into_bytes() },
+        Ok((status, Reply::Events(text))) => Answer { status, content_type: "text/event-stream", bytes: text.into_bytes() },
+        Err(err) => Answer::error(&err),
     }
 }
 

@@ -1,0 +1,202 @@
+//! The server's HTTP transport: hyper (HTTP/1.1) on a small tokio runtime. A request's
+//! headers and then its body must each arrive within the request timeout (a stalled client
+//! gets a 408 or is disconnected, and a kept-alive connection idle that long is closed), open
+//! connections are capped, and bodies are capped. Answering is handed to the request threads
+//! as whole requests: those threads never touch a socket, so a slow client holds none of them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{Semaphore, oneshot, watch};
+
+use super::protocol::ApiError;
+
+/// A request read whole, for a request thread to answer.
+pub struct Call {
+    pub method: String,
+    /// The path, without the query.
+    pub url: String,
+    pub body: String,
+    pub reply: oneshot::Sender<Answer>,
+}
+
+/// A whole reply.
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+impl Answer {
+    pub fn error(err: &ApiError) -> Self {
+        Self { status: err.status, content_type: "application/json", bytes: err.body().to_string().into_bytes() }
+    }
+}
+
+/// What a client may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time to send a request's headers, then its body; and how long a kept-alive connection
+    /// may sit idle.
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// Connections open at once; more wait in the listen queue.
+    pub max_connections: usize,
+}
+
+/// How long requests under way get to finish once the server stops.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A bound listening socket and the runtime that serves it.
+pub struct Listener {
+    runtime: tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    port: u16,
+}
+
+/// Tells a serving [`Listener`] to stop (from any thread).
+#[derive(Clone)]
+pub struct StopHandle(Arc<watch::Sender<bool>>);
+
+impl StopHandle {
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Listener {
+    pub fn bind(host: &str, port: u16) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("longrl-http").enable_all().build()?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind((host, port)))
+            .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port}: {e}"))?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+        Ok(Self { runtime, listener, port })
+    }
+
+    /// The port listened on (the one picked, when asked for port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop [`Listener::serve`], and what it watches.
+    pub fn stop_handle() -> (StopHandle, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (StopHandle(Arc::new(tx)), rx)
+    }
+
+    /// Accepts connections and hands their requests to `calls` until `stop` says so; then
+    /// lets the requests under way finish (for up to [`STOP_GRACE`]) and returns, dropping
+    /// `calls`, which ends the request threads once they have drained it.
+    pub fn serve(self, calls: Sender<Call>, limits: Limits, stop: watch::Receiver<bool>) {
+        let Self { runtime, listener, .. } = self;
+        runtime.block_on(accept_until_stopped(listener, calls, limits, stop));
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+async fn accept_until_stopped(listener: tokio::net::TcpListener, calls: Sender<Call>, limits: Limits, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = tokio::task::JoinSet::new();
+    while !*stop.borrow() {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot,
+            _ = stop.changed() => break,
+        };
+        let Ok(slot) = slot else { break };
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let stream = match stream {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::debug!(error = %e, "a connection failed to open");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (calls, stop) = (calls.clone(), stop.clone());
+        connections.spawn(async move {
+            serve_connection(stream, calls, limits, stop).await;
+            drop(slot);
+        });
+        // Reap finished connections as we go.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(STOP_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+    connections.abort_all();
+}
+
+/// One connection: its requests one after another, until the client closes it, a deadline
+/// passes or the server stops (which lets a request under way finish).
+async fn serve_connection(stream: tokio::net::TcpStream, calls: Sender<Call>, limits: Limits, mut stop: watch::Receiver<bool>) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let calls = calls.clone();
+        async move { Ok::<_, Infallible>(answer(request, &calls, limits).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.request_timeout);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "a connection ended with an error");
+            }
+        }
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Reads a request whole, has a request thread answer it and returns the answer.
+async fn answer(request: Request<Incoming>, calls: &Sender<Call>, limits: Limits) -> Response<Full<Bytes>> {
+    let method = request.method().to_string();
+    let url = request.uri().path().to_string();
+    let answer = match read_body(request, limits).await {
+        Ok(body) => {
+            let (reply, answered) = oneshot::channel();
+            match calls.send(Call { method, url, body, reply }) {
+                Ok(()) => answered.await.unwrap_or_else(|_| Answer::error(&ApiError::status(503, "the server is shutting down"))),
+                Err(_) => Answer::error(&ApiError::status(503, "the server is shutting down")),
+            }
+        }
+        Err(err) => Answer::error(&err),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(answer.bytes)));
+    *response.status_mut() = hyper::StatusCode::from_u16(answer.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(answer.content_type));
+    response
+}
+
+/// The body as text: at most `max_body_bytes`, arrived within the request timeout.
+async fn read_body(request: Request<Incoming>, limits: Limits) -> Result<String, ApiError> {
+    let body = Limited::new(request.into_body(), limits.max_body_bytes);
+    let collected = match tokio::time::timeout(limits.request_timeout, body.collect()).await {
+        Err(_) => {
+            return Err(ApiError::status(
+                408,
+                format!("the request body did not arrive within {} s", limits.request_timeout.as_secs_f64()),
+            ));
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(ApiError::status(413, format!("the request body is larger than {} bytes", limits.max_body_bytes)));
+        }
+        Ok(Err(e)) => return Err(ApiError::status(400, format!("cannot read the request body: {e}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    String::from_utf8(collected.to_vec()).map_err(|e| ApiError::status(400, format!("the request body is not UTF-8: {e}")))
+}
