@@ -28,12 +28,21 @@ pub struct SafetensorsSource {
 }
 
 impl SafetensorsSource {
-    /// Opens `dir/model.safetensors`, or the shards listed in
-    /// `dir/model.safetensors.index.json`. Every header is checked here.
+    /// Opens `dir/model.safetensors`, or else the shards listed in
+    /// `dir/model.safetensors.index.json` (transformers' order: a directory holding both
+    /// loads the same weights in either). Every header is checked here.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
-        let file_names: Vec<String> = if index_path.is_file() {
+        let file_names: Vec<String> = if single.is_file() {
+            if index_path.is_file() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "the model directory holds both model.safetensors and model.safetensors.index.json; loading model.safetensors, as transformers does"
+                );
+            }
+            vec!["model.safetensors".into()]
+        } else if index_path.is_file() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| ModelError::checkpoint(&index_path, format!("not valid JSON: {e}")))?;
@@ -48,8 +57,6 @@ impl SafetensorsSource {
             names.sort();
             names.dedup();
             names
-        } else if single.is_file() {
-            vec!["model.safetensors".into()]
         } else {
             return Err(ModelError::checkpoint(dir, "holds neither model.safetensors nor model.safetensors.index.json"));
         };
@@ -318,5 +325,21 @@ mod tests {
         std::fs::write(&index, serde_json::json!({"weight_map": {"w": "shard"}}).to_string()).expect("write");
         let err = SafetensorsSource::open(dir.path()).err().expect("refused").to_string();
         assert!(err.contains("is listed in model.safetensors.index.json but is not a file"), "{err}");
+    }
+
+    #[test]
+    fn a_single_file_beside_an_index_is_loaded_as_transformers_loads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A stale index naming a shard that is gone, beside a whole model.safetensors.
+        std::fs::write(dir.path().join("model.safetensors.index.json"), r#"{"weight_map": {"w": "model-00001-of-00002.safetensors"}}"#)
+            .expect("write");
+        let values = [1.5f32, -2.0];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![2], &bytes).expect("view");
+        let file = safetensors::serialize([("w".to_string(), view)], None).expect("serialize");
+        std::fs::write(dir.path().join("model.safetensors"), file).expect("write");
+        let source = SafetensorsSource::open(dir.path()).expect("opens model.safetensors");
+        assert_eq!(source.files.keys().collect::<Vec<_>>(), ["model.safetensors"]);
+        assert_eq!(source.index.get("w").map(String::as_str), Some("model.safetensors"));
     }
 }
