@@ -237,7 +237,7 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
                 }
                 run.restore(&dir, saved.stage, io)?;
                 tracing::info!(stage = %io.label(), step = saved.step, "resuming from {}", dir.display());
-                (saved.step, saved.metrics_lines, Earlier { seconds: saved.seconds, attempts: saved.attempts.max(1) })
+                (saved.step, saved.metrics_lines, Earlier { seconds: saved.seconds.max(0.0), attempts: saved.attempts.max(1) })
             }
             None => (0, 0, Earlier::default()),
         };
@@ -262,7 +262,7 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
             }
             let done = step + 1;
             if let Some(checkpoints) = checkpoints.as_ref().filter(|_| cadence.due(done, total)) {
-                let metrics_lines = resumed_lines + io.metrics_logged();
+                let metrics_lines = resumed_lines.saturating_add(io.metrics_logged());
                 let (seconds, attempts) = earlier.with_this(started);
                 checkpoints
                     .save(done, |dir| Ok(SavedState { step: done, metrics_lines, seconds, attempts, stage: run.checkpoint(dir)? }))?;
@@ -276,7 +276,7 @@ impl<S: ModelStage> BackendTask for DriverTask<'_, S> {
         // Likewise for the final work (an evaluation's judging): a stopped stage is not done.
         io.cancel_token().check()?;
         if let Some(checkpoints) = &checkpoints {
-            let metrics_lines = resumed_lines + io.metrics_logged();
+            let metrics_lines = resumed_lines.saturating_add(io.metrics_logged());
             checkpoints.mark_done(&Done { model: model.clone(), summary: io.summary_mut().clone(), metrics_lines })?;
         }
         if let Some(dir) = model {
@@ -296,7 +296,7 @@ struct Earlier {
 impl Earlier {
     /// Seconds and attempts including this attempt, which started at `started`.
     fn with_this(self, started: std::time::Instant) -> (f64, usize) {
-        (self.seconds + started.elapsed().as_secs_f64(), self.attempts + 1)
+        (self.seconds + started.elapsed().as_secs_f64(), self.attempts.saturating_add(1))
     }
 }
 

@@ -104,9 +104,16 @@ fn plot_error(e: impl std::fmt::Display) -> StageError {
 const WIDTH: u32 = 560;
 const HEIGHT: u32 = 320;
 
-/// Bounds of some values, widened when flat.
+/// The largest magnitude an axis spans: beyond it a span overflows to infinity, and plotters'
+/// tick search never ends. Values past it are drawn at its edge.
+const AXIS_LIMIT: f64 = 1e30;
+
+/// Bounds of some values (within [`AXIS_LIMIT`]), widened when flat.
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values
+        .filter(|v| !v.is_nan())
+        .map(|v| v.clamp(-AXIS_LIMIT, AXIS_LIMIT))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -150,6 +157,8 @@ fn line_chart(
             .map_err(plot_error)?;
         for (index, (name, points)) in series.iter().enumerate() {
             let color = Palette99::pick(index).to_rgba();
+            // Inside the axes: a point far outside overflows plotters' pixel arithmetic.
+            let points: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x.clamp(x0, x1), y.clamp(y0, y1))).collect();
             chart
                 .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
                 .map_err(plot_error)?
@@ -179,7 +188,7 @@ fn bar_chart(caption: &str, y_desc: &str, bars: &[(String, f64)], y_max: Option<
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
-        let top = y_max.unwrap_or_else(|| bars.iter().map(|(_, v)| *v).fold(0.0, f64::max) * 1.1).max(1e-6);
+        let top = y_max.unwrap_or_else(|| bars.iter().map(|(_, v)| *v).fold(0.0, f64::max) * 1.1).clamp(1e-6, AXIS_LIMIT);
         let labels: Vec<String> = bars.iter().map(|(l, _)| l.clone()).collect();
         // Bar i spans [i - 0.4, i + 0.4] on a continuous axis; ticks at the integers.
         let mut chart = ChartBuilder::on(&root)
@@ -205,7 +214,7 @@ fn bar_chart(caption: &str, y_desc: &str, bars: &[(String, f64)], y_max: Option<
         chart
             .draw_series(bars.iter().enumerate().map(|(i, (_, value))| {
                 let color = Palette99::pick(i).to_rgba();
-                Rectangle::new([(i as f64 - 0.4, 0.0), (i as f64 + 0.4, *value)], color.filled())
+                Rectangle::new([(i as f64 - 0.4, 0.0), (i as f64 + 0.4, value.clamp(0.0, top))], color.filled())
             }))
             .map_err(plot_error)?;
         root.present().map_err(plot_error)?;
@@ -484,5 +493,20 @@ mod tests {
         assert_eq!(html.matches("<figure class=\"plot\"").count(), 7, "2 losses, 3 more RL curves, phases, eval");
         assert!(html.contains("<svg") && html.contains("polyline"), "plots are inline SVG");
         assert!(!html.contains("src=\"http") && !html.contains("href=\"http"), "nothing is fetched from the network");
+    }
+
+    #[test]
+    fn values_near_the_float_limits_are_drawn_at_the_axis_limit_and_end() {
+        // A span of 2e308 overflows; plotters' tick search would then never end.
+        let metrics = vec![
+            line("sft#3", 0.0, serde_json::json!({ "loss": 1e308 })),
+            line("sft#3", 1.0, serde_json::json!({ "loss": -1e308 })),
+            line("sft#3", 1e308, serde_json::json!({ "loss": 0.5 })),
+        ];
+        let data = RunData { name: "extreme".into(), run_info: Value::Null, stages: Vec::new(), metrics };
+        let html = render(&data, &Registry::standard()).expect("renders");
+        assert!(html.contains("data-plot=\"loss\""));
+        let (lo, hi) = range([1e308, -1e308, f64::NAN].into_iter());
+        assert!((hi - lo).is_finite() && hi >= AXIS_LIMIT && lo <= -AXIS_LIMIT, "{lo} {hi}");
     }
 }

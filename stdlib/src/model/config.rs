@@ -267,8 +267,9 @@ impl ModelConfig {
     pub fn rope(&self) -> Result<(f64, RopeScaling), String> {
         let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|v| !v.is_null());
         let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(self.rope_theta).unwrap_or(10_000.0);
-        if !(theta.is_finite() && theta > 1.0) {
-            return Err(format!("rope_theta must be a number above 1, got {theta}"));
+        // The frequencies are computed in f32: a base past its range would make them 0.
+        if !(theta > 1.0 && (theta as f32).is_finite()) {
+            return Err(format!("rope_theta must be a number above 1 and within f32's range, got {theta}"));
         }
         let Some(params) = params else { return Ok((theta, RopeScaling::None)) };
         let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
@@ -276,9 +277,9 @@ impl ModelConfig {
             params
                 .get(key)
                 .and_then(Value::as_f64)
-                .filter(|v| v.is_finite() && *v > 0.0)
                 .map(|v| v as f32)
-                .ok_or_else(|| format!("rope scaling `{kind}` needs `{key}`, a positive number"))
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| format!("rope scaling `{kind}` needs `{key}`, a positive number within f32's range"))
         };
         let scaling = match kind {
             "default" => RopeScaling::None,
@@ -457,7 +458,8 @@ mod tests {
         let mut zero = base();
         zero["head_dim"] = 0.into();
         assert!(parse(zero).check().expect_err("head_dim 0").contains("head_dim (0) must be positive"));
-        for theta in [serde_json::json!(0.0), serde_json::json!(-10000.0), serde_json::json!(1.0)] {
+        // 1e39 is finite in f64 but infinite in f32, where the frequencies are computed.
+        for theta in [serde_json::json!(0.0), serde_json::json!(-10000.0), serde_json::json!(1.0), serde_json::json!(1e39)] {
             let mut config = base();
             config["rope_theta"] = theta;
             assert!(parse(config).check().expect_err("theta").contains("rope_theta must be a number above 1"));
@@ -465,6 +467,9 @@ mod tests {
         let mut scaled = base();
         scaled["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": -2.0});
         assert!(parse(scaled).check().expect_err("factor").contains("`factor`, a positive number"));
+        let mut huge = base();
+        huge["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 1e39});
+        assert!(parse(huge).check().expect_err("factor").contains("`factor`, a positive number within f32's range"));
     }
 
     #[test]

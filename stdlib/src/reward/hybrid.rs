@@ -125,6 +125,13 @@ impl Reward {
                     value.as_float().map(|f| f as f32).or_else(|_| value.as_int().map(|i| i as f32)).map_err(|t| {
                         StageError::Failed(format!("reward closure at {} returned {t}, expected a number", script.origin()))
                     })?;
+                if !value.is_finite() {
+                    return Err(StageError::Failed(format!(
+                        "reward closure at {} returned {value} (as f32) for a response to `{}`; a reward must be a finite number",
+                        script.origin(),
+                        crate::guard::first_line(&record.question, 80)
+                    )));
+                }
                 outcome.script = Some(value);
                 outcome.score = match self.script_mode {
                     ScriptMode::Replace => Some(value),

@@ -17,6 +17,10 @@ use serde_json::{Value, json};
 
 use crate::error::StageError;
 
+/// The slowest request rate a judge may be limited to (a smaller positive rate is a typo,
+/// and its gap between requests would not fit a `Duration`).
+const MIN_REQUESTS_PER_S: f64 = 1e-3;
+
 /// Options of the judge.
 #[derive(Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -99,8 +103,11 @@ impl JudgeConfig {
         if self.backoff_ms > MAX_BACKOFF_MS {
             out.push(format!("judge backoff_ms must be at most {MAX_BACKOFF_MS}, got {}", self.backoff_ms));
         }
-        if !self.max_requests_per_s.is_finite() || self.max_requests_per_s < 0.0 {
-            out.push(format!("judge max_requests_per_s must be 0 (no limit) or positive, got {}", self.max_requests_per_s));
+        let rate = self.max_requests_per_s;
+        if !rate.is_finite() || rate < 0.0 || (rate > 0.0 && rate < MIN_REQUESTS_PER_S) {
+            out.push(format!(
+                "judge max_requests_per_s must be 0 (no limit) or at least {MIN_REQUESTS_PER_S} (one request in 1,000 s), got {rate}"
+            ));
         }
         if self.max_tokens == 0 || self.max_tokens > crate::options::limits::TOKENS {
             out.push(format!("judge max_tokens must be within 1..={}, got {}", crate::options::limits::TOKENS, self.max_tokens));

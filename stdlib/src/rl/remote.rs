@@ -128,6 +128,9 @@ fn default_tolerance() -> f64 {
 const MAX_REPLY_BYTES: u64 = 256 << 20;
 /// Most requests in flight on one server.
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// The most retries of one request, and failures in a row before a server is taken out.
+pub const MAX_RETRIES: u32 = 100;
+pub const MAX_FAILURES: u32 = 1000;
 
 impl RolloutConfig {
     /// Problems with the values, for `longrl check`.
@@ -154,8 +157,11 @@ impl RolloutConfig {
         if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= 86_400.0) {
             out.push(format!("rollout: timeout_s must be positive and at most a day, got {}", self.timeout_s));
         }
-        if self.max_failures == 0 {
-            out.push("rollout: max_failures must be at least 1".into());
+        if self.max_failures == 0 || self.max_failures > MAX_FAILURES {
+            out.push(format!("rollout: max_failures must be between 1 and {MAX_FAILURES}, got {}", self.max_failures));
+        }
+        if self.retries > MAX_RETRIES {
+            out.push(format!("rollout: retries must be at most {MAX_RETRIES}, got {}", self.retries));
         }
         if !(self.logprob_tolerance.is_finite() && self.logprob_tolerance >= 0.0) {
             out.push(format!("rollout: logprob_tolerance must be 0 or positive, got {}", self.logprob_tolerance));
@@ -478,6 +484,8 @@ impl RemoteRollouts {
                 Err(Failure::Unreachable(why)) => {
                     pool.put_back(index, attempts);
                     self.count_failure(server, &why);
+                    // Not at once again: a server that refuses connections answers in microseconds.
+                    std::thread::sleep(backoff(server.failures_in_a_row.load(Ordering::SeqCst)));
                 }
                 Err(Failure::Retry(why)) => {
                     if attempts >= self.config.retries {
@@ -582,7 +590,10 @@ fn check_completions(group: RemoteGroup, vocab_size: usize, max_tokens: usize) -
 fn parse_choice(choice: &Value, stop_tokens: &[u32]) -> Result<Completion, String> {
     let logprobs = choice.get("logprobs").filter(|l| !l.is_null());
     let mut tokens: Vec<u32> = match choice.get("token_ids").and_then(Value::as_array) {
-        Some(ids) => ids.iter().map(|v| v.as_u64().map(|id| id as u32).ok_or("a token id is not a number")).collect::<Result<_, _>>()?,
+        Some(ids) => ids
+            .iter()
+            .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or("a token id is not a number below 2^32"))
+            .collect::<Result<_, _>>()?,
         None => logprobs
             .and_then(|l| l.get("tokens"))
             .and_then(Value::as_array)
@@ -608,7 +619,8 @@ fn parse_choice(choice: &Value, stop_tokens: &[u32]) -> Result<Completion, Strin
     };
     // A server that leaves out the stop token it stopped at names it (vLLM's `stop_reason`,
     // SGLang's `matched_stop`): keep it, as in-process rollouts do.
-    let matched = choice.get("stop_reason").or_else(|| choice.get("matched_stop")).and_then(Value::as_u64).map(|t| t as u32);
+    let matched =
+        choice.get("stop_reason").or_else(|| choice.get("matched_stop")).and_then(Value::as_u64).and_then(|t| u32::try_from(t).ok());
     if let Some(stop) = matched.filter(|_| finish == FinishReason::Stop)
         && tokens.last() != Some(&stop)
     {

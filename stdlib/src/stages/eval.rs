@@ -229,7 +229,7 @@ pub struct Row {
 pub fn bucket_of(record: &Record, prompt_tokens: usize, edges: &[usize]) -> usize {
     let length = record.length(prompt_tokens);
     if edges.is_empty() {
-        return length.next_power_of_two();
+        return length.checked_next_power_of_two().unwrap_or(usize::MAX);
     }
     edges.iter().copied().find(|&e| length <= e).unwrap_or(usize::MAX)
 }

@@ -62,6 +62,14 @@ impl StageConfig for HotpotConfig {
     fn build(self, ctx: &StageContext) -> Result<Box<dyn Stage>, StageError> {
         let path = ctx.input_path(&self.path);
         let questions = load(&path)?;
+        if self.offset >= questions.len() {
+            return Err(StageError::Invalid(format!(
+                "option `offset` is {} but {} holds {} questions: the source would give none",
+                self.offset,
+                path.display(),
+                questions.len()
+            )));
+        }
         let tokenizer = Tokenizer::load(&ctx.input_path(&self.tokenizer))?;
         Ok(Box::new(Hotpot { config: self, questions, tokenizer }))
     }

@@ -267,15 +267,17 @@ impl Mapping {
 /// length budget, trace, difficulty, carried-from).
 fn read_annotations(object: &Value, record: &mut Record) -> Result<(), String> {
     let field = |name: &str| object.get(name).filter(|v| !v.is_null());
+    // Token counts: at most what any length option accepts.
     let count = |name: &str| -> Result<Option<usize>, String> {
-        match field(name) {
-            None => Ok(None),
-            Some(value) => value
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .map(Some)
-                .ok_or_else(|| format!("field `{name}` must be a non-negative integer, found {}", crate::options::json_type(value))),
+        let Some(value) = field(name) else { return Ok(None) };
+        let n = value
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| format!("field `{name}` must be a non-negative integer, found {}", crate::options::json_type(value)))?;
+        if n > crate::options::limits::TOKENS {
+            return Err(format!("field `{name}` is {n} tokens, more than the {} longrl handles", crate::options::limits::TOKENS));
         }
+        Ok(Some(n))
     };
     let text = |name: &str| -> Result<Option<String>, String> {
         match field(name) {

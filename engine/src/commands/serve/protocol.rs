@@ -28,6 +28,22 @@ pub const MAX_N: usize = longrl_stdlib::options::limits::GROUP;
 /// Most sequences (prompts times `n`) one request may ask for: one request cannot queue
 /// more work than the largest group a trainer samples.
 pub const MAX_SEQUENCES: usize = longrl_stdlib::options::limits::GROUP;
+/// Most tokens one request may ask to generate (sequences times `max_tokens`: 256 sequences
+/// of 4,096 tokens), which bounds the work of rendering its reply.
+pub const MAX_REQUEST_TOKENS: usize = 1 << 20;
+
+/// Refuses a request whose `sequences` of up to `max_tokens` exceed [`MAX_REQUEST_TOKENS`].
+fn check_request_tokens(sequences: usize, max_tokens: usize, field: &str) -> Result<(), ApiError> {
+    if sequences.saturating_mul(max_tokens) > MAX_REQUEST_TOKENS {
+        return Err(ApiError::bad(
+            field,
+            format!(
+                "{sequences} sequences of up to {max_tokens} tokens is more than the {MAX_REQUEST_TOKENS} tokens one request may ask for; split it"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// A request the server will not serve, with the HTTP status and the field at fault.
 #[derive(Debug, Clone, PartialEq)]
@@ -505,6 +521,7 @@ impl CompletionRequest {
                 ),
             ));
         }
+        check_request_tokens(prompts.len() * n, max_tokens, "max_tokens")?;
         for (i, prompt) in prompts.iter().enumerate() {
             let field = if prompts.len() == 1 { "prompt".to_string() } else { format!("prompt[{i}]") };
             check_prompt(prompt, max_tokens, served, &field)?;
@@ -585,6 +602,7 @@ impl ChatRequest {
             (None, None) => ("max_tokens", 256.min(served.max_tokens_cap)),
         };
         check_max_tokens(field, max_tokens, served)?;
+        check_request_tokens(fields.n.unwrap_or(1), max_tokens, field)?;
         let mut extra = Map::new();
         extra.insert("enable_thinking".into(), true.into());
         extra.extend(self.chat_template_kwargs.unwrap_or_default());
@@ -729,10 +747,13 @@ impl Planned {
         let mut events = String::new();
         for (index, (job, output, choice)) in out.choices.iter().enumerate() {
             let echo_text = kind.echo.then(|| served.decode(&job.prompt, r.skip_special));
+            // The text offset of the next token, kept as the tokens go (not summed again per chunk).
+            let mut text_at = 0;
             for (delta, k) in text_deltas(&choice.tokens, &choice.text, echo_text.as_deref(), served, r.skip_special) {
                 let mut entry = json!({ "index": index, "text": delta, "logprobs": null, "finish_reason": null });
                 if let (Some(top), Some(at)) = (kind.logprobs, k) {
-                    entry["logprobs"] = completion_logprobs(choice, at..at + 1, top, kind.tokens_as_ids, served, 0);
+                    entry["logprobs"] = completion_logprobs(choice, at..at + 1, top, kind.tokens_as_ids, served, text_at);
+                    text_at += served.decode(&[choice.tokens[at]], false).chars().count();
                 }
                 if r.return_token_ids {
                     entry["token_ids"] = json!(k.map(|at| vec![choice.tokens[at]]).unwrap_or_default());
@@ -906,13 +927,14 @@ fn text_deltas(tokens: &[u32], text: &str, echo: Option<&str>, served: &Served, 
     out
 }
 
-/// The completions API's `logprobs` object for tokens `range` of a choice.
-fn completion_logprobs(choice: &Choice, range: std::ops::Range<usize>, k: usize, as_ids: bool, served: &Served, offset: usize) -> Value {
+/// The completions API's `logprobs` object for tokens `range` of a choice, whose first
+/// token starts at character `start` of the text.
+fn completion_logprobs(choice: &Choice, range: std::ops::Range<usize>, k: usize, as_ids: bool, served: &Served, start: usize) -> Value {
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top_logprobs = Vec::new();
     let mut text_offset = Vec::new();
-    let mut at = offset + choice.tokens[..range.start].iter().map(|&t| served.decode(&[t], false).chars().count()).sum::<usize>();
+    let mut at = start;
     for i in range {
         let id = choice.tokens[i];
         tokens.push(served.token_text(id, as_ids));
@@ -1079,5 +1101,13 @@ mod tests {
         let mut problems = Vec::new();
         sampling_problems(&fine, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn a_request_for_more_than_a_million_tokens_is_refused() {
+        assert!(check_request_tokens(256, 4096, "max_tokens").is_ok());
+        let err = check_request_tokens(4096, 4096, "max_completion_tokens").expect_err("16M tokens");
+        assert_eq!((err.status, err.param.as_deref()), (400, Some("max_completion_tokens")));
+        assert!(err.message.contains("4096 sequences of up to 4096 tokens"), "{err:?}");
     }
 }

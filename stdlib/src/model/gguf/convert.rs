@@ -245,6 +245,12 @@ pub fn convert_gguf(file: &Path, out: &Path, options: &ConvertOptions) -> Result
     let plan = plan_tensors(&gguf, &shape, tied).map_err(fail)?;
     let staged = StagedDir::create(out).map_err(|e| output_error(e.to_string()))?;
     let tokenizer = vocab.tokenizer_json().map_err(fail)?;
+    // The rebuilt tokenizer must be one the tokenizers library loads (merges of tokens the
+    // vocabulary lacks, say, are refused here rather than at the first run).
+    let tokenizer_bytes = serde_json::to_vec(&tokenizer).map_err(|e| output_error(e.to_string()))?;
+    tokenizers::Tokenizer::from_bytes(&tokenizer_bytes).map_err(|e| {
+        fail(GgufErrorKind::BadValue { key: "tokenizer.ggml".into(), message: format!("rebuilds a tokenizer that does not load: {e}") })
+    })?;
     let generation = json!({"bos_token_id": vocab.bos, "eos_token_id": vocab.eos, "pad_token_id": vocab.pad});
     let mut summary = ConvertSummary {
         out_dir: out.to_path_buf(),
@@ -315,6 +321,7 @@ fn read_tensors(gguf: &mut GgufFile, plan: &[Planned], dtype: SaveDtype, summary
         if let Some(heads) = planned.permute {
             values = unpermute_rows(&values, heads, planned.shape[1]);
         }
+        check_representable(&planned.info.name, &values, dtype).map_err(|e| GgufError::new(gguf.path(), e))?;
         *summary.types.entry(planned.info.ty.name().to_string()).or_default() += 1;
         summary.parameters += values.len() as u64;
         let bytes = match dtype {
@@ -325,6 +332,25 @@ fn read_tensors(gguf: &mut GgufFile, plan: &[Planned], dtype: SaveDtype, summary
         out.push(Encoded { name: planned.name.clone(), shape: planned.shape.clone(), bytes });
     }
     Ok(out)
+}
+
+/// Refuses a tensor with a NaN or infinite value, or one past the output precision's range
+/// (f16's 65,504): the converted model would load and compute garbage.
+fn check_representable(tensor: &str, values: &[f32], dtype: SaveDtype) -> Result<(), GgufErrorKind> {
+    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+        return Err(GgufErrorKind::Malformed(format!("tensor `{tensor}` holds {} at element {at}", values[at])));
+    }
+    let limit = match dtype {
+        SaveDtype::F16 => f32::from(half::f16::MAX),
+        SaveDtype::F32 | SaveDtype::Bf16 => f32::MAX,
+    };
+    if let Some(at) = values.iter().position(|v| v.abs() > limit) {
+        return Err(GgufErrorKind::Unsupported(format!(
+            "tensor `{tensor}` holds {} at element {at}, beyond f16's range: convert with `--dtype bf16` or `f32`",
+            values[at]
+        )));
+    }
+    Ok(())
 }
 
 /// Writes the tensors as one safetensors file, through a temporary file renamed into place.
@@ -368,5 +394,15 @@ mod tests {
         // Two heads of 2 rows, 2 columns: pairs stay inside their head.
         let stored = [10.0, 11.0, 20.0, 21.0, 30.0, 31.0, 40.0, 41.0];
         assert_eq!(unpermute_rows(&stored, 2, 2), stored.to_vec());
+    }
+
+    #[test]
+    fn weights_that_are_not_finite_or_do_not_fit_f16_are_refused_by_name() {
+        let nan = check_representable("blk.0.attn_q.weight", &[0.5, f32::NAN], SaveDtype::F32).expect_err("NaN");
+        assert!(nan.to_string().contains("tensor `blk.0.attn_q.weight` holds NaN at element 1"), "{nan}");
+        let big = [1.0, 70_000.0];
+        assert!(check_representable("w", &big, SaveDtype::Bf16).is_ok());
+        let f16 = check_representable("w", &big, SaveDtype::F16).expect_err("past f16");
+        assert!(f16.to_string().contains("beyond f16's range"), "{f16}");
     }
 }
