@@ -49,6 +49,7 @@ impl FanIn {
         Self { edges, turn: 0, warned: false }
     }
 
+    /// Whether any edge feeds the port.
     pub fn is_connected(&self) -> bool {
         !self.edges.is_empty()
     }

@@ -81,33 +81,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
     file.commit()
 }
 
-/// A directory being filled beside its target (`.NAME.XXXXXX.partial`); it appears at its
-/// path, whole, only on [`StagedDir::commit`]. Dropped uncommitted, it leaves nothing.
+/// A directory being filled in a staging directory; it appears at its path, whole, only on
+/// [`StagedDir::commit`]. Dropped uncommitted, it leaves nothing.
+///
+/// A new target is staged beside it (`.NAME.XXXXXX.partial`) and renamed into place. An
+/// existing target directory (a mount point, say, or one whose parent is not writable) is
+/// staged inside itself (`.staging.XXXXXX.partial`) and filled file by file, each rename
+/// atomic, the target's other files kept.
 #[derive(Debug)]
 pub struct StagedDir {
     staging: tempfile::TempDir,
     path: PathBuf,
 }
 
+/// The name of the staging directory inside an existing target.
+const INSIDE: &str = "staging";
+
 impl StagedDir {
     /// Starts filling `path` (its parent is created if needed). Staging directories that an
-    /// earlier, killed attempt left beside `path` are removed first.
+    /// earlier, killed attempt left are removed first.
     pub fn create(path: &Path) -> Result<Self, StageError> {
-        let parent = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .ok_or_else(|| StageError::Failed(format!("{} names no directory", path.display())))?;
-        std::fs::create_dir_all(&parent).map_err(|e| StageError::io(&parent, e))?;
-        remove_stale_staging(&parent, &name);
-        let staging = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".partial")
-            .tempdir_in(&parent)
-            .map_err(|e| StageError::io(&parent, e))?;
+        if path.exists() && !path.is_dir() {
+            return Err(StageError::Failed(format!("{} exists and is not a directory", path.display())));
+        }
+        let (home, prefix) = if path.is_dir() {
+            (path.to_path_buf(), INSIDE.to_string())
+        } else {
+            let parent = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            std::fs::create_dir_all(&parent).map_err(|e| StageError::io(&parent, e))?;
+            (parent, name)
+        };
+        remove_stale_staging(&home, &prefix);
+        let head = format!(".{prefix}.");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&head).suffix(".partial");
+        // The usual permissions, as the umask makes them (a temporary directory is 0700).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o777));
+        }
+        let staging = builder.tempdir_in(&home).map_err(|e| StageError::io(&home, e))?;
         Ok(Self { staging, path: path.to_path_buf() })
     }
 
@@ -116,21 +137,19 @@ impl StagedDir {
         self.staging.path()
     }
 
-    /// Moves the directory into place: renamed whole when the target is absent (or an empty
-    /// directory); into an existing directory file by file, each rename atomic.
+    /// Moves the directory into place (see [`StagedDir`]).
     pub fn commit(self) -> Result<(), StageError> {
         let path = self.path;
-        // Temporary directories are private (0700); the result gets the usual permissions.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(self.staging.path(), std::fs::Permissions::from_mode(0o755));
-        }
         let staged = self.staging.keep();
-        let moved = match std::fs::rename(&staged, &path) {
-            Ok(()) => Ok(()),
-            Err(_) if path.is_dir() => move_entries(&staged, &path).and_then(|()| std::fs::remove_dir(&staged)),
-            Err(e) => Err(e),
+        let moved = if staged.parent() == Some(path.as_path()) {
+            move_entries(&staged, &path).and_then(|()| std::fs::remove_dir(&staged))
+        } else {
+            match std::fs::rename(&staged, &path) {
+                Ok(()) => Ok(()),
+                // Someone made the target meanwhile.
+                Err(_) if path.is_dir() => move_entries(&staged, &path).and_then(|()| std::fs::remove_dir(&staged)),
+                Err(e) => Err(e),
+            }
         };
         if let Err(e) = moved {
             let _ = std::fs::remove_dir_all(&staged);
@@ -158,13 +177,18 @@ fn move_entries(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Removes `.NAME.*.partial` directories in `parent`: what a killed [`StagedDir`] left.
-fn remove_stale_staging(parent: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
-    let prefix = format!(".{name}.");
+/// Removes `.PREFIX.XXXXXX.partial` directories in `dir`: what a killed [`StagedDir`] left
+/// (not those of another target whose name only starts like it: `XXXXXX` holds no dot).
+fn remove_stale_staging(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let head = format!(".{prefix}.");
     for entry in entries.flatten() {
         let file_name = entry.file_name().to_string_lossy().into_owned();
-        if file_name.starts_with(&prefix) && file_name.ends_with(".partial") && entry.file_type().is_ok_and(|t| t.is_dir()) {
+        let stale = file_name
+            .strip_prefix(&head)
+            .and_then(|rest| rest.strip_suffix(".partial"))
+            .is_some_and(|random| !random.is_empty() && !random.contains('.'));
+        if stale && entry.file_type().is_ok_and(|t| t.is_dir()) {
             tracing::info!(path = %entry.path().display(), "removing what an interrupted write left");
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -198,11 +222,9 @@ mod tests {
     fn a_staged_directory_appears_whole_on_commit_and_not_at_all_without() {
         let dir = tempfile::tempdir().expect("tempdir");
         let target = dir.path().join("model");
-        let listing = || {
-            let mut names: Vec<String> = std::fs::read_dir(dir.path())
-                .expect("list")
-                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-                .collect();
+        let listing = |at: &Path| {
+            let mut names: Vec<String> =
+                std::fs::read_dir(at).expect("list").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
             names.sort();
             names
         };
@@ -210,32 +232,43 @@ mod tests {
         let staged = StagedDir::create(&target).expect("create");
         std::fs::write(staged.path().join("config.json"), "{}").expect("write");
         drop(staged);
-        assert!(listing().is_empty(), "{:?}", listing());
+        assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
 
-        // A killed attempt's staging directory is removed by the next one; commit renames
-        // the whole directory, with the usual permissions.
-        std::fs::create_dir(dir.path().join(".model.AbC123.partial")).expect("stale");
-        std::fs::create_dir(dir.path().join(".other.AbC123.partial")).expect("someone else's");
+        // A killed attempt's staging directory is removed by the next one (not that of
+        // `model.v2`, which only starts like it); commit renames the whole directory, with the
+        // permissions any new directory gets here.
+        for stale in [".model.AbC123.partial", ".model.v2.AbC123.partial", ".other.AbC123.partial"] {
+            std::fs::create_dir(dir.path().join(stale)).expect("stale");
+        }
         let staged = StagedDir::create(&target).expect("create");
         std::fs::write(staged.path().join("config.json"), "{\"a\": 1}").expect("write");
         assert!(!target.exists());
         staged.commit().expect("commit");
-        assert_eq!(listing(), [".other.AbC123.partial", "model"]);
+        assert_eq!(listing(dir.path()), [".model.v2.AbC123.partial", ".other.AbC123.partial", "model"]);
         assert_eq!(std::fs::read_to_string(target.join("config.json")).expect("read"), "{\"a\": 1}");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&target).expect("metadata").permissions().mode() & 0o777;
-            assert_eq!(mode, 0o755);
+            let plain = dir.path().join("plain");
+            std::fs::create_dir(&plain).expect("mkdir");
+            let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+            assert_eq!(mode(&target), mode(&plain));
+            std::fs::remove_dir(&plain).expect("rmdir");
         }
 
-        // Into an existing directory: its files are replaced, others kept.
+        // Into an existing directory (staged inside it): its files are replaced, others kept.
         std::fs::write(target.join("notes.txt"), "kept").expect("write");
         let staged = StagedDir::create(&target).expect("create");
+        assert!(staged.path().starts_with(&target));
         std::fs::write(staged.path().join("config.json"), "{\"a\": 2}").expect("write");
         staged.commit().expect("commit");
         assert_eq!(std::fs::read_to_string(target.join("config.json")).expect("read"), "{\"a\": 2}");
-        assert_eq!(std::fs::read_to_string(target.join("notes.txt")).expect("read"), "kept");
-        assert_eq!(listing(), [".other.AbC123.partial", "model"]);
+        assert_eq!(listing(&target), ["config.json", "notes.txt"]);
+
+        // A file where the directory should be is refused before anything is written.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").expect("write");
+        let err = StagedDir::create(&file).expect_err("a file");
+        assert!(err.to_string().contains("exists and is not a directory"), "{err}");
     }
 }

@@ -159,6 +159,10 @@ impl BackendTask for ServeOptions {
                 // Ends once the listener has stopped and every request it took is answered.
                 scope.spawn(move || {
                     for call in calls.iter() {
+                        // Its client has gone (or the server stopped without it): no work.
+                        if call.reply.is_closed() {
+                            continue;
+                        }
                         let answer = answer::<B::InnerBackend>(&call.method, &call.url, &call.body, shared, &work, &device);
                         let _ = call.reply.send(answer);
                         let served = shared.served.fetch_add(1, Ordering::SeqCst) + 1;

@@ -128,8 +128,9 @@ fn default_tolerance() -> f64 {
 const MAX_REPLY_BYTES: u64 = 256 << 20;
 /// Most requests in flight on one server.
 pub const MAX_IN_FLIGHT: usize = 1024;
-/// The most retries of one request, and failures in a row before a server is taken out.
+/// The most retries of one request.
 pub const MAX_RETRIES: u32 = 100;
+/// The most failures in a row a server may be allowed before it is taken out.
 pub const MAX_FAILURES: u32 = 1000;
 
 impl RolloutConfig {
@@ -485,7 +486,9 @@ impl RemoteRollouts {
                     pool.put_back(index, attempts);
                     self.count_failure(server, &why);
                     // Not at once again: a server that refuses connections answers in microseconds.
-                    std::thread::sleep(backoff(server.failures_in_a_row.load(Ordering::SeqCst)));
+                    if server.is_alive() {
+                        pause(backoff(server.failures_in_a_row.load(Ordering::SeqCst)), cancel);
+                    }
                 }
                 Err(Failure::Retry(why)) => {
                     if attempts >= self.config.retries {
@@ -493,7 +496,7 @@ impl RemoteRollouts {
                     } else {
                         server.set_error(&why);
                         pool.put_back(index, attempts + 1);
-                        std::thread::sleep(backoff(attempts + 1));
+                        pause(backoff(attempts + 1), cancel);
                     }
                 }
             }
@@ -634,6 +637,18 @@ fn parse_choice(choice: &Value, stop_tokens: &[u32]) -> Result<Completion, Strin
     }
     values.resize(tokens.len(), f32::NAN);
     Ok(Completion { tokens, logprobs: values, finish })
+}
+
+/// Sleeps `duration`, or less once the run stops.
+fn pause(duration: Duration, cancel: &CancelToken) {
+    let until = std::time::Instant::now() + duration;
+    while !cancel.is_cancelled() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
 }
 
 fn backoff(attempt: u32) -> Duration {

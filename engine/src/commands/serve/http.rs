@@ -21,21 +21,26 @@ use super::protocol::ApiError;
 
 /// A request read whole, for a request thread to answer.
 pub struct Call {
+    /// `GET`, `POST`, ...
     pub method: String,
     /// The path, without the query.
     pub url: String,
+    /// The whole body (at most [`Limits::max_body_bytes`]).
     pub body: String,
+    /// Where the answer goes; closed once the client has gone.
     pub reply: oneshot::Sender<Answer>,
 }
 
 /// A whole reply.
 pub struct Answer {
+    /// The HTTP status.
     pub status: u16,
     pub content_type: &'static str,
     pub bytes: Vec<u8>,
 }
 
 impl Answer {
+    /// The OpenAI error body of `err`, with its status.
     pub fn error(err: &ApiError) -> Self {
         Self { status: err.status, content_type: "application/json", bytes: err.body().to_string().into_bytes() }
     }
@@ -47,13 +52,15 @@ pub struct Limits {
     /// Time to send a request's headers, then its body; and how long a kept-alive connection
     /// may sit idle.
     pub request_timeout: Duration,
+    /// The largest body taken (a longer one is a 413).
     pub max_body_bytes: usize,
     /// Connections open at once; more wait in the listen queue.
     pub max_connections: usize,
 }
 
-/// How long requests under way get to finish once the server stops.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long requests under way (a generation, its reply) get to finish once the server
+/// stops; a connection still open after that is closed.
+const STOP_GRACE: Duration = Duration::from_secs(120);
 
 /// A bound listening socket and the runtime that serves it.
 pub struct Listener {
@@ -67,12 +74,14 @@ pub struct Listener {
 pub struct StopHandle(Arc<watch::Sender<bool>>);
 
 impl StopHandle {
+    /// Stops accepting connections; requests under way finish.
     pub fn stop(&self) {
         self.0.send_replace(true);
     }
 }
 
 impl Listener {
+    /// Listens on `host:port` (port 0: a free one).
     pub fn bind(host: &str, port: u16) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("longrl-http").enable_all().build()?;
         let listener = runtime

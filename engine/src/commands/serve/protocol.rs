@@ -28,9 +28,9 @@ pub const MAX_N: usize = longrl_stdlib::options::limits::GROUP;
 /// Most sequences (prompts times `n`) one request may ask for: one request cannot queue
 /// more work than the largest group a trainer samples.
 pub const MAX_SEQUENCES: usize = longrl_stdlib::options::limits::GROUP;
-/// Most tokens one request may ask to generate (sequences times `max_tokens`: 256 sequences
-/// of 4,096 tokens), which bounds the work of rendering its reply.
-pub const MAX_REQUEST_TOKENS: usize = 1 << 20;
+/// Most tokens one request may ask to generate (sequences times `max_tokens`: a group of 64
+/// of 65,536 tokens, or 1,024 of 4,096), which bounds the work of rendering its reply.
+pub const MAX_REQUEST_TOKENS: usize = 1 << 22;
 
 /// Refuses a request whose `sequences` of up to `max_tokens` exceed [`MAX_REQUEST_TOKENS`].
 fn check_request_tokens(sequences: usize, max_tokens: usize, field: &str) -> Result<(), ApiError> {
@@ -1104,7 +1104,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_for_more_than_a_million_tokens_is_refused() {
+    fn a_request_for_more_than_four_million_tokens_is_refused() {
         assert!(check_request_tokens(256, 4096, "max_tokens").is_ok());
         let err = check_request_tokens(4096, 4096, "max_completion_tokens").expect_err("16M tokens");
         assert_eq!((err.status, err.param.as_deref()), (400, Some("max_completion_tokens")));
