@@ -126,6 +126,18 @@ impl CancelToken {
     pub fn check(&self) -> Result<(), StageError> {
         if self.is_cancelled() { Err(StageError::Cancelled) } else { Ok(()) }
     }
+
+    /// Sleeps `duration`, waking within [`POLL`] once cancelled.
+    pub fn sleep(&self, duration: Duration) {
+        let until = std::time::Instant::now() + duration;
+        while !self.is_cancelled() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(POLL));
+        }
+    }
 }
 
 /// Per-stage counters, readable by the executor while the stage runs.

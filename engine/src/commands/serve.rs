@@ -142,7 +142,7 @@ impl BackendTask for ServeOptions {
             reloading: Mutex::new(()),
             reloads: AtomicUsize::new(0),
             served: AtomicUsize::new(0),
-            stop: stop.clone(),
+            stop,
             sequencer: Sequencer::default(),
             batching: BatchStats::default(),
         };

@@ -487,7 +487,7 @@ impl RemoteRollouts {
                     self.count_failure(server, &why);
                     // Not at once again: a server that refuses connections answers in microseconds.
                     if server.is_alive() {
-                        pause(backoff(server.failures_in_a_row.load(Ordering::SeqCst)), cancel);
+                        cancel.sleep(backoff(server.failures_in_a_row.load(Ordering::SeqCst)));
                     }
                 }
                 Err(Failure::Retry(why)) => {
@@ -496,7 +496,7 @@ impl RemoteRollouts {
                     } else {
                         server.set_error(&why);
                         pool.put_back(index, attempts + 1);
-                        pause(backoff(attempts + 1), cancel);
+                        cancel.sleep(backoff(attempts + 1));
                     }
                 }
             }
@@ -637,18 +637,6 @@ fn parse_choice(choice: &Value, stop_tokens: &[u32]) -> Result<Completion, Strin
     }
     values.resize(tokens.len(), f32::NAN);
     Ok(Completion { tokens, logprobs: values, finish })
-}
-
-/// Sleeps `duration`, or less once the run stops.
-fn pause(duration: Duration, cancel: &CancelToken) {
-    let until = std::time::Instant::now() + duration;
-    while !cancel.is_cancelled() {
-        let left = until.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(Duration::from_millis(50)));
-    }
 }
 
 fn backoff(attempt: u32) -> Duration {

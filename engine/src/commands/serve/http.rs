@@ -69,9 +69,9 @@ pub struct Listener {
     port: u16,
 }
 
-/// Tells a serving [`Listener`] to stop (from any thread).
-#[derive(Clone)]
-pub struct StopHandle(Arc<watch::Sender<bool>>);
+/// Tells a serving [`Listener`] to stop (from any thread; held as long as it serves: the
+/// connections stop once it is dropped).
+pub struct StopHandle(watch::Sender<bool>);
 
 impl StopHandle {
     /// Stops accepting connections; requests under way finish.
@@ -99,7 +99,7 @@ impl Listener {
     /// A handle to stop [`Listener::serve`], and what it watches.
     pub fn stop_handle() -> (StopHandle, watch::Receiver<bool>) {
         let (tx, rx) = watch::channel(false);
-        (StopHandle(Arc::new(tx)), rx)
+        (StopHandle(tx), rx)
     }
 
     /// Accepts connections and hands their requests to `calls` until `stop` says so; then
