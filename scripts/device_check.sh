@@ -13,7 +13,9 @@
 #                 with PEAK_TFLOPS_F32 / PEAK_TFLOPS_BF16 set, model FLOP utilisation
 #   4. memory     `longrl bench memory` (one RL step) at growing lengths; on CUDA also the
 #                 device memory nvidia-smi saw (peak RSS is host memory)
-#   5. rl         a short SFT + RL phase on the embedded tiny model (scripts/device_check.rhai)
+#   5. rollouts   `longrl bench rollout` with the tokens drawn on the host and on the device
+#                 (untruncated, then top-p 0.95): what copying the logits back costs
+#   6. rl         a short SFT + RL phase on the embedded tiny model (scripts/device_check.rhai)
 #                 in f32 and in bf16-mixed, with an evaluation sharing the device
 #
 # The summary is $DEVICE_CHECK_OUT/summary.md (default target/device_check/BACKEND/), each
@@ -52,10 +54,12 @@ if [ "$backend" = cpu ]; then
   bench_args=(--preset tiny --prompt-len 256 --new-tokens 32 --group 4 --train-batch 2 --train-seq 256)
   memory_args=(--preset tiny --group 4 --response-tokens 64)
   lengths=(512 1024 2048)
+  rollout_args=(--preset tiny --prompts 4 --group 4 --prompt-len 128 --new-tokens 16)
 else
   bench_args=(--preset qwen2-0.5b --vocab 151936 --prompt-len 2048 --new-tokens 64 --group 8 --train-batch 4 --train-seq 2048)
   memory_args=(--preset qwen2-0.5b --group 8 --response-tokens 256)
   lengths=(4096 16384 32768)
+  rollout_args=(--preset qwen2-0.5b --vocab 151936 --prompts 8 --group 8 --prompt-len 1024 --new-tokens 64)
 fi
 case "$backend" in
   cpu) golden_model=logits_and_greedy_tokens_match_transformers golden_mixed=bf16_logits_match_transformers_within_bf16_tolerance ;;
@@ -113,6 +117,16 @@ memory() {
   done
 }
 
+# Rollouts with the tokens drawn on the host, then on the device, without and with top-p.
+rollouts() {
+  local top_p place
+  for top_p in 1.0 0.95; do
+    for place in host device; do
+      "$bin" bench rollout --backend "$backend" "${rollout_args[@]}" --top-p "$top_p" --sample-on "$place" --json || return 1
+    done
+  done
+}
+
 # The short RL run at one precision, then its SFT loss and RL reward by step.
 rl_run() {
   local precision="$1" metrics="$out/runs/$1/metrics.jsonl"
@@ -141,6 +155,7 @@ step bench-f32 "$bin" bench model --backend "$backend" "${bench_args[@]}" --prec
 step bench-bf16 "$bin" bench model --backend "$backend" "${bench_args[@]}" --precision bf16-mixed ${PEAK_TFLOPS_BF16:+--peak-tflops "$PEAK_TFLOPS_BF16"}
 step memory-f32 memory f32
 step memory-bf16 memory bf16-mixed
+step rollouts rollouts
 step rl-f32 rl_run f32
 step rl-bf16 rl_run bf16-mixed
 

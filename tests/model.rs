@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Int, Tensor, TensorData};
 use longrl_backends::{Cpu, CpuTrain};
 use longrl_stdlib::model::attention::AttentionOptions;
-use longrl_stdlib::model::batch_decode::{BatchOptions, GroupRequest, generate_groups};
+use longrl_stdlib::model::batch_decode::{BatchOptions, GroupRequest, SampleOn, generate_groups};
 use longrl_stdlib::model::batch_kv::BatchKv;
 use longrl_stdlib::model::chat::{ChatTemplate, ModelTokenizer};
 use longrl_stdlib::model::checkpoint::{RandomInit, SaveDtype};
@@ -98,8 +98,43 @@ fn golden<B: longrl_backends::CustomGrad>(device: &B::Device) -> f32 {
             let expected: Vec<u32> = greedy[row * steps..(row + 1) * steps].iter().map(|&v| v as u32).collect();
             assert_eq!(completion.tokens, expected, "{} batched row {row}", dir.display());
         }
+        let on_device = SampleOn::Device;
+        let requests: Vec<GroupRequest> =
+            prompts.iter().map(|p| GroupRequest::group(p.clone(), 2, SamplingConfig::greedy(steps))).collect();
+        let drawn = generate_groups(&model, requests, BatchOptions { sample_on: on_device, ..BatchOptions::default() }).expect("generates");
+        for (row, group) in drawn.iter().enumerate() {
+            let expected: Vec<u32> = greedy[row * steps..(row + 1) * steps].iter().map(|&v| v as u32).collect();
+            assert!(group.iter().all(|c| c.tokens == expected), "{} row {row}: greedy tokens drawn on the device", dir.display());
+        }
+        device_draws_equal_host_draws(&model, model.vocab_size() as u32);
     }
     worst
+}
+
+/// Groups decoded with their tokens drawn on the device against the same groups drawn on the
+/// host: the same tokens for greedy and untruncated sampling (the device inverts the CDF at
+/// the number the host would draw); nucleus rows keep to their stop tokens and limit and
+/// repeat bit for bit.
+fn device_draws_equal_host_draws<B: longrl_backends::CustomGrad>(model: &CausalLm<B>, vocab: u32) {
+    let stop_tokens: Vec<u32> = (0..vocab).filter(|t| t % 10 == 3).collect();
+    let plain =
+        SamplingConfig { temperature: 1.0, max_new_tokens: 12, stop_tokens: stop_tokens.clone(), seed: 4, ..SamplingConfig::default() };
+    let cool = SamplingConfig { temperature: 0.6, max_new_tokens: 9, seed: 8, ..SamplingConfig::default() };
+    let nucleus = SamplingConfig { temperature: 0.9, top_p: 0.8, top_k: 20, max_new_tokens: 10, stop_tokens, seed: 2 };
+    let prompts: [Vec<u32>; 3] = [(3..20).collect(), vec![7], (40..70).map(|t| t % vocab).collect()];
+    let requests: Vec<GroupRequest> =
+        prompts.iter().zip([plain, cool, nucleus.clone()]).map(|(p, s)| GroupRequest::group(p.clone(), 3, s)).collect();
+    let decode = |sample_on| generate_groups(model, requests.clone(), BatchOptions { max_rows: 4, sample_on }).expect("generates");
+    let (host, device) = (decode(SampleOn::Host), decode(SampleOn::Device));
+    for group in 0..2 {
+        assert_same_samples(&device[group], &host[group], &format!("group {group} drawn on the device"));
+    }
+    for c in &device[2] {
+        let stopped = c.tokens.last().is_some_and(|t| nucleus.stop_tokens.contains(t));
+        assert!(stopped || c.tokens.len() == nucleus.max_new_tokens, "a nucleus row ends at a stop token or the limit");
+        assert!(c.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0), "log-probabilities of drawn tokens");
+    }
+    assert_eq!(decode(SampleOn::Device), device, "device draws repeat bit for bit");
 }
 
 #[test]
@@ -283,11 +318,11 @@ fn batched_groups_equal_groups_alone(model: &CausalLm<Cpu>, vocab: u32) {
     assert!(alone.iter().flatten().any(|c| c.tokens.len() < 6), "some rows stop early");
     assert!(alone.iter().flatten().any(|c| c.tokens.len() > 16), "some buffers grow");
     for max_rows in [1, 4, 7, 64] {
-        let batched = generate_groups(model, requests.clone(), BatchOptions { max_rows }).expect("generates");
+        let batched = generate_groups(model, requests.clone(), BatchOptions::rows(max_rows)).expect("generates");
         for (i, (together, single)) in batched.iter().zip(&alone).enumerate() {
             assert_same_samples(together, single, &format!("group {i} with at most {max_rows} rows"));
         }
-        let again = generate_groups(model, requests.clone(), BatchOptions { max_rows }).expect("generates");
+        let again = generate_groups(model, requests.clone(), BatchOptions::rows(max_rows)).expect("generates");
         assert_eq!(again, batched, "the same seeds give the same samples, at most {max_rows} rows");
     }
 }

@@ -14,6 +14,7 @@ use longrl_engine::out::{error_text, is_broken_pipe};
 use longrl_engine::{errln, out, outln};
 use longrl_stdlib::Registry;
 use longrl_stdlib::model::SaveDtype;
+use longrl_stdlib::model::batch_decode::SampleOn;
 
 /// longrl: teach language models to reason over long documents with reinforcement learning.
 #[derive(Parser, Debug)]
@@ -361,6 +362,10 @@ struct RolloutArgs {
     temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Where the batched run draws its tokens: auto (the host on the CPU backend, the device
+    /// on GPU backends), host or device.
+    #[arg(long, default_value = "auto")]
+    sample_on: SampleOn,
     /// The figures as one JSON object.
     #[arg(long)]
     json: bool,
@@ -643,8 +648,21 @@ fn bench_memory(step: &MemoryArgs, lengths: &[usize], json: bool) -> Result<Exit
 
 /// `longrl bench rollout`.
 fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
-    let RolloutArgs { preset, vocab, prompts, group, prompt_len, new_tokens, max_rows, stop_share, temperature, top_p, json, compute } =
-        args;
+    let RolloutArgs {
+        preset,
+        vocab,
+        prompts,
+        group,
+        prompt_len,
+        new_tokens,
+        max_rows,
+        stop_share,
+        temperature,
+        top_p,
+        sample_on,
+        json,
+        compute,
+    } = args;
     let task = longrl_engine::commands::bench::RolloutBench {
         preset,
         vocab,
@@ -656,6 +674,7 @@ fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
         stop_share,
         temperature,
         top_p,
+        sample_on,
     };
     let f = longrl_backends::dispatch(compute.spec(), task)?.map_err(anyhow::Error::msg)?;
     if json {
@@ -675,7 +694,7 @@ fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
     outln!("  {:<44} {:>10} {:>16}", "", "tokens/s", "decode tokens/s")?;
     let one = f.one_group_at_a_time;
     outln!("  {:<44} {one:>10.1} {:>16.1} ({:.2} s)", "one group at a time", f.one_group_at_a_time_decode, f.one_group_at_a_time_s)?;
-    let together = format!("groups decoded together (<= {} rows)", f.max_rows);
+    let together = format!("groups decoded together (<= {} rows, {})", f.max_rows, f.sampled_on);
     outln!("  {together:<44} {:>10.1} {:>16.1} ({:.2} s)", f.batched, f.batched_decode, f.batched_s)?;
     let decode_speedup = f.batched_decode / f.one_group_at_a_time_decode.max(1e-9);
     outln!("  speedup {:.2}x ({decode_speedup:.2}x decode only; prefills {:.2} s)", f.speedup, f.prefill_s)?;

@@ -6,16 +6,20 @@
 //! same as [`crate::model::generate::generate_group`] gives for its group alone, up to the
 //! float rounding of matmuls over another number of rows (the same tokens in the tests;
 //! log-probabilities within 1e-4). A run repeats bit for bit with the same requests.
+//! Tokens are drawn on the host or, on GPU backends, on the device ([`SampleOn`]).
 
 use std::collections::VecDeque;
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use longrl_backends::CustomGrad;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::model::ModelError;
 use crate::model::batch_kv::BatchKv;
+use crate::model::device_sampling::{RowDraw, draw_on_device};
 use crate::model::generate::{Completion, FinishReason, SamplingConfig, host_rows, int_tensor, last_logits};
 use crate::model::sampling::{sample_rng, sample_token};
 use crate::model::transformer::{CausalLm, ForwardArgs};
@@ -38,17 +42,77 @@ impl GroupRequest {
     }
 }
 
-/// How many rows decode together.
+/// How many rows decode together, and where their tokens are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOptions {
     /// Most rows (samples) in one decode step. A group is never split: a group larger than
     /// this runs alone.
     pub max_rows: usize,
+    pub sample_on: SampleOn,
 }
 
 impl Default for BatchOptions {
     fn default() -> Self {
-        Self { max_rows: 64 }
+        Self { max_rows: 64, sample_on: SampleOn::Auto }
+    }
+}
+
+impl BatchOptions {
+    /// Up to `max_rows` rows, drawing where the backend does it best.
+    pub fn rows(max_rows: usize) -> Self {
+        Self { max_rows, ..Self::default() }
+    }
+}
+
+/// Where a decode step draws its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleOn {
+    /// The host on the CPU backend (its logits already sit in host memory, and drawing there
+    /// is faster). On GPU backends the device, except for steps with a top-k or top-p row:
+    /// their logits are copied to the host, whose sampler orders the candidates instead of
+    /// bisecting a threshold over the whole vocabulary.
+    #[default]
+    Auto,
+    /// Copy every row's logits to the host and draw there (rows in parallel).
+    Host,
+    /// Draw every step on the device and copy back only the tokens and their
+    /// log-probabilities ([`crate::model::device_sampling`]).
+    Device,
+}
+
+impl std::str::FromStr for SampleOn {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "host" => Ok(Self::Host),
+            "device" => Ok(Self::Device),
+            other => Err(format!("unknown place to sample {other:?} (auto, host or device)")),
+        }
+    }
+}
+
+impl SampleOn {
+    /// Where a decoder on backend `B` draws: `None` on the host; `Some(truncated_too)` on
+    /// the device, and whether steps with top-k or top-p rows are drawn there too.
+    pub fn on_device<B: longrl_backends::Kernels>(self) -> Option<bool> {
+        match self {
+            Self::Auto if B::logits_live_on_host() => None,
+            Self::Auto => Some(false),
+            Self::Host => None,
+            Self::Device => Some(true),
+        }
+    }
+
+    /// Where a decoder on backend `B` draws, in words.
+    pub fn describe<B: longrl_backends::Kernels>(self) -> &'static str {
+        match self.on_device::<B>() {
+            None => "host",
+            Some(false) => "device (top-k/top-p steps on the host)",
+            Some(true) => "device",
+        }
     }
 }
 
@@ -58,8 +122,82 @@ struct Row {
     /// Index of the sample in its group.
     sample: usize,
     rng: ChaCha8Rng,
-    /// Logits of the next token, `[vocab]`.
-    logits: Vec<f32>,
+}
+
+/// The logits every row draws its next token from, in row order (the groups' rows in the
+/// order of [`BatchDecoder::running`]).
+enum NextLogits<B: Backend> {
+    /// One `[vocab]` row per batch row, on the host.
+    Host(Vec<Vec<f32>>),
+    /// Pieces of `[rows, vocab]` on the device: the last decode step's rows, then each
+    /// admitted group's; and whether a step with top-k or top-p rows is drawn there too
+    /// (else its logits go to the host).
+    Device { pieces: Vec<Tensor<B, 2>>, truncated_too: bool },
+}
+
+impl<B: Backend> NextLogits<B> {
+    fn new(on_device: Option<bool>) -> Self {
+        match on_device {
+            None => Self::Host(Vec::new()),
+            Some(truncated_too) => Self::Device { pieces: Vec::new(), truncated_too },
+        }
+    }
+
+    /// Appends `samples` rows that all start from one prompt's logits.
+    ///
+    /// # Shapes
+    /// - logits: `[1, vocab]`
+    fn push_group(&mut self, logits: Tensor<B, 2>, samples: usize) -> Result<(), ModelError> {
+        match self {
+            Self::Host(rows) => {
+                let row = host_rows(logits)?.pop().unwrap_or_default();
+                rows.extend(std::iter::repeat_n(row, samples));
+            }
+            Self::Device { pieces, .. } => pieces.push(logits.repeat_dim(0, samples)),
+        }
+        Ok(())
+    }
+
+    /// Replaces every row with a decode step's logits.
+    ///
+    /// # Shapes
+    /// - logits: `[rows, vocab]`
+    fn replace(&mut self, logits: Tensor<B, 2>) -> Result<(), ModelError> {
+        match self {
+            Self::Host(rows) => *rows = host_rows(logits)?,
+            Self::Device { pieces, .. } => *pieces = vec![logits],
+        }
+        Ok(())
+    }
+
+    /// Draws every row's token from its logits (which are used up), each row from its own
+    /// stream: the host draws rows in parallel; the device takes one uniform number per
+    /// sampled row, the number the host sampler would take.
+    fn draw(&mut self, rows: Vec<(&SamplingConfig, &mut ChaCha8Rng)>) -> Result<Vec<(u32, f32)>, ModelError> {
+        let logits = match self {
+            Self::Host(logits) => std::mem::take(logits),
+            Self::Device { pieces, truncated_too } => {
+                let pieces = std::mem::take(pieces);
+                if pieces.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let logits = Tensor::cat(pieces, 0); // [rows, vocab]
+                if !*truncated_too && rows.iter().any(|(config, _)| config.truncates()) {
+                    host_rows(logits)?
+                } else {
+                    let draws: Vec<RowDraw> = rows
+                        .into_iter()
+                        .map(|(config, rng)| RowDraw { config, uniform: if config.temperature > 0.0 { rng.random::<f32>() } else { 0.0 } })
+                        .collect();
+                    return draw_on_device(logits, &draws);
+                }
+            }
+        };
+        if logits.len() != rows.len() {
+            return Err(ModelError::Invalid(format!("{} logits rows for {} decode rows", logits.len(), rows.len())));
+        }
+        Ok(logits.into_par_iter().zip(rows).map(|(row, (sampling, rng))| sample_token(&row, sampling, rng)).collect())
+    }
 }
 
 /// A group in the batch: its rows occupy one segment of the cache, in slot order.
@@ -81,6 +219,7 @@ pub struct BatchDecoder<'m, B: CustomGrad> {
     /// The groups decoding, in the order of the cache's segments.
     running: Vec<Running>,
     cache: BatchKv<B>,
+    next: NextLogits<B>,
 }
 
 impl<B: CustomGrad> std::fmt::Debug for BatchDecoder<'_, B> {
@@ -91,7 +230,8 @@ impl<B: CustomGrad> std::fmt::Debug for BatchDecoder<'_, B> {
 
 impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
     pub fn new(model: &'m CausalLm<B>, options: BatchOptions) -> Self {
-        Self { model, options, waiting: VecDeque::new(), running: Vec::new(), cache: BatchKv::new(model.num_layers()) }
+        let next = NextLogits::new(options.sample_on.on_device::<B>());
+        Self { model, options, waiting: VecDeque::new(), running: Vec::new(), cache: BatchKv::new(model.num_layers()), next }
     }
 
     /// Queues a group; [`BatchDecoder::step`] returns it under `id` when it is done.
@@ -121,7 +261,7 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
     /// groups that finished, each with its completions in sample order.
     pub fn step(&mut self) -> Result<Vec<(usize, Vec<Completion>)>, ModelError> {
         let mut done = self.admit()?;
-        let finished = self.sample();
+        let finished = self.sample()?;
         done.extend(self.retire(&finished));
         self.forward()?;
         Ok(done)
@@ -142,11 +282,9 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
                 done.push((id, vec![empty; request.samples]));
                 continue;
             }
-            let logits = self.prefill(&request)?;
+            self.prefill(&request)?;
             let seed = request.sampling.seed;
-            let rows = (0..request.samples)
-                .map(|sample| Row { sample, rng: sample_rng(seed, request.first_stream + sample), logits: logits.clone() })
-                .collect();
+            let rows = (0..request.samples).map(|sample| Row { sample, rng: sample_rng(seed, request.first_stream + sample) }).collect();
             self.running.push(Running {
                 id,
                 prompt_len: request.prompt.len(),
@@ -158,31 +296,28 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
         Ok(done)
     }
 
-    /// Computes a prompt's keys and values (batch 1) into a new segment; returns the logits
-    /// of its next token.
-    fn prefill(&mut self, request: &GroupRequest) -> Result<Vec<f32>, ModelError> {
+    /// Computes a prompt's keys and values (batch 1) into a new segment, and its rows'
+    /// logits of their first token.
+    fn prefill(&mut self, request: &GroupRequest) -> Result<(), ModelError> {
         let device = self.model.device();
         let p = request.prompt.len();
         let mut prompt_cache = self.model.new_cache();
         let tokens = int_tensor::<B, _>(request.prompt.iter().map(|&t| i64::from(t)).collect(), [1, p], &device);
         let hidden = self.model.forward_hidden(tokens, ForwardArgs::contiguous(1, 0, p, &device), &mut prompt_cache); // [1, p, d]
-        let logits = host_rows(last_logits(self.model, hidden))?.pop().unwrap_or_default();
+        self.next.push_group(last_logits(self.model, hidden), request.samples)?;
         // A row's own keys: every token it generates except the last.
-        self.cache.push_segment(prompt_cache, request.samples, request.sampling.max_new_tokens - 1)?;
-        Ok(logits)
+        self.cache.push_segment(prompt_cache, request.samples, request.sampling.max_new_tokens - 1)
     }
 
-    /// Draws every row's next token (rows in parallel: each has its own stream) and appends
-    /// it; returns, per running group, the slots of the rows that are done.
-    fn sample(&mut self) -> Vec<Vec<usize>> {
-        let mut work: Vec<(&SamplingConfig, &mut Row)> = Vec::with_capacity(self.cache.rows());
+    /// Draws every row's next token (each from its own stream) and appends it; returns,
+    /// per running group, the slots of the rows that are done.
+    fn sample(&mut self) -> Result<Vec<Vec<usize>>, ModelError> {
+        let mut work: Vec<(&SamplingConfig, &mut ChaCha8Rng)> = Vec::with_capacity(self.cache.rows());
         for group in &mut self.running {
             let Running { sampling, rows, .. } = group;
-            work.extend(rows.iter_mut().map(|row| (&*sampling, row)));
+            work.extend(rows.iter_mut().map(|row| (&*sampling, &mut row.rng)));
         }
-        let drawn: Vec<(u32, f32)> =
-            work.into_par_iter().map(|(sampling, row)| sample_token(&row.logits, sampling, &mut row.rng)).collect();
-        let mut drawn = drawn.into_iter();
+        let mut drawn = self.next.draw(work)?.into_iter();
         let mut finished = Vec::with_capacity(self.running.len());
         for group in &mut self.running {
             let mut slots = Vec::new();
@@ -201,7 +336,7 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
             }
             finished.push(slots);
         }
-        finished
+        Ok(finished)
     }
 
     /// Removes the rows that are done (the last row of a segment takes a freed slot) and
@@ -244,13 +379,7 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
         let tokens = int_tensor::<B, _>(tokens, [b, 1], &device);
         let positions = Tensor::<B, 2>::from_data(TensorData::new(positions, [b, 1]), &device);
         let hidden = self.model.forward_segments(tokens, positions, &mut self.cache); // [b, 1, d]
-        let mut logits = host_rows(last_logits(self.model, hidden))?.into_iter();
-        for group in &mut self.running {
-            for row in &mut group.rows {
-                row.logits = logits.next().unwrap_or_default();
-            }
-        }
-        Ok(())
+        self.next.replace(last_logits(self.model, hidden))
     }
 }
 

@@ -37,6 +37,11 @@ impl SamplingConfig {
     pub fn greedy(max_new_tokens: usize) -> Self {
         Self { temperature: 0.0, max_new_tokens, ..Self::default() }
     }
+
+    /// Whether top-k or top-p cut the candidates of a sampled (not greedy) draw.
+    pub fn truncates(&self) -> bool {
+        self.temperature > 0.0 && (self.top_k > 0 || self.top_p < 1.0)
+    }
 }
 
 /// Why a completion ended.

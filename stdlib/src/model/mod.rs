@@ -7,6 +7,7 @@ pub mod batch_kv;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod device_sampling;
 pub mod flash;
 pub mod fused;
 pub mod generate;

@@ -60,7 +60,7 @@ pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng)
 }
 
 /// The candidates left by top-k and top-p, most likely first (ties: lower index first).
-fn truncated_candidates(weights: &[f32], total: f32, config: &SamplingConfig) -> Vec<usize> {
+pub(crate) fn truncated_candidates(weights: &[f32], total: f32, config: &SamplingConfig) -> Vec<usize> {
     // Tokens below this share cannot matter.
     let floor = total * 1e-9;
     let mut keys: Vec<u64> = weights.iter().enumerate().filter(|&(_, &w)| w > floor).map(|(i, &w)| order_key(w, i)).collect();

@@ -132,8 +132,22 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 pub const MAX_RETRIES: u32 = 100;
 /// The most failures in a row a server may be allowed before it is taken out.
 pub const MAX_FAILURES: u32 = 1000;
+/// The most tokens `longrl serve` generates for one request (sequences times `max_tokens`:
+/// a group of 64 of 65,536 tokens, or 1,024 of 4,096), which bounds the work of rendering its
+/// reply. vLLM and SGLang have no such limit.
+pub const MAX_REQUEST_TOKENS: usize = 1 << 22;
 
 impl RolloutConfig {
+    /// The problem, for `longrl check`, with requests of `samples` completions of up to
+    /// `max_tokens` tokens: more than `longrl serve` takes.
+    pub fn request_problem(&self, samples: usize, max_tokens: usize) -> Option<String> {
+        (self.flavor == Flavor::Longrl && samples.saturating_mul(max_tokens) > MAX_REQUEST_TOKENS).then(|| {
+            format!(
+                "rollout: {samples} samples of up to {max_tokens} tokens per request is more than the {MAX_REQUEST_TOKENS} tokens `longrl serve` generates for one request; lower them, or use vLLM or SGLang (flavor)"
+            )
+        })
+    }
+
     /// Problems with the values, for `longrl check`.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -977,5 +991,11 @@ mod tests {
             assert!(problems.contains(needle), "{needle}: {problems}");
         }
         assert!(config(vec!["http://a/v1".into()]).problems().is_empty());
+        let longrl = config(vec!["http://a/v1".into()]);
+        assert_eq!(longrl.request_problem(64, 65_536), None);
+        let problem = longrl.request_problem(128, 65_536).expect("8M tokens per request");
+        assert!(problem.contains("128 samples of up to 65536 tokens"), "{problem}");
+        let vllm = RolloutConfig { flavor: Flavor::Vllm, ..longrl };
+        assert_eq!(vllm.request_problem(128, 65_536), None, "vLLM takes it");
     }
 }

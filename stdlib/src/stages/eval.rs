@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::{AtomicFile, write_atomic};
-use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
+use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest, SampleOn};
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::{Completion, FinishReason, SamplingConfig};
 use crate::model::{CausalLm, load_model};
@@ -64,6 +64,10 @@ pub struct EvalConfig {
     /// split).
     #[serde(default = "default_decode_rows")]
     pub decode_rows: usize,
+    /// Where decoding draws its tokens: `"auto"` (the host on the CPU backend, the device on
+    /// GPU backends, where only the tokens come back), `"host"` or `"device"`.
+    #[serde(default)]
+    pub sample_on: SampleOn,
     /// Name of this evaluation in tables and files (default: the stage label).
     #[serde(default)]
     pub name: Option<String>,
@@ -124,6 +128,7 @@ impl StageConfig for EvalConfig {
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
         if let Some(rollout) = &self.rollout {
             problems.extend(rollout.problems());
+            problems.extend(rollout.request_problem(self.samples, self.max_new_tokens));
         }
         problems
     }
@@ -492,7 +497,7 @@ impl<B: TrainBackend> StageRun<B> for EvalRun<B> {
             return Ok(StepOutcome { metrics: None, status: String::new(), last: false });
         };
         let requests = tasks.iter().enumerate().map(|(position, &i)| self.request(&tasks, position, i)).collect();
-        let mut decoder = BatchDecoder::new(model, BatchOptions { max_rows: self.config.decode_rows });
+        let mut decoder = BatchDecoder::new(model, BatchOptions { max_rows: self.config.decode_rows, sample_on: self.config.sample_on });
         let groups = collect_groups(&mut decoder, requests, || io.cancel_token().check())?;
         for (&i, completions) in tasks.iter().zip(groups) {
             self.keep(i, completions)?;

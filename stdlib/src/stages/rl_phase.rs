@@ -20,7 +20,7 @@ use crate::checkpoint::{Done, load_training_weights, write_master_weights, write
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
-use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
+use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest, SampleOn};
 use crate::model::chat::ModelTokenizer;
 use crate::model::checkpoint::{SaveDtype, copy_tokenizer_files};
 use crate::model::config::ModelConfig;
@@ -76,6 +76,10 @@ pub struct RlPhaseConfig {
     /// GPU) better and take more memory for keys and values.
     #[serde(default = "default_decode_rows")]
     pub decode_rows: usize,
+    /// Where decoding draws its tokens: `"auto"` (the host on the CPU backend, the device on
+    /// GPU backends, where only the tokens come back), `"host"` or `"device"`.
+    #[serde(default)]
+    pub sample_on: SampleOn,
     /// Padded response tokens per micro-batch of a group's backward (responses sorted by
     /// length; every micro-batch reuses one forward of the group's prompt); 0 = the whole
     /// group at once. Bounds training memory for long responses; the result is the same.
@@ -279,6 +283,7 @@ impl StageConfig for RlPhaseConfig {
         }
         if let Some(rollout) = &self.rollout {
             problems.extend(rollout.problems());
+            problems.extend(rollout.request_problem(self.group, self.max_output));
         }
         problems
     }
@@ -685,7 +690,7 @@ impl<B: TrainBackend> RlRun<B> {
                 &mut remote
             }
             None => {
-                local = BatchDecoder::new(&inference, BatchOptions { max_rows: self.config.decode_rows });
+                local = BatchDecoder::new(&inference, BatchOptions { max_rows: self.config.decode_rows, sample_on: self.config.sample_on });
                 &mut local
             }
         };

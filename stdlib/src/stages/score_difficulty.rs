@@ -15,7 +15,7 @@ use crate::checkpoint::Done;
 use crate::driver::{Cadence, Driver, ModelStage, StageInputs, StageRun, StepOutcome};
 use crate::error::StageError;
 use crate::fsutil::write_atomic;
-use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest};
+use crate::model::batch_decode::{BatchDecoder, BatchOptions, GroupRequest, SampleOn};
 use crate::model::chat::ModelTokenizer;
 use crate::model::generate::{Completion, SamplingConfig};
 use crate::model::{CausalLm, load_model};
@@ -57,6 +57,10 @@ pub struct ScoreDifficultyConfig {
     /// split).
     #[serde(default = "default_decode_rows")]
     pub decode_rows: usize,
+    /// Where decoding draws its tokens: `"auto"` (the host on the CPU backend, the device on
+    /// GPU backends, where only the tokens come back), `"host"` or `"device"`.
+    #[serde(default)]
+    pub sample_on: SampleOn,
     /// Save the scores so far every this many tasks, for `longrl run --resume` (0 = only at
     /// the end).
     #[serde(default = "default_checkpoint_every")]
@@ -122,6 +126,7 @@ impl StageConfig for ScoreDifficultyConfig {
         problems.extend(sizes.iter().filter_map(|(name, value, max)| at_most(name, *value, *max)));
         if let Some(rollout) = &self.rollout {
             problems.extend(rollout.problems());
+            problems.extend(rollout.request_problem(self.group, self.max_output));
         }
         problems
     }
@@ -264,7 +269,7 @@ impl<B: TrainBackend> ScoreRun<B> {
         let groups = match (&self.model, self.rollouts.remote()) {
             (_, Some(servers)) => collect_groups(&mut RemoteBatch::new(servers, &cancel), requests, || cancel.check())?,
             (Some(model), None) => {
-                let mut decoder = BatchDecoder::new(model, BatchOptions { max_rows: config.decode_rows });
+                let mut decoder = BatchDecoder::new(model, BatchOptions { max_rows: config.decode_rows, sample_on: config.sample_on });
                 collect_groups(&mut decoder as &mut dyn RolloutSink, requests, || cancel.check())?
             }
             (None, None) => return Err(StageError::Failed(format!("{}: no model and no rollout servers", io.label()))),

@@ -192,7 +192,7 @@ impl GrpoBench {
         let started = Instant::now();
         let (chosen, requests) = self.requests(loaded, step);
         let inference = loaded.trainer.model().valid();
-        let completions = generate_groups(&inference, requests, BatchOptions { max_rows: self.decode_rows }).map_err(|e| e.to_string())?;
+        let completions = generate_groups(&inference, requests, BatchOptions::rows(self.decode_rows)).map_err(|e| e.to_string())?;
         drop(inference);
         let rollout_s = started.elapsed().as_secs_f64();
         let groups: Vec<Group> =

@@ -28,9 +28,7 @@ pub const MAX_N: usize = longrl_stdlib::options::limits::GROUP;
 /// Most sequences (prompts times `n`) one request may ask for: one request cannot queue
 /// more work than the largest group a trainer samples.
 pub const MAX_SEQUENCES: usize = longrl_stdlib::options::limits::GROUP;
-/// Most tokens one request may ask to generate (sequences times `max_tokens`: a group of 64
-/// of 65,536 tokens, or 1,024 of 4,096), which bounds the work of rendering its reply.
-pub const MAX_REQUEST_TOKENS: usize = 1 << 22;
+pub use longrl_stdlib::rl::remote::MAX_REQUEST_TOKENS;
 
 /// Refuses a request whose `sequences` of up to `max_tokens` exceed [`MAX_REQUEST_TOKENS`].
 fn check_request_tokens(sequences: usize, max_tokens: usize, field: &str) -> Result<(), ApiError> {
@@ -749,7 +747,7 @@ impl Planned {
             let echo_text = kind.echo.then(|| served.decode(&job.prompt, r.skip_special));
             // The text offset of the next token, kept as the tokens go (not summed again per chunk).
             let mut text_at = 0;
-            for (delta, k) in text_deltas(&choice.tokens, &choice.text, echo_text.as_deref(), served, r.skip_special) {
+            for (delta, k) in text_deltas(&choice.tokens, &choice.text, echo_text.as_deref(), served.tokenizer.tokenizer.inner(), r.skip_special) {
                 let mut entry = json!({ "index": index, "text": delta, "logprobs": null, "finish_reason": null });
                 if let (Some(top), Some(at)) = (kind.logprobs, k) {
                     entry["logprobs"] = completion_logprobs(choice, at..at + 1, top, kind.tokens_as_ids, served, text_at);
@@ -832,7 +830,7 @@ impl Planned {
                 first["prompt_token_ids"] = json!(job.prompt);
             }
             push_event(&mut events, &base(vec![first]));
-            for (delta, k) in text_deltas(&choice.tokens, &choice.text, None, served, r.skip_special) {
+            for (delta, k) in text_deltas(&choice.tokens, &choice.text, None, served.tokenizer.tokenizer.inner(), r.skip_special) {
                 let mut entry = json!({ "index": index, "delta": { "content": delta }, "logprobs": null, "finish_reason": null });
                 if let (true, Some(at)) = (logprobs, k) {
                     entry["logprobs"] = json!({ "content": chat_logprobs(choice, at..at + 1, top_logprobs, served) });
@@ -903,18 +901,42 @@ fn finish_events(events: &mut String, usage_chunk: Option<Value>) {
     events.push_str("data: [DONE]\n\n");
 }
 
+/// Tokens a stream may go without a piece of text (special tokens skipped, bytes of one
+/// character) before the rest of its text is sent whole with the last token: the tokenizer's
+/// stream decodes every token it holds back again, so this bounds the work per token.
+const MAX_TOKENS_WITHOUT_TEXT: usize = 64;
+
 /// The text of a choice in pieces, one per token where a token adds text (with the index of
-/// that token), so the pieces join to `text`; `echo` comes first, without a token.
-fn text_deltas(tokens: &[u32], text: &str, echo: Option<&str>, served: &Served, skip_special: bool) -> Vec<(String, Option<usize>)> {
+/// that token), so the pieces join to `text`; `echo` comes first, without a token. The
+/// pieces come from the tokenizer's incremental decoder (each token decoded with the few
+/// before it, not the whole prefix again); once a piece is not how `text` goes on (text cut at
+/// a stop string, a tokenizer whose text depends on more context) or too many tokens add no
+/// text, the rest of `text` goes with the last token.
+fn text_deltas(
+    tokens: &[u32],
+    text: &str,
+    echo: Option<&str>,
+    tokenizer: &tokenizers::Tokenizer,
+    skip_special: bool,
+) -> Vec<(String, Option<usize>)> {
     let mut out = Vec::with_capacity(tokens.len() + 1);
     if let Some(prompt) = echo {
         out.push((prompt.to_string(), None));
     }
-    let mut sent = 0usize;
-    for k in 0..tokens.len() {
-        let prefix = served.decode(&tokens[..=k], skip_special);
-        let upto = if text.starts_with(&prefix) { prefix.len() } else { sent };
-        let delta = if upto > sent && text.is_char_boundary(upto) { text[sent..upto].to_string() } else { String::new() };
+    let mut stream = tokenizer.decode_stream(skip_special);
+    let (mut sent, mut quiet, mut streaming) = (0usize, 0usize, true);
+    for (k, &id) in tokens.iter().enumerate() {
+        let mut delta = String::new();
+        if streaming {
+            match stream.step(id) {
+                Ok(Some(piece)) if text[sent..].starts_with(piece.as_str()) => {
+                    delta = piece;
+                    quiet = 0;
+                }
+                Ok(None) if quiet < MAX_TOKENS_WITHOUT_TEXT => quiet += 1,
+                _ => streaming = false,
+            }
+        }
         sent += delta.len();
         out.push((delta, Some(k)));
     }
@@ -1101,6 +1123,51 @@ mod tests {
         let mut problems = Vec::new();
         sampling_problems(&fine, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    /// The pieces by decoding every prefix again: the reference for the incremental ones.
+    fn deltas_by_prefixes(tokens: &[u32], text: &str, tokenizer: &tokenizers::Tokenizer, skip_special: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut sent = 0usize;
+        for k in 0..tokens.len() {
+            let prefix = tokenizer.decode(&tokens[..=k], skip_special).expect("decodes");
+            let upto = if text.starts_with(&prefix) { prefix.len() } else { sent };
+            let delta = if upto > sent && text.is_char_boundary(upto) { text[sent..upto].to_string() } else { String::new() };
+            sent += delta.len();
+            out.push(delta);
+        }
+        if let Some(last) = out.last_mut() {
+            last.push_str(&text[sent..]);
+        }
+        out
+    }
+
+    #[test]
+    fn streamed_pieces_are_those_of_decoding_every_prefix() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for file in ["examples/models/tiny/tokenizer.json", "examples/tokenizers/qwen2.5/tokenizer.json"] {
+            let tokenizer = tokenizers::Tokenizer::from_file(root.join(file)).expect("tokenizer");
+            let sample = "Zürich – 東京 ✓ is kept in <|im_end|> Oslo, 42% of 7.5 km. 🙂🙂 end";
+            let tokens = tokenizer.encode(sample, false).expect("encodes").get_ids().to_vec();
+            for skip_special in [false, true] {
+                let text = tokenizer.decode(&tokens, skip_special).expect("decodes");
+                let pieces: Vec<String> =
+                    text_deltas(&tokens, &text, None, &tokenizer, skip_special).into_iter().map(|(piece, _)| piece).collect();
+                assert_eq!(pieces, deltas_by_prefixes(&tokens, &text, &tokenizer, skip_special), "{file}, skip {skip_special}");
+                assert!(pieces.iter().filter(|p| !p.is_empty()).count() > tokens.len() / 2, "{file}: streamed token by token");
+                // Text cut at a stop string: the pieces still join to it.
+                let cut = &text[..text.find("Oslo").expect("in the text")];
+                let joined: String = text_deltas(&tokens, cut, Some("echo "), &tokenizer, skip_special).into_iter().map(|(p, _)| p).collect();
+                assert_eq!(joined, format!("echo {cut}"));
+            }
+            // A long run of skipped special tokens, then text: everything arrives, at the end.
+            let end = tokenizer.token_to_id("<|im_end|>").expect("special token");
+            let mut tokens: Vec<u32> = vec![end; 3 * MAX_TOKENS_WITHOUT_TEXT];
+            tokens.extend(tokenizer.encode("then words", false).expect("encodes").get_ids());
+            let text = tokenizer.decode(&tokens, true).expect("decodes");
+            let joined: String = text_deltas(&tokens, &text, None, &tokenizer, true).into_iter().map(|(p, _)| p).collect();
+            assert_eq!(joined, text);
+        }
     }
 
     #[test]
