@@ -32,6 +32,11 @@ impl SafetensorsSource {
     /// `dir/model.safetensors.index.json` (transformers' order: a directory holding both
     /// loads the same weights in either). Every header is checked here.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        Self::read(dir, Self::file_names(dir)?)
+    }
+
+    /// The weight files of `dir` that [`SafetensorsSource::open`] reads.
+    pub fn file_names(dir: &Path) -> Result<Vec<String>, ModelError> {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let file_names: Vec<String> = if single.is_file() {
@@ -60,6 +65,11 @@ impl SafetensorsSource {
         } else {
             return Err(ModelError::checkpoint(dir, "holds neither model.safetensors nor model.safetensors.index.json"));
         };
+        Ok(file_names)
+    }
+
+    /// Reads the weight files `file_names` of `dir` and checks their headers.
+    fn read(dir: &Path, file_names: Vec<String>) -> Result<Self, ModelError> {
         let mut files = BTreeMap::new();
         let mut index = HashMap::new();
         for name in file_names {
@@ -179,8 +189,15 @@ pub enum SaveDtype {
 
 /// Loads a model directory (config.json + safetensors).
 pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ModelConfig, CausalLm<B>), ModelError> {
-    let config = ModelConfig::load(&dir.join("config.json"))?;
-    let mut source = SafetensorsSource::open(dir)?;
+    let config_path = dir.join("config.json");
+    let config = ModelConfig::load(&config_path)?;
+    let file_names = SafetensorsSource::file_names(dir)?;
+    // The files are held in memory while the f32 weights are built from them.
+    let file_bytes = file_names.iter().filter_map(|name| std::fs::metadata(dir.join(name)).ok()).map(|m| m.len()).sum();
+    config
+        .check_memory(crate::model::config::available_memory(), file_bytes)
+        .map_err(|message| ModelError::Config { path: config_path, message })?;
+    let mut source = SafetensorsSource::read(dir, file_names)?;
     let model = CausalLm::build(&config, &mut source, device)?;
     let unused = source.unused();
     if !unused.is_empty() {

@@ -157,21 +157,27 @@ impl ModelConfig {
             serde_json::from_str(text).map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
         let invalid = |message| ModelError::Config { path: path.to_path_buf(), message };
         // Memory first: its figure says more than a size limit would.
-        config.check_memory(available_memory()).map_err(invalid)?;
+        config.check_memory(available_memory(), 0).map_err(invalid)?;
         config.check().map_err(invalid)?;
         Ok(config)
     }
 
-    /// An error when the model's f32 weights alone need more than `available` bytes (the
-    /// figure is in the message); `None` skips the check (memory unknown).
-    pub fn check_memory(&self, available: Option<u64>) -> Result<(), String> {
+    /// An error when the model's f32 weights, with `file_bytes` of weight files held while
+    /// loading them, need more than `available` bytes (the figures are in the message);
+    /// `None` skips the check (memory unknown).
+    pub fn check_memory(&self, available: Option<u64>, file_bytes: u64) -> Result<(), String> {
         let Some(available) = available else { return Ok(()) };
         let params = self.param_count();
-        let bytes = params * 4.0;
-        if bytes > available as f64 {
+        let weights = params * 4.0;
+        if weights + file_bytes as f64 > available as f64 {
+            let files = if file_bytes > 0 {
+                format!(" and {} of weight files read while loading", human_bytes(file_bytes as f64))
+            } else {
+                " alone".to_string()
+            };
             return Err(format!(
-                "the model has {params:.3e} parameters: {} as f32 weights alone, more than the {} of memory available on this machine",
-                human_bytes(bytes),
+                "the model has {params:.3e} parameters: {} as f32 weights{files}, more than the {} of memory available on this machine",
+                human_bytes(weights),
                 human_bytes(available as f64)
             ));
         }
@@ -433,12 +439,23 @@ mod tests {
         huge["num_key_value_heads"] = 512.into();
         let config = parse(huge);
         assert!(config.check().is_ok());
-        let err = config.check_memory(Some(16 << 30)).expect_err("too big");
+        let err = config.check_memory(Some(16 << 30), 0).expect_err("too big");
         assert!(
-            err.contains("e13 parameters") && err.contains("TiB as f32 weights") && err.contains("16.0 GiB of memory available"),
+            err.contains("e13 parameters") && err.contains("TiB as f32 weights alone") && err.contains("16.0 GiB of memory available"),
             "{err}"
         );
-        assert!(config.check_memory(None).is_ok());
+        assert!(config.check_memory(None, 0).is_ok());
+        // The weight files count while they are read: 0.5B parameters take 2 GiB as f32.
+        let mut half_billion = base();
+        half_billion["num_hidden_layers"] = 24.into();
+        half_billion["hidden_size"] = 896.into();
+        half_billion["intermediate_size"] = 4864.into();
+        half_billion["vocab_size"] = 151_936.into();
+        let config = parse(half_billion);
+        let f32_bytes = (config.param_count() * 4.0) as u64;
+        assert!(config.check_memory(Some(2 * f32_bytes), f32_bytes / 2).is_ok(), "bf16 files fit");
+        let err = config.check_memory(Some(2 * f32_bytes), 2 * f32_bytes).expect_err("f32 files and weights do not");
+        assert!(err.contains("of weight files read while loading"), "{err}");
         let mut absurd = base();
         absurd["num_hidden_layers"] = 100_000.into();
         assert!(parse(absurd).check().expect_err("layers").contains("num_hidden_layers is 100000"));

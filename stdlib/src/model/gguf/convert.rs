@@ -240,7 +240,7 @@ pub fn convert_gguf(file: &Path, out: &Path, options: &ConvertOptions) -> Result
     // The written config must be one longrl accepts, and the model must fit in memory: both
     // checked before the tensors are planned, so that absurd sizes go no further.
     let parsed: ModelConfig = serde_json::from_value(config.clone()).map_err(|e| output_error(e.to_string()))?;
-    parsed.check_memory(crate::model::config::available_memory()).map_err(|e| fail(GgufErrorKind::Unsupported(e)))?;
+    parsed.check_memory(crate::model::config::available_memory(), 0).map_err(|e| fail(GgufErrorKind::Unsupported(e)))?;
     parsed.check().map_err(|e| fail(GgufErrorKind::Unsupported(e)))?;
     let plan = plan_tensors(&gguf, &shape, tied).map_err(fail)?;
     let staged = StagedDir::create(out).map_err(|e| output_error(e.to_string()))?;
