@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// The name ending of a checkpoint being written (`.step-NNNNNN.XXXXXX.partial`).
+const STAGING: &str = ".partial";
+/// The name ending of a checkpoint being replaced by a new save of its step.
+const REPLACED: &str = ".replaced";
 use serde_json::Value;
 
 use crate::driver::SavedState;
@@ -216,11 +221,15 @@ impl StageCheckpoints {
 
     /// Saves a checkpoint of `step`: `write` fills a fresh directory and returns the state,
     /// which goes to its state.json; then the directory is renamed into place and made the
-    /// latest, and older ones beyond `keep` are removed.
+    /// latest, and older ones beyond `keep` are removed. What an interrupted save left (a
+    /// killed process: its staging directory, a replaced checkpoint) is removed first; the
+    /// run directory's lock keeps any other process from saving here meanwhile.
     pub fn save<T: Serialize>(&self, step: usize, write: impl FnOnce(&Path) -> Result<T, StageError>) -> Result<PathBuf, StageError> {
         std::fs::create_dir_all(&self.root).map_err(|e| StageError::io(&self.root, e))?;
+        self.remove_interrupted_saves();
         let staging = tempfile::Builder::new()
             .prefix(&format!(".step-{step:06}."))
+            .suffix(STAGING)
             .tempdir_in(&self.root)
             .map_err(|e| StageError::io(&self.root, e))?;
         let state = write(staging.path())?;
@@ -228,15 +237,38 @@ impl StageCheckpoints {
         write_atomic(&staging.path().join("state.json"), &json)?;
         let name = format!("step-{step:06}");
         let dir = self.root.join(&name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
-        }
+        // A checkpoint of this step already there (a resumed run saving its step again) is
+        // moved aside, not deleted, until the new one has its name: between the two renames
+        // is the only moment `latest.json` may name no directory.
+        let replaced = if dir.exists() {
+            let aside = self.root.join(format!(".{name}.{}{REPLACED}", std::process::id()));
+            std::fs::rename(&dir, &aside).map_err(|e| StageError::io(&dir, e))?;
+            Some(aside)
+        } else {
+            None
+        };
         let staged = staging.keep();
         std::fs::rename(&staged, &dir).map_err(|e| StageError::io(&dir, e))?;
+        if let Some(aside) = replaced {
+            std::fs::remove_dir_all(&aside).map_err(|e| StageError::io(&aside, e))?;
+        }
         let latest = serde_json::to_vec(&Latest { dir: name.clone(), step }).map_err(|e| StageError::Failed(e.to_string()))?;
         write_atomic(&self.root.join("latest.json"), &latest)?;
         self.prune(&name)?;
         Ok(dir)
+    }
+
+    /// Removes the staging directories and replaced checkpoints of saves that were killed.
+    fn remove_interrupted_saves(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let interrupted = name.starts_with(".step-") && (name.ends_with(STAGING) || name.ends_with(REPLACED));
+            if interrupted && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                tracing::info!(path = %entry.path().display(), "removing what an interrupted checkpoint save left");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 
     /// Removes all but the newest `keep` step directories (never `current`).
@@ -298,6 +330,28 @@ mod tests {
         assert_eq!(state["step"], 1);
         assert_eq!(std::fs::read(dir.join("weights.bin")).expect("weights"), b"first");
         assert!(!stage_dir(run.path(), "rl_phase#4").join("step-000002").exists());
+    }
+
+    #[test]
+    fn a_step_saved_again_is_replaced_whole_and_interrupted_saves_leave_nothing() {
+        let run = tempfile::tempdir().expect("tempdir");
+        let checkpoints = StageCheckpoints::new(run.path(), "sft#2", 3);
+        let root = stage_dir(run.path(), "sft#2");
+        checkpoints.save(1, write_weights(b"old", serde_json::json!({ "step": 1 }))).expect("saves");
+        std::fs::write(root.join("step-000001").join("stray.bin"), b"from the old save").expect("write");
+        // What killed saves leave: a staging directory, a checkpoint moved aside.
+        for left in [".step-000002.a1B2c3.partial", ".step-000001.77.replaced"] {
+            std::fs::create_dir_all(root.join(left).join("sub")).expect("mkdir");
+        }
+        checkpoints.save(1, write_weights(b"new", serde_json::json!({ "step": 1, "again": true }))).expect("saves again");
+        let (dir, state) = checkpoints.latest().expect("reads").expect("a checkpoint");
+        assert_eq!(state["again"], true);
+        assert_eq!(std::fs::read(dir.join("weights.bin")).expect("weights"), b"new");
+        assert!(!dir.join("stray.bin").exists(), "nothing of the old save is kept");
+        let mut names: Vec<String> =
+            std::fs::read_dir(&root).expect("dir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, vec!["latest.json", "step-000001"]);
     }
 
     #[test]

@@ -747,7 +747,9 @@ impl Planned {
             let echo_text = kind.echo.then(|| served.decode(&job.prompt, r.skip_special));
             // The text offset of the next token, kept as the tokens go (not summed again per chunk).
             let mut text_at = 0;
-            for (delta, k) in text_deltas(&choice.tokens, &choice.text, echo_text.as_deref(), served.tokenizer.tokenizer.inner(), r.skip_special) {
+            for (delta, k) in
+                text_deltas(&choice.tokens, &choice.text, echo_text.as_deref(), served.tokenizer.tokenizer.inner(), r.skip_special)
+            {
                 let mut entry = json!({ "index": index, "text": delta, "logprobs": null, "finish_reason": null });
                 if let (Some(top), Some(at)) = (kind.logprobs, k) {
                     entry["logprobs"] = completion_logprobs(choice, at..at + 1, top, kind.tokens_as_ids, served, text_at);
@@ -1157,7 +1159,8 @@ mod tests {
                 assert!(pieces.iter().filter(|p| !p.is_empty()).count() > tokens.len() / 2, "{file}: streamed token by token");
                 // Text cut at a stop string: the pieces still join to it.
                 let cut = &text[..text.find("Oslo").expect("in the text")];
-                let joined: String = text_deltas(&tokens, cut, Some("echo "), &tokenizer, skip_special).into_iter().map(|(p, _)| p).collect();
+                let joined: String =
+                    text_deltas(&tokens, cut, Some("echo "), &tokenizer, skip_special).into_iter().map(|(p, _)| p).collect();
                 assert_eq!(joined, format!("echo {cut}"));
             }
             // A long run of skipped special tokens, then text: everything arrives, at the end.
