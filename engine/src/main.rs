@@ -266,7 +266,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 4096)]
         vocab: usize,
     },
-    /// Records per second through jsonl -> filter -> write_jsonl, with and without tokenization.
+    /// Records per second through jsonl -> filter -> write_jsonl, with and without
+    /// tokenization, and through a plain copy from one source and from two merged sources.
     Pipeline {
         /// Records to generate.
         #[arg(long, default_value_t = 20_000)]
@@ -277,6 +278,9 @@ enum BenchCommand {
         /// tokenizer.json used by the tokenizing variant.
         #[arg(long, default_value = "examples/tokenizers/qwen2.5/tokenizer.json")]
         tokenizer: PathBuf,
+        /// One JSON object per variant, one per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -818,12 +822,18 @@ fn bench(command: BenchCommand) -> Result<ExitCode> {
             outln!("peak RSS {peak_mib:.0} MiB, prefill {wall:.1} s ({:.0} tokens/s)", len as f64 / wall)?;
             Ok(ExitCode::SUCCESS)
         }
-        BenchCommand::Pipeline { records, words, tokenizer } => {
+        BenchCommand::Pipeline { records, words, tokenizer, json } => {
             let figures = longrl_engine::commands::bench::pipeline(records, words, &tokenizer).map_err(anyhow::Error::msg)?;
+            if json {
+                for f in figures {
+                    outln!("{}", serde_json::to_string(&f)?)?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             outln!("pipeline jsonl -> filter -> write_jsonl, {records} records of {words} words")?;
-            outln!("{:<32} {:>10} {:>9} {:>12} {:>9}", "variant", "records", "wall s", "records/s", "MB/s")?;
+            outln!("{:<36} {:>10} {:>9} {:>12} {:>9}", "variant", "records", "wall s", "records/s", "MB/s")?;
             for f in figures {
-                outln!("{:<32} {:>10} {:>9.2} {:>12.0} {:>9.1}", f.variant, f.records, f.wall_s, f.records_per_s, f.mb_per_s)?;
+                outln!("{:<36} {:>10} {:>9.2} {:>12.0} {:>9.1}", f.variant, f.records, f.wall_s, f.records_per_s, f.mb_per_s)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,5 +1,6 @@
 //! `longrl bench pipeline`: records per second through source -> filter -> sink, with and
-//! without tokenization, on generated records of a chosen length.
+//! without tokenization, and through a plain copy from one source and from two sources
+//! merged into one input (the fan-in's turn taking), on generated records of a chosen length.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -81,12 +82,28 @@ pub fn generate_records(dir: &Path, count: usize, words: usize, seed: u64) -> st
     Ok((path, bytes))
 }
 
-/// Runs both variants and returns their figures.
+/// Runs every variant and returns their figures.
 pub fn pipeline(count: usize, words: usize, tokenizer: &Path) -> Result<Vec<PipelineFigures>, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (data, bytes) = generate_records(dir.path(), count, words, 7).map_err(|e| e.to_string())?;
+    // The same number of records in two files, for the merge.
+    let halves = [dir.path().join("first"), dir.path().join("second")];
+    let mut half_files = Vec::new();
+    for (half, (folder, records)) in halves.iter().zip([count / 2, count - count / 2]).enumerate() {
+        std::fs::create_dir_all(folder).map_err(|e| e.to_string())?;
+        half_files.push(generate_records(folder, records, words, 8 + half as u64).map_err(|e| e.to_string())?.0);
+    }
     let tokenizer = std::fs::canonicalize(tokenizer).map_err(|e| format!("{}: {e}", tokenizer.display()))?;
     let variants = [
+        ("copy, one source", format!(r#"jsonl("{}").write_jsonl("copy.jsonl")"#, data.display())),
+        (
+            "copy, two sources merged (fan-in)",
+            format!(
+                r#"let a = jsonl("{}"); let b = jsonl("{}"); write_jsonl(#{{ input: [a, b], path: "merged.jsonl" }})"#,
+                half_files[0].display(),
+                half_files[1].display()
+            ),
+        ),
         ("no tokenization (dedup only)", format!(r#"jsonl("{}").filter(#{{ dedup: true }}).write_jsonl("plain.jsonl")"#, data.display())),
         (
             "tokenize + length filter",
