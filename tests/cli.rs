@@ -156,9 +156,33 @@ fn bench_rollout_prints_batched_and_one_group_figures_as_json() {
         assert!(figures[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {figures}");
     }
     assert_eq!(figures["identical_groups"], 3, "the batched groups have the tokens of the groups alone: {figures}");
+    assert_eq!(figures["sampled_on"], "host", "auto draws on the host on the CPU backend: {figures}");
+    let out = longrl(&[&args[..], &["--sample-on", "device", "--top-p", "0.9", "--json"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let figures: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).expect("one JSON object");
+    assert_eq!(figures["sampled_on"], "device", "{figures}");
+    assert!(figures["top_p"].as_f64().is_some_and(|p| (p - 0.9).abs() < 1e-6), "{figures}");
+    assert!(figures["batched"].as_f64().is_some_and(|v| v > 0.0), "{figures}");
     let out = longrl(&args);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("groups decoded together (<= 64 rows)"), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("groups decoded together (<= 64 rows, host)"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn bench_pipeline_json_has_one_line_per_variant_with_every_record() {
+    let out = longrl(&["bench", "pipeline", "--records", "300", "--words", "20", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|line| serde_json::from_str(line).expect("a JSON object per line")).collect();
+    let variants: Vec<&str> = lines.iter().filter_map(|f| f["variant"].as_str()).collect();
+    assert_eq!(
+        variants,
+        ["copy, one source", "copy, two sources merged (fan-in)", "no tokenization (dedup only)", "tokenize + length filter"]
+    );
+    for figures in &lines {
+        assert_eq!(figures["records"], 300, "{figures}");
+        assert!(figures["records_per_s"].as_f64().is_some_and(|v| v > 0.0), "{figures}");
+    }
 }
 
 #[test]
