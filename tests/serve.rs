@@ -240,6 +240,42 @@ fn read_until_closed(stream: &mut std::net::TcpStream) -> String {
 }
 
 #[test]
+fn a_client_that_reads_none_of_its_reply_loses_its_connection_at_the_deadline() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 4);
+    // One connection at a time and a 3 s deadline.
+    let server = serve(dir.path(), &["--max-connections", "1", "--request-timeout", "3"]);
+    // A reply of several MB: every prompt token's 20 most likely tokens, 48 prompts of 400.
+    let prompts: Vec<Vec<u32>> = (0..48u32).map(|p| (0..400u32).map(|i| (i * 7 + p * 13) % 1000 + 3).collect()).collect();
+    let request = json!({ "model": "tiny", "prompt": prompts, "max_tokens": 1, "echo": true, "logprobs": 20, "temperature": 0 });
+    let body = request.to_string();
+    // A client with a small receive window that sends the request and reads nothing.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let addr: std::net::SocketAddr = address(&server.url).parse().expect("address");
+    socket.connect(&addr.into()).expect("connects");
+    let mut stalled: std::net::TcpStream = socket.into();
+    write!(
+        stalled,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    // The one connection slot is the stalled client's until its reply times out; then this
+    // client's request is taken (it waits in the listen queue meanwhile).
+    let started = std::time::Instant::now();
+    let reply = post_json(&format!("{}/completions", server.url), &request);
+    let waited = started.elapsed();
+    let text = reply.to_string();
+    assert!(text.len() > 6 << 20, "the reply must outgrow the socket buffers: {} bytes", text.len());
+    assert!(waited < std::time::Duration::from_secs(60), "served after the stalled reply was cut off ({waited:?})");
+    // The stalled client's reply was cut short: far fewer bytes than the whole.
+    let received = read_until_closed(&mut stalled);
+    assert!(received.len() < text.len(), "{} of {} bytes", received.len(), text.len());
+}
+
+#[test]
 fn stalled_clients_hold_no_request_thread_and_are_cut_off_at_the_deadline() {
     use std::io::Write;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,7 +1,8 @@
 //! The server's HTTP transport: hyper (HTTP/1.1) on a small tokio runtime. A request's
 //! headers and then its body must each arrive within the request timeout (a stalled client
-//! gets a 408 or is disconnected, and a kept-alive connection idle that long is closed), open
-//! connections are capped, and bodies are capped. Answering is handed to the request threads
+//! gets a 408 or is disconnected, and a kept-alive connection idle that long is closed), a
+//! reply the client stops reading is cut off once no byte of it has gone out for that long,
+//! open connections are capped, and bodies are capped. Answering is handed to the request threads
 //! as whole requests: those threads never touch a socket, so a slow client holds none of them.
 
 use std::convert::Infallible;
@@ -49,8 +50,9 @@ impl Answer {
 /// What a client may take.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Time to send a request's headers, then its body; and how long a kept-alive connection
-    /// may sit idle.
+    /// Time to send a request's headers, then its body; how long a kept-alive connection may
+    /// sit idle; and how long a reply may wait on a client that reads none of it (the
+    /// connection is then closed).
     pub request_timeout: Duration,
     /// The largest body taken (a longer one is a 413).
     pub max_body_bytes: usize,
@@ -156,7 +158,11 @@ async fn serve_connection(stream: tokio::net::TcpStream, calls: Sender<Call>, li
     });
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.request_timeout);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    // A write that cannot go on for this long fails the connection: a client that never
+    // reads its reply frees its connection slot.
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(limits.request_timeout));
+    let connection = builder.serve_connection(TokioIo::new(Box::pin(stream)), service);
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
