@@ -160,12 +160,6 @@ pub trait Kernels: Backend {
         1
     }
 
-    /// Whether the backend's tensors live in host memory, so that reading logits back costs
-    /// no transfer (decoding then draws tokens on the host; GPU backends draw on the device).
-    fn logits_live_on_host() -> bool {
-        false
-    }
-
     /// `tensor[ranges] = value` (one range per dimension), written into `tensor`'s own
     /// buffer where the backend can: a KV cache that grows a token at a time must not be
     /// copied per token. The default is Burn's `slice_assign`.
@@ -182,10 +176,6 @@ impl Kernels for crate::Cpu {
 
     fn product_row_blocks(rows: usize, k: usize, n: usize) -> usize {
         crate::cpu::row_blocks(rows, k, n, rayon::current_num_threads())
-    }
-
-    fn logits_live_on_host() -> bool {
-        true
     }
 
     fn fused_rms_norm(x: &FloatTensor<Self>, gamma: &FloatTensor<Self>, eps: f64) -> Option<FloatTensor<Self>> {

@@ -10,11 +10,6 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-
-/// The name ending of a checkpoint being written (`.step-NNNNNN.XXXXXX.partial`).
-const STAGING: &str = ".partial";
-/// The name ending of a checkpoint being replaced by a new save of its step.
-const REPLACED: &str = ".replaced";
 use serde_json::Value;
 
 use crate::driver::SavedState;
@@ -221,15 +216,12 @@ impl StageCheckpoints {
 
     /// Saves a checkpoint of `step`: `write` fills a fresh directory and returns the state,
     /// which goes to its state.json; then the directory is renamed into place and made the
-    /// latest, and older ones beyond `keep` are removed. What an interrupted save left (a
-    /// killed process: its staging directory, a replaced checkpoint) is removed first; the
-    /// run directory's lock keeps any other process from saving here meanwhile.
+    /// latest, and older ones beyond `keep` are removed. A staging directory a killed save
+    /// left (`.step-NNNNNN.*`) is removed when the run resumes.
     pub fn save<T: Serialize>(&self, step: usize, write: impl FnOnce(&Path) -> Result<T, StageError>) -> Result<PathBuf, StageError> {
         std::fs::create_dir_all(&self.root).map_err(|e| StageError::io(&self.root, e))?;
-        self.remove_interrupted_saves();
         let staging = tempfile::Builder::new()
             .prefix(&format!(".step-{step:06}."))
-            .suffix(STAGING)
             .tempdir_in(&self.root)
             .map_err(|e| StageError::io(&self.root, e))?;
         let state = write(staging.path())?;
@@ -237,37 +229,40 @@ impl StageCheckpoints {
         write_atomic(&staging.path().join("state.json"), &json)?;
         let name = format!("step-{step:06}");
         let dir = self.root.join(&name);
-        // A checkpoint of this step already there (a resumed run saving its step again) is
-        // moved aside, not deleted, until the new one has its name: between the two renames
-        // is the only moment `latest.json` may name no directory.
-        let replaced = if dir.exists() {
-            let aside = self.root.join(format!(".{name}.{}{REPLACED}", std::process::id()));
-            std::fs::rename(&dir, &aside).map_err(|e| StageError::io(&dir, e))?;
-            Some(aside)
-        } else {
-            None
-        };
+        if dir.exists() {
+            // A resumed run saving its step again: `latest.json` must not name the directory
+            // while it is replaced, or a kill meanwhile would leave no checkpoint to resume.
+            self.point_latest_away_from(&name)?;
+            std::fs::remove_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
+        }
         let staged = staging.keep();
         std::fs::rename(&staged, &dir).map_err(|e| StageError::io(&dir, e))?;
-        if let Some(aside) = replaced {
-            std::fs::remove_dir_all(&aside).map_err(|e| StageError::io(&aside, e))?;
-        }
         let latest = serde_json::to_vec(&Latest { dir: name.clone(), step }).map_err(|e| StageError::Failed(e.to_string()))?;
         write_atomic(&self.root.join("latest.json"), &latest)?;
         self.prune(&name)?;
         Ok(dir)
     }
 
-    /// Removes the staging directories and replaced checkpoints of saves that were killed.
-    fn remove_interrupted_saves(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let interrupted = name.starts_with(".step-") && (name.ends_with(STAGING) || name.ends_with(REPLACED));
-            if interrupted && entry.file_type().is_ok_and(|t| t.is_dir()) {
-                tracing::info!(path = %entry.path().display(), "removing what an interrupted checkpoint save left");
-                let _ = std::fs::remove_dir_all(entry.path());
+    /// When `latest.json` names the checkpoint `name`, makes it name the newest other
+    /// complete one, or removes it when there is none.
+    fn point_latest_away_from(&self, name: &str) -> Result<(), StageError> {
+        let pointer = self.root.join("latest.json");
+        if !read_json::<Latest>(&pointer)?.is_some_and(|latest| latest.dir == name) {
+            return Ok(());
+        }
+        let mut others: Vec<(usize, String)> = std::fs::read_dir(&self.root)
+            .map_err(|e| StageError::io(&self.root, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|other| other != name && is_step_name(other) && self.root.join(other).join("state.json").is_file())
+            .filter_map(|other| Some((other.strip_prefix("step-")?.parse().ok()?, other)))
+            .collect();
+        others.sort();
+        match others.pop() {
+            Some((step, dir)) => {
+                let json = serde_json::to_vec(&Latest { dir, step }).map_err(|e| StageError::Failed(e.to_string()))?;
+                write_atomic(&pointer, &json)
             }
+            None => std::fs::remove_file(&pointer).map_err(|e| StageError::io(&pointer, e)),
         }
     }
 
@@ -333,25 +328,29 @@ mod tests {
     }
 
     #[test]
-    fn a_step_saved_again_is_replaced_whole_and_interrupted_saves_leave_nothing() {
+    fn a_step_saved_again_is_replaced_whole_and_never_named_while_it_is_replaced() {
         let run = tempfile::tempdir().expect("tempdir");
         let checkpoints = StageCheckpoints::new(run.path(), "sft#2", 3);
         let root = stage_dir(run.path(), "sft#2");
-        checkpoints.save(1, write_weights(b"old", serde_json::json!({ "step": 1 }))).expect("saves");
-        std::fs::write(root.join("step-000001").join("stray.bin"), b"from the old save").expect("write");
-        // What killed saves leave: a staging directory, a checkpoint moved aside.
-        for left in [".step-000002.a1B2c3.partial", ".step-000001.77.replaced"] {
-            std::fs::create_dir_all(root.join(left).join("sub")).expect("mkdir");
-        }
-        checkpoints.save(1, write_weights(b"new", serde_json::json!({ "step": 1, "again": true }))).expect("saves again");
+        checkpoints.save(1, write_weights(b"one", serde_json::json!({ "step": 1 }))).expect("saves");
+        checkpoints.save(2, write_weights(b"old", serde_json::json!({ "step": 2 }))).expect("saves");
+        std::fs::write(root.join("step-000002").join("stray.bin"), b"from the old save").expect("write");
+        // While step 2 is replaced, latest.json names step 1.
+        checkpoints.point_latest_away_from("step-000002").expect("points away");
+        let (dir, state) = checkpoints.latest().expect("reads").expect("a checkpoint");
+        assert_eq!((dir.ends_with("step-000001"), &state["step"]), (true, &serde_json::json!(1)));
+        checkpoints.save(2, write_weights(b"new", serde_json::json!({ "step": 2, "again": true }))).expect("saves again");
         let (dir, state) = checkpoints.latest().expect("reads").expect("a checkpoint");
         assert_eq!(state["again"], true);
         assert_eq!(std::fs::read(dir.join("weights.bin")).expect("weights"), b"new");
         assert!(!dir.join("stray.bin").exists(), "nothing of the old save is kept");
-        let mut names: Vec<String> =
-            std::fs::read_dir(&root).expect("dir").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        assert_eq!(names, vec!["latest.json", "step-000001"]);
+        // With no other checkpoint, nothing is named meanwhile.
+        let single = StageCheckpoints::new(run.path(), "sft#5", 1);
+        single.save(4, write_weights(b"w", serde_json::json!({ "step": 4 }))).expect("saves");
+        single.point_latest_away_from("step-000004").expect("points away");
+        assert!(single.latest().expect("reads").is_none());
+        single.save(4, write_weights(b"w2", serde_json::json!({ "step": 4 }))).expect("saves again");
+        assert!(single.latest().expect("reads").is_some());
     }
 
     #[test]

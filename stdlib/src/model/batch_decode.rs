@@ -68,10 +68,8 @@ impl BatchOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SampleOn {
-    /// The host on the CPU backend (its logits already sit in host memory, and drawing there
-    /// is faster). On GPU backends the device, except for steps with a top-k or top-p row:
-    /// their logits are copied to the host, whose sampler orders the candidates instead of
-    /// bisecting a threshold over the whole vocabulary.
+    /// Where drawing is measured to be faster: the host on the CPU backend. On GPU backends
+    /// also the host until `scripts/device_check.sh` has measured both there.
     #[default]
     Auto,
     /// Copy every row's logits to the host and draw there (rows in parallel).
@@ -95,24 +93,17 @@ impl std::str::FromStr for SampleOn {
 }
 
 impl SampleOn {
-    /// Where a decoder on backend `B` draws: `None` on the host; `Some(truncated_too)` on
-    /// the device, and whether steps with top-k or top-p rows are drawn there too.
-    pub fn on_device<B: longrl_backends::Kernels>(self) -> Option<bool> {
+    /// Whether a decoder draws on the device.
+    pub fn on_device(self) -> bool {
         match self {
-            Self::Auto if B::logits_live_on_host() => None,
-            Self::Auto => Some(false),
-            Self::Host => None,
-            Self::Device => Some(true),
+            Self::Auto | Self::Host => false,
+            Self::Device => true,
         }
     }
 
-    /// Where a decoder on backend `B` draws, in words.
-    pub fn describe<B: longrl_backends::Kernels>(self) -> &'static str {
-        match self.on_device::<B>() {
-            None => "host",
-            Some(false) => "device (top-k/top-p steps on the host)",
-            Some(true) => "device",
-        }
+    /// Where a decoder draws, in words.
+    pub fn describe(self) -> &'static str {
+        if self.on_device() { "device" } else { "host" }
     }
 }
 
@@ -130,17 +121,13 @@ enum NextLogits<B: Backend> {
     /// One `[vocab]` row per batch row, on the host.
     Host(Vec<Vec<f32>>),
     /// Pieces of `[rows, vocab]` on the device: the last decode step's rows, then each
-    /// admitted group's; and whether a step with top-k or top-p rows is drawn there too
-    /// (else its logits go to the host).
-    Device { pieces: Vec<Tensor<B, 2>>, truncated_too: bool },
+    /// admitted group's.
+    Device(Vec<Tensor<B, 2>>),
 }
 
 impl<B: Backend> NextLogits<B> {
-    fn new(on_device: Option<bool>) -> Self {
-        match on_device {
-            None => Self::Host(Vec::new()),
-            Some(truncated_too) => Self::Device { pieces: Vec::new(), truncated_too },
-        }
+    fn new(on_device: bool) -> Self {
+        if on_device { Self::Device(Vec::new()) } else { Self::Host(Vec::new()) }
     }
 
     /// Appends `samples` rows that all start from one prompt's logits.
@@ -153,7 +140,7 @@ impl<B: Backend> NextLogits<B> {
                 let row = host_rows(logits)?.pop().unwrap_or_default();
                 rows.extend(std::iter::repeat_n(row, samples));
             }
-            Self::Device { pieces, .. } => pieces.push(logits.repeat_dim(0, samples)),
+            Self::Device(pieces) => pieces.push(logits.repeat_dim(0, samples)),
         }
         Ok(())
     }
@@ -165,7 +152,7 @@ impl<B: Backend> NextLogits<B> {
     fn replace(&mut self, logits: Tensor<B, 2>) -> Result<(), ModelError> {
         match self {
             Self::Host(rows) => *rows = host_rows(logits)?,
-            Self::Device { pieces, .. } => *pieces = vec![logits],
+            Self::Device(pieces) => *pieces = vec![logits],
         }
         Ok(())
     }
@@ -174,29 +161,29 @@ impl<B: Backend> NextLogits<B> {
     /// stream: the host draws rows in parallel; the device takes one uniform number per
     /// sampled row, the number the host sampler would take.
     fn draw(&mut self, rows: Vec<(&SamplingConfig, &mut ChaCha8Rng)>) -> Result<Vec<(u32, f32)>, ModelError> {
-        let logits = match self {
-            Self::Host(logits) => std::mem::take(logits),
-            Self::Device { pieces, truncated_too } => {
+        match self {
+            Self::Host(logits) => {
+                let logits = std::mem::take(logits);
+                if logits.len() != rows.len() {
+                    return Err(ModelError::Invalid(format!("{} logits rows for {} decode rows", logits.len(), rows.len())));
+                }
+                Ok(logits.into_par_iter().zip(rows).map(|(row, (sampling, rng))| sample_token(&row, sampling, rng)).collect())
+            }
+            Self::Device(pieces) => {
                 let pieces = std::mem::take(pieces);
                 if pieces.is_empty() {
-                    return Ok(Vec::new());
+                    if rows.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    return Err(ModelError::Invalid(format!("no logits for {} decode rows", rows.len())));
                 }
-                let logits = Tensor::cat(pieces, 0); // [rows, vocab]
-                if !*truncated_too && rows.iter().any(|(config, _)| config.truncates()) {
-                    host_rows(logits)?
-                } else {
-                    let draws: Vec<RowDraw> = rows
-                        .into_iter()
-                        .map(|(config, rng)| RowDraw { config, uniform: if config.temperature > 0.0 { rng.random::<f32>() } else { 0.0 } })
-                        .collect();
-                    return draw_on_device(logits, &draws);
-                }
+                let draws: Vec<RowDraw> = rows
+                    .into_iter()
+                    .map(|(config, rng)| RowDraw { config, uniform: if config.is_greedy() { 0.0 } else { rng.random::<f32>() } })
+                    .collect();
+                draw_on_device(Tensor::cat(pieces, 0), &draws)
             }
-        };
-        if logits.len() != rows.len() {
-            return Err(ModelError::Invalid(format!("{} logits rows for {} decode rows", logits.len(), rows.len())));
         }
-        Ok(logits.into_par_iter().zip(rows).map(|(row, (sampling, rng))| sample_token(&row, sampling, rng)).collect())
     }
 }
 
@@ -230,7 +217,7 @@ impl<B: CustomGrad> std::fmt::Debug for BatchDecoder<'_, B> {
 
 impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
     pub fn new(model: &'m CausalLm<B>, options: BatchOptions) -> Self {
-        let next = NextLogits::new(options.sample_on.on_device::<B>());
+        let next = NextLogits::new(options.sample_on.on_device());
         Self { model, options, waiting: VecDeque::new(), running: Vec::new(), cache: BatchKv::new(model.num_layers()), next }
     }
 

@@ -192,11 +192,16 @@ pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<(ModelCo
     let config_path = dir.join("config.json");
     let config = ModelConfig::load(&config_path)?;
     let file_names = SafetensorsSource::file_names(dir)?;
-    // The files are held in memory while the f32 weights are built from them.
+    // The files are held in memory while the weights are built from them, in host memory
+    // too on the CPU backend (a GPU backend takes each tensor to the device as it is built).
     let file_bytes = file_names.iter().filter_map(|name| std::fs::metadata(dir.join(name)).ok()).map(|m| m.len()).sum();
-    config
-        .check_memory(crate::model::config::available_memory(), file_bytes)
-        .map_err(|message| ModelError::Config { path: config_path, message })?;
+    let on_gpu = B::name(device).contains("cubecl");
+    let memory = if on_gpu {
+        config.check_files_memory(crate::model::config::available_memory(), file_bytes)
+    } else {
+        config.check_memory(crate::model::config::available_memory(), file_bytes)
+    };
+    memory.map_err(|message| ModelError::Config { path: config_path, message })?;
     let mut source = SafetensorsSource::read(dir, file_names)?;
     let model = CausalLm::build(&config, &mut source, device)?;
     let unused = source.unused();

@@ -184,6 +184,19 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// An error when `file_bytes` of weight files need more than `available` bytes (loading
+    /// onto a GPU holds the files, not the weights, in host memory).
+    pub fn check_files_memory(&self, available: Option<u64>, file_bytes: u64) -> Result<(), String> {
+        match available {
+            Some(available) if file_bytes > available => Err(format!(
+                "the model's weight files take {}, more than the {} of memory available on this machine to read them",
+                human_bytes(file_bytes as f64),
+                human_bytes(available as f64)
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Which architecture this is; an unsupported `model_type` is an error.
     pub fn architecture(&self) -> Result<Architecture, String> {
         match self.model_type.as_str() {
@@ -456,6 +469,8 @@ mod tests {
         assert!(config.check_memory(Some(2 * f32_bytes), f32_bytes / 2).is_ok(), "bf16 files fit");
         let err = config.check_memory(Some(2 * f32_bytes), 2 * f32_bytes).expect_err("f32 files and weights do not");
         assert!(err.contains("of weight files read while loading"), "{err}");
+        assert!(config.check_files_memory(Some(2 * f32_bytes), 2 * f32_bytes).is_ok(), "onto a GPU, only the files");
+        assert!(config.check_files_memory(Some(f32_bytes), 2 * f32_bytes).is_err());
         let mut absurd = base();
         absurd["num_hidden_layers"] = 100_000.into();
         assert!(parse(absurd).check().expect_err("layers").contains("num_hidden_layers is 100000"));

@@ -38,9 +38,14 @@ impl SamplingConfig {
         Self { temperature: 0.0, max_new_tokens, ..Self::default() }
     }
 
+    /// Whether a draw takes the most likely token (temperature 0).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
     /// Whether top-k or top-p cut the candidates of a sampled (not greedy) draw.
     pub fn truncates(&self) -> bool {
-        self.temperature > 0.0 && (self.top_k > 0 || self.top_p < 1.0)
+        !self.is_greedy() && (self.top_k > 0 || self.top_p < 1.0)
     }
 }
 

@@ -20,7 +20,7 @@ pub fn sample_rng(seed: u64, sample: usize) -> ChaCha8Rng {
 /// Draws one token from a logits row; returns it with its log-probability under the
 /// temperature-scaled distribution before truncation.
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> (u32, f32) {
-    if config.temperature <= 0.0 {
+    if config.is_greedy() {
         let (best, _) = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) });
         return (best as u32, log_softmax_at(logits, best, 1.0));
     }

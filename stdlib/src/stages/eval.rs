@@ -64,8 +64,9 @@ pub struct EvalConfig {
     /// split).
     #[serde(default = "default_decode_rows")]
     pub decode_rows: usize,
-    /// Where decoding draws its tokens: `"auto"` (the host on the CPU backend, the device on
-    /// GPU backends, where only the tokens come back), `"host"` or `"device"`.
+    /// Where decoding draws its tokens: `"host"`, `"device"` (only the tokens and their
+    /// log-probabilities come back from a GPU) or `"auto"` (the host, until the device check
+    /// has measured both on a GPU).
     #[serde(default)]
     pub sample_on: SampleOn,
     /// Name of this evaluation in tables and files (default: the stage label).

@@ -76,8 +76,9 @@ pub struct RlPhaseConfig {
     /// GPU) better and take more memory for keys and values.
     #[serde(default = "default_decode_rows")]
     pub decode_rows: usize,
-    /// Where decoding draws its tokens: `"auto"` (the host on the CPU backend, the device on
-    /// GPU backends, where only the tokens come back), `"host"` or `"device"`.
+    /// Where decoding draws its tokens: `"host"`, `"device"` (only the tokens and their
+    /// log-probabilities come back from a GPU) or `"auto"` (the host, until the device check
+    /// has measured both on a GPU).
     #[serde(default)]
     pub sample_on: SampleOn,
     /// Padded response tokens per micro-batch of a group's backward (responses sorted by
