@@ -54,6 +54,9 @@ pub fn draw_on_device<B: Backend>(logits: Tensor<B, 2>, rows: &[RowDraw]) -> Res
     if b == 0 {
         return Ok(Vec::new());
     }
+    if vocab == 0 {
+        return Err(ModelError::Invalid("cannot draw from logits over an empty vocabulary".into()));
+    }
     let device = logits.device();
     let logits = to_f32(logits);
     let shifted = logits.clone() - logits.max_dim(1); // [b, vocab], the largest 0
@@ -347,6 +350,17 @@ mod tests {
         let (kept, token, _) = reference_draw(&logits[2], &nucleus, 0.999_999);
         assert_eq!(device[2].0, token);
         assert!(kept.contains(&(device[2].0 as usize)));
+    }
+
+    #[test]
+    fn no_rows_give_no_draws_and_an_empty_vocabulary_is_an_error() {
+        let config = SamplingConfig::default();
+        let none = Tensor::<Cpu, 2>::zeros([0, 8], &Default::default());
+        assert!(draw_on_device(none, &[]).expect("nothing to draw").is_empty());
+        let empty = Tensor::<Cpu, 2>::zeros([1, 0], &Default::default());
+        assert!(draw_on_device(empty, &[RowDraw { config: &config, uniform: 0.5 }]).is_err());
+        let one = Tensor::<Cpu, 2>::zeros([1, 3], &Default::default());
+        assert!(draw_on_device(one, &[]).is_err(), "a draw per row");
     }
 
     #[test]
