@@ -240,6 +240,27 @@ fn read_until_closed(stream: &mut std::net::TcpStream) -> String {
 }
 
 #[test]
+fn a_server_drawing_on_the_device_answers_as_one_drawing_on_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let (host, device) = (serve(dir.path(), &["--sample-on", "host"]), serve(dir.path(), &["--sample-on", "device"]));
+    let greedy = json!({ "model": "tiny", "prompt": PROMPT, "n": 2, "max_tokens": 8, "temperature": 0,
+                         "logprobs": 0, "return_token_ids": true, "ignore_eos": true });
+    let (a, b) = (post_json(&format!("{}/completions", host.url), &greedy), post_json(&format!("{}/completions", device.url), &greedy));
+    for index in 0..2 {
+        let (x, y) = (&a["choices"][index], &b["choices"][index]);
+        assert_eq!(ids(&x["token_ids"]), ids(&y["token_ids"]), "greedy tokens: {a} vs {b}");
+        for (p, q) in floats(&x["logprobs"]["token_logprobs"]).into_iter().zip(floats(&y["logprobs"]["token_logprobs"])) {
+            assert!((p - q).abs() < 1e-4, "log-probs {p} vs {q}");
+        }
+    }
+    let sampled = post_json(&format!("{}/completions", device.url), &completion_request(3));
+    let choices = sampled["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3, "{sampled}");
+    assert!(choices.iter().all(|c| ids(&c["token_ids"]).len() == 8), "{sampled}");
+}
+
+#[test]
 fn a_client_that_reads_none_of_its_reply_loses_its_connection_at_the_deadline() {
     use std::io::Write;
     let dir = tempfile::tempdir().expect("tempdir");

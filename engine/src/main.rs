@@ -119,6 +119,10 @@ struct ServeArgs {
     /// Connections open at once; more wait until one closes.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     max_connections: u64,
+    /// Where decoding draws its tokens: host, device (only tokens and log-probs come back
+    /// from a GPU) or auto (the host, until a GPU measurement says otherwise).
+    #[arg(long, default_value = "auto")]
+    sample_on: SampleOn,
     #[command(flatten)]
     compute: DeviceArgs,
 }
@@ -556,6 +560,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         threads: args.threads as usize,
         request_timeout: std::time::Duration::from_secs(args.request_timeout),
         max_connections: args.max_connections as usize,
+        sample_on: args.sample_on,
     };
     longrl_backends::dispatch(args.compute.spec(), options)??;
     Ok(ExitCode::SUCCESS)

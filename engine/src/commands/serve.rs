@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use longrl_backends::{BackendTask, CustomGrad, TrainBackend};
+use longrl_stdlib::model::batch_decode::{BatchOptions, SampleOn};
 use longrl_stdlib::model::chat::ModelTokenizer;
 use longrl_stdlib::model::{ModelConfig, load_model};
 use serde_json::{Value, json};
@@ -65,6 +66,8 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// Connections open at once (more wait in the listen queue).
     pub max_connections: usize,
+    /// Where decoding draws its tokens.
+    pub sample_on: SampleOn,
 }
 
 /// The largest request body taken (a longer one is a 413).
@@ -178,7 +181,8 @@ impl BackendTask for ServeOptions {
                     *current = (version.to_string(), path.to_path_buf());
                 }
             };
-            worker::run(model, INITIAL_VERSION.to_string(), work_rx, &shared.sequencer, &shared.batching, on_swap);
+            let options = BatchOptions { sample_on: shared.options.sample_on, ..BatchOptions::default() };
+            worker::run(model, INITIAL_VERSION.to_string(), work_rx, options, &shared.sequencer, &shared.batching, on_swap);
         });
         Ok(())
     }

@@ -140,11 +140,13 @@ struct Pending {
     reply: Sender<Result<Generated, String>>,
 }
 
-/// Runs queued work until every sender is gone. `on_swap` hears of each new version.
+/// Runs queued work until every sender is gone, decoding with `options`. `on_swap` hears of
+/// each new version.
 pub fn run<B: CustomGrad>(
     mut model: CausalLm<B>,
     mut version: String,
     work: Receiver<Work<B>>,
+    options: BatchOptions,
     sequencer: &Sequencer,
     stats: &BatchStats,
     on_swap: impl Fn(&str, &std::path::Path),
@@ -156,7 +158,7 @@ pub fn run<B: CustomGrad>(
             match item {
                 Work::Generate { seq, jobs, reply } => pending.push(Pending { seq, jobs, reply }),
                 Work::Swap { swap, reply } => {
-                    generate_batch(&model, &version, std::mem::take(&mut pending), sequencer, stats);
+                    generate_batch(&model, &version, std::mem::take(&mut pending), options, sequencer, stats);
                     let old = std::mem::replace(&mut version, swap.version);
                     model = swap.model;
                     on_swap(&version, &swap.path);
@@ -164,14 +166,21 @@ pub fn run<B: CustomGrad>(
                 }
             }
         }
-        generate_batch(&model, &version, pending, sequencer, stats);
+        generate_batch(&model, &version, pending, options, sequencer, stats);
     }
 }
 
 /// Answers `requests` (those a weight update did not abort) from one decoding batch of all
 /// their groups. A request whose group cannot be decoded gets its own error; a failure of
 /// the batch itself is every request's.
-fn generate_batch<B: CustomGrad>(model: &CausalLm<B>, version: &str, requests: Vec<Pending>, sequencer: &Sequencer, stats: &BatchStats) {
+fn generate_batch<B: CustomGrad>(
+    model: &CausalLm<B>,
+    version: &str,
+    requests: Vec<Pending>,
+    options: BatchOptions,
+    sequencer: &Sequencer,
+    stats: &BatchStats,
+) {
     // The requester may have gone (client closed the connection): sends ignore that.
     let live: Vec<Pending> = requests
         .into_iter()
@@ -186,7 +195,7 @@ fn generate_batch<B: CustomGrad>(model: &CausalLm<B>, version: &str, requests: V
     if live.is_empty() {
         return;
     }
-    let (decoded, mut errors, groups) = decode_together(model, &live, sequencer);
+    let (decoded, mut errors, groups) = decode_together(model, &live, options, sequencer);
     stats.record(live.len(), groups);
     for ((request, completions), error) in live.into_iter().zip(decoded).zip(errors.iter_mut()) {
         let result = match error.take() {
@@ -214,9 +223,10 @@ type BatchCompletions = Vec<Vec<Vec<Completion>>>;
 fn decode_together<B: CustomGrad>(
     model: &CausalLm<B>,
     requests: &[Pending],
+    options: BatchOptions,
     sequencer: &Sequencer,
 ) -> (BatchCompletions, Vec<Option<String>>, usize) {
-    let mut decoder = BatchDecoder::new(model, BatchOptions::default());
+    let mut decoder = BatchDecoder::new(model, options);
     let mut errors: Vec<Option<String>> = vec![None; requests.len()];
     let mut decoded: BatchCompletions = requests.iter().map(|r| vec![Vec::new(); r.jobs.len()]).collect();
     // Decoder ids number the groups of all requests in order.
@@ -398,7 +408,7 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 sequencer.abort_queued();
             });
-            run(model, "v1".into(), received, &sequencer, &stats, |_, _| {});
+            run(model, "v1".into(), received, BatchOptions::default(), &sequencer, &stats, |_, _| {});
         });
         assert_eq!(early.recv().expect("answered").expect_err("aborted"), ABORTED);
         assert_eq!(decoding.recv().expect("answered").expect_err("aborted"), ABORTED);
@@ -418,7 +428,7 @@ mod tests {
         let fourth = queue(&work, 4, vec![job(vec![1, 2, 3], 3, 1)]);
         drop(work);
         let stats = BatchStats::default();
-        run(model.clone(), "v1".into(), received, &Sequencer::default(), &stats, |_, _| {});
+        run(model.clone(), "v1".into(), received, BatchOptions::default(), &Sequencer::default(), &stats, |_, _| {});
 
         // One batch before the swap (three requests, five groups submitted, one refused) and
         // one after it.
