@@ -59,7 +59,7 @@ else
   bench_args=(--preset qwen2-0.5b --vocab 151936 --prompt-len 2048 --new-tokens 64 --group 8 --train-batch 4 --train-seq 2048)
   memory_args=(--preset qwen2-0.5b --group 8 --response-tokens 256)
   lengths=(4096 16384 32768)
-  rollout_args=(--preset qwen2-0.5b --vocab 151936 --prompts 8 --group 8 --prompt-len 1024 --new-tokens 64)
+  rollout_args=(--preset qwen2-0.5b --vocab 151936 --prompts 8 --group 8 --prompt-len 512 --new-tokens 32)
 fi
 case "$backend" in
   cpu) golden_model=logits_and_greedy_tokens_match_transformers golden_mixed=bf16_logits_match_transformers_within_bf16_tolerance ;;
