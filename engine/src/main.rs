@@ -344,36 +344,8 @@ impl DeviceArgs {
 /// Options of `longrl bench rollout`.
 #[derive(Args, Debug)]
 struct RolloutArgs {
-    /// Shape: tiny, smollm2-135m or qwen2-0.5b.
-    #[arg(long, default_value = "tiny")]
-    preset: String,
-    #[arg(long, default_value_t = 4096)]
-    vocab: usize,
-    /// Prompts, each with its own group.
-    #[arg(long, default_value_t = 8)]
-    prompts: usize,
-    /// Samples per prompt (G).
-    #[arg(long, default_value_t = 8)]
-    group: usize,
-    #[arg(long, default_value_t = 256)]
-    prompt_len: usize,
-    /// Tokens per sample at most.
-    #[arg(long, default_value_t = 64)]
-    new_tokens: usize,
-    /// Rows decoded together at most.
-    #[arg(long, default_value_t = 64)]
-    max_rows: usize,
-    /// Share of the vocabulary that ends a sample (0: every sample runs to --new-tokens).
-    #[arg(long, default_value_t = 0.0)]
-    stop_share: f64,
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Where the batched run draws its tokens: auto (the host on the CPU backend, the device
-    /// on GPU backends), host or device.
-    #[arg(long, default_value = "auto")]
-    sample_on: SampleOn,
+    #[command(flatten)]
+    bench: longrl_engine::commands::bench::RolloutBench,
     /// The figures as one JSON object.
     #[arg(long)]
     json: bool,
@@ -657,35 +629,8 @@ fn bench_memory(step: &MemoryArgs, lengths: &[usize], json: bool) -> Result<Exit
 
 /// `longrl bench rollout`.
 fn bench_rollout(args: RolloutArgs) -> Result<ExitCode> {
-    let RolloutArgs {
-        preset,
-        vocab,
-        prompts,
-        group,
-        prompt_len,
-        new_tokens,
-        max_rows,
-        stop_share,
-        temperature,
-        top_p,
-        sample_on,
-        json,
-        compute,
-    } = args;
-    let task = longrl_engine::commands::bench::RolloutBench {
-        preset,
-        vocab,
-        prompts,
-        group,
-        prompt_len,
-        new_tokens,
-        max_rows,
-        stop_share,
-        temperature,
-        top_p,
-        sample_on,
-    };
-    let f = longrl_backends::dispatch(compute.spec(), task)?.map_err(anyhow::Error::msg)?;
+    let RolloutArgs { bench, json, compute } = args;
+    let f = longrl_backends::dispatch(compute.spec(), bench)?.map_err(anyhow::Error::msg)?;
     if json {
         outln!("{}", serde_json::to_string(&f)?)?;
         return Ok(ExitCode::SUCCESS);

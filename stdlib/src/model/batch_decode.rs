@@ -82,13 +82,10 @@ pub enum SampleOn {
 impl std::str::FromStr for SampleOn {
     type Err = String;
 
+    /// The names recipes use (serde's), for command-line flags.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "host" => Ok(Self::Host),
-            "device" => Ok(Self::Device),
-            other => Err(format!("unknown place to sample {other:?} (auto, host or device)")),
-        }
+        serde_json::from_value(serde_json::Value::String(s.to_string()))
+            .map_err(|_| format!("unknown place to sample {s:?} (auto, host or device)"))
     }
 }
 

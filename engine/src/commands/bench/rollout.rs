@@ -12,25 +12,38 @@ use longrl_stdlib::model::generate::{Completion, SamplingConfig, generate_group}
 use longrl_stdlib::model::{CausalLm, ModelConfig};
 use serde::Serialize;
 
-/// One rollout measurement.
-#[derive(Debug, Clone)]
+/// One rollout measurement (the options of `longrl bench rollout`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct RolloutBench {
+    /// Shape: tiny, smollm2-135m or qwen2-0.5b.
+    #[arg(long, default_value = "tiny")]
     pub preset: String,
+    #[arg(long, default_value_t = 4096)]
     pub vocab: usize,
     /// Prompts, each with its own group.
+    #[arg(long, default_value_t = 8)]
     pub prompts: usize,
     /// Samples per prompt (G).
+    #[arg(long, default_value_t = 8)]
     pub group: usize,
+    #[arg(long, default_value_t = 256)]
     pub prompt_len: usize,
     /// Tokens per sample at most.
+    #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
     /// Rows decoded together at most (batched run).
+    #[arg(long, default_value_t = 64)]
     pub max_rows: usize,
-    /// Share of the vocabulary that stops a sample (0: every sample runs to `new_tokens`).
+    /// Share of the vocabulary that ends a sample (0: every sample runs to --new-tokens).
+    #[arg(long, default_value_t = 0.0)]
     pub stop_share: f64,
+    #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
-    /// Where the batched run draws its tokens.
+    /// Where the batched run draws its tokens: host, device, or auto (the host, until a GPU
+    /// measurement says otherwise).
+    #[arg(long, default_value = "auto")]
     pub sample_on: SampleOn,
 }
 
@@ -116,9 +129,7 @@ impl RolloutBench {
         let options = BatchOptions { max_rows: self.max_rows, sample_on: self.sample_on };
         let together = generate_groups(&model, requests, options).map_err(|e| e.to_string())?;
         let batched_s = started.elapsed().as_secs_f64();
-        let mut figures = self.figures(&alone, &together, [prefill_s, one_s, batched_s]);
-        figures.sampled_on = self.sample_on.describe().into();
-        Ok(figures)
+        Ok(self.figures(&alone, &together, [prefill_s, one_s, batched_s]))
     }
 
     /// The figures of both runs, from their samples and `[prefill, one group at a time,
@@ -139,7 +150,7 @@ impl RolloutBench {
             max_rows: self.max_rows,
             temperature: self.temperature,
             top_p: self.top_p,
-            sampled_on: String::new(),
+            sampled_on: self.sample_on.describe().into(),
             tokens,
             one_group_at_a_time: tokens as f64 / one_s,
             batched: batched_tokens as f64 / batched_s,
