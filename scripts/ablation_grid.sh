@@ -9,11 +9,18 @@
 #   scripts/ablation_grid.sh --seeds "1 2 3 4 5" --tag five
 #   scripts/ablation_grid.sh --smoke                       # a few steps of everything, to try the plumbing
 #   scripts/ablation_grid.sh --set mix=0.5 --set buffer_policy=importance --tag mix50
+#   scripts/ablation_grid.sh --recipes "qwenlong_l1 ablation_no_retrospective" --tag base
+#   scripts/ablation_grid.sh --recipes qwenlong_l1 --start-from base --set mix=0.5 --tag mix50
+#                                                          # a buffer sweep from base's SFT checkpoints
 #
 # Per seed it runs scripts/qwenlong_l1.rhai (which trains the warm-up SFT, evaluates it: the
 # "SFT only" row, and runs the full recipe), then scripts/ablation_single_phase.rhai and
 # scripts/ablation_no_retrospective.rhai from that seed's SFT checkpoint. `--seed` varies the
-# SFT initialization, the RL sampling and the evaluation sampling together.
+# SFT initialization, the RL sampling and the evaluation sampling together. `--recipes` runs
+# only the recipes it names; `--start-from TAG` starts every recipe (qwenlong_l1 included,
+# which then trains and evaluates no SFT) from the SFT checkpoints of grid TAG's seeds, so a
+# sweep of the buffer's settings pairs with that grid's runs without training its SFT again
+# (the table then shows the base grid's SFT and recipes beside this grid's runs).
 #
 # Held-out size: each question is answered 4 times at T = 0.7; its pass@1 lies in [0, 1], so
 # its variance is at most 1/4, and 1,100 questions per length give a 95% interval of at most
@@ -36,6 +43,8 @@ tag=""
 eval_count=1100
 extra=()
 smoke=false
+recipes="qwenlong_l1 ablation_single_phase ablation_no_retrospective"
+start_from=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --seeds) seeds="$2"; shift 2 ;;
@@ -44,7 +53,9 @@ while [ $# -gt 0 ]; do
         --eval-count) eval_count="$2"; shift 2 ;;
         --set) extra+=(--set "$2"); shift 2 ;;
         --smoke) smoke=true; shift ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --recipes) recipes="$2"; shift 2 ;;
+        --start-from) start_from="$2"; shift 2 ;;
+        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -84,17 +95,54 @@ run() {
     "$longrl" run "$@" --name "$name" "${common[@]}" "${extra[@]}"
 }
 
+# The SFT checkpoint of one seed's qwenlong_l1 run of grid $1.
+sft_checkpoint() {
+    local dir
+    dir=$(ls -d "runs/grid-$1-s$2-qwenlong_l1"/sft-* 2>/dev/null | head -n 1)
+    if [ -z "$dir" ]; then
+        echo "error: no SFT checkpoint in runs/grid-$1-s$2-qwenlong_l1 (run grid $1 with qwenlong_l1 first)" >&2
+        exit 1
+    fi
+    echo "$dir"
+}
+
+for recipe in $recipes; do
+    if [ ! -f "scripts/$recipe.rhai" ]; then
+        echo "error: unknown recipe $recipe (qwenlong_l1, ablation_single_phase, ablation_no_retrospective)" >&2
+        exit 2
+    fi
+done
+if [ -z "$start_from" ] && [[ " $recipes " != *" qwenlong_l1 "* ]]; then
+    echo "error: without qwenlong_l1 (whose warm-up SFT the others start from), --start-from TAG is needed" >&2
+    exit 2
+fi
+
 dirs=()
 for seed in $seeds; do
+    seeded=(--seed "$seed" --set "seed=$seed")
     full="grid-$tag-s$seed-qwenlong_l1"
-    run "$full" scripts/qwenlong_l1.rhai --seed "$seed" --set "seed=$seed"
-    sft_dir=$(ls -d "runs/$full"/sft-* | head -n 1)
-    for recipe in ablation_single_phase ablation_no_retrospective; do
+    if [ -n "$start_from" ]; then
+        sft_dir=$(sft_checkpoint "$start_from" "$seed")
+        from_sft=(--set "start=$sft_dir" --set eval_sft=false)
+        # The base grid's runs of this seed come first in the table, so that this grid's
+        # evaluations replace theirs of the same name and pair with the rest.
+        for base in "runs/grid-$start_from-s$seed"-*/; do
+            dirs+=("${base%/}")
+        done
+    elif [[ " $recipes " == *" qwenlong_l1 "* ]]; then
+        run "$full" scripts/qwenlong_l1.rhai "${seeded[@]}"
+        dirs+=("runs/$full")
+        sft_dir=$(sft_checkpoint "$tag" "$seed")
+        from_sft=(--set "start=$sft_dir" --set eval_sft=false)
+    fi
+    for recipe in $recipes; do
         name="grid-$tag-s$seed-$recipe"
-        run "$name" "scripts/$recipe.rhai" --seed "$seed" --set "seed=$seed" --set "start=$sft_dir" --set eval_sft=false
+        if [ "$recipe" = qwenlong_l1 ] && [ -z "$start_from" ]; then
+            continue
+        fi
+        run "$name" "scripts/$recipe.rhai" "${seeded[@]}" "${from_sft[@]}"
         dirs+=("runs/$name")
     done
-    dirs+=("runs/$full")
 done
 
 out="runs/grid-$tag-table.md"

@@ -16,6 +16,8 @@ what each idea adds over the recipe without it: the per-seed difference of pass@
 and 95% t-interval across seeds, and how many seeds gained. Pairing removes the spread of the
 SFT starting points, which dominates the first table's across-seed intervals.
 It also lists what the hard-sample buffers carried (from the runs' stage summaries).
+Where two run directories of one seed hold an evaluation of the same name, the later one on
+the command line counts (a sweep's runs listed after the base grid's replace them).
 Standard library only.
 """
 
