@@ -111,6 +111,88 @@ fn streams_are_server_sent_events_that_add_up_to_the_whole_reply() {
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
 }
 
+/// The text a stream's chunks add to choice `index` (completions' `text`, chat's content).
+fn streamed_text(chunks: &[Value], index: usize) -> String {
+    let mine = chunks.iter().filter_map(|c| c["choices"].as_array()?.first()).filter(|c| c["index"] == index);
+    mine.filter_map(|c| c["text"].as_str().or(c["delta"]["content"].as_str())).collect()
+}
+
+#[test]
+fn streamed_text_stops_where_the_whole_reply_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &[]);
+    let url = format!("{}/completions", server.url);
+    let mut request =
+        json!({ "model": "tiny", "prompt": PROMPT, "n": 2, "max_tokens": 24, "temperature": 0.9, "seed": 5, "ignore_eos": true });
+    let free = post_json(&url, &request);
+    // Stop strings taken from the middle of the first choice's text (so it stops there) and
+    // one that never comes; with and without the stop string kept.
+    let text = free["choices"][0]["text"].as_str().expect("text").to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 8, "{text}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    for include in [false, true] {
+        request["stop"] = json!([stop, "never in this text at all"]);
+        request["include_stop_str_in_output"] = json!(include);
+        request["stream"] = json!(false);
+        let whole = post_json(&url, &request);
+        request["stream"] = json!(true);
+        let (status, _, body) = post(&url, &request);
+        assert_eq!(status, 200, "{body}");
+        let chunks = events(&body);
+        for index in 0..2 {
+            let choice = &whole["choices"][index];
+            assert_eq!(streamed_text(&chunks, index), choice["text"].as_str().expect("text"), "choice {index}, include {include}");
+            let last =
+                chunks.iter().filter_map(|c| c["choices"].as_array()?.first()).filter(|c| c["index"] == index).last().expect("chunks");
+            assert_eq!((&last["finish_reason"], &last["stop_reason"]), (&choice["finish_reason"], &choice["stop_reason"]));
+        }
+        assert_eq!(whole["choices"][0]["finish_reason"], "stop", "the first choice stops at {stop:?}: {whole}");
+    }
+}
+
+#[test]
+fn a_stream_sends_tokens_as_they_are_drawn_and_a_client_that_leaves_stops_its_generation() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    tiny_checkpoint(dir.path(), 9);
+    let server = serve(dir.path(), &["--max-tokens-cap", "20000"]);
+    // 20,000 tokens take far longer than this test waits for its first events: a server that
+    // sent the reply only when complete would have nothing to send yet.
+    let request = json!({ "model": "tiny", "prompt": PROMPT, "max_tokens": 20000, "ignore_eos": true, "stream": true,
+                          "return_token_ids": true })
+    .to_string();
+    let mut client = std::net::TcpStream::connect(address(&server.url)).expect("connects");
+    write!(
+        client,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{request}",
+        request.len()
+    )
+    .expect("write");
+    client.set_read_timeout(Some(std::time::Duration::from_secs(60))).expect("timeout");
+    let mut received = String::new();
+    let mut buffer = [0u8; 4096];
+    while received.matches("\"token_ids\":[").count() < 3 {
+        let n = client.read(&mut buffer).expect("events arrive while the tokens are drawn");
+        assert!(n > 0, "the server closed the stream: {received}");
+        received.push_str(&String::from_utf8_lossy(&buffer[..n]));
+    }
+    assert!(received.starts_with("HTTP/1.1 200") && received.contains("text/event-stream"), "{received}");
+    assert!(!received.contains("[DONE]"), "{received}");
+    // The client leaves: the server drops its generation from the batch.
+    drop(client);
+    let health = format!("{}/health", server.root());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while get_json(&health)["batching"]["cancelled_requests"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "the generation went on without its client: {}", get_json(&health));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // And serves the next request.
+    let (status, _, text) = post(&format!("{}/completions", server.url), &completion_request(2));
+    assert_eq!(status, 200, "{text}");
+}
+
 #[test]
 fn chat_honours_n_and_logprobs_and_unsupported_fields_are_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -46,10 +46,12 @@ impl Drop for Server {
     }
 }
 
-/// Starts `longrl serve --port 0` on `model` with `extra` arguments.
+/// Starts `longrl serve --port 0` on `model` with `extra` arguments (`--max-tokens-cap 32` unless
+/// they set it).
 pub fn serve(model: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_longrl"))
-        .args(["serve", "--model", model.to_str().expect("utf-8"), "--port", "0", "--max-tokens-cap", "32"])
+        .args(["serve", "--model", model.to_str().expect("utf-8"), "--port", "0"])
+        .args(if extra.contains(&"--max-tokens-cap") { &[][..] } else { &["--max-tokens-cap", "32"][..] })
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

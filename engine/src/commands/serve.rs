@@ -18,8 +18,11 @@
 //!
 //! Requests arrive through hyper ([`http`]: deadlines for headers and bodies, capped
 //! connections and bodies) and are answered, read whole, by a pool of threads; one worker
-//! owns the model and runs the queued groups (see [`worker`]). The server binds to loopback
-//! unless `--host` says otherwise, and has no authentication.
+//! owns the model and runs the queued groups (see [`worker`]). A streamed response sends
+//! each choice's tokens as the worker draws them (server-sent events; a request asking for
+//! each token's alternatives gets its events once they are scored, at the end). A request
+//! whose client goes away leaves the decoding batch at the next step. The server binds to
+//! loopback unless `--host` says otherwise, and has no authentication.
 //!
 //! Log-probs of sampled tokens are those of the distribution the sampler drew from
 //! (`softmax(logits / temperature)`, before top-k / top-p truncation: what a GRPO trainer
@@ -30,11 +33,11 @@ mod protocol;
 mod worker;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use longrl_backends::{BackendTask, CustomGrad, TrainBackend};
 use longrl_stdlib::model::batch_decode::{BatchOptions, SampleOn};
 use longrl_stdlib::model::chat::ModelTokenizer;
@@ -42,8 +45,8 @@ use longrl_stdlib::model::{ModelConfig, load_model};
 use serde_json::{Value, json};
 
 use http::{Answer, Call, Limits, Listener, StopHandle};
-use protocol::{ApiError, ChatRequest, CompletionRequest, Planned, ReloadRequest, Reply, RpcRequest, Served, parse_body};
-use worker::{BatchStats, Generated, Sequencer, Swap, Work};
+use protocol::{ApiError, ChatRequest, CompletionRequest, EventStream, Planned, ReloadRequest, RpcRequest, Served, parse_body};
+use worker::{BatchStats, Generation, Sequencer, Swap, Update, Work};
 
 /// What to serve, where.
 #[derive(Debug, Clone)]
@@ -166,8 +169,7 @@ impl BackendTask for ServeOptions {
                         if call.reply.is_closed() {
                             continue;
                         }
-                        let answer = answer::<B::InnerBackend>(&call.method, &call.url, &call.body, shared, &work, &device);
-                        let _ = call.reply.send(answer);
+                        respond::<B::InnerBackend>(call, shared, &work, &device);
                         let served = shared.served.fetch_add(1, Ordering::SeqCst) + 1;
                         if shared.options.max_requests.is_some_and(|max| served >= max) {
                             shared.stop.stop();
@@ -192,16 +194,24 @@ fn is_loopback(host: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Answers one request.
-fn answer<B: CustomGrad>(method: &str, url: &str, body: &str, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) -> Answer {
-    match route::<B>(method, url, body, shared, work, device) {
-        Ok((status, Reply::Json(value))) => Answer { status, content_type: "application/json", bytes: value.to_string().into_bytes() },
-        Ok((status, Reply::Events(text))) => Answer { status, content_type: "text/event-stream", bytes: text.into_bytes() },
-        Err(err) => Answer::error(&err),
-    }
+/// What a route leads to: a JSON reply, or a generation to run.
+enum Routed {
+    Json(u16, Value),
+    Generate(Box<Planned>),
 }
 
-/// The reply to `method url` with `body`.
+/// Answers one request.
+fn respond<B: CustomGrad>(call: Call, shared: &Shared, work: &Sender<Work<B>>, device: &B::Device) {
+    let Call { method, url, body, reply } = call;
+    let answer = match route::<B>(&method, &url, &body, shared, work, device) {
+        Ok(Routed::Json(status, value)) => Answer::json(status, &value),
+        Ok(Routed::Generate(planned)) => return generate(&planned, shared, work, reply),
+        Err(err) => Answer::error(&err),
+    };
+    let _ = reply.send(answer);
+}
+
+/// Where `method url` with `body` leads.
 fn route<B: CustomGrad>(
     method: &str,
     url: &str,
@@ -209,8 +219,8 @@ fn route<B: CustomGrad>(
     shared: &Shared,
     work: &Sender<Work<B>>,
     device: &B::Device,
-) -> Result<(u16, Reply), ApiError> {
-    let ok = |value: Value| Ok((200, Reply::Json(value)));
+) -> Result<Routed, ApiError> {
+    let ok = |value: Value| Ok(Routed::Json(200, value));
     match (method, url) {
         ("GET", "/health") => {
             let (version, path) = shared.version();
@@ -228,15 +238,11 @@ fn route<B: CustomGrad>(
             ok(json!({ "object": "list", "data": [model] }))
         }
         ("GET", "/get_weight_version") => ok(json!({ "weight_version": shared.version().0 })),
-        ("POST", "/v1/completions") => {
-            let planned = parse_body::<CompletionRequest>(body)?.plan(&shared.served())?;
-            generate(planned, shared, work)
+        ("POST", "/v1/completions") => Ok(Routed::Generate(Box::new(parse_body::<CompletionRequest>(body)?.plan(&shared.served())?))),
+        ("POST", "/v1/chat/completions") => Ok(Routed::Generate(Box::new(parse_body::<ChatRequest>(body)?.plan(&shared.served())?))),
+        ("POST", "/update_weights_from_disk" | "/collective_rpc") => {
+            weight_route(url, body, shared, work, device).map(|(status, value)| Routed::Json(status, value))
         }
-        ("POST", "/v1/chat/completions") => {
-            let planned = parse_body::<ChatRequest>(body)?.plan(&shared.served())?;
-            generate(planned, shared, work)
-        }
-        ("POST", "/update_weights_from_disk" | "/collective_rpc") => weight_route(url, body, shared, work, device),
         // There is no prefix cache: nothing to reset.
         ("POST", "/reset_prefix_cache") => ok(json!({})),
         _ => Err(ApiError::status(404, format!("no route for {method} {url}"))),
@@ -251,7 +257,7 @@ fn weight_route<B: CustomGrad>(
     shared: &Shared,
     work: &Sender<Work<B>>,
     device: &B::Device,
-) -> Result<(u16, Reply), ApiError> {
+) -> Result<(u16, Value), ApiError> {
     if url == "/collective_rpc" {
         let request = parse_body::<RpcRequest>(body)?;
         if request.method != "reload_weights" {
@@ -261,7 +267,7 @@ fn weight_route<B: CustomGrad>(
             return Err(ApiError::bad("args", "reload_weights takes no arguments: it reloads the directory the server started with"));
         }
         reload(&shared.options.model, None, false, shared, work, device)?;
-        return Ok((200, Reply::Json(json!({ "results": [null] }))));
+        return Ok((200, json!({ "results": [null] })));
     }
     let request = parse_body::<ReloadRequest>(body)?;
     request.check()?;
@@ -269,30 +275,124 @@ fn weight_route<B: CustomGrad>(
     match reload(Path::new(&request.model_path), version, request.abort_all_requests == Some(true), shared, work, device) {
         Ok(version) => Ok((
             200,
-            Reply::Json(json!({
+            json!({
                 "success": true,
                 "message": format!("loaded {}", request.model_path),
                 "num_paused_requests": 0,
                 "weight_version": version,
-            })),
+            }),
         )),
-        Err(err) => Ok((err.status, Reply::Json(json!({ "success": false, "message": err.message, "num_paused_requests": 0 })))),
+        Err(err) => Ok((err.status, json!({ "success": false, "message": err.message, "num_paused_requests": 0 }))),
     }
 }
 
-/// Queues a request's jobs and renders what they produce.
-fn generate<B: CustomGrad>(planned: Planned, shared: &Shared, work: &Sender<Work<B>>) -> Result<(u16, Reply), ApiError> {
-    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-    let seq = shared.sequencer.next();
-    work.send(Work::Generate { seq, jobs: planned.jobs.clone(), reply: reply_tx })
-        .map_err(|_| ApiError::status(503, "the server is shutting down"))?;
-    let generated: Generated = match reply_rx.recv() {
-        Ok(Ok(generated)) => generated,
-        Ok(Err(message)) if message == worker::ABORTED => return Err(ApiError::status(503, message)),
-        Ok(Err(message)) => return Err(ApiError::status(500, message)),
-        Err(_) => return Err(ApiError::status(503, "the server is shutting down")),
+/// How often a request thread waiting for the worker looks whether its client is still there.
+const CLIENT_CHECK: Duration = Duration::from_millis(100);
+
+/// Queues a request's jobs and answers with what they produce: whole, or as events while
+/// they decode. The worker's first word decides the status, so a request that fails before
+/// its first token gets its own error status, streamed or not.
+fn generate<B: CustomGrad>(planned: &Planned, shared: &Shared, work: &Sender<Work<B>>, reply: tokio::sync::oneshot::Sender<Answer>) {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let (updates, from_worker) = crossbeam_channel::unbounded();
+    let stream_tokens = planned.stream && EventStream::streams_tokens(planned);
+    let generation =
+        Generation { seq: shared.sequencer.next(), jobs: planned.jobs.clone(), updates, stream_tokens, cancelled: Arc::clone(&cancelled) };
+    if work.send(Work::Generate(generation)).is_err() {
+        let _ = reply.send(Answer::error(&shutting_down()));
+        return;
+    }
+    let first = next_update(&from_worker, || reply.is_closed(), &cancelled).and_then(|update| match update {
+        Update::Done(Err(message)) => Err(worker_error(&message)),
+        update => Ok(update),
+    });
+    let first = match first {
+        Ok(update) => update,
+        Err(err) => {
+            let _ = reply.send(Answer::error(&err));
+            return;
+        }
     };
-    Ok((200, planned.render(&generated, &shared.served())))
+    let served = shared.served();
+    if !planned.stream {
+        let answer = match first {
+            Update::Done(Ok(generated)) => Answer::json(200, &planned.render(&generated, &served)),
+            _ => Answer::error(&ApiError::status(500, "the worker reported tokens of a request that does not stream")),
+        };
+        let _ = reply.send(answer);
+        return;
+    }
+    let (sink, events) = tokio::sync::mpsc::unbounded_channel();
+    if reply.send(Answer::events(events)).is_err() {
+        cancelled.store(true, Ordering::SeqCst);
+        return;
+    }
+    stream_events(EventStream::new(planned, &served), first, &from_worker, &sink, &cancelled);
+}
+
+/// Sends a streamed response's events as the worker's updates come, from `first` on, until
+/// the response is complete or fails, or its client goes away.
+fn stream_events(
+    mut events: EventStream,
+    first: Update,
+    from_worker: &Receiver<Update>,
+    sink: &tokio::sync::mpsc::UnboundedSender<hyper::body::Bytes>,
+    cancelled: &AtomicBool,
+) {
+    let send = |text: String| text.is_empty() || sink.send(hyper::body::Bytes::from(text)).is_ok();
+    let mut update = first;
+    let mut client_there = send(events.opening());
+    while client_there {
+        match update {
+            Update::Tokens(new) => client_there = send(events.tokens(&new)),
+            Update::Done(Ok(generated)) => {
+                send(events.finish(&generated));
+                return;
+            }
+            Update::Done(Err(message)) => {
+                send(EventStream::failure(&worker_error(&message)));
+                return;
+            }
+        }
+        update = match next_update(from_worker, || sink.is_closed(), cancelled) {
+            Ok(update) => update,
+            Err(err) => {
+                send(EventStream::failure(&err));
+                return;
+            }
+        };
+    }
+    cancelled.store(true, Ordering::SeqCst);
+}
+
+/// The worker's next update for a request; if the request's client goes away meanwhile
+/// (`gone`), the worker is told to drop the request and the wait ends.
+fn next_update(from_worker: &Receiver<Update>, gone: impl Fn() -> bool, cancelled: &AtomicBool) -> Result<Update, ApiError> {
+    loop {
+        match from_worker.recv_timeout(CLIENT_CHECK) {
+            Ok(update) => return Ok(update),
+            Err(RecvTimeoutError::Disconnected) => return Err(shutting_down()),
+            Err(RecvTimeoutError::Timeout) if gone() => {
+                cancelled.store(true, Ordering::SeqCst);
+                return Err(worker_error(worker::CANCELLED));
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// The API error of a worker's message.
+fn worker_error(message: &str) -> ApiError {
+    match message {
+        worker::ABORTED => ApiError::status(503, message),
+        // Nobody hears it: the client is gone (nginx's "client closed request").
+        worker::CANCELLED => ApiError::status(499, message),
+        _ => ApiError::status(500, message),
+    }
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::status(503, "the server is shutting down")
 }
 
 /// Loads `path` and swaps it in between two requests; returns the new version.
@@ -325,8 +425,8 @@ fn reload<B: CustomGrad>(
     }
     let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
     work.send(Work::Swap { swap: Box::new(Swap { model, version: version.clone(), path: path.to_path_buf() }), reply: reply_tx })
-        .map_err(|_| ApiError::status(503, "the server is shutting down"))?;
-    let old = reply_rx.recv().map_err(|_| ApiError::status(503, "the server is shutting down"))?;
+        .map_err(|_| shutting_down())?;
+    let old = reply_rx.recv().map_err(|_| shutting_down())?;
     tracing::info!(from = %old, to = %version, path = %path.display(), "weights swapped");
     Ok(version)
 }

@@ -202,6 +202,10 @@ pub struct BatchDecoder<'m, B: CustomGrad> {
     waiting: VecDeque<(usize, GroupRequest)>,
     /// The groups decoding, in the order of the cache's segments.
     running: Vec<Running>,
+    /// Ids of running groups to drop at the next step.
+    cancelled: Vec<usize>,
+    /// Cancelled groups that never started, returned by the next step.
+    dropped: Vec<(usize, Vec<Completion>)>,
     cache: BatchKv<B>,
     next: NextLogits<B>,
 }
@@ -215,7 +219,16 @@ impl<B: CustomGrad> std::fmt::Debug for BatchDecoder<'_, B> {
 impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
     pub fn new(model: &'m CausalLm<B>, options: BatchOptions) -> Self {
         let next = NextLogits::new(options.sample_on.on_device());
-        Self { model, options, waiting: VecDeque::new(), running: Vec::new(), cache: BatchKv::new(model.num_layers()), next }
+        Self {
+            model,
+            options,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            cancelled: Vec::new(),
+            dropped: Vec::new(),
+            cache: BatchKv::new(model.num_layers()),
+            next,
+        }
     }
 
     /// Queues a group; [`BatchDecoder::step`] returns it under `id` when it is done.
@@ -232,19 +245,45 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
 
     /// No group is waiting or decoding.
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty()
+        self.waiting.is_empty() && self.running.is_empty() && self.dropped.is_empty()
     }
 
     /// Groups queued or decoding.
     pub fn pending(&self) -> usize {
-        self.waiting.len() + self.running.len()
+        self.waiting.len() + self.running.len() + self.dropped.len()
+    }
+
+    /// The groups decoding, each with its completions so far in sample order (for streaming
+    /// tokens as they come; a completion's last token may be its stop token).
+    pub fn decoding(&self) -> impl Iterator<Item = (usize, &[Completion])> {
+        self.running.iter().map(|group| (group.id, group.completions.as_slice()))
+    }
+
+    /// Stops group `id`: its rows leave the batch at the next [`BatchDecoder::step`] (a
+    /// waiting group never starts), which returns it with the tokens it has (none, for a
+    /// group that had not started; the finish reason of an unfinished completion stays
+    /// `Length`). Returns false when no such group is waiting or decoding.
+    pub fn cancel(&mut self, id: usize) -> bool {
+        if let Some(at) = self.waiting.iter().position(|(waiting, _)| *waiting == id) {
+            if let Some((id, request)) = self.waiting.remove(at) {
+                let empty = Completion { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length };
+                self.dropped.push((id, vec![empty; request.samples]));
+            }
+            return true;
+        }
+        let running = self.running.iter().any(|group| group.id == id);
+        if running && !self.cancelled.contains(&id) {
+            self.cancelled.push(id);
+        }
+        running
     }
 
     /// Admits the waiting groups that fit, draws a token for every row, retires the rows
     /// and groups that are done, and computes the next logits of the rest. Returns the
     /// groups that finished, each with its completions in sample order.
     pub fn step(&mut self) -> Result<Vec<(usize, Vec<Completion>)>, ModelError> {
-        let mut done = self.admit()?;
+        let mut done = std::mem::take(&mut self.dropped);
+        done.extend(self.admit()?);
         let finished = self.sample()?;
         done.extend(self.retire(&finished));
         self.forward()?;
@@ -303,8 +342,15 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
         }
         let mut drawn = self.next.draw(work)?.into_iter();
         let mut finished = Vec::with_capacity(self.running.len());
+        let cancelled = std::mem::take(&mut self.cancelled);
         for group in &mut self.running {
             let mut slots = Vec::new();
+            if cancelled.contains(&group.id) {
+                // Its draws are dropped and all its rows leave.
+                drawn.by_ref().take(group.rows.len()).for_each(drop);
+                finished.push((0..group.rows.len()).collect());
+                continue;
+            }
             for (slot, row) in group.rows.iter().enumerate() {
                 let Some((token, logprob)) = drawn.next() else { break };
                 let completion = &mut group.completions[row.sample];
@@ -385,4 +431,54 @@ pub fn generate_groups<B: CustomGrad>(
         }
     }
     Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::checkpoint::RandomInit;
+    use crate::model::{Architecture, ModelConfig};
+    use longrl_backends::Cpu;
+
+    fn sampling(seed: u64) -> SamplingConfig {
+        SamplingConfig { temperature: 1.0, max_new_tokens: 6, seed, ..SamplingConfig::default() }
+    }
+
+    #[test]
+    fn cancelled_groups_leave_at_the_next_step_and_the_rest_decode_as_without_them() {
+        let config = ModelConfig::tiny(Architecture::Qwen2, 64, 32, 2, 4, 2, 64);
+        let model = CausalLm::<Cpu>::build(&config, &mut RandomInit::new(5, 0.3), &Default::default()).expect("builds");
+        let groups = [
+            GroupRequest::group(vec![1, 2, 3], 2, sampling(1)),
+            GroupRequest::group(vec![4, 5], 2, sampling(2)),
+            GroupRequest::group(vec![6], 3, sampling(3)),
+        ];
+        // Four rows at most: the third group waits while the first two decode.
+        let options = BatchOptions { max_rows: 4, sample_on: SampleOn::Host };
+        let mut decoder = BatchDecoder::new(&model, options);
+        for (id, group) in groups.iter().enumerate() {
+            decoder.submit(id, group.clone()).expect("queued");
+        }
+        assert!(decoder.step().expect("steps").is_empty());
+        let so_far: Vec<(usize, Vec<usize>)> = decoder.decoding().map(|(id, c)| (id, c.iter().map(|c| c.tokens.len()).collect())).collect();
+        assert_eq!(so_far, vec![(0, vec![1, 1]), (1, vec![1, 1])], "one token per row of the groups decoding");
+        let first_tokens: Vec<u32> = decoder.decoding().find(|(id, _)| *id == 1).expect("group 1").1.iter().map(|c| c.tokens[0]).collect();
+        assert!(decoder.cancel(1) && decoder.cancel(2) && !decoder.cancel(7));
+        let done = decoder.step().expect("steps");
+        let ids: Vec<usize> = done.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![2, 1], "both cancelled groups come back at once");
+        assert!(done[0].1.iter().all(|c| c.tokens.is_empty()), "a group cancelled while waiting has no tokens");
+        assert_eq!(
+            done[1].1.iter().map(|c| c.tokens.clone()).collect::<Vec<_>>(),
+            first_tokens.iter().map(|&t| vec![t]).collect::<Vec<_>>()
+        );
+        let mut rest = Vec::new();
+        while !decoder.is_idle() {
+            rest.extend(decoder.step().expect("steps"));
+        }
+        assert_eq!(rest.len(), 1);
+        let alone = generate_groups(&model, vec![groups[0].clone()], options).expect("generates");
+        assert_eq!(rest[0].0, 0);
+        assert_eq!(rest[0].1.iter().map(|c| &c.tokens).collect::<Vec<_>>(), alone[0].iter().map(|c| &c.tokens).collect::<Vec<_>>());
+    }
 }

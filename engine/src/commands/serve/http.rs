@@ -3,20 +3,23 @@
 //! gets a 408 or is disconnected, and a kept-alive connection idle that long is closed), a
 //! reply the client stops reading is cut off once no byte of it has gone out for that long,
 //! open connections are capped, and bodies are capped. Answering is handed to the request threads
-//! as whole requests: those threads never touch a socket, so a slow client holds none of them.
+//! as whole requests: those threads never touch a socket, so a slow client holds none of them
+//! (a streamed reply's events reach the connection through a channel).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::protocol::ApiError;
 
@@ -32,18 +35,60 @@ pub struct Call {
     pub reply: oneshot::Sender<Answer>,
 }
 
-/// A whole reply.
+/// A reply: its status, then its body whole or as events while they come.
 pub struct Answer {
     /// The HTTP status.
     pub status: u16,
     pub content_type: &'static str,
-    pub bytes: Vec<u8>,
+    pub body: ReplyBody,
 }
 
 impl Answer {
+    /// A JSON body.
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        Self { status, content_type: "application/json", body: ReplyBody::Whole(Some(Bytes::from(value.to_string()))) }
+    }
+
     /// The OpenAI error body of `err`, with its status.
     pub fn error(err: &ApiError) -> Self {
-        Self { status: err.status, content_type: "application/json", bytes: err.body().to_string().into_bytes() }
+        Self::json(err.status, &err.body())
+    }
+
+    /// A server-sent event stream (status 200) whose text arrives through `events`; it ends
+    /// when their sender is dropped.
+    pub fn events(events: mpsc::UnboundedReceiver<Bytes>) -> Self {
+        Self { status: 200, content_type: "text/event-stream", body: ReplyBody::Events(events) }
+    }
+}
+
+/// A reply's body: whole (sent with its length), or events as the request thread sends them
+/// (chunked).
+pub enum ReplyBody {
+    Whole(Option<Bytes>),
+    Events(mpsc::UnboundedReceiver<Bytes>),
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ReplyBody::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ReplyBody::Events(events) => events.poll_recv(cx).map(|text| text.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ReplyBody::Whole(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplyBody::Whole(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            ReplyBody::Whole(None) => SizeHint::with_exact(0),
+            ReplyBody::Events(_) => SizeHint::default(),
+        }
     }
 }
 
@@ -178,7 +223,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, calls: Sender<Call>, li
 }
 
 /// Reads a request whole, has a request thread answer it and returns the answer.
-async fn answer(request: Request<Incoming>, calls: &Sender<Call>, limits: Limits) -> Response<Full<Bytes>> {
+async fn answer(request: Request<Incoming>, calls: &Sender<Call>, limits: Limits) -> Response<ReplyBody> {
     let method = request.method().to_string();
     let url = request.uri().path().to_string();
     let answer = match read_body(request, limits).await {
@@ -191,9 +236,14 @@ async fn answer(request: Request<Incoming>, calls: &Sender<Call>, limits: Limits
         }
         Err(err) => Answer::error(&err),
     };
-    let mut response = Response::new(Full::new(Bytes::from(answer.bytes)));
+    let streamed = matches!(answer.body, ReplyBody::Events(_));
+    let mut response = Response::new(answer.body);
     *response.status_mut() = hyper::StatusCode::from_u16(answer.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(answer.content_type));
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(answer.content_type));
+    if streamed {
+        headers.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-cache"));
+    }
     response
 }
 

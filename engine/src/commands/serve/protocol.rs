@@ -19,6 +19,9 @@ use serde_json::{Map, Value, json};
 
 use super::worker::{GenJob, GenOutput, Generated, PositionLogprob};
 
+mod events;
+pub use events::EventStream;
+
 /// Most alternatives a request may ask for per token (vLLM's default limit).
 pub const MAX_LOGPROBS: usize = 20;
 /// Most prompts in one completions request.
@@ -629,6 +632,21 @@ struct Choice {
     stop_reason: Value,
 }
 
+/// Tokens with their log-probs and alternatives (rows of a choice, or one streamed token).
+#[derive(Debug, Clone, Copy)]
+struct Scored<'c> {
+    tokens: &'c [u32],
+    logprobs: &'c [f32],
+    /// Per token, its alternatives (may be shorter than `tokens`: none asked for).
+    top: &'c [Vec<(u32, f32)>],
+}
+
+impl Choice {
+    fn scored(&self) -> Scored<'_> {
+        Scored { tokens: &self.tokens, logprobs: &self.logprobs, top: &self.top }
+    }
+}
+
 /// Applies stop tokens and stop strings to a completion.
 fn finish_choice(completion: &Completion, top: &[Vec<(u32, f32)>], rendering: &Rendering, served: &Served) -> Choice {
     let mut tokens = completion.tokens.clone();
@@ -671,14 +689,6 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     json!({ "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens })
 }
 
-/// What a request's handler sends back.
-#[derive(Debug, Clone)]
-pub enum Reply {
-    Json(Value),
-    /// A server-sent event stream: `data: ...` chunks, then `data: [DONE]`.
-    Events(String),
-}
-
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -703,7 +713,7 @@ struct CompletionKind {
 
 impl Planned {
     /// The response to the request from what its jobs produced.
-    pub fn render(&self, generated: &Generated, served: &Served) -> Reply {
+    pub fn render(&self, generated: &Generated, served: &Served) -> Value {
         let mut choices = Vec::new();
         for (job, output) in self.jobs.iter().zip(&generated.outputs) {
             for (completion, top) in output.completions.iter().zip(&output.top) {
@@ -721,15 +731,9 @@ impl Planned {
         match self.kind {
             Kind::Completion { logprobs, echo, prompt_logprobs, tokens_as_ids } => {
                 let kind = CompletionKind { logprobs, echo, prompt_logprobs, tokens_as_ids };
-                if self.stream { self.completion_events(&out, kind, served) } else { self.completion_json(out, kind, served) }
+                self.completion_json(out, kind, served)
             }
-            Kind::Chat { logprobs, top_logprobs } => {
-                if self.stream {
-                    self.chat_events(&out, logprobs, top_logprobs, served)
-                } else {
-                    self.chat_json(out, logprobs, top_logprobs, served)
-                }
-            }
+            Kind::Chat { logprobs, top_logprobs } => self.chat_json(out, logprobs, top_logprobs, served),
         }
     }
 
@@ -738,49 +742,8 @@ impl Planned {
         json!({ "id": format!("cmpl-{}", self.rendering.id), "object": "text_completion", "created": out.created, "model": served.name, "choices": choices })
     }
 
-    /// A streamed completions response: per choice, a chunk per token that adds text, then
-    /// one with the finish reason; the usage chunk if asked for; `[DONE]`.
-    fn completion_events(&self, out: &Rendered, kind: CompletionKind, served: &Served) -> Reply {
-        let r = &self.rendering;
-        let mut events = String::new();
-        for (index, (job, output, choice)) in out.choices.iter().enumerate() {
-            let echo_text = kind.echo.then(|| served.decode(&job.prompt, r.skip_special));
-            // The text offset of the next token, kept as the tokens go (not summed again per chunk).
-            let mut text_at = 0;
-            for (delta, k) in
-                text_deltas(&choice.tokens, &choice.text, echo_text.as_deref(), served.tokenizer.tokenizer.inner(), r.skip_special)
-            {
-                let mut entry = json!({ "index": index, "text": delta, "logprobs": null, "finish_reason": null });
-                if let (Some(top), Some(at)) = (kind.logprobs, k) {
-                    entry["logprobs"] = completion_logprobs(choice, at..at + 1, top, kind.tokens_as_ids, served, text_at);
-                    text_at += served.decode(&[choice.tokens[at]], false).chars().count();
-                }
-                if r.return_token_ids {
-                    entry["token_ids"] = json!(k.map(|at| vec![choice.tokens[at]]).unwrap_or_default());
-                    if k.is_none() || k == Some(0) {
-                        entry["prompt_token_ids"] = json!(job.prompt);
-                    }
-                }
-                push_event(&mut events, &self.completion_base(out, vec![entry], served));
-            }
-            let mut last =
-                json!({ "index": index, "text": "", "logprobs": null, "finish_reason": choice.finish, "stop_reason": choice.stop_reason });
-            if kind.prompt_logprobs {
-                last["prompt_logprobs"] = prompt_logprobs_json(output, served);
-            }
-            push_event(&mut events, &self.completion_base(out, vec![last], served));
-        }
-        let usage_chunk = r.include_usage.then(|| {
-            let mut chunk = self.completion_base(out, Vec::new(), served);
-            chunk["usage"] = out.usage.clone();
-            chunk
-        });
-        finish_events(&mut events, usage_chunk);
-        Reply::Events(events)
-    }
-
     /// A whole completions response.
-    fn completion_json(&self, out: Rendered, kind: CompletionKind, served: &Served) -> Reply {
+    fn completion_json(&self, out: Rendered, kind: CompletionKind, served: &Served) -> Value {
         let r = &self.rendering;
         let rendered: Vec<Value> = out
             .choices
@@ -796,8 +759,14 @@ impl Planned {
                     "stop_reason": choice.stop_reason,
                 });
                 if let Some(top) = kind.logprobs {
-                    let mut object =
-                        completion_logprobs(choice, 0..choice.tokens.len(), top, kind.tokens_as_ids, served, prompt_text.chars().count());
+                    let mut object = completion_logprobs(
+                        choice.scored(),
+                        0..choice.tokens.len(),
+                        top,
+                        kind.tokens_as_ids,
+                        served,
+                        prompt_text.chars().count(),
+                    );
                     if kind.echo {
                         object = with_echoed_prompt(object, job, output, kind.tokens_as_ids, served);
                     }
@@ -816,47 +785,11 @@ impl Planned {
         let mut body = self.completion_base(&out, rendered, served);
         body["usage"] = out.usage;
         body["metadata"] = out.metadata;
-        Reply::Json(body)
-    }
-
-    /// A streamed chat response: per choice, the role, a chunk per token that adds text,
-    /// then one with the finish reason; the usage chunk if asked for; `[DONE]`.
-    fn chat_events(&self, out: &Rendered, logprobs: bool, top_logprobs: usize, served: &Served) -> Reply {
-        let r = &self.rendering;
-        let base = |choices: Vec<Value>| json!({ "id": format!("chatcmpl-{}", r.id), "object": "chat.completion.chunk", "created": out.created, "model": served.name, "choices": choices });
-        let mut events = String::new();
-        for (index, (job, _, choice)) in out.choices.iter().enumerate() {
-            let mut first =
-                json!({ "index": index, "delta": { "role": "assistant", "content": "" }, "logprobs": null, "finish_reason": null });
-            if r.return_token_ids {
-                first["prompt_token_ids"] = json!(job.prompt);
-            }
-            push_event(&mut events, &base(vec![first]));
-            for (delta, k) in text_deltas(&choice.tokens, &choice.text, None, served.tokenizer.tokenizer.inner(), r.skip_special) {
-                let mut entry = json!({ "index": index, "delta": { "content": delta }, "logprobs": null, "finish_reason": null });
-                if let (true, Some(at)) = (logprobs, k) {
-                    entry["logprobs"] = json!({ "content": chat_logprobs(choice, at..at + 1, top_logprobs, served) });
-                }
-                if r.return_token_ids {
-                    entry["token_ids"] = json!(k.map(|at| vec![choice.tokens[at]]).unwrap_or_default());
-                }
-                push_event(&mut events, &base(vec![entry]));
-            }
-            let last =
-                json!({ "index": index, "delta": {}, "logprobs": null, "finish_reason": choice.finish, "stop_reason": choice.stop_reason });
-            push_event(&mut events, &base(vec![last]));
-        }
-        let usage_chunk = r.include_usage.then(|| {
-            let mut chunk = base(Vec::new());
-            chunk["usage"] = out.usage.clone();
-            chunk
-        });
-        finish_events(&mut events, usage_chunk);
-        Reply::Events(events)
+        body
     }
 
     /// A whole chat response.
-    fn chat_json(&self, out: Rendered, logprobs: bool, top_logprobs: usize, served: &Served) -> Reply {
+    fn chat_json(&self, out: Rendered, logprobs: bool, top_logprobs: usize, served: &Served) -> Value {
         let r = &self.rendering;
         let rendered: Vec<Value> = out
             .choices
@@ -871,7 +804,7 @@ impl Planned {
                     "stop_reason": choice.stop_reason,
                 });
                 if logprobs {
-                    entry["logprobs"] = json!({ "content": chat_logprobs(choice, 0..choice.tokens.len(), top_logprobs, served) });
+                    entry["logprobs"] = json!({ "content": chat_logprobs(choice.scored(), 0..choice.tokens.len(), top_logprobs, served) });
                 }
                 if r.return_token_ids {
                     entry["token_ids"] = json!(choice.tokens);
@@ -886,74 +819,13 @@ impl Planned {
         if r.return_token_ids {
             body["prompt_token_ids"] = json!(self.jobs[0].prompt);
         }
-        Reply::Json(body)
+        body
     }
-}
-
-fn push_event(events: &mut String, chunk: &Value) {
-    events.push_str("data: ");
-    events.push_str(&chunk.to_string());
-    events.push_str("\n\n");
-}
-
-fn finish_events(events: &mut String, usage_chunk: Option<Value>) {
-    if let Some(chunk) = usage_chunk {
-        push_event(events, &chunk);
-    }
-    events.push_str("data: [DONE]\n\n");
-}
-
-/// Tokens a stream may go without a piece of text (special tokens skipped, bytes of one
-/// character) before the rest of its text is sent whole with the last token: the tokenizer's
-/// stream decodes every token it holds back again, so this bounds the work per token.
-const MAX_TOKENS_WITHOUT_TEXT: usize = 64;
-
-/// The text of a choice in pieces, one per token where a token adds text (with the index of
-/// that token), so the pieces join to `text`; `echo` comes first, without a token. The
-/// pieces come from the tokenizer's incremental decoder (each token decoded with the few
-/// before it, not the whole prefix again); once a piece is not how `text` goes on (text cut at
-/// a stop string, a tokenizer whose text depends on more context) or too many tokens add no
-/// text, the rest of `text` goes with the last token.
-fn text_deltas(
-    tokens: &[u32],
-    text: &str,
-    echo: Option<&str>,
-    tokenizer: &tokenizers::Tokenizer,
-    skip_special: bool,
-) -> Vec<(String, Option<usize>)> {
-    let mut out = Vec::with_capacity(tokens.len() + 1);
-    if let Some(prompt) = echo {
-        out.push((prompt.to_string(), None));
-    }
-    let mut stream = tokenizer.decode_stream(skip_special);
-    let (mut sent, mut quiet, mut streaming) = (0usize, 0usize, true);
-    for (k, &id) in tokens.iter().enumerate() {
-        let mut delta = String::new();
-        if streaming {
-            match stream.step(id) {
-                Ok(Some(piece)) if text[sent..].starts_with(piece.as_str()) => {
-                    delta = piece;
-                    quiet = 0;
-                }
-                Ok(None) if quiet < MAX_TOKENS_WITHOUT_TEXT => quiet += 1,
-                _ => streaming = false,
-            }
-        }
-        sent += delta.len();
-        out.push((delta, Some(k)));
-    }
-    if sent < text.len() {
-        match out.last_mut() {
-            Some((delta, _)) => delta.push_str(&text[sent..]),
-            None => out.push((text[sent..].to_string(), None)),
-        }
-    }
-    out
 }
 
 /// The completions API's `logprobs` object for tokens `range` of a choice, whose first
 /// token starts at character `start` of the text.
-fn completion_logprobs(choice: &Choice, range: std::ops::Range<usize>, k: usize, as_ids: bool, served: &Served, start: usize) -> Value {
+fn completion_logprobs(choice: Scored, range: std::ops::Range<usize>, k: usize, as_ids: bool, served: &Served, start: usize) -> Value {
     let mut tokens = Vec::new();
     let mut token_logprobs = Vec::new();
     let mut top_logprobs = Vec::new();
@@ -1026,7 +898,7 @@ fn prompt_logprobs_json(output: &GenOutput, served: &Served) -> Value {
 }
 
 /// The chat API's `logprobs.content` for tokens `range` of a choice.
-fn chat_logprobs(choice: &Choice, range: std::ops::Range<usize>, k: usize, served: &Served) -> Vec<Value> {
+fn chat_logprobs(choice: Scored, range: std::ops::Range<usize>, k: usize, served: &Served) -> Vec<Value> {
     let item = |id: u32, logprob: f32| {
         let token = served.decode(&[id], false);
         json!({ "token": token, "logprob": logprob, "bytes": token.as_bytes() })
@@ -1125,52 +997,6 @@ mod tests {
         let mut problems = Vec::new();
         sampling_problems(&fine, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
-    }
-
-    /// The pieces by decoding every prefix again: the reference for the incremental ones.
-    fn deltas_by_prefixes(tokens: &[u32], text: &str, tokenizer: &tokenizers::Tokenizer, skip_special: bool) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut sent = 0usize;
-        for k in 0..tokens.len() {
-            let prefix = tokenizer.decode(&tokens[..=k], skip_special).expect("decodes");
-            let upto = if text.starts_with(&prefix) { prefix.len() } else { sent };
-            let delta = if upto > sent && text.is_char_boundary(upto) { text[sent..upto].to_string() } else { String::new() };
-            sent += delta.len();
-            out.push(delta);
-        }
-        if let Some(last) = out.last_mut() {
-            last.push_str(&text[sent..]);
-        }
-        out
-    }
-
-    #[test]
-    fn streamed_pieces_are_those_of_decoding_every_prefix() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for file in ["examples/models/tiny/tokenizer.json", "examples/tokenizers/qwen2.5/tokenizer.json"] {
-            let tokenizer = tokenizers::Tokenizer::from_file(root.join(file)).expect("tokenizer");
-            let sample = "Zürich – 東京 ✓ is kept in <|im_end|> Oslo, 42% of 7.5 km. 🙂🙂 end";
-            let tokens = tokenizer.encode(sample, false).expect("encodes").get_ids().to_vec();
-            for skip_special in [false, true] {
-                let text = tokenizer.decode(&tokens, skip_special).expect("decodes");
-                let pieces: Vec<String> =
-                    text_deltas(&tokens, &text, None, &tokenizer, skip_special).into_iter().map(|(piece, _)| piece).collect();
-                assert_eq!(pieces, deltas_by_prefixes(&tokens, &text, &tokenizer, skip_special), "{file}, skip {skip_special}");
-                assert!(pieces.iter().filter(|p| !p.is_empty()).count() > tokens.len() / 2, "{file}: streamed token by token");
-                // Text cut at a stop string: the pieces still join to it.
-                let cut = &text[..text.find("Oslo").expect("in the text")];
-                let joined: String =
-                    text_deltas(&tokens, cut, Some("echo "), &tokenizer, skip_special).into_iter().map(|(p, _)| p).collect();
-                assert_eq!(joined, format!("echo {cut}"));
-            }
-            // A long run of skipped special tokens, then text: everything arrives, at the end.
-            let end = tokenizer.token_to_id("<|im_end|>").expect("special token");
-            let mut tokens: Vec<u32> = vec![end; 3 * MAX_TOKENS_WITHOUT_TEXT];
-            tokens.extend(tokenizer.encode("then words", false).expect("encodes").get_ids());
-            let text = tokenizer.decode(&tokens, true).expect("decodes");
-            let joined: String = text_deltas(&tokens, &text, None, &tokenizer, true).into_iter().map(|(p, _)| p).collect();
-            assert_eq!(joined, text);
-        }
     }
 
     #[test]

@@ -10,9 +10,14 @@
 //! group's rows going to a waiting one). A sample draws from its own seeded stream, so it
 //! gets the same tokens whatever decodes beside it. A weight swap splits the batch where
 //! it stands.
+//!
+//! A request that streams hears of its tokens after every decoding step ([`Update::Tokens`]);
+//! one whose client went away, or that a weight update aborted, has its groups dropped from
+//! the batch at the next step, while the other requests decode on.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use crossbeam_channel::{Receiver, Sender};
@@ -68,9 +73,42 @@ pub struct Swap<B: CustomGrad> {
     pub path: PathBuf,
 }
 
-/// Work for the worker. `seq` orders work for `abort_all_requests`.
+/// Tokens one sample of a streamed request drew since the last report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTokens {
+    /// The job (prompt) of the request, and the sample of its group.
+    pub job: usize,
+    pub sample: usize,
+    /// The index in the sample's completion of the first of `tokens`.
+    pub from: usize,
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+}
+
+/// What the worker tells a request: its tokens as they come (when it streams them), then
+/// its outcome.
+#[derive(Debug)]
+pub enum Update {
+    Tokens(Vec<NewTokens>),
+    Done(Result<Generated, String>),
+}
+
+/// A request's generation, queued for the worker.
+#[derive(Debug)]
+pub struct Generation {
+    /// Orders work for `abort_all_requests`.
+    pub seq: u64,
+    pub jobs: Vec<GenJob>,
+    pub updates: Sender<Update>,
+    /// Report tokens after every decoding step.
+    pub stream_tokens: bool,
+    /// Set when the request's client went away: its groups stop at the next step.
+    pub cancelled: Arc<AtomicBool>,
+}
+
+/// Work for the worker.
 pub enum Work<B: CustomGrad> {
-    Generate { seq: u64, jobs: Vec<GenJob>, reply: Sender<Result<Generated, String>> },
+    Generate(Generation),
     Swap { swap: Box<Swap<B>>, reply: Sender<String> },
 }
 
@@ -101,6 +139,9 @@ impl Sequencer {
 /// The message of work a weight update aborted.
 pub const ABORTED: &str = "aborted by a weight update (abort_all_requests)";
 
+/// The message of work whose client went away.
+pub const CANCELLED: &str = "cancelled: the client went away";
+
 /// How the worker has batched so far (for `/health`).
 #[derive(Debug, Default)]
 pub struct BatchStats {
@@ -112,6 +153,8 @@ pub struct BatchStats {
     pub groups: AtomicU64,
     /// The most groups one batch held.
     pub largest: AtomicU64,
+    /// Requests dropped because their client went away.
+    pub cancelled: AtomicU64,
 }
 
 impl BatchStats {
@@ -129,15 +172,9 @@ impl BatchStats {
             "requests": self.requests.load(Ordering::SeqCst),
             "groups": self.groups.load(Ordering::SeqCst),
             "largest_batch_groups": self.largest.load(Ordering::SeqCst),
+            "cancelled_requests": self.cancelled.load(Ordering::SeqCst),
         })
     }
-}
-
-/// A generation request waiting for its batch.
-struct Pending {
-    seq: u64,
-    jobs: Vec<GenJob>,
-    reply: Sender<Result<Generated, String>>,
 }
 
 /// Runs queued work until every sender is gone, decoding with `options`. `on_swap` hears of
@@ -153,10 +190,10 @@ pub fn run<B: CustomGrad>(
 ) {
     while let Ok(first) = work.recv() {
         // Everything queued now is one batch; a swap inside it splits it where it stands.
-        let mut pending: Vec<Pending> = Vec::new();
+        let mut pending: Vec<Generation> = Vec::new();
         for item in std::iter::once(first).chain(work.try_iter()) {
             match item {
-                Work::Generate { seq, jobs, reply } => pending.push(Pending { seq, jobs, reply }),
+                Work::Generate(generation) => pending.push(generation),
                 Work::Swap { swap, reply } => {
                     generate_batch(&model, &version, std::mem::take(&mut pending), options, sequencer, stats);
                     let old = std::mem::replace(&mut version, swap.version);
@@ -176,20 +213,23 @@ pub fn run<B: CustomGrad>(
 fn generate_batch<B: CustomGrad>(
     model: &CausalLm<B>,
     version: &str,
-    requests: Vec<Pending>,
+    requests: Vec<Generation>,
     options: BatchOptions,
     sequencer: &Sequencer,
     stats: &BatchStats,
 ) {
     // The requester may have gone (client closed the connection): sends ignore that.
-    let live: Vec<Pending> = requests
+    let live: Vec<Generation> = requests
         .into_iter()
         .filter_map(|request| {
-            if sequencer.aborted(request.seq) {
-                let _ = request.reply.send(Err(ABORTED.to_string()));
-                return None;
+            let stopped = stop_reason(&request, sequencer);
+            if let Some(why) = stopped {
+                if why == CANCELLED {
+                    stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                }
+                let _ = request.updates.send(Update::Done(Err(why.to_string())));
             }
-            Some(request)
+            stopped.is_none().then_some(request)
         })
         .collect();
     if live.is_empty() {
@@ -199,7 +239,12 @@ fn generate_batch<B: CustomGrad>(
     stats.record(live.len(), groups);
     for ((request, completions), error) in live.into_iter().zip(decoded).zip(errors.iter_mut()) {
         let result = match error.take() {
-            Some(error) => Err(error),
+            Some(error) => {
+                if error == CANCELLED {
+                    stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(error)
+            }
             None => request
                 .jobs
                 .iter()
@@ -208,7 +253,18 @@ fn generate_batch<B: CustomGrad>(
                 .collect::<Result<Vec<_>, _>>()
                 .map(|outputs| Generated { outputs, weights_version: version.to_string() }),
         };
-        let _ = request.reply.send(result);
+        let _ = request.updates.send(Update::Done(result));
+    }
+}
+
+/// Why a request stops before it is done: a weight update aborted it, or its client went.
+fn stop_reason(request: &Generation, sequencer: &Sequencer) -> Option<&'static str> {
+    if sequencer.aborted(request.seq) {
+        Some(ABORTED)
+    } else if request.cancelled.load(Ordering::SeqCst) {
+        Some(CANCELLED)
+    } else {
+        None
     }
 }
 
@@ -218,11 +274,12 @@ type BatchCompletions = Vec<Vec<Vec<Completion>>>;
 /// Every request's groups decoded in one [`BatchDecoder`]: per request, each job's
 /// completions and the request's error if one of its groups failed; and how many groups
 /// the batch took. A failed decoding step fails only the requests with groups still
-/// decoding; once a weight update has aborted every such request, decoding stops and
-/// they are answered [`ABORTED`].
+/// decoding. Before every step, the groups of requests a weight update aborted or whose
+/// client went away leave the batch (those requests are answered [`ABORTED`] or
+/// [`CANCELLED`]); after it, requests that stream hear of their new tokens.
 fn decode_together<B: CustomGrad>(
     model: &CausalLm<B>,
-    requests: &[Pending],
+    requests: &[Generation],
     options: BatchOptions,
     sequencer: &Sequencer,
 ) -> (BatchCompletions, Vec<Option<String>>, usize) {
@@ -246,25 +303,43 @@ fn decode_together<B: CustomGrad>(
         }
     }
     let submitted = unfinished.iter().sum();
-    let still_decoding = |unfinished: &[usize]| (0..requests.len()).filter(|&r| unfinished[r] > 0).collect::<Vec<_>>();
+    let mut reports = TokenReports::new(owners.len());
+    let mut stopped = vec![false; requests.len()];
     while !decoder.is_idle() {
-        let waiting = still_decoding(&unfinished);
-        if !waiting.is_empty() && waiting.iter().all(|&r| sequencer.aborted(requests[r].seq)) {
-            for r in waiting {
-                errors[r] = Some(ABORTED.to_string());
+        for (r, request) in requests.iter().enumerate() {
+            if unfinished[r] == 0 || stopped[r] {
+                continue;
             }
-            break;
+            if let Some(why) = stop_reason(request, sequencer) {
+                stopped[r] = true;
+                errors[r] = Some(why.to_string());
+                owners.iter().enumerate().filter(|(_, owner)| owner.0 == r).for_each(|(id, _)| {
+                    decoder.cancel(id);
+                });
+            }
         }
         match decoder.step() {
             Ok(done) => {
+                let mut new_tokens: Vec<Vec<NewTokens>> = vec![Vec::new(); requests.len()];
                 for (id, completions) in done {
                     let (r, j) = owners[id];
+                    reports.collect(id, j, &completions, &mut new_tokens[r]);
                     decoded[r][j] = completions;
                     unfinished[r] -= 1;
                 }
+                for (id, completions) in decoder.decoding() {
+                    let (r, j) = owners[id];
+                    reports.collect(id, j, completions, &mut new_tokens[r]);
+                }
+                for ((request, new), stopped) in requests.iter().zip(new_tokens).zip(&stopped) {
+                    if request.stream_tokens && !stopped && !new.is_empty() && request.updates.send(Update::Tokens(new)).is_err() {
+                        // Nobody listens any more: the client went away.
+                        request.cancelled.store(true, Ordering::SeqCst);
+                    }
+                }
             }
             Err(e) => {
-                for r in still_decoding(&unfinished) {
+                for r in (0..requests.len()).filter(|&r| unfinished[r] > 0) {
                     errors[r].get_or_insert_with(|| e.to_string());
                 }
                 break;
@@ -272,6 +347,37 @@ fn decode_together<B: CustomGrad>(
         }
     }
     (decoded, errors, submitted)
+}
+
+/// How many tokens of each sample of each group were reported, so that each report carries
+/// only the new ones.
+struct TokenReports {
+    /// Per decoder id, per sample.
+    reported: Vec<Vec<usize>>,
+}
+
+impl TokenReports {
+    fn new(groups: usize) -> Self {
+        Self { reported: vec![Vec::new(); groups] }
+    }
+
+    /// Adds the tokens of group `id` (job `job` of its request) not reported yet to `out`.
+    fn collect(&mut self, id: usize, job: usize, completions: &[Completion], out: &mut Vec<NewTokens>) {
+        let reported = &mut self.reported[id];
+        reported.resize(completions.len(), 0);
+        for (sample, (completion, from)) in completions.iter().zip(reported.iter_mut()).enumerate() {
+            if completion.tokens.len() > *from {
+                out.push(NewTokens {
+                    job,
+                    sample,
+                    from: *from,
+                    tokens: completion.tokens[*from..].to_vec(),
+                    logprobs: completion.logprobs[*from..].to_vec(),
+                });
+                *from = completion.tokens.len();
+            }
+        }
+    }
 }
 
 /// One group's output: its completions and the log-probs asked for beside them.
@@ -380,11 +486,31 @@ mod tests {
         GenJob { prompt, n, sampling, top_logprobs: 0, prompt_logprobs: None }
     }
 
-    /// Queues a generation request; returns where its reply arrives.
-    fn queue(work: &Sender<Work<Cpu>>, seq: u64, jobs: Vec<GenJob>) -> Receiver<Result<Generated, String>> {
-        let (reply, answer) = crossbeam_channel::bounded(1);
-        work.send(Work::Generate { seq, jobs, reply }).expect("queued");
+    /// Queues a generation request; returns where its updates arrive.
+    fn queue(work: &Sender<Work<Cpu>>, seq: u64, jobs: Vec<GenJob>) -> Receiver<Update> {
+        queue_streamed(work, seq, jobs, false, Arc::default())
+    }
+
+    fn queue_streamed(
+        work: &Sender<Work<Cpu>>,
+        seq: u64,
+        jobs: Vec<GenJob>,
+        stream_tokens: bool,
+        cancelled: Arc<AtomicBool>,
+    ) -> Receiver<Update> {
+        let (updates, answer) = crossbeam_channel::unbounded();
+        work.send(Work::Generate(Generation { seq, jobs, updates, stream_tokens, cancelled })).expect("queued");
         answer
+    }
+
+    /// A request's outcome, past any token reports.
+    fn outcome(updates: &Receiver<Update>) -> Result<Generated, String> {
+        loop {
+            match updates.recv().expect("answered") {
+                Update::Done(result) => return result,
+                Update::Tokens(_) => {}
+            }
+        }
     }
 
     #[test]
@@ -410,8 +536,8 @@ mod tests {
             });
             run(model, "v1".into(), received, BatchOptions::default(), &sequencer, &stats, |_, _| {});
         });
-        assert_eq!(early.recv().expect("answered").expect_err("aborted"), ABORTED);
-        assert_eq!(decoding.recv().expect("answered").expect_err("aborted"), ABORTED);
+        assert_eq!(outcome(&early).expect_err("aborted"), ABORTED);
+        assert_eq!(outcome(&decoding).expect_err("aborted"), ABORTED);
     }
 
     #[test]
@@ -436,7 +562,7 @@ mod tests {
         assert_eq!(stats.requests.load(Ordering::SeqCst), 4);
         assert_eq!(stats.largest.load(Ordering::SeqCst), 4);
         assert_eq!(swapped.recv().expect("swap answered"), "v1");
-        let err = bad.recv().expect("answered").expect_err("an empty prompt");
+        let err = outcome(&bad).expect_err("an empty prompt");
         assert!(err.contains("empty prompt"), "{err}");
         let alone = |model: &CausalLm<Cpu>, job: &GenJob| generate_group(model, &job.prompt, job.n, &job.sampling).expect("group");
         for (answer, jobs, version, weights) in [
@@ -444,7 +570,7 @@ mod tests {
             (third, vec![job(vec![4, 4, 4, 4], 4, 5)], "v1", tiny_model(7)),
             (fourth, vec![job(vec![1, 2, 3], 3, 1)], "v2", tiny_model(8)),
         ] {
-            let generated = answer.recv().expect("answered").expect("generated");
+            let generated = outcome(&answer).expect("generated");
             assert_eq!(generated.weights_version, version);
             assert_eq!(generated.outputs.len(), jobs.len());
             for (output, job) in generated.outputs.iter().zip(&jobs) {
@@ -459,6 +585,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn streamed_tokens_add_up_to_the_completions_and_a_cancelled_request_leaves_the_batch() {
+        let model = tiny_model(7);
+        let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
+        let jobs = vec![job(vec![1, 2, 3], 3, 1), job(vec![9, 8], 2, 2)];
+        let streamed = queue_streamed(&work, 1, jobs.clone(), true, Arc::default());
+        // A request whose client goes away after its first report, and one decoding beside it.
+        // Its reports go through a channel of one, so the worker is at most two steps ahead of
+        // this thread: the cancellation lands long before the 60 tokens are drawn.
+        let mut long = job(vec![5, 6, 7], 2, 3);
+        long.sampling.max_new_tokens = 60;
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let (updates, given_up) = crossbeam_channel::bounded(1);
+        let generation = Generation { seq: 2, jobs: vec![long], updates, stream_tokens: true, cancelled: Arc::clone(&cancelled) };
+        work.send(Work::Generate(generation)).expect("queued");
+        let beside = queue(&work, 3, vec![job(vec![4, 4], 2, 4)]);
+        drop(work);
+        let stats = BatchStats::default();
+        std::thread::scope(|scope| {
+            scope.spawn(|| run(model.clone(), "v1".into(), received, BatchOptions::default(), &Sequencer::default(), &stats, |_, _| {}));
+            match given_up.recv().expect("a first report") {
+                Update::Tokens(new) => assert!(new.iter().all(|n| n.from == 0 && n.tokens.len() == 1), "{new:?}"),
+                Update::Done(result) => panic!("done before any report: {result:?}"),
+            }
+            cancelled.store(true, Ordering::SeqCst);
+            assert_eq!(outcome(&given_up).expect_err("cancelled"), CANCELLED);
+            // Every report adds to each sample's tokens where the last one ended.
+            let mut so_far: Vec<Vec<Vec<u32>>> = jobs.iter().map(|j| vec![Vec::new(); j.n]).collect();
+            let mut reports = 0;
+            let generated = loop {
+                match streamed.recv().expect("updates") {
+                    Update::Tokens(new) => {
+                        reports += 1;
+                        for n in new {
+                            let tokens = &mut so_far[n.job][n.sample];
+                            assert_eq!(n.from, tokens.len(), "a report starts where the last ended");
+                            assert_eq!(n.tokens.len(), n.logprobs.len());
+                            tokens.extend(n.tokens);
+                        }
+                    }
+                    Update::Done(result) => break result.expect("generated"),
+                }
+            };
+            assert!(reports >= 6, "a report per step: {reports}");
+            for (output, tokens) in generated.outputs.iter().zip(&so_far) {
+                assert_eq!(output.completions.iter().map(|c| &c.tokens).collect::<Vec<_>>(), tokens.iter().collect::<Vec<_>>());
+            }
+            let generated = outcome(&beside).expect("generated");
+            let alone = generate_group(&tiny_model(7), &[4, 4], 2, &job(vec![4, 4], 2, 4).sampling).expect("group");
+            let tokens: Vec<&Vec<u32>> = generated.outputs[0].completions.iter().map(|c| &c.tokens).collect();
+            assert_eq!(tokens, alone.iter().map(|c| &c.tokens).collect::<Vec<_>>());
+        });
     }
 
     #[test]
