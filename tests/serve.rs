@@ -121,17 +121,19 @@ fn streamed_text(chunks: &[Value], index: usize) -> String {
 fn streamed_text_stops_where_the_whole_reply_does() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_checkpoint(dir.path(), 9);
-    let server = serve(dir.path(), &[]);
+    let server = serve(dir.path(), &["--max-tokens-cap", "1000"]);
     let url = format!("{}/completions", server.url);
     let mut request =
         json!({ "model": "tiny", "prompt": PROMPT, "n": 2, "max_tokens": 24, "temperature": 0.9, "seed": 5, "ignore_eos": true });
     let free = post_json(&url, &request);
-    // Stop strings taken from the middle of the first choice's text (so it stops there) and
-    // one that never comes; with and without the stop string kept.
+    // Stop strings taken from the middle of the first 24 tokens' text of the first choice (so
+    // it stops there, long before its limit of 1,000 tokens: the server has the time to see it
+    // and end the sample) and one that never comes; with and without the stop string kept.
     let text = free["choices"][0]["text"].as_str().expect("text").to_string();
     let chars: Vec<char> = text.chars().collect();
     assert!(chars.len() >= 8, "{text}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    request["max_tokens"] = json!(1000);
     for include in [false, true] {
         request["stop"] = json!([stop, "never in this text at all"]);
         request["include_stop_str_in_output"] = json!(include);
@@ -150,6 +152,9 @@ fn streamed_text_stops_where_the_whole_reply_does() {
         }
         assert_eq!(whole["choices"][0]["finish_reason"], "stop", "the first choice stops at {stop:?}: {whole}");
     }
+    // The samples that reached the stop string ended there: none ran on to its token limit.
+    let ended = get_json(&format!("{}/health", server.root()))["batching"]["samples_ended_at_stop_strings"].as_u64();
+    assert!(ended.is_some_and(|n| n >= 4), "two requests per setting, each with its first choice stopping: {ended:?}");
 }
 
 #[test]

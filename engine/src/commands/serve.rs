@@ -20,9 +20,10 @@
 //! connections and bodies) and are answered, read whole, by a pool of threads; one worker
 //! owns the model and runs the queued groups (see [`worker`]). A streamed response sends
 //! each choice's tokens as the worker draws them (server-sent events; a request asking for
-//! each token's alternatives gets its events once they are scored, at the end). A request
-//! whose client goes away leaves the decoding batch at the next step. The server binds to
-//! loopback unless `--host` says otherwise, and has no authentication.
+//! each token's alternatives gets its events once they are scored, at the end). A sample
+//! whose text reaches a stop string, and a request whose client goes away, leave the
+//! decoding batch at the next step. The server binds to loopback unless `--host` says
+//! otherwise, and has no authentication.
 //!
 //! Log-probs of sampled tokens are those of the distribution the sampler drew from
 //! (`softmax(logits / temperature)`, before top-k / top-p truncation: what a GRPO trainer
@@ -46,7 +47,7 @@ use serde_json::{Value, json};
 
 use http::{Answer, Call, Limits, Listener, StopHandle};
 use protocol::{ApiError, ChatRequest, CompletionRequest, EventStream, Planned, ReloadRequest, RpcRequest, Served, parse_body};
-use worker::{BatchStats, Generation, Sequencer, Swap, Update, Work};
+use worker::{BatchStats, Generated, Generation, Sequencer, Swap, Update, Work};
 
 /// What to serve, where.
 #[derive(Debug, Clone)]
@@ -291,13 +292,20 @@ const CLIENT_CHECK: Duration = Duration::from_millis(100);
 
 /// Queues a request's jobs and answers with what they produce: whole, or as events while
 /// they decode. The worker's first word decides the status, so a request that fails before
-/// its first token gets its own error status, streamed or not.
+/// its first token gets its own error status, streamed or not. While the jobs decode, a
+/// sample whose text reaches a stop string is ended.
 fn generate<B: CustomGrad>(planned: &Planned, shared: &Shared, work: &Sender<Work<B>>, reply: tokio::sync::oneshot::Sender<Answer>) {
     let cancelled = Arc::new(AtomicBool::new(false));
     let (updates, from_worker) = crossbeam_channel::unbounded();
-    let stream_tokens = planned.stream && EventStream::streams_tokens(planned);
-    let generation =
-        Generation { seq: shared.sequencer.next(), jobs: planned.jobs.clone(), updates, stream_tokens, cancelled: Arc::clone(&cancelled) };
+    let (end_sample, end_samples) = crossbeam_channel::unbounded();
+    let generation = Generation {
+        seq: shared.sequencer.next(),
+        jobs: planned.jobs.clone(),
+        updates,
+        stream_tokens: EventStream::follows_tokens(planned),
+        cancelled: Arc::clone(&cancelled),
+        end_samples,
+    };
     if work.send(Work::Generate(generation)).is_err() {
         let _ = reply.send(Answer::error(&shutting_down()));
         return;
@@ -314,55 +322,69 @@ fn generate<B: CustomGrad>(planned: &Planned, shared: &Shared, work: &Sender<Wor
         }
     };
     let served = shared.served();
+    let mut events = EventStream::new(planned, &served, planned.stream && EventStream::streams_tokens(planned));
+    let follow = Follow { from_worker: &from_worker, end_sample: &end_sample, cancelled: &cancelled };
     if !planned.stream {
-        let answer = match first {
-            Update::Done(Ok(generated)) => Answer::json(200, &planned.render(&generated, &served)),
-            _ => Answer::error(&ApiError::status(500, "the worker reported tokens of a request that does not stream")),
+        let answer = match follow.until_done(&mut events, first, || reply.is_closed(), |_| true) {
+            Ok(generated) => Answer::json(200, &planned.render(&generated, &served)),
+            Err(err) => Answer::error(&err),
         };
         let _ = reply.send(answer);
         return;
     }
-    let (sink, events) = tokio::sync::mpsc::unbounded_channel();
-    if reply.send(Answer::events(events)).is_err() {
+    let (sink, receiver) = tokio::sync::mpsc::unbounded_channel();
+    if reply.send(Answer::events(receiver)).is_err() {
         cancelled.store(true, Ordering::SeqCst);
         return;
     }
-    stream_events(EventStream::new(planned, &served), first, &from_worker, &sink, &cancelled);
+    let send = |text: String| text.is_empty() || sink.send(hyper::body::Bytes::from(text)).is_ok();
+    if !send(events.opening()) {
+        cancelled.store(true, Ordering::SeqCst);
+        return;
+    }
+    match follow.until_done(&mut events, first, || sink.is_closed(), send) {
+        Ok(generated) => send(events.finish(&generated)),
+        Err(err) => send(EventStream::failure(&err)),
+    };
 }
 
-/// Sends a streamed response's events as the worker's updates come, from `first` on, until
-/// the response is complete or fails, or its client goes away.
-fn stream_events(
-    mut events: EventStream,
-    first: Update,
-    from_worker: &Receiver<Update>,
-    sink: &tokio::sync::mpsc::UnboundedSender<hyper::body::Bytes>,
-    cancelled: &AtomicBool,
-) {
-    let send = |text: String| text.is_empty() || sink.send(hyper::body::Bytes::from(text)).is_ok();
-    let mut update = first;
-    let mut client_there = send(events.opening());
-    while client_there {
-        match update {
-            Update::Tokens(new) => client_there = send(events.tokens(&new)),
-            Update::Done(Ok(generated)) => {
-                send(events.finish(&generated));
-                return;
+/// A request's line to the worker while its jobs decode.
+struct Follow<'a> {
+    from_worker: &'a Receiver<Update>,
+    /// Where samples that reached a stop string are named.
+    end_sample: &'a Sender<(usize, usize)>,
+    cancelled: &'a AtomicBool,
+}
+
+impl Follow<'_> {
+    /// Feeds the worker's updates, from `first` on, to `events` until the jobs are done;
+    /// `send` takes each piece of event text and says whether the client is still there.
+    fn until_done(
+        &self,
+        events: &mut EventStream,
+        first: Update,
+        gone: impl Fn() -> bool,
+        send: impl Fn(String) -> bool,
+    ) -> Result<Generated, ApiError> {
+        let mut update = first;
+        loop {
+            match update {
+                Update::Tokens(new) => {
+                    let text = events.tokens(&new);
+                    for ended in events.take_ended() {
+                        let _ = self.end_sample.send(ended);
+                    }
+                    if !send(text) {
+                        self.cancelled.store(true, Ordering::SeqCst);
+                        return Err(worker_error(worker::CANCELLED));
+                    }
+                }
+                Update::Done(Ok(generated)) => return Ok(generated),
+                Update::Done(Err(message)) => return Err(worker_error(&message)),
             }
-            Update::Done(Err(message)) => {
-                send(EventStream::failure(&worker_error(&message)));
-                return;
-            }
+            update = next_update(self.from_worker, &gone, self.cancelled)?;
         }
-        update = match next_update(from_worker, || sink.is_closed(), cancelled) {
-            Ok(update) => update,
-            Err(err) => {
-                send(EventStream::failure(&err));
-                return;
-            }
-        };
     }
-    cancelled.store(true, Ordering::SeqCst);
 }
 
 /// The worker's next update for a request; if the request's client goes away meanwhile

@@ -204,6 +204,8 @@ pub struct BatchDecoder<'m, B: CustomGrad> {
     running: Vec<Running>,
     /// Ids of running groups to drop at the next step.
     cancelled: Vec<usize>,
+    /// Rows (group id, sample) to end at the next step.
+    ending: Vec<(usize, usize)>,
     /// Cancelled groups that never started, returned by the next step.
     dropped: Vec<(usize, Vec<Completion>)>,
     cache: BatchKv<B>,
@@ -225,6 +227,7 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             cancelled: Vec::new(),
+            ending: Vec::new(),
             dropped: Vec::new(),
             cache: BatchKv::new(model.num_layers()),
             next,
@@ -276,6 +279,18 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
             self.cancelled.push(id);
         }
         running
+    }
+
+    /// Ends sample `sample` of decoding group `id` where it stands (its text reached a stop
+    /// string, say): its row leaves the batch at the next [`BatchDecoder::step`] without
+    /// another token, and its completion keeps the finish reason `Length`. Returns false
+    /// when the group is not decoding or the sample is not among its rows.
+    pub fn end_sample(&mut self, id: usize, sample: usize) -> bool {
+        let decoding = self.running.iter().any(|group| group.id == id && group.rows.iter().any(|row| row.sample == sample));
+        if decoding && !self.ending.contains(&(id, sample)) {
+            self.ending.push((id, sample));
+        }
+        decoding
     }
 
     /// Admits the waiting groups that fit, draws a token for every row, retires the rows
@@ -343,16 +358,17 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
         let mut drawn = self.next.draw(work)?.into_iter();
         let mut finished = Vec::with_capacity(self.running.len());
         let cancelled = std::mem::take(&mut self.cancelled);
+        let ending = std::mem::take(&mut self.ending);
         for group in &mut self.running {
             let mut slots = Vec::new();
-            if cancelled.contains(&group.id) {
-                // Its draws are dropped and all its rows leave.
-                drawn.by_ref().take(group.rows.len()).for_each(drop);
-                finished.push((0..group.rows.len()).collect());
-                continue;
-            }
+            let whole = cancelled.contains(&group.id);
             for (slot, row) in group.rows.iter().enumerate() {
                 let Some((token, logprob)) = drawn.next() else { break };
+                // A cancelled group's or an ended row's draw is dropped and the row leaves.
+                if whole || ending.contains(&(group.id, row.sample)) {
+                    slots.push(slot);
+                    continue;
+                }
                 let completion = &mut group.completions[row.sample];
                 completion.tokens.push(token);
                 completion.logprobs.push(logprob);
@@ -445,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn cancelled_groups_leave_at_the_next_step_and_the_rest_decode_as_without_them() {
+    fn cancelled_groups_and_ended_samples_leave_at_the_next_step_and_the_rest_decode_as_without_them() {
         let config = ModelConfig::tiny(Architecture::Qwen2, 64, 32, 2, 4, 2, 64);
         let model = CausalLm::<Cpu>::build(&config, &mut RandomInit::new(5, 0.3), &Default::default()).expect("builds");
         let groups = [
@@ -464,6 +480,8 @@ mod tests {
         assert_eq!(so_far, vec![(0, vec![1, 1]), (1, vec![1, 1])], "one token per row of the groups decoding");
         let first_tokens: Vec<u32> = decoder.decoding().find(|(id, _)| *id == 1).expect("group 1").1.iter().map(|c| c.tokens[0]).collect();
         assert!(decoder.cancel(1) && decoder.cancel(2) && !decoder.cancel(7));
+        // Group 0's second sample ends after its first token; its first decodes on.
+        assert!(decoder.end_sample(0, 1) && !decoder.end_sample(0, 5) && !decoder.end_sample(2, 0));
         let done = decoder.step().expect("steps");
         let ids: Vec<usize> = done.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![2, 1], "both cancelled groups come back at once");
@@ -479,6 +497,7 @@ mod tests {
         assert_eq!(rest.len(), 1);
         let alone = generate_groups(&model, vec![groups[0].clone()], options).expect("generates");
         assert_eq!(rest[0].0, 0);
-        assert_eq!(rest[0].1.iter().map(|c| &c.tokens).collect::<Vec<_>>(), alone[0].iter().map(|c| &c.tokens).collect::<Vec<_>>());
+        assert_eq!(rest[0].1[0].tokens, alone[0][0].tokens, "the sample left running decodes as alone");
+        assert_eq!(rest[0].1[1].tokens, alone[0][1].tokens[..1], "the ended sample keeps its first token only");
     }
 }

@@ -11,9 +11,10 @@
 //! gets the same tokens whatever decodes beside it. A weight swap splits the batch where
 //! it stands.
 //!
-//! A request that streams hears of its tokens after every decoding step ([`Update::Tokens`]);
-//! one whose client went away, or that a weight update aborted, has its groups dropped from
-//! the batch at the next step, while the other requests decode on.
+//! A request that streams or watches for stop strings hears of its tokens after every
+//! decoding step ([`Update::Tokens`]) and names the samples that reached a stop string, which
+//! end at the next step; a request whose client went away, or that a weight update aborted,
+//! has its groups dropped from the batch at the next step, while the other requests decode on.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,6 +105,8 @@ pub struct Generation {
     pub stream_tokens: bool,
     /// Set when the request's client went away: its groups stop at the next step.
     pub cancelled: Arc<AtomicBool>,
+    /// Samples (job, sample) whose text reached a stop string: they end at the next step.
+    pub end_samples: Receiver<(usize, usize)>,
 }
 
 /// Work for the worker.
@@ -155,6 +158,8 @@ pub struct BatchStats {
     pub largest: AtomicU64,
     /// Requests dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// Samples ended early because their text reached a stop string.
+    pub ended_at_stop: AtomicU64,
 }
 
 impl BatchStats {
@@ -173,6 +178,7 @@ impl BatchStats {
             "groups": self.groups.load(Ordering::SeqCst),
             "largest_batch_groups": self.largest.load(Ordering::SeqCst),
             "cancelled_requests": self.cancelled.load(Ordering::SeqCst),
+            "samples_ended_at_stop_strings": self.ended_at_stop.load(Ordering::SeqCst),
         })
     }
 }
@@ -235,7 +241,7 @@ fn generate_batch<B: CustomGrad>(
     if live.is_empty() {
         return;
     }
-    let (decoded, mut errors, groups) = decode_together(model, &live, options, sequencer);
+    let (decoded, mut errors, groups) = decode_together(model, &live, options, sequencer, stats);
     stats.record(live.len(), groups);
     for ((request, completions), error) in live.into_iter().zip(decoded).zip(errors.iter_mut()) {
         let result = match error.take() {
@@ -282,6 +288,7 @@ fn decode_together<B: CustomGrad>(
     requests: &[Generation],
     options: BatchOptions,
     sequencer: &Sequencer,
+    stats: &BatchStats,
 ) -> (BatchCompletions, Vec<Option<String>>, usize) {
     let mut decoder = BatchDecoder::new(model, options);
     let mut errors: Vec<Option<String>> = vec![None; requests.len()];
@@ -305,10 +312,17 @@ fn decode_together<B: CustomGrad>(
     let submitted = unfinished.iter().sum();
     let mut reports = TokenReports::new(owners.len());
     let mut stopped = vec![false; requests.len()];
+    // The decoder id of each request's first job.
+    let first_ids: Vec<usize> = requests.iter().scan(0, |next, r| Some(std::mem::replace(next, *next + r.jobs.len()))).collect();
     while !decoder.is_idle() {
         for (r, request) in requests.iter().enumerate() {
             if unfinished[r] == 0 || stopped[r] {
                 continue;
+            }
+            for (job, sample) in request.end_samples.try_iter().filter(|&(job, _)| job < request.jobs.len()) {
+                if decoder.end_sample(first_ids[r] + job, sample) {
+                    stats.ended_at_stop.fetch_add(1, Ordering::SeqCst);
+                }
             }
             if let Some(why) = stop_reason(request, sequencer) {
                 stopped[r] = true;
@@ -499,7 +513,8 @@ mod tests {
         cancelled: Arc<AtomicBool>,
     ) -> Receiver<Update> {
         let (updates, answer) = crossbeam_channel::unbounded();
-        work.send(Work::Generate(Generation { seq, jobs, updates, stream_tokens, cancelled })).expect("queued");
+        let end_samples = crossbeam_channel::never();
+        work.send(Work::Generate(Generation { seq, jobs, updates, stream_tokens, cancelled, end_samples })).expect("queued");
         answer
     }
 
@@ -588,7 +603,7 @@ mod tests {
     }
 
     #[test]
-    fn streamed_tokens_add_up_to_the_completions_and_a_cancelled_request_leaves_the_batch() {
+    fn streamed_tokens_add_up_to_the_completions_and_cancelled_requests_and_ended_samples_leave_the_batch() {
         let model = tiny_model(7);
         let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
         let jobs = vec![job(vec![1, 2, 3], 3, 1), job(vec![9, 8], 2, 2)];
@@ -600,7 +615,9 @@ mod tests {
         long.sampling.max_new_tokens = 60;
         let cancelled = Arc::new(AtomicBool::new(false));
         let (updates, given_up) = crossbeam_channel::bounded(1);
-        let generation = Generation { seq: 2, jobs: vec![long], updates, stream_tokens: true, cancelled: Arc::clone(&cancelled) };
+        let (end_sample, end_samples) = crossbeam_channel::unbounded();
+        let generation =
+            Generation { seq: 2, jobs: vec![long], updates, stream_tokens: true, cancelled: Arc::clone(&cancelled), end_samples };
         work.send(Work::Generate(generation)).expect("queued");
         let beside = queue(&work, 3, vec![job(vec![4, 4], 2, 4)]);
         drop(work);
@@ -612,6 +629,8 @@ mod tests {
                 Update::Done(result) => panic!("done before any report: {result:?}"),
             }
             cancelled.store(true, Ordering::SeqCst);
+            // Ending a sample of a cancelled request changes nothing.
+            end_sample.send((0, 0)).expect("sent");
             assert_eq!(outcome(&given_up).expect_err("cancelled"), CANCELLED);
             // Every report adds to each sample's tokens where the last one ended.
             let mut so_far: Vec<Vec<Vec<u32>>> = jobs.iter().map(|j| vec![Vec::new(); j.n]).collect();
@@ -638,6 +657,33 @@ mod tests {
             let alone = generate_group(&tiny_model(7), &[4, 4], 2, &job(vec![4, 4], 2, 4).sampling).expect("group");
             let tokens: Vec<&Vec<u32>> = generated.outputs[0].completions.iter().map(|c| &c.tokens).collect();
             assert_eq!(tokens, alone.iter().map(|c| &c.tokens).collect::<Vec<_>>());
+        });
+    }
+
+    #[test]
+    fn a_sample_named_as_stopped_ends_at_the_next_step() {
+        let model = tiny_model(7);
+        let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
+        let mut long = job(vec![5, 6, 7], 2, 3);
+        long.sampling.max_new_tokens = 60;
+        // Reports through a channel of one: the worker is at most two steps ahead of this thread.
+        let (updates, stopping) = crossbeam_channel::bounded(1);
+        let (end_sample, end_samples) = crossbeam_channel::unbounded();
+        let generation =
+            Generation { seq: 1, jobs: vec![long.clone()], updates, stream_tokens: true, cancelled: Arc::default(), end_samples };
+        work.send(Work::Generate(generation)).expect("queued");
+        drop(work);
+        let stats = BatchStats::default();
+        std::thread::scope(|scope| {
+            scope.spawn(|| run(model.clone(), "v1".into(), received, BatchOptions::default(), &Sequencer::default(), &stats, |_, _| {}));
+            assert!(matches!(stopping.recv().expect("a first report"), Update::Tokens(_)));
+            end_sample.send((0, 1)).expect("sent");
+            let ended = outcome(&stopping).expect("generated");
+            let alone = generate_group(&model, &long.prompt, 2, &long.sampling).expect("group");
+            let completions = &ended.outputs[0].completions;
+            assert_eq!(completions[0].tokens, alone[0].tokens, "the other sample decodes on");
+            assert_eq!(completions[0].tokens.len(), 60);
+            assert!(completions[1].tokens.len() < 5 && alone[1].tokens.starts_with(&completions[1].tokens), "{:?}", completions[1]);
         });
     }
 

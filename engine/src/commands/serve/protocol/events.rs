@@ -57,6 +57,8 @@ pub(super) struct ChoiceText<'t> {
     pub streamed: usize,
     /// Nothing more goes out before the end.
     held: bool,
+    /// The text reached a stop string: the choice may end now.
+    reached_stop: bool,
 }
 
 impl<'t> ChoiceText<'t> {
@@ -69,6 +71,7 @@ impl<'t> ChoiceText<'t> {
             sent: 0,
             streamed: 0,
             held: false,
+            reached_stop: false,
         }
     }
 
@@ -110,6 +113,7 @@ impl<'t> ChoiceText<'t> {
         self.text.push_str(&piece);
         if stops.strings.iter().any(|s| self.text[window..].contains(s.as_str())) {
             self.held = true;
+            self.reached_stop = true;
             return None;
         }
         // The last `longest - 1` bytes may be the start of a stop string: they wait.
@@ -180,7 +184,12 @@ struct ChunkToken<'c> {
 /// A choice's progress through the stream.
 struct ChoiceState<'t> {
     job: usize,
+    sample: usize,
+    /// The text that goes out.
     text: ChoiceText<'t>,
+    /// When chunks wait for the end: the tokens followed as they come, only to see a stop
+    /// string (`text` then takes every token at the end).
+    watch: Option<ChoiceText<'t>>,
     /// The character offset of the next token's text in completions' `text_offset`.
     text_at: usize,
 }
@@ -189,25 +198,43 @@ struct ChoiceState<'t> {
 pub struct EventStream<'a> {
     planned: &'a Planned,
     served: &'a Served<'a>,
+    /// Chunks go out as tokens come.
+    live: bool,
     /// In response order: each job's samples.
     choices: Vec<ChoiceState<'a>>,
     /// The index of each job's first choice.
     first_choice: Vec<usize>,
+    /// Samples (job, sample) that reached a stop string, not yet taken.
+    ended: Vec<(usize, usize)>,
     created: u64,
 }
 
 impl<'a> EventStream<'a> {
-    pub fn new(planned: &'a Planned, served: &'a Served<'a>) -> Self {
+    /// The events of `planned`; with `live` false, tokens are only watched for stop strings
+    /// (a reply sent whole, or events that wait for the end), no chunk goes out before the end.
+    pub fn new(planned: &'a Planned, served: &'a Served<'a>, live: bool) -> Self {
         let tokenizer = served.tokenizer.tokenizer.inner();
         let mut choices = Vec::new();
         let mut first_choice = Vec::with_capacity(planned.jobs.len());
         for (job, gen_job) in planned.jobs.iter().enumerate() {
             first_choice.push(choices.len());
-            for _ in 0..gen_job.n {
-                choices.push(ChoiceState { job, text: ChoiceText::new(tokenizer, planned.rendering.skip_special), text_at: 0 });
+            for sample in 0..gen_job.n {
+                let text = || ChoiceText::new(tokenizer, planned.rendering.skip_special);
+                choices.push(ChoiceState { job, sample, text: text(), watch: (!live).then(text), text_at: 0 });
             }
         }
-        Self { planned, served, choices, first_choice, created: now() }
+        Self { planned, served, live, choices, first_choice, ended: Vec::new(), created: now() }
+    }
+
+    /// Whether the worker should report a request's tokens as they are drawn: to stream them,
+    /// or to end a sample once its text reaches a stop string.
+    pub fn follows_tokens(planned: &Planned) -> bool {
+        (planned.stream && Self::streams_tokens(planned)) || !planned.rendering.stop_strings.is_empty()
+    }
+
+    /// The samples (job, sample) whose text reached a stop string since the last call.
+    pub fn take_ended(&mut self) -> Vec<(usize, usize)> {
+        std::mem::take(&mut self.ended)
     }
 
     /// Whether tokens go out as they are drawn: not when the request asked for each token's
@@ -258,14 +285,20 @@ impl<'a> EventStream<'a> {
             for (offset, &id) in update.tokens.iter().enumerate() {
                 let position = update.from + offset;
                 let state = &mut self.choices[index];
-                if position < state.text.streamed {
+                let (job, sample) = (state.job, state.sample);
+                let follower = state.watch.as_mut().unwrap_or(&mut state.text);
+                if position < follower.streamed {
                     continue;
                 }
-                if position > state.text.streamed {
+                if position > follower.streamed {
                     // A gap (not expected): the rest waits for the end.
-                    state.text.held = true;
+                    follower.held = true;
                 }
-                let Some(delta) = state.text.stream(id, &stops) else { continue };
+                let followed = follower.stream(id, &stops);
+                if std::mem::take(&mut follower.reached_stop) {
+                    self.ended.push((job, sample));
+                }
+                let (Some(delta), true) = (followed, self.live) else { continue };
                 let scored = Scored { tokens: &update.tokens[offset..=offset], logprobs: &update.logprobs[offset..=offset], top: &[] };
                 let token = ChunkToken { position, scored, row: 0, text_at: state.text_at };
                 self.advance_text_offset(index, id);
