@@ -63,8 +63,28 @@ def buffers(run_dir):
         summary = summary.get("summary", summary)
         if "carried" in summary:
             out.append(f"{pathlib.Path(run_dir).name}: carried {summary['carried']} of {summary.get('fresh', '?')} fresh tasks "
-                       f"(held {summary.get('held', '?')}; pass-rate histogram {summary.get('pass_rate_histogram')})")
+                       f"(held {summary.get('held', '?')}; pass-rate histogram {summary.get('pass_rate_histogram')})"
+                       + carried_use(run_dir))
     return out
+
+
+def carried_use(run_dir):
+    """What the phase that took a buffer's tasks did with them: of the tasks it tried, carried
+    and fresh, how many groups were all wrong, mixed (the groups dynamic sampling keeps for training)
+    and all right. From the last RL phase's tasks.jsonl (which marks carried tasks) and
+    reports.jsonl (each tried task's pass rate)."""
+    phases = [d for d in pathlib.Path(run_dir).glob("rl-*") if (d / "tasks.jsonl").is_file() and (d / "reports.jsonl").is_file()]
+    if not phases:
+        return ""
+    phase = max(phases, key=lambda d: int(d.name.split("-")[-1]))
+    carried = {t["id"] for t in map(json.loads, (phase / "tasks.jsonl").read_text().splitlines()) if t.get("carried")}
+    counts = {"carried": [0, 0, 0], "fresh": [0, 0, 0]}  # all wrong, mixed, all right
+    for report in map(json.loads, (phase / "reports.jsonl").read_text().splitlines()):
+        rate = report["difficulty"]["pass_rate"]
+        kind = "carried" if report["record"]["id"] in carried else "fresh"
+        counts[kind][0 if rate == 0 else 2 if rate == 1 else 1] += 1
+    parts = [f"{kind} tried {sum(c)}: {c[0]} all wrong, {c[1]} mixed (trainable), {c[2]} all right" for kind, c in counts.items()]
+    return f"; the next phase: {'; '.join(parts)}"
 
 
 def cell(per_seed):

@@ -59,6 +59,8 @@ pub(super) struct ChoiceText<'t> {
     held: bool,
     /// The text reached a stop string: the choice may end now.
     reached_stop: bool,
+    /// The decoder took the first token held back (its piece is in `text`).
+    decoded_held: bool,
 }
 
 impl<'t> ChoiceText<'t> {
@@ -72,6 +74,7 @@ impl<'t> ChoiceText<'t> {
             streamed: 0,
             held: false,
             reached_stop: false,
+            decoded_held: false,
         }
     }
 
@@ -114,6 +117,7 @@ impl<'t> ChoiceText<'t> {
         if stops.strings.iter().any(|s| self.text[window..].contains(s.as_str())) {
             self.held = true;
             self.reached_stop = true;
+            self.decoded_held = true;
             return None;
         }
         // The last `longest - 1` bytes may be the start of a stop string: they wait.
@@ -145,8 +149,10 @@ impl<'t> ChoiceText<'t> {
             emitted
         };
         let mut pieces = Vec::with_capacity(rest.len());
-        for &id in rest {
-            if let Some(piece) = self.piece(id) {
+        for (k, &id) in rest.iter().enumerate() {
+            // The token that reached a stop string was decoded already: its piece is in `reached`.
+            let decoded = k == 0 && std::mem::take(&mut self.decoded_held);
+            if let Some(piece) = if decoded { None } else { self.piece(id) } {
                 if text[reached..].starts_with(piece.as_str()) {
                     reached += piece.len();
                 } else {
