@@ -302,7 +302,7 @@ fn generate<B: CustomGrad>(planned: &Planned, shared: &Shared, work: &Sender<Wor
         seq: shared.sequencer.next(),
         jobs: planned.jobs.clone(),
         updates,
-        stream_tokens: EventStream::follows_tokens(planned),
+        report_tokens: EventStream::follows_tokens(planned),
         cancelled: Arc::clone(&cancelled),
         end_samples,
     };
@@ -322,10 +322,10 @@ fn generate<B: CustomGrad>(planned: &Planned, shared: &Shared, work: &Sender<Wor
         }
     };
     let served = shared.served();
-    let mut events = EventStream::new(planned, &served, planned.stream && EventStream::streams_tokens(planned));
-    let follow = Follow { from_worker: &from_worker, end_sample: &end_sample, cancelled: &cancelled };
+    let mut events = EventStream::new(planned, &served);
+    let worker = WorkerLink { from_worker: &from_worker, end_sample: &end_sample, cancelled: &cancelled };
     if !planned.stream {
-        let answer = match follow.until_done(&mut events, first, || reply.is_closed(), |_| true) {
+        let answer = match worker.until_done(&mut events, first, || reply.is_closed(), |_| true) {
             Ok(generated) => Answer::json(200, &planned.render(&generated, &served)),
             Err(err) => Answer::error(&err),
         };
@@ -342,21 +342,21 @@ fn generate<B: CustomGrad>(planned: &Planned, shared: &Shared, work: &Sender<Wor
         cancelled.store(true, Ordering::SeqCst);
         return;
     }
-    match follow.until_done(&mut events, first, || sink.is_closed(), send) {
+    match worker.until_done(&mut events, first, || sink.is_closed(), send) {
         Ok(generated) => send(events.finish(&generated)),
         Err(err) => send(EventStream::failure(&err)),
     };
 }
 
 /// A request's line to the worker while its jobs decode.
-struct Follow<'a> {
+struct WorkerLink<'a> {
     from_worker: &'a Receiver<Update>,
     /// Where samples that reached a stop string are named.
     end_sample: &'a Sender<(usize, usize)>,
     cancelled: &'a AtomicBool,
 }
 
-impl Follow<'_> {
+impl WorkerLink<'_> {
     /// Feeds the worker's updates, from `first` on, to `events` until the jobs are done;
     /// `send` takes each piece of event text and says whether the client is still there.
     fn until_done(
@@ -387,17 +387,18 @@ impl Follow<'_> {
     }
 }
 
-/// The worker's next update for a request; if the request's client goes away meanwhile
-/// (`gone`), the worker is told to drop the request and the wait ends.
+/// The worker's next update for a request; if the request's client is gone or goes away
+/// meanwhile (`gone`, looked at before every wait), the worker is told to drop the request
+/// and the wait ends.
 fn next_update(from_worker: &Receiver<Update>, gone: impl Fn() -> bool, cancelled: &AtomicBool) -> Result<Update, ApiError> {
     loop {
+        if gone() {
+            cancelled.store(true, Ordering::SeqCst);
+            return Err(worker_error(worker::CANCELLED));
+        }
         match from_worker.recv_timeout(CLIENT_CHECK) {
             Ok(update) => return Ok(update),
             Err(RecvTimeoutError::Disconnected) => return Err(shutting_down()),
-            Err(RecvTimeoutError::Timeout) if gone() => {
-                cancelled.store(true, Ordering::SeqCst);
-                return Err(worker_error(worker::CANCELLED));
-            }
             Err(RecvTimeoutError::Timeout) => {}
         }
     }

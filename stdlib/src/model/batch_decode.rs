@@ -5,7 +5,8 @@
 //! (seed, stream index), so what it generates does not depend on the batch around it: the
 //! same as [`crate::model::generate::generate_group`] gives for its group alone, up to the
 //! float rounding of matmuls over another number of rows (the same tokens in the tests;
-//! log-probabilities within 1e-4). A run repeats bit for bit with the same requests.
+//! log-probabilities within 1e-4). A run repeats bit for bit with the same requests (and the
+//! same cancellations and ended samples, at the same steps).
 //! Tokens are drawn on the host or, on GPU backends, on the device ([`SampleOn`]).
 
 use std::collections::VecDeque;
@@ -269,8 +270,7 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
     pub fn cancel(&mut self, id: usize) -> bool {
         if let Some(at) = self.waiting.iter().position(|(waiting, _)| *waiting == id) {
             if let Some((id, request)) = self.waiting.remove(at) {
-                let empty = Completion { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length };
-                self.dropped.push((id, vec![empty; request.samples]));
+                self.dropped.push((id, vec![unstarted(); request.samples]));
             }
             return true;
         }
@@ -315,9 +315,8 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
                 break;
             }
             let Some((id, request)) = self.waiting.pop_front() else { break };
-            let empty = Completion { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length };
             if request.sampling.max_new_tokens == 0 {
-                done.push((id, vec![empty; request.samples]));
+                done.push((id, vec![unstarted(); request.samples]));
                 continue;
             }
             self.prefill(&request)?;
@@ -326,7 +325,7 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
             self.running.push(Running {
                 id,
                 prompt_len: request.prompt.len(),
-                completions: vec![empty; request.samples],
+                completions: vec![unstarted(); request.samples],
                 rows,
                 sampling: request.sampling,
             });
@@ -427,6 +426,11 @@ impl<'m, B: CustomGrad> BatchDecoder<'m, B> {
         let hidden = self.model.forward_segments(tokens, positions, &mut self.cache); // [b, 1, d]
         self.next.replace(last_logits(self.model, hidden))
     }
+}
+
+/// A completion with no token yet.
+fn unstarted() -> Completion {
+    Completion { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length }
 }
 
 /// Every request's completions (in request order), decoded together in batches of at most

@@ -11,6 +11,10 @@
 //! gets the same tokens whatever decodes beside it. A weight swap splits the batch where
 //! it stands.
 //!
+//! A sample's tokens do not depend on what decodes beside it; its log-probs do, within float
+//! rounding, and the batch around it depends on when requests arrive and when stop strings
+//! and departed clients end rows, so a server's log-probs repeat only to that rounding.
+//!
 //! A request that streams or watches for stop strings hears of its tokens after every
 //! decoding step ([`Update::Tokens`]) and names the samples that reached a stop string, which
 //! end at the next step; a request whose client went away, or that a weight update aborted,
@@ -102,7 +106,7 @@ pub struct Generation {
     pub jobs: Vec<GenJob>,
     pub updates: Sender<Update>,
     /// Report tokens after every decoding step.
-    pub stream_tokens: bool,
+    pub report_tokens: bool,
     /// Set when the request's client went away: its groups stop at the next step.
     pub cancelled: Arc<AtomicBool>,
     /// Samples (job, sample) whose text reached a stop string: they end at the next step.
@@ -213,9 +217,8 @@ pub fn run<B: CustomGrad>(
     }
 }
 
-/// Answers `requests` (those a weight update did not abort) from one decoding batch of all
-/// their groups. A request whose group cannot be decoded gets its own error; a failure of
-/// the batch itself is every request's.
+/// Answers `requests` (those a weight update did not abort and whose client is still there)
+/// from one decoding batch of all their groups, each as soon as its last group is done.
 fn generate_batch<B: CustomGrad>(
     model: &CausalLm<B>,
     version: &str,
@@ -241,26 +244,10 @@ fn generate_batch<B: CustomGrad>(
     if live.is_empty() {
         return;
     }
-    let (decoded, mut errors, groups) = decode_together(model, &live, options, sequencer, stats);
-    stats.record(live.len(), groups);
-    for ((request, completions), error) in live.into_iter().zip(decoded).zip(errors.iter_mut()) {
-        let result = match error.take() {
-            Some(error) => {
-                if error == CANCELLED {
-                    stats.cancelled.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(error)
-            }
-            None => request
-                .jobs
-                .iter()
-                .zip(completions)
-                .map(|(job, completions)| job_output(model, job, completions))
-                .collect::<Result<Vec<_>, _>>()
-                .map(|outputs| Generated { outputs, weights_version: version.to_string() }),
-        };
-        let _ = request.updates.send(Update::Done(result));
-    }
+    let context = BatchContext { model, version, sequencer, stats };
+    let mut batch = Batch::submit(&context, &live, options);
+    stats.record(live.len(), batch.submitted);
+    batch.run();
 }
 
 /// Why a request stops before it is done: a weight update aborted it, or its client went.
@@ -274,93 +261,166 @@ fn stop_reason(request: &Generation, sequencer: &Sequencer) -> Option<&'static s
     }
 }
 
-/// Per request of a batch, each job's completions (in job order).
-type BatchCompletions = Vec<Vec<Vec<Completion>>>;
+/// What a batch's requests share: the weights and their version, and the server's books.
+struct BatchContext<'a, B: CustomGrad> {
+    model: &'a CausalLm<B>,
+    version: &'a str,
+    sequencer: &'a Sequencer,
+    stats: &'a BatchStats,
+}
 
-/// Every request's groups decoded in one [`BatchDecoder`]: per request, each job's
-/// completions and the request's error if one of its groups failed; and how many groups
-/// the batch took. A failed decoding step fails only the requests with groups still
-/// decoding. Before every step, the groups of requests a weight update aborted or whose
-/// client went away leave the batch (those requests are answered [`ABORTED`] or
-/// [`CANCELLED`]); after it, requests that stream hear of their new tokens.
-fn decode_together<B: CustomGrad>(
-    model: &CausalLm<B>,
-    requests: &[Generation],
-    options: BatchOptions,
-    sequencer: &Sequencer,
-    stats: &BatchStats,
-) -> (BatchCompletions, Vec<Option<String>>, usize) {
-    let mut decoder = BatchDecoder::new(model, options);
-    let mut errors: Vec<Option<String>> = vec![None; requests.len()];
-    let mut decoded: BatchCompletions = requests.iter().map(|r| vec![Vec::new(); r.jobs.len()]).collect();
-    // Decoder ids number the groups of all requests in order.
-    let mut owners: Vec<(usize, usize)> = Vec::new();
-    // Groups of each request still decoding.
-    let mut unfinished = vec![0usize; requests.len()];
-    for (r, request) in requests.iter().enumerate() {
-        for (j, job) in request.jobs.iter().enumerate() {
-            let id = owners.len();
-            owners.push((r, j));
-            match decoder.submit(id, GroupRequest::group(job.prompt.clone(), job.n, job.sampling.clone())) {
-                Ok(()) => unfinished[r] += 1,
-                Err(e) => {
-                    errors[r].get_or_insert_with(|| e.to_string());
-                }
-            }
-        }
-    }
-    let submitted = unfinished.iter().sum();
-    let mut reports = TokenReports::new(owners.len());
-    let mut stopped = vec![false; requests.len()];
-    // The decoder id of each request's first job.
-    let first_ids: Vec<usize> = requests.iter().scan(0, |next, r| Some(std::mem::replace(next, *next + r.jobs.len()))).collect();
-    while !decoder.is_idle() {
+/// Several requests' groups decoding in one [`BatchDecoder`]. Before every step, the groups
+/// of a request that failed, that a weight update aborted or whose client went away leave the
+/// batch (that request is answered its error, [`ABORTED`] or [`CANCELLED`]), and the samples
+/// requests named as stopped end; after it, requests that report tokens hear of their new
+/// ones, and a request whose last group is done is answered. A failed decoding step fails
+/// every request still decoding.
+struct Batch<'a, 'm, B: CustomGrad> {
+    context: &'a BatchContext<'m, B>,
+    requests: &'a [Generation],
+    decoder: BatchDecoder<'m, B>,
+    /// Per decoder id (the groups of all requests in order): its request and job.
+    owners: Vec<(usize, usize)>,
+    /// The decoder id of each request's first job.
+    first_ids: Vec<usize>,
+    /// Per request, each job's completions.
+    decoded: Vec<Vec<Vec<Completion>>>,
+    errors: Vec<Option<String>>,
+    /// Groups of each request still decoding.
+    unfinished: Vec<usize>,
+    /// Requests whose groups were taken out of the batch (failed, aborted, cancelled).
+    stopped: Vec<bool>,
+    answered: Vec<bool>,
+    reports: TokenReports,
+    /// Groups the batch took.
+    submitted: usize,
+}
+
+impl<'a, 'm, B: CustomGrad> Batch<'a, 'm, B> {
+    /// Queues every request's groups (a group that cannot be decoded fails its request).
+    fn submit(context: &'a BatchContext<'m, B>, requests: &'a [Generation], options: BatchOptions) -> Self {
+        let mut decoder = BatchDecoder::new(context.model, options);
+        let mut errors: Vec<Option<String>> = vec![None; requests.len()];
+        let mut owners = Vec::new();
+        let mut first_ids = Vec::with_capacity(requests.len());
+        let mut unfinished = vec![0usize; requests.len()];
         for (r, request) in requests.iter().enumerate() {
-            if unfinished[r] == 0 || stopped[r] {
-                continue;
-            }
-            for (job, sample) in request.end_samples.try_iter().filter(|&(job, _)| job < request.jobs.len()) {
-                if decoder.end_sample(first_ids[r] + job, sample) {
-                    stats.ended_at_stop.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            if let Some(why) = stop_reason(request, sequencer) {
-                stopped[r] = true;
-                errors[r] = Some(why.to_string());
-                owners.iter().enumerate().filter(|(_, owner)| owner.0 == r).for_each(|(id, _)| {
-                    decoder.cancel(id);
-                });
-            }
-        }
-        match decoder.step() {
-            Ok(done) => {
-                let mut new_tokens: Vec<Vec<NewTokens>> = vec![Vec::new(); requests.len()];
-                for (id, completions) in done {
-                    let (r, j) = owners[id];
-                    reports.collect(id, j, &completions, &mut new_tokens[r]);
-                    decoded[r][j] = completions;
-                    unfinished[r] -= 1;
-                }
-                for (id, completions) in decoder.decoding() {
-                    let (r, j) = owners[id];
-                    reports.collect(id, j, completions, &mut new_tokens[r]);
-                }
-                for ((request, new), stopped) in requests.iter().zip(new_tokens).zip(&stopped) {
-                    if request.stream_tokens && !stopped && !new.is_empty() && request.updates.send(Update::Tokens(new)).is_err() {
-                        // Nobody listens any more: the client went away.
-                        request.cancelled.store(true, Ordering::SeqCst);
+            first_ids.push(owners.len());
+            for (j, job) in request.jobs.iter().enumerate() {
+                let id = owners.len();
+                owners.push((r, j));
+                match decoder.submit(id, GroupRequest::group(job.prompt.clone(), job.n, job.sampling.clone())) {
+                    Ok(()) => unfinished[r] += 1,
+                    Err(e) => {
+                        errors[r].get_or_insert_with(|| e.to_string());
                     }
                 }
             }
-            Err(e) => {
-                for r in (0..requests.len()).filter(|&r| unfinished[r] > 0) {
-                    errors[r].get_or_insert_with(|| e.to_string());
+        }
+        let submitted = unfinished.iter().sum();
+        let decoded = requests.iter().map(|r| vec![Vec::new(); r.jobs.len()]).collect();
+        let reports = TokenReports::new(owners.len());
+        let (stopped, answered) = (vec![false; requests.len()], vec![false; requests.len()]);
+        Self { context, requests, decoder, owners, first_ids, decoded, errors, unfinished, stopped, answered, reports, submitted }
+    }
+
+    fn run(&mut self) {
+        self.answer_finished();
+        while !self.decoder.is_idle() {
+            self.take_out_stopped();
+            match self.decoder.step() {
+                Ok(done) => {
+                    self.report_tokens(&done);
+                    for (id, completions) in done {
+                        let (r, j) = self.owners[id];
+                        self.decoded[r][j] = completions;
+                        self.unfinished[r] -= 1;
+                    }
                 }
-                break;
+                Err(e) => {
+                    for (unfinished, error) in self.unfinished.iter_mut().zip(&mut self.errors).filter(|(u, _)| **u > 0) {
+                        error.get_or_insert_with(|| e.to_string());
+                        *unfinished = 0;
+                    }
+                    self.answer_finished();
+                    return;
+                }
+            }
+            self.answer_finished();
+        }
+    }
+
+    /// Takes the groups of failed, aborted and cancelled requests out of the batch, and ends
+    /// the samples requests named as stopped.
+    fn take_out_stopped(&mut self) {
+        for (r, request) in self.requests.iter().enumerate() {
+            if self.unfinished[r] == 0 || self.stopped[r] {
+                continue;
+            }
+            if self.errors[r].is_none() {
+                self.errors[r] = stop_reason(request, self.context.sequencer).map(str::to_string);
+            }
+            if self.errors[r].is_some() {
+                self.stopped[r] = true;
+                for id in self.first_ids[r]..self.first_ids[r] + request.jobs.len() {
+                    self.decoder.cancel(id);
+                }
+                continue;
+            }
+            for (job, sample) in request.end_samples.try_iter().filter(|&(job, _)| job < request.jobs.len()) {
+                if self.decoder.end_sample(self.first_ids[r] + job, sample) {
+                    self.context.stats.ended_at_stop.fetch_add(1, Ordering::SeqCst);
+                }
             }
         }
     }
-    (decoded, errors, submitted)
+
+    /// Sends the requests that report tokens the ones drawn by the last step (`done`: the
+    /// groups it finished).
+    fn report_tokens(&mut self, done: &[(usize, Vec<Completion>)]) {
+        let reporting: Vec<bool> =
+            self.requests.iter().zip(&self.stopped).map(|(request, &stopped)| request.report_tokens && !stopped).collect();
+        let mut new_tokens: Vec<Vec<NewTokens>> = vec![Vec::new(); self.requests.len()];
+        let finished = done.iter().map(|(id, completions)| (*id, completions.as_slice()));
+        for (id, completions) in finished.chain(self.decoder.decoding()) {
+            let (r, j) = self.owners[id];
+            if reporting[r] {
+                self.reports.collect(id, j, completions, &mut new_tokens[r]);
+            }
+        }
+        for (request, new) in self.requests.iter().zip(new_tokens) {
+            if !new.is_empty() && request.updates.send(Update::Tokens(new)).is_err() {
+                // Nobody listens any more: the client went away.
+                request.cancelled.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Answers every request with no group left decoding that was not answered yet.
+    fn answer_finished(&mut self) {
+        for r in 0..self.requests.len() {
+            if self.unfinished[r] > 0 || self.answered[r] {
+                continue;
+            }
+            self.answered[r] = true;
+            let request = &self.requests[r];
+            let result = match self.errors[r].take() {
+                Some(error) => {
+                    if error == CANCELLED {
+                        self.context.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(error)
+                }
+                None => {
+                    let completions = std::mem::take(&mut self.decoded[r]);
+                    let version = self.context.version.to_string();
+                    let outputs = request.jobs.iter().zip(completions).map(|(job, c)| job_output(self.context.model, job, c));
+                    outputs.collect::<Result<Vec<_>, _>>().map(|outputs| Generated { outputs, weights_version: version })
+                }
+            };
+            let _ = request.updates.send(Update::Done(result));
+        }
+    }
 }
 
 /// How many tokens of each sample of each group were reported, so that each report carries
@@ -509,12 +569,12 @@ mod tests {
         work: &Sender<Work<Cpu>>,
         seq: u64,
         jobs: Vec<GenJob>,
-        stream_tokens: bool,
+        report_tokens: bool,
         cancelled: Arc<AtomicBool>,
     ) -> Receiver<Update> {
         let (updates, answer) = crossbeam_channel::unbounded();
         let end_samples = crossbeam_channel::never();
-        work.send(Work::Generate(Generation { seq, jobs, updates, stream_tokens, cancelled, end_samples })).expect("queued");
+        work.send(Work::Generate(Generation { seq, jobs, updates, report_tokens, cancelled, end_samples })).expect("queued");
         answer
     }
 
@@ -617,7 +677,7 @@ mod tests {
         let (updates, given_up) = crossbeam_channel::bounded(1);
         let (end_sample, end_samples) = crossbeam_channel::unbounded();
         let generation =
-            Generation { seq: 2, jobs: vec![long], updates, stream_tokens: true, cancelled: Arc::clone(&cancelled), end_samples };
+            Generation { seq: 2, jobs: vec![long], updates, report_tokens: true, cancelled: Arc::clone(&cancelled), end_samples };
         work.send(Work::Generate(generation)).expect("queued");
         let beside = queue(&work, 3, vec![job(vec![4, 4], 2, 4)]);
         drop(work);
@@ -670,7 +730,7 @@ mod tests {
         let (updates, stopping) = crossbeam_channel::bounded(1);
         let (end_sample, end_samples) = crossbeam_channel::unbounded();
         let generation =
-            Generation { seq: 1, jobs: vec![long.clone()], updates, stream_tokens: true, cancelled: Arc::default(), end_samples };
+            Generation { seq: 1, jobs: vec![long.clone()], updates, report_tokens: true, cancelled: Arc::default(), end_samples };
         work.send(Work::Generate(generation)).expect("queued");
         drop(work);
         let stats = BatchStats::default();
@@ -684,6 +744,39 @@ mod tests {
             assert_eq!(completions[0].tokens, alone[0].tokens, "the other sample decodes on");
             assert_eq!(completions[0].tokens.len(), 60);
             assert!(completions[1].tokens.len() < 5 && alone[1].tokens.starts_with(&completions[1].tokens), "{:?}", completions[1]);
+        });
+    }
+
+    #[test]
+    fn a_request_is_answered_when_its_groups_are_done_not_when_the_batch_is() {
+        let model = tiny_model(7);
+        let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
+        let mut long = job(vec![5, 6, 7], 2, 3);
+        long.sampling.max_new_tokens = 60;
+        // The long request's reports go through a channel of one, so the worker is at most two
+        // steps ahead of this thread while it reads them.
+        let (updates, long_updates) = crossbeam_channel::bounded(1);
+        let end_samples = crossbeam_channel::never();
+        let generation = Generation { seq: 1, jobs: vec![long], updates, report_tokens: true, cancelled: Arc::default(), end_samples };
+        work.send(Work::Generate(generation)).expect("queued");
+        let short = queue(&work, 2, vec![job(vec![4, 4], 2, 4)]);
+        drop(work);
+        let stats = BatchStats::default();
+        std::thread::scope(|scope| {
+            scope.spawn(|| run(model.clone(), "v1".into(), received, BatchOptions::default(), &Sequencer::default(), &stats, |_, _| {}));
+            let mut long_reports = 0;
+            let short_answer = loop {
+                if let Ok(update) = short.try_recv() {
+                    break update;
+                }
+                match long_updates.recv().expect("the long request is still decoding") {
+                    Update::Tokens(_) => long_reports += 1,
+                    Update::Done(result) => panic!("the long request was answered first: {result:?}"),
+                }
+            };
+            assert!(matches!(short_answer, Update::Done(Ok(_))), "{short_answer:?}");
+            assert!(long_reports < 20, "answered within a few steps of its last token: {long_reports} reports");
+            assert_eq!(outcome(&long_updates).expect("generated").outputs[0].completions[0].tokens.len(), 60);
         });
     }
 

@@ -216,9 +216,10 @@ pub struct EventStream<'a> {
 }
 
 impl<'a> EventStream<'a> {
-    /// The events of `planned`; with `live` false, tokens are only watched for stop strings
-    /// (a reply sent whole, or events that wait for the end), no chunk goes out before the end.
-    pub fn new(planned: &'a Planned, served: &'a Served<'a>, live: bool) -> Self {
+    /// The events of `planned`. Unless they are [`EventStream::live`], tokens are only
+    /// watched for stop strings (a reply sent whole, or events that wait for the end).
+    pub fn new(planned: &'a Planned, served: &'a Served<'a>) -> Self {
+        let live = Self::live(planned);
         let tokenizer = served.tokenizer.tokenizer.inner();
         let mut choices = Vec::new();
         let mut first_choice = Vec::with_capacity(planned.jobs.len());
@@ -235,7 +236,7 @@ impl<'a> EventStream<'a> {
     /// Whether the worker should report a request's tokens as they are drawn: to stream them,
     /// or to end a sample once its text reaches a stop string.
     pub fn follows_tokens(planned: &Planned) -> bool {
-        (planned.stream && Self::streams_tokens(planned)) || !planned.rendering.stop_strings.is_empty()
+        Self::live(planned) || !planned.rendering.stop_strings.is_empty()
     }
 
     /// The samples (job, sample) whose text reached a stop string since the last call.
@@ -243,13 +244,14 @@ impl<'a> EventStream<'a> {
         std::mem::take(&mut self.ended)
     }
 
-    /// Whether tokens go out as they are drawn: not when the request asked for each token's
-    /// alternatives, which are scored once the whole choice is there.
-    pub fn streams_tokens(planned: &Planned) -> bool {
-        match planned.kind {
-            Kind::Completion { logprobs, .. } => logprobs.unwrap_or(0) == 0,
-            Kind::Chat { top_logprobs, .. } => top_logprobs == 0,
-        }
+    /// Whether a request's chunks go out as its tokens are drawn: it streams, and did not ask
+    /// for each token's alternatives (those are scored once the whole choice is there).
+    pub fn live(planned: &Planned) -> bool {
+        let alternatives = match planned.kind {
+            Kind::Completion { logprobs, .. } => logprobs.unwrap_or(0) > 0,
+            Kind::Chat { top_logprobs, .. } => top_logprobs > 0,
+        };
+        planned.stream && !alternatives
     }
 
     /// Each choice's first chunk: the assistant's role (chat), the prompt (completions
