@@ -54,6 +54,19 @@ fn check_prints_the_quickstart_plan() {
         let out = longrl(&args);
         assert!(out.status.success(), "{recipe}: {}", text(&out.stderr));
     }
+    // The buffer sweep's settings: pass rates of phase 1's final policy, importance sampling;
+    // a misspelled source of pass rates is an error at its recipe line.
+    let sweep = ["buffer_scores=final", "buffer_policy=importance", "buffer_fraction=0.5", "mix=0.5"];
+    let out = longrl(&["check", "scripts/qwenlong_l1.rhai"].into_iter().chain(sweep.iter().flat_map(|s| ["--set", s])).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("score_difficulty"), "phase 1's policy is scored again: {}", text(&out.stdout));
+    let out = longrl(&["check", "scripts/qwenlong_l1.rhai", "--set", "buffer_scores=last"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(r#"qwenlong_l1.rhai:87:5: recipe error: buffer_scores must be "phase" or "final", not "last""#),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
