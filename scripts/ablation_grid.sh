@@ -10,7 +10,7 @@
 #   scripts/ablation_grid.sh --smoke                       # a few steps of everything, to try the plumbing
 #   scripts/ablation_grid.sh --set mix=0.5 --set buffer_policy=importance --tag mix50
 #   scripts/ablation_grid.sh --recipes "qwenlong_l1 ablation_no_retrospective" --tag base
-#   scripts/ablation_grid.sh --recipes qwenlong_l1 --start-from base --set mix=0.5 --tag mix50
+#   scripts/ablation_grid.sh --recipes qwenlong_l1 --start-from base --set buffer_scores=final --tag final
 #                                                          # a buffer sweep from base's SFT checkpoints
 #
 # Per seed it runs scripts/qwenlong_l1.rhai (which trains the warm-up SFT, evaluates it: the
