@@ -578,6 +578,21 @@ mod tests {
         answer
     }
 
+    /// Queues a request that reports its tokens through a channel of one, so the worker is at
+    /// most two steps ahead of a test that reads them; returns where its updates arrive and
+    /// where it names the samples to end.
+    fn queue_paced(
+        work: &Sender<Work<Cpu>>,
+        seq: u64,
+        jobs: Vec<GenJob>,
+        cancelled: Arc<AtomicBool>,
+    ) -> (Receiver<Update>, Sender<(usize, usize)>) {
+        let (updates, paced) = crossbeam_channel::bounded(1);
+        let (end_sample, end_samples) = crossbeam_channel::unbounded();
+        work.send(Work::Generate(Generation { seq, jobs, updates, report_tokens: true, cancelled, end_samples })).expect("queued");
+        (paced, end_sample)
+    }
+
     /// A request's outcome, past any token reports.
     fn outcome(updates: &Receiver<Update>) -> Result<Generated, String> {
         loop {
@@ -674,11 +689,7 @@ mod tests {
         let mut long = job(vec![5, 6, 7], 2, 3);
         long.sampling.max_new_tokens = 60;
         let cancelled = Arc::new(AtomicBool::new(false));
-        let (updates, given_up) = crossbeam_channel::bounded(1);
-        let (end_sample, end_samples) = crossbeam_channel::unbounded();
-        let generation =
-            Generation { seq: 2, jobs: vec![long], updates, report_tokens: true, cancelled: Arc::clone(&cancelled), end_samples };
-        work.send(Work::Generate(generation)).expect("queued");
+        let (given_up, end_sample) = queue_paced(&work, 2, vec![long], Arc::clone(&cancelled));
         let beside = queue(&work, 3, vec![job(vec![4, 4], 2, 4)]);
         drop(work);
         let stats = BatchStats::default();
@@ -726,12 +737,7 @@ mod tests {
         let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
         let mut long = job(vec![5, 6, 7], 2, 3);
         long.sampling.max_new_tokens = 60;
-        // Reports through a channel of one: the worker is at most two steps ahead of this thread.
-        let (updates, stopping) = crossbeam_channel::bounded(1);
-        let (end_sample, end_samples) = crossbeam_channel::unbounded();
-        let generation =
-            Generation { seq: 1, jobs: vec![long.clone()], updates, report_tokens: true, cancelled: Arc::default(), end_samples };
-        work.send(Work::Generate(generation)).expect("queued");
+        let (stopping, end_sample) = queue_paced(&work, 1, vec![long.clone()], Arc::default());
         drop(work);
         let stats = BatchStats::default();
         std::thread::scope(|scope| {
@@ -753,12 +759,7 @@ mod tests {
         let (work, received) = crossbeam_channel::unbounded::<Work<Cpu>>();
         let mut long = job(vec![5, 6, 7], 2, 3);
         long.sampling.max_new_tokens = 60;
-        // The long request's reports go through a channel of one, so the worker is at most two
-        // steps ahead of this thread while it reads them.
-        let (updates, long_updates) = crossbeam_channel::bounded(1);
-        let end_samples = crossbeam_channel::never();
-        let generation = Generation { seq: 1, jobs: vec![long], updates, report_tokens: true, cancelled: Arc::default(), end_samples };
-        work.send(Work::Generate(generation)).expect("queued");
+        let (long_updates, _) = queue_paced(&work, 1, vec![long], Arc::default());
         let short = queue(&work, 2, vec![job(vec![4, 4], 2, 4)]);
         drop(work);
         let stats = BatchStats::default();

@@ -28,13 +28,15 @@ type Decoder<'t> = tokenizers::DecodeStream<
 
 /// What ends a choice before its token limit.
 pub(super) struct Stops<'r> {
-    pub tokens: &'r [u32],
-    pub strings: &'r [String],
+    tokens: &'r [u32],
+    strings: &'r [String],
+    /// The longest stop string's length in bytes.
+    longest: usize,
 }
 
-impl Stops<'_> {
-    fn longest_string(&self) -> usize {
-        self.strings.iter().map(String::len).max().unwrap_or(0)
+impl<'r> Stops<'r> {
+    pub fn new(tokens: &'r [u32], strings: &'r [String]) -> Self {
+        Self { tokens, strings, longest: strings.iter().map(String::len).max().unwrap_or(0) }
     }
 }
 
@@ -110,7 +112,7 @@ impl<'t> ChoiceText<'t> {
             self.held = true;
             return None;
         };
-        let longest = stops.longest_string();
+        let longest = stops.longest;
         // A stop string that ends in this piece starts at most `longest` bytes before it.
         let window = floor_char_boundary(&self.text, self.text.len().saturating_sub(longest));
         self.text.push_str(&piece);
@@ -289,7 +291,7 @@ impl<'a> EventStream<'a> {
                 continue;
             }
             let index = first + update.sample;
-            let stops = Stops { tokens: &job.sampling.stop_tokens, strings: &self.planned.rendering.stop_strings };
+            let stops = Stops::new(&job.sampling.stop_tokens, &self.planned.rendering.stop_strings);
             for (offset, &id) in update.tokens.iter().enumerate() {
                 let position = update.from + offset;
                 let state = &mut self.choices[index];
@@ -493,7 +495,7 @@ mod tests {
     #[test]
     fn streamed_pieces_are_those_of_decoding_every_prefix_and_join_to_the_text() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let none = Stops { tokens: &[], strings: &[] };
+        let none = Stops::new(&[], &[]);
         for file in ["examples/models/tiny/tokenizer.json", "examples/tokenizers/qwen2.5/tokenizer.json"] {
             let tokenizer = tokenizers::Tokenizer::from_file(root.join(file)).expect("tokenizer");
             let sample = "Zürich – 東京 ✓ is kept in <|im_end|> Oslo, 42% of 7.5 km. 🙂🙂 end";
@@ -510,7 +512,7 @@ mod tests {
                 assert!(reference.iter().filter(|p| !p.is_empty()).count() > tokens.len() / 2, "{file}: token by token");
                 // A stop string: text that may start it waits; the pieces join to the text cut there.
                 let strings = ["Oslo".to_string(), "never there".to_string()];
-                let stops = Stops { tokens: &[], strings: &strings };
+                let stops = Stops::new(&[], &strings);
                 let cut = &text[..text.find("Oslo").expect("in the text")];
                 let pieces = streamed(&tokenizer, skip_special, &tokens, cut, &stops);
                 assert_eq!(pieces.concat(), cut, "{file}: cut at a stop string");
@@ -524,7 +526,7 @@ mod tests {
             let mut ended = words.clone();
             ended.push(end);
             let text = tokenizer.decode(&words, false).expect("decodes");
-            let pieces = streamed(&tokenizer, false, &ended, &text, &Stops { tokens: &[end], strings: &[] });
+            let pieces = streamed(&tokenizer, false, &ended, &text, &Stops::new(&[end], &[]));
             assert_eq!(pieces.len(), ended.len() + 1);
             assert_eq!(pieces.concat(), text);
             // A long run of skipped special tokens, then text: everything arrives, at the end.
