@@ -160,6 +160,22 @@ fn linear_memory_attention_matches_plain_attention_on_wgpu() {
     compare_attention_kernels::<burn::backend::Autodiff<longrl_backends::Wgpu>>(&longrl_backends::wgpu_device(spec));
 }
 
+/// The same on CUDA (run by `scripts/device_check.sh cuda`). Skipped, saying so, when no CUDA
+/// device is present, unless `LONGRL_REQUIRE_DEVICE=1`.
+#[cfg(feature = "cuda")]
+#[test]
+fn linear_memory_attention_matches_plain_attention_on_cuda() {
+    use longrl_backends::{BackendKind, DeviceSpec};
+    let spec = DeviceSpec::new(BackendKind::Cuda, 0);
+    if let Err(err) = longrl_backends::probe(spec) {
+        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no CUDA device: {err}");
+        eprintln!("skipping the CUDA attention test: {err}");
+        return;
+    }
+    let _autodiff = autodiff_lock();
+    compare_attention_kernels::<burn::backend::Autodiff<longrl_backends::Cuda>>(&longrl_backends::cuda_device(spec));
+}
+
 // ---------------------------------------------------------------------------------------
 // Whole models: the plain reference and the long-input path.
 // ---------------------------------------------------------------------------------------

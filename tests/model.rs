@@ -18,10 +18,9 @@ use longrl_stdlib::model::{Architecture, CausalLm, ForwardArgs, KvCache, ModelCo
 use longrl_stdlib::record::ChatMessage;
 use longrl_stdlib::tokenizer::Tokenizer;
 use safetensors::SafeTensors;
+use support::workspace;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
+mod support;
 
 /// Every reference directory: config.json + model.safetensors + reference.safetensors.
 fn reference_dirs() -> Vec<PathBuf> {

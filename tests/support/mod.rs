@@ -12,8 +12,12 @@ use longrl_stdlib::{CancelToken, Registry, StageContext};
 
 pub mod serving;
 
+/// The workspace root: from `CARGO_MANIFEST_DIR` at run time when it is set (cargo sets it for
+/// `cargo test`; `scripts/device_check.sh --prebuilt` sets it for test executables built on
+/// another machine), else from where the test was compiled.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().expect("workspace root").to_path_buf()
 }
 
 /// A recipe with `{tiny}` replaced by the embedded tiny model's directory.
