@@ -166,7 +166,7 @@ bounded() {
 figures() {
   case "$1" in
     build*) grep -E '^(error|warning: unused)|Finished|could not compile' "$out/$1.log" ;;
-    golden*) grep -E 'max \||worst|test result|panicked|FAILED|skipping|No such file|error while loading' "$out/$1.log" ;;
+    golden*) grep -E -A1 'max \||worst|test result|panicked|FAILED|skipping|No such file|error while loading' "$out/$1.log" | grep -vE '^(--|stack backtrace:)?$' ;;
     pack | unpack) cat "$out/$1.log" ;;
     rl*) grep -E '^(sft|rl_phase|evaluate)#[0-9]+ |^total wall|^  (sft|rl_phase)#[0-9]+: |by step: |ERROR|^(error|Error)' "$out/$1.log" ;;
     *) grep -vE '^\s*$|^\s*(Compiling|Running|Finished)' "$out/$1.log" ;;
@@ -287,15 +287,29 @@ unpack() {
   "$bin" --version || return 1
 }
 
-# On CUDA: the driver and NVRTC libraries cudarc loads at run time. Where the loader's cache
-# has no NVRTC (a toolkit outside it, or PyTorch's pip wheels), its folder joins LD_LIBRARY_PATH.
+# On CUDA: the driver and NVRTC libraries cudarc loads at run time. One the loader finds
+# neither in its cache nor on LD_LIBRARY_PATH (a driver mounted outside the cache, a toolkit
+# outside it, PyTorch's pip wheels) is looked for in the usual places, and its folder joins
+# LD_LIBRARY_PATH; the summary says where each came from.
+library_folder() {
+  local name="$1" dir found
+  shift
+  if ldconfig -p 2>/dev/null | grep -q "$name"; then library_from="the loader cache"; return; fi
+  local -a dirs=()
+  IFS=: read -ra dirs <<<"${LD_LIBRARY_PATH:-}"
+  for dir in "${dirs[@]}"; do
+    if compgen -G "$dir/$name*" >/dev/null; then library_from="$dir (LD_LIBRARY_PATH)"; return; fi
+  done
+  found="$(find "$@" -maxdepth 9 -name "$name*" 2>/dev/null | grep -v -e stubs -e compat | sort | head -n 1)"
+  if [ -z "$found" ]; then library_from="NOT FOUND"; return; fi
+  export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  library_from="$(dirname "$found") (added to LD_LIBRARY_PATH)"
+}
 cuda_libraries() {
-  if ! ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so'; then
-    local found
-    found="$(find /usr/local /opt /usr/lib -maxdepth 9 -name 'libnvrtc.so*' 2>/dev/null | grep -v stub | sort | head -n 1)"
-    if [ -n "$found" ]; then export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
-  fi
-  echo "- CUDA libraries: libcuda $(ldconfig -p 2>/dev/null | grep -o 'libcuda\.so\.[0-9]*' | head -n 1 || true), NVRTC from ${LD_LIBRARY_PATH:-the loader cache}"
+  library_folder libcuda.so /usr/local/nvidia /usr/lib /usr/lib64 /usr/local/cuda
+  echo "- CUDA driver library: $library_from"
+  library_folder libnvrtc.so /usr/local /opt /usr/lib
+  echo "- NVRTC: $library_from"
 }
 
 {

@@ -199,12 +199,22 @@ fn dispatch_cuda<T: BackendTask>(_spec: DeviceSpec, _task: T) -> Result<T::Outpu
 
 /// Burn's GPU devices are created lazily and panic on first use when the driver or adapter
 /// is missing. Run one small computation with the panic caught (and its message kept quiet)
-/// and turn a panic into an error naming the device.
+/// and turn a panic into an error naming the device. The device starts on a thread of its
+/// own, so the panic caught here is often only a closed channel: the reason given is the
+/// first panic seen on any thread meanwhile (e.g. cudarc's "Unable to dynamically load the
+/// nvrtc shared library").
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn probe_with<B: burn::tensor::backend::Backend>(spec: DeviceSpec, device: B::Device) -> Result<(), BackendError> {
     use burn::tensor::Tensor;
+    use std::sync::{Arc, Mutex};
+    let panics: Arc<Mutex<Vec<String>>> = Arc::default();
     let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    let seen = Arc::clone(&panics);
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(mut seen) = seen.lock() {
+            seen.push(panic_message(info.payload()));
+        }
+    }));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let x = Tensor::<B, 1>::from_floats([1.0, 2.0, 3.0], &device);
         let sum: f32 = x.sum().into_scalar().elem();
@@ -217,15 +227,22 @@ fn probe_with<B: burn::tensor::backend::Backend>(spec: DeviceSpec, device: B::De
             Err(BackendError::NoDevice { kind: spec.kind, index: spec.index, reason: format!("a test sum gave {sum} instead of 6") })
         }
         Err(payload) => {
-            let reason = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
-                .unwrap_or_else(|| "the device failed to start".into());
-            let reason = reason.lines().next().unwrap_or_default().to_string();
+            let first = panics.lock().ok().and_then(|seen| seen.first().cloned());
+            let reason = first.unwrap_or_else(|| panic_message(&*payload));
+            let reason = reason.lines().find(|line| !line.trim().is_empty()).unwrap_or("the device failed to start").trim().to_string();
             Err(BackendError::NoDevice { kind: spec.kind, index: spec.index, reason })
         }
     }
+}
+
+/// A panic's message, when it carries one.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "the device failed to start".into())
 }
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
