@@ -152,13 +152,7 @@ fn linear_memory_attention_matches_plain_attention_in_value_and_gradients() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn linear_memory_attention_matches_plain_attention_on_wgpu() {
-    use longrl_backends::{BackendKind, DeviceSpec};
-    let spec = DeviceSpec::new(BackendKind::Wgpu, 0);
-    if let Err(err) = longrl_backends::probe(spec) {
-        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no wgpu adapter: {err}");
-        eprintln!("skipping the wgpu attention test: {err}");
-        return;
-    }
+    let Some(spec) = support::device_or_skip(longrl_backends::BackendKind::Wgpu, "the wgpu attention test") else { return };
     let _autodiff = autodiff_lock();
     compare_attention_kernels::<burn::backend::Autodiff<longrl_backends::Wgpu>>(&longrl_backends::wgpu_device(spec));
 }
@@ -168,13 +162,7 @@ fn linear_memory_attention_matches_plain_attention_on_wgpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn linear_memory_attention_matches_plain_attention_on_cuda() {
-    use longrl_backends::{BackendKind, DeviceSpec};
-    let spec = DeviceSpec::new(BackendKind::Cuda, 0);
-    if let Err(err) = longrl_backends::probe(spec) {
-        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no CUDA device: {err}");
-        eprintln!("skipping the CUDA attention test: {err}");
-        return;
-    }
+    let Some(spec) = support::device_or_skip(longrl_backends::BackendKind::Cuda, "the CUDA attention test") else { return };
     let _autodiff = autodiff_lock();
     compare_attention_kernels::<burn::backend::Autodiff<longrl_backends::Cuda>>(&longrl_backends::cuda_device(spec));
 }

@@ -146,13 +146,7 @@ fn logits_and_greedy_tokens_match_transformers() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn logits_and_greedy_tokens_match_transformers_on_wgpu() {
-    use longrl_backends::{BackendKind, DeviceSpec};
-    let spec = DeviceSpec::new(BackendKind::Wgpu, 0);
-    if let Err(err) = longrl_backends::probe(spec) {
-        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no wgpu adapter: {err}");
-        eprintln!("skipping the wgpu golden test: {err}");
-        return;
-    }
+    let Some(spec) = support::device_or_skip(longrl_backends::BackendKind::Wgpu, "the wgpu golden test") else { return };
     let diff = golden::<longrl_backends::Wgpu>(&longrl_backends::wgpu_device(spec));
     println!("wgpu: worst logit difference {diff:.2e}");
 }
@@ -163,13 +157,7 @@ fn logits_and_greedy_tokens_match_transformers_on_wgpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn logits_and_greedy_tokens_match_transformers_on_cuda() {
-    use longrl_backends::{BackendKind, DeviceSpec};
-    let spec = DeviceSpec::new(BackendKind::Cuda, 0);
-    if let Err(err) = longrl_backends::probe(spec) {
-        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no CUDA device: {err}");
-        eprintln!("skipping the CUDA golden test: {err}");
-        return;
-    }
+    let Some(spec) = support::device_or_skip(longrl_backends::BackendKind::Cuda, "the CUDA golden test") else { return };
     let diff = golden::<longrl_backends::Cuda>(&longrl_backends::cuda_device(spec));
     println!("cuda: worst logit difference {diff:.2e}");
 }

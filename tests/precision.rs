@@ -90,13 +90,7 @@ fn bf16_logits_match_transformers_within_bf16_tolerance() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn bf16_mixed_on_wgpu_falls_back_to_f32_and_matches() {
-    use longrl_backends::{BackendKind, DeviceSpec};
-    let spec = DeviceSpec::new(BackendKind::Wgpu, 0);
-    if let Err(err) = longrl_backends::probe(spec) {
-        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no wgpu adapter: {err}");
-        eprintln!("skipping the wgpu mixed-precision test: {err}");
-        return;
-    }
+    let Some(spec) = support::device_or_skip(longrl_backends::BackendKind::Wgpu, "the wgpu mixed-precision test") else { return };
     let (dtype, worst) = golden_mixed::<longrl_backends::Wgpu>(&longrl_backends::wgpu_device(spec));
     assert_eq!(dtype, DType::F32, "wgpu falls back to f32");
     println!("wgpu: worst logit difference {worst:.3e}");
@@ -107,13 +101,7 @@ fn bf16_mixed_on_wgpu_falls_back_to_f32_and_matches() {
 #[cfg(feature = "cuda")]
 #[test]
 fn bf16_logits_match_transformers_on_cuda() {
-    use longrl_backends::{BackendKind, DeviceSpec};
-    let spec = DeviceSpec::new(BackendKind::Cuda, 0);
-    if let Err(err) = longrl_backends::probe(spec) {
-        assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no CUDA device: {err}");
-        eprintln!("skipping the CUDA mixed-precision test: {err}");
-        return;
-    }
+    let Some(spec) = support::device_or_skip(longrl_backends::BackendKind::Cuda, "the CUDA mixed-precision test") else { return };
     let (dtype, worst) = golden_mixed::<longrl_backends::Cuda>(&longrl_backends::cuda_device(spec));
     assert_eq!(dtype, DType::BF16, "CUDA computes in bf16");
     println!("cuda: worst bf16 logit difference {worst:.3e}");

@@ -20,6 +20,21 @@ pub fn workspace() -> PathBuf {
     manifest.parent().expect("workspace root").to_path_buf()
 }
 
+/// Device 0 of a GPU backend for a test, when it answers; else `None`, saying that `what` is
+/// skipped and why. A missing device fails the test instead under `LONGRL_REQUIRE_DEVICE=1`
+/// (as `scripts/device_check.sh` sets), so that a device check cannot pass by skipping.
+pub fn device_or_skip(kind: longrl_backends::BackendKind, what: &str) -> Option<longrl_backends::DeviceSpec> {
+    let spec = longrl_backends::DeviceSpec::new(kind, 0);
+    match longrl_backends::probe(spec) {
+        Ok(()) => Some(spec),
+        Err(err) => {
+            assert!(std::env::var("LONGRL_REQUIRE_DEVICE").as_deref() != Ok("1"), "no {kind} device for {what}: {err}");
+            eprintln!("skipping {what}: {err}");
+            None
+        }
+    }
+}
+
 /// A recipe with `{tiny}` replaced by the embedded tiny model's directory.
 pub fn with_tiny(recipe: &str) -> String {
     recipe.replace("{tiny}", &workspace().join("examples/models/tiny").display().to_string())
