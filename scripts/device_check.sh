@@ -213,6 +213,7 @@ rl_run() {
 declare -A test_exe=()
 test_names=(model precision long_inputs)
 build_tests() {
+  rm -f "$out/test-executables.txt"  # a failed build must not leave an older list to pack
   bounded cargo test --locked "${profile_flag[@]}" "${features[@]}" "${test_names[@]/#/--test=}" --no-run --message-format=json-render-diagnostics >"$out/test-artifacts.json" || return 1
   python3 - "$out/test-artifacts.json" >"$out/test-executables.txt" <<'PY' || return 1
 import json, sys
