@@ -20,10 +20,12 @@
 #                attention's value and gradients against plain attention (tests/long_inputs.rs)
 #   bench-*      `longrl bench model` in f32 and in bf16-mixed: tokens/s, model FLOP rate and,
 #                with PEAK_TFLOPS_F32 / PEAK_TFLOPS_BF16 set, model FLOP utilisation
-#   rl-*         a short SFT + RL phase on the embedded tiny model (scripts/device_check.rhai)
-#                in f32 and in bf16-mixed, with an evaluation sharing the device
+#   torch-*      (cuda) examples/bench/transformers_bench.py on the same shapes and device, in
+#                f32 and in bf16-mixed, where python3 has torch: the side-by-side figures
 #   rollouts     `longrl bench rollout` with the tokens drawn on the host and on the device
 #                (untruncated, then top-p 0.95): what copying the logits back costs
+#   rl-*         a short SFT + RL phase on the embedded tiny model (scripts/device_check.rhai)
+#                in f32 and in bf16-mixed, with an evaluation sharing the device
 #   memory-*     `longrl bench memory` (one RL step) at growing lengths; on CUDA also the
 #                device memory nvidia-smi saw (peak RSS is host memory)
 # The most telling steps come first, so that a lease that runs out leaves them done.
@@ -200,6 +202,18 @@ rollouts() {
   done
 }
 
+# The PyTorch/transformers twin of `bench model` on the same shapes and device, where the
+# machine's python3 has torch with CUDA (the GPU image does); longrl's figures read as ratios.
+torch_twin() {
+  local precision="$1" peak="$2"
+  if ! python3 -c 'import sys, torch, transformers; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "no python3 with torch, transformers and CUDA here: the twin cannot run"
+    return 1
+  fi
+  bounded python3 "$root/examples/bench/transformers_bench.py" "${bench_args[@]}" --device cuda \
+    --precision "$precision" ${peak:+--peak-tflops "$peak"}
+}
+
 # The short RL run at one precision, then its SFT loss and RL reward by step.
 rl_run() {
   local precision="$1" metrics="$out/runs/$1/metrics.jsonl"
@@ -340,9 +354,13 @@ else
   step golden-attention golden long_inputs "$golden_attention"
   step bench-f32 "$bin" bench model --backend "$backend" "${bench_args[@]}" --precision f32 ${PEAK_TFLOPS_F32:+--peak-tflops "$PEAK_TFLOPS_F32"}
   step bench-bf16 "$bin" bench model --backend "$backend" "${bench_args[@]}" --precision bf16-mixed ${PEAK_TFLOPS_BF16:+--peak-tflops "$PEAK_TFLOPS_BF16"}
+  if [ "$backend" = cuda ]; then
+    step torch-f32 torch_twin f32 "${PEAK_TFLOPS_F32:-}"
+    step torch-bf16 torch_twin bf16-mixed "${PEAK_TFLOPS_BF16:-}"
+  fi
+  step rollouts rollouts
   step rl-f32 rl_run f32
   step rl-bf16 rl_run bf16-mixed
-  step rollouts rollouts
   step memory-f32 memory f32
   step memory-bf16 memory bf16-mixed
 fi
