@@ -325,6 +325,19 @@ cuda_libraries() {
   echo "- CUDA driver library: $library_from"
   library_folder libnvrtc.so /usr/local /opt /usr/lib
   echo "- NVRTC: $library_from"
+  cuda_headers
+}
+
+# cubecl's NVRTC compiles kernels against the toolkit's headers, found through CUDA_PATH or
+# /usr/local/cuda; elsewhere, the folder above the one holding cuda_bf16.h becomes CUDA_PATH.
+cuda_headers() {
+  local header
+  if [ -n "${CUDA_PATH:-}" ]; then echo "- CUDA headers: $CUDA_PATH/include (CUDA_PATH)"; return; fi
+  if [ -f /usr/local/cuda/include/cuda_bf16.h ]; then echo "- CUDA headers: /usr/local/cuda/include"; return; fi
+  header="$(find /usr/local /opt /usr/include -maxdepth 9 -name cuda_bf16.h 2>/dev/null | sort | head -n 1)"
+  if [ -z "$header" ]; then echo "- CUDA headers: NOT FOUND (no cuda_bf16.h)"; return; fi
+  export CUDA_PATH="$(dirname "$(dirname "$header")")"
+  echo "- CUDA headers: $CUDA_PATH/include (CUDA_PATH set)"
 }
 
 {
