@@ -20,8 +20,9 @@
 #                attention's value and gradients against plain attention (tests/long_inputs.rs)
 #   bench-*      `longrl bench model` in f32 and in bf16-mixed: tokens/s, model FLOP rate and,
 #                with PEAK_TFLOPS_F32 / PEAK_TFLOPS_BF16 set, model FLOP utilisation
-#   torch-*      (cuda) examples/bench/transformers_bench.py on the same shapes and device, in
-#                f32 and in bf16-mixed, where python3 has torch: the side-by-side figures
+#   torch-*      examples/bench/transformers_bench.py on the same shapes and device, in f32
+#                and in bf16-mixed: the side-by-side figures (always on CUDA, where the GPU
+#                image's python3 has torch; on the CPU only where DEVICE_CHECK_PYTHON has it)
 #   rollouts     `longrl bench rollout` with the tokens drawn on the host and on the device
 #                (untruncated, then top-p 0.95): what copying the logits back costs
 #   rl-*         a short SFT + RL phase on the embedded tiny model (scripts/device_check.rhai)
@@ -40,7 +41,8 @@
 # one step may take; default none), DEVICE_CHECK_DEADLINE (seconds for the whole check: a step
 # is cut at it, and the steps after it are marked SKIPPED; default none), CUDARC_CUDA_VERSION
 # (the CUDA version a bundle is built for where this machine has no nvcc; default 13000),
-# CARGO_TARGET_DIR.
+# DEVICE_CHECK_PYTHON (the Python with torch and transformers for the torch-* steps; default
+# python3), CARGO_TARGET_DIR.
 set -uo pipefail
 
 usage="usage: scripts/device_check.sh cpu|wgpu|cuda [--bundle ARCHIVE.tar.xz|.tar.gz | --prebuilt ARCHIVE|DIR]"
@@ -202,15 +204,22 @@ rollouts() {
   done
 }
 
-# The PyTorch/transformers twin of `bench model` on the same shapes and device, where the
-# machine's python3 has torch with CUDA (the GPU image does); longrl's figures read as ratios.
+# The PyTorch/transformers twin of `bench model` on the same shapes and device, so that
+# longrl's figures read as ratios. torch_device: cuda for the CUDA backend, cpu for the CPU one.
+python="${DEVICE_CHECK_PYTHON:-python3}"
+torch_device=""
+case "$backend" in cpu) torch_device=cpu ;; cuda) torch_device=cuda ;; esac
+twin_available() {
+  [ -n "$torch_device" ] && "$python" -c "import sys, torch, transformers
+sys.exit(0 if '$torch_device' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null
+}
 torch_twin() {
   local precision="$1" peak="$2"
-  if ! python3 -c 'import sys, torch, transformers; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    echo "no python3 with torch, transformers and CUDA here: the twin cannot run"
+  if ! twin_available; then
+    echo "no $python with torch, transformers and $torch_device here: the twin cannot run"
     return 1
   fi
-  bounded python3 "$root/examples/bench/transformers_bench.py" "${bench_args[@]}" --device cuda \
+  bounded "$python" "$root/examples/bench/transformers_bench.py" "${bench_args[@]}" --device "$torch_device" \
     --precision "$precision" ${peak:+--peak-tflops "$peak"}
 }
 
@@ -367,7 +376,7 @@ else
   step golden-attention golden long_inputs "$golden_attention"
   step bench-f32 "$bin" bench model --backend "$backend" "${bench_args[@]}" --precision f32 ${PEAK_TFLOPS_F32:+--peak-tflops "$PEAK_TFLOPS_F32"}
   step bench-bf16 "$bin" bench model --backend "$backend" "${bench_args[@]}" --precision bf16-mixed ${PEAK_TFLOPS_BF16:+--peak-tflops "$PEAK_TFLOPS_BF16"}
-  if [ "$backend" = cuda ]; then
+  if [ "$backend" = cuda ] || twin_available; then
     step torch-f32 torch_twin f32 "${PEAK_TFLOPS_F32:-}"
     step torch-bf16 torch_twin bf16-mixed "${PEAK_TFLOPS_BF16:-}"
   fi
