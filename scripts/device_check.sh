@@ -64,6 +64,8 @@ case "$bundle" in "" | /*) ;; *) bundle="$(pwd)/$bundle" ;; esac
 case "$prebuilt" in "" | /*) ;; *) prebuilt="$(pwd)/$prebuilt" ;; esac
 cd "$(dirname "$0")/.."
 root="$(pwd)"
+# shellcheck source=scripts/device_env.sh
+. "$root/scripts/device_env.sh"
 profile="${DEVICE_CHECK_PROFILE:-release}"
 case "$profile" in
   release) profile_flag=(--release); profile_dir=release ;;
@@ -297,56 +299,13 @@ unpack() {
   if [ -f "$prebuilt" ]; then
     dir="$out/bundle"
     rm -rf "$dir" && mkdir -p "$dir" || return 1
-    if [[ "$prebuilt" == *.tar.xz ]] && ! command -v xz >/dev/null; then
-      # No xz program (a minimal image): Python's lzma reads it.
-      python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$prebuilt" "$dir" || return 1
-    else
-      tar xf "$prebuilt" -C "$dir" || return 1
-    fi
+    unpack_archive "$prebuilt" "$dir" || return 1
   fi
   cat "$dir/BUNDLE.txt" || return 1
   grep -qx "backend: $backend" "$dir/BUNDLE.txt" || { echo "the bundle was built for another backend"; return 1; }
   bin="$dir/longrl"
   for name in "${test_names[@]}"; do test_exe[$name]="$dir/tests/$name"; done
   "$bin" --version || return 1
-}
-
-# On CUDA: the driver and NVRTC libraries cudarc loads at run time. One the loader finds
-# neither in its cache nor on LD_LIBRARY_PATH (a driver mounted outside the cache, a toolkit
-# outside it, PyTorch's pip wheels) is looked for in the usual places, and its folder joins
-# LD_LIBRARY_PATH; the summary says where each came from.
-library_folder() {
-  local name="$1" dir found
-  shift
-  if ldconfig -p 2>/dev/null | grep -q "$name"; then library_from="the loader cache"; return; fi
-  local -a dirs=()
-  IFS=: read -ra dirs <<<"${LD_LIBRARY_PATH:-}"
-  for dir in "${dirs[@]}"; do
-    if compgen -G "$dir/$name*" >/dev/null; then library_from="$dir (LD_LIBRARY_PATH)"; return; fi
-  done
-  found="$(find "$@" -maxdepth 9 -name "$name*" 2>/dev/null | grep -v -e stubs -e compat | sort | head -n 1)"
-  if [ -z "$found" ]; then library_from="NOT FOUND"; return; fi
-  export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  library_from="$(dirname "$found") (added to LD_LIBRARY_PATH)"
-}
-cuda_libraries() {
-  library_folder libcuda.so /usr/local/nvidia /usr/lib /usr/lib64 /usr/local/cuda
-  echo "- CUDA driver library: $library_from"
-  library_folder libnvrtc.so /usr/local /opt /usr/lib
-  echo "- NVRTC: $library_from"
-  cuda_headers
-}
-
-# cubecl's NVRTC compiles kernels against the toolkit's headers, found through CUDA_PATH or
-# /usr/local/cuda; elsewhere, the folder above the one holding cuda_bf16.h becomes CUDA_PATH.
-cuda_headers() {
-  local header
-  if [ -n "${CUDA_PATH:-}" ]; then echo "- CUDA headers: $CUDA_PATH/include (CUDA_PATH)"; return; fi
-  if [ -f /usr/local/cuda/include/cuda_bf16.h ]; then echo "- CUDA headers: /usr/local/cuda/include"; return; fi
-  header="$(find /usr/local /opt /usr/include -maxdepth 9 -name cuda_bf16.h 2>/dev/null | sort | head -n 1)"
-  if [ -z "$header" ]; then echo "- CUDA headers: NOT FOUND (no cuda_bf16.h)"; return; fi
-  export CUDA_PATH="$(dirname "$(dirname "$header")")"
-  echo "- CUDA headers: $CUDA_PATH/include (CUDA_PATH set)"
 }
 
 {

