@@ -8,16 +8,17 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use longrl_backends::DeviceSpec;
 use longrl_stdlib::metrics::Metrics;
 use longrl_stdlib::stage::StageCounters;
-use longrl_stdlib::{CancelToken, Item, PortSpec, Registry, StageContext, StageError, StageIo};
+use longrl_stdlib::{CancelToken, Item, PortSpec, Registry, StageContext, StageError, StageFactory, StageIo};
 use serde_json::Value;
 
-use crate::dataflow::plan::ValidPlan;
+use crate::dataflow::plan::{Node, ValidPlan};
 
 /// How a run is set up.
 #[derive(Debug, Clone)]
@@ -152,109 +153,151 @@ pub enum ExecuteError {
 /// makes the report unsuccessful (see [`RunReport::failure_message`]).
 pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, cancel: &CancelToken) -> Result<RunReport, ExecuteError> {
     let started = Instant::now();
-    let capacity = options.channel_capacity.max(1);
-
-    // One channel per edge: a port fed by several edges reads them in turn, in recipe order
-    // (`FanIn`), so its order does not depend on the threads' timing.
-    let mut receivers: BTreeMap<(usize, &'static str), Vec<Receiver<Item>>> = BTreeMap::new();
-    let mut edge_senders: Vec<Sender<Item>> = Vec::with_capacity(plan.edges.len());
-    for edge in &plan.edges {
-        let (tx, rx) = bounded(capacity);
-        receivers.entry((edge.to, edge.to_port)).or_default().push(rx);
-        edge_senders.push(tx);
-    }
-
+    let mut channels = Channels::wire(plan, options.channel_capacity.max(1));
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, StageReport)>();
     let mut handles = Vec::new();
     for node in &plan.nodes {
         let factory = registry.get(&node.stage).ok_or_else(|| ExecuteError::UnknownStage(node.stage.clone()))?;
-        let inputs: Vec<(PortSpec, Vec<Receiver<Item>>)> =
-            factory.inputs().iter().map(|port| (*port, receivers.remove(&(node.id, port.name)).unwrap_or_default())).collect();
-        let outputs: Vec<(PortSpec, Vec<Sender<Item>>)> = factory
+        let handle = spawn_stage(plan, node, factory, channels.ports(plan, node, factory.as_ref()), options, &done_tx, cancel).map_err(
+            |source| {
+                cancel.cancel();
+                ExecuteError::Spawn { label: node.label(), source }
+            },
+        )?;
+        handles.push(handle);
+    }
+    drop(done_tx);
+    // The executor's own senders would keep channels open: drop them so ends propagate.
+    drop(channels);
+    Ok(finish(plan, &done_rx, handles, cancel, started))
+}
+
+/// One bounded channel per edge. A port fed by several edges reads them in turn, in recipe
+/// order (`FanIn`), so its order does not depend on the threads' timing.
+struct Channels {
+    /// The receivers not yet handed to a stage, by (node, input port).
+    receivers: BTreeMap<(usize, &'static str), Vec<Receiver<Item>>>,
+    /// One sender per edge, in the plan's edge order.
+    senders: Vec<Sender<Item>>,
+}
+
+/// A stage's input ports with their receivers and output ports with their senders.
+type StagePorts = (Vec<(PortSpec, Vec<Receiver<Item>>)>, Vec<(PortSpec, Vec<Sender<Item>>)>);
+
+impl Channels {
+    fn wire(plan: &ValidPlan, capacity: usize) -> Self {
+        let mut receivers: BTreeMap<(usize, &'static str), Vec<Receiver<Item>>> = BTreeMap::new();
+        let mut senders = Vec::with_capacity(plan.edges.len());
+        for edge in &plan.edges {
+            let (tx, rx) = bounded(capacity);
+            receivers.entry((edge.to, edge.to_port)).or_default().push(rx);
+            senders.push(tx);
+        }
+        Self { receivers, senders }
+    }
+
+    /// Takes `node`'s receivers and clones the senders of the edges leaving it.
+    fn ports(&mut self, plan: &ValidPlan, node: &Node, factory: &dyn StageFactory) -> StagePorts {
+        let inputs =
+            factory.inputs().iter().map(|port| (*port, self.receivers.remove(&(node.id, port.name)).unwrap_or_default())).collect();
+        let outputs = factory
             .outputs()
             .iter()
             .map(|port| {
                 let senders = plan
                     .edges
                     .iter()
-                    .zip(&edge_senders)
+                    .zip(&self.senders)
                     .filter(|(e, _)| e.from == node.id && e.from_port == port.name)
                     .map(|(_, tx)| tx.clone())
                     .collect();
                 (*port, senders)
             })
             .collect();
-        let label = node.label();
-        let ctx = StageContext {
-            base_dir: options.base_dir.clone(),
-            run_dir: options.run_dir.clone(),
-            label: format!("{label} ({}:{})", plan.recipe, node.position.line),
-            seed: options.seed,
-            node: node.id,
-            closures: Arc::clone(&plan.closures),
-            device: options.device,
-            resuming: options.resuming,
-        };
-        let counters = Arc::new(StageCounters::default());
-        let io = StageIo::new(label.clone(), inputs, outputs, cancel.clone(), Arc::clone(&counters), options.metrics.clone());
-        let factory = Arc::clone(factory);
-        let stage_options = node.options.clone();
-        let done = done_tx.clone();
-        let stage_cancel = cancel.clone();
-        let (node_id, line, stage_name) = (node.id, node.position.line, node.stage.clone());
-        let handle = std::thread::Builder::new()
-            .name(label.clone())
-            .spawn(move || {
-                let span = tracing::info_span!("stage", name = %label);
-                let _enter = span.enter();
-                let stage_started = Instant::now();
-                let mut io = io;
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    let stage = factory.build(&stage_options, &ctx)?;
-                    stage.run(&mut io)
-                }));
-                let result = match outcome {
-                    Ok(result) => result,
-                    Err(payload) => Err(StageError::Failed(format!("internal error (panic): {}", panic_text(&payload)))),
-                };
-                let (status, error) = match result {
-                    Ok(()) => (StageStatus::Ok, None),
-                    Err(err) if err.is_cancelled() || (stage_cancel.is_cancelled() && is_echo(&err)) => (StageStatus::Cancelled, None),
-                    Err(err) => {
-                        stage_cancel.cancel();
-                        tracing::error!(error = %err, "stage failed");
-                        (StageStatus::Failed, Some(err.to_string()))
-                    }
-                };
-                let report = StageReport {
-                    node: node_id,
-                    stage: stage_name,
-                    label,
-                    line,
-                    status,
-                    items_in: counters.items_in.load(Ordering::Relaxed),
-                    items_out: counters.items_out.load(Ordering::Relaxed),
-                    wall_s: stage_started.elapsed().as_secs_f64(),
-                    summary: io.into_summary(),
-                    error,
-                };
-                // Dropping `io` (inside into_summary) closed this stage's outputs.
-                let _ = done.send((node_id, report));
-            })
-            .map_err(|source| {
-                cancel.cancel();
-                ExecuteError::Spawn { label: node.label(), source }
-            })?;
-        handles.push(handle);
+        (inputs, outputs)
     }
-    drop(done_tx);
-    // The executor's own senders would keep channels open: drop them so ends propagate.
-    drop(edge_senders);
+}
 
-    let mut reports = collect_reports(&done_rx, plan.nodes.len(), cancel);
-    // A stage still busy after the grace period (inside one long computation or a request)
-    // is left behind: its report says so, and the process exit ends its thread.
-    let missing: Vec<&crate::dataflow::plan::Node> = plan.nodes.iter().filter(|n| !reports.contains_key(&n.id)).collect();
+/// Starts `node`'s thread: it builds and runs the stage, turns a panic into a failure, sets
+/// the cancel token when it fails, and sends its report on `done`.
+fn spawn_stage(
+    plan: &ValidPlan,
+    node: &Node,
+    factory: &Arc<dyn StageFactory>,
+    (inputs, outputs): StagePorts,
+    options: &RunOptions,
+    done: &Sender<(usize, StageReport)>,
+    cancel: &CancelToken,
+) -> std::io::Result<JoinHandle<()>> {
+    let label = node.label();
+    let ctx = StageContext {
+        base_dir: options.base_dir.clone(),
+        run_dir: options.run_dir.clone(),
+        label: format!("{label} ({}:{})", plan.recipe, node.position.line),
+        seed: options.seed,
+        node: node.id,
+        closures: Arc::clone(&plan.closures),
+        device: options.device,
+        resuming: options.resuming,
+    };
+    let counters = Arc::new(StageCounters::default());
+    let io = StageIo::new(label.clone(), inputs, outputs, cancel.clone(), Arc::clone(&counters), options.metrics.clone());
+    let factory = Arc::clone(factory);
+    let stage_options = node.options.clone();
+    let done = done.clone();
+    let stage_cancel = cancel.clone();
+    let (node_id, line, stage_name) = (node.id, node.position.line, node.stage.clone());
+    std::thread::Builder::new().name(label.clone()).spawn(move || {
+        let span = tracing::info_span!("stage", name = %label);
+        let _enter = span.enter();
+        let stage_started = Instant::now();
+        let mut io = io;
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let stage = factory.build(&stage_options, &ctx)?;
+            stage.run(&mut io)
+        }));
+        let result = match outcome {
+            Ok(result) => result,
+            Err(payload) => Err(StageError::Failed(format!("internal error (panic): {}", panic_text(&payload)))),
+        };
+        let (status, error) = match result {
+            Ok(()) => (StageStatus::Ok, None),
+            Err(err) if err.is_cancelled() || (stage_cancel.is_cancelled() && is_echo(&err)) => (StageStatus::Cancelled, None),
+            Err(err) => {
+                stage_cancel.cancel();
+                tracing::error!(error = %err, "stage failed");
+                (StageStatus::Failed, Some(err.to_string()))
+            }
+        };
+        let report = StageReport {
+            node: node_id,
+            stage: stage_name,
+            label,
+            line,
+            status,
+            items_in: counters.items_in.load(Ordering::Relaxed),
+            items_out: counters.items_out.load(Ordering::Relaxed),
+            wall_s: stage_started.elapsed().as_secs_f64(),
+            summary: io.into_summary(),
+            error,
+        };
+        // Dropping `io` (inside into_summary) closed this stage's outputs.
+        let _ = done.send((node_id, report));
+    })
+}
+
+/// Gathers every stage's report. A stage still busy after the grace period (inside one long
+/// computation or a request) is left behind: its report says so, and the process exit ends
+/// its thread.
+fn finish(
+    plan: &ValidPlan,
+    done: &Receiver<(usize, StageReport)>,
+    handles: Vec<JoinHandle<()>>,
+    cancel: &CancelToken,
+    started: Instant,
+) -> RunReport {
+    let mut reports = collect_reports(done, plan.nodes.len(), cancel);
+    let missing: Vec<&Node> = plan.nodes.iter().filter(|n| !reports.contains_key(&n.id)).collect();
     for node in missing {
         tracing::warn!(stage = %node.label(), "the stage did not stop within {} s of the stop; leaving it behind", STOP_GRACE.as_secs());
         reports.insert(node.id, abandoned(node, started));
@@ -263,7 +306,7 @@ pub fn execute(plan: &ValidPlan, registry: &Registry, options: &RunOptions, canc
         let _ = handle.join();
     }
     let interrupted = cancel.is_cancelled() && reports.values().all(|r| r.status != StageStatus::Failed);
-    Ok(RunReport { stages: reports.into_values().collect(), wall_s: started.elapsed().as_secs_f64(), interrupted })
+    RunReport { stages: reports.into_values().collect(), wall_s: started.elapsed().as_secs_f64(), interrupted }
 }
 
 /// How long stages get to wind down once the run is stopped (a failure, Ctrl-C, SIGTERM).
@@ -290,7 +333,7 @@ fn collect_reports(done_rx: &Receiver<(usize, StageReport)>, stages: usize, canc
 }
 
 /// The report of a stage that did not stop in time.
-fn abandoned(node: &crate::dataflow::plan::Node, started: Instant) -> StageReport {
+fn abandoned(node: &Node, started: Instant) -> StageReport {
     StageReport {
         node: node.id,
         stage: node.stage.clone(),
