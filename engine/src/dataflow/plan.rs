@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use longrl_stdlib::script::ScriptFn;
-use longrl_stdlib::{PlanEdge, PlanNode, PlanView, PortKind, Registry, StageContext};
+use longrl_stdlib::{PlanEdge, PlanNode, PlanView, PortKind, Registry, StageContext, StageFactory};
 use serde_json::Value;
 
 /// A line and column in the recipe (1-based; 0 when unknown).
@@ -151,10 +151,39 @@ impl Plan {
     /// Checks everything, returning every problem found, sorted by position.
     pub fn validate(self, registry: &Registry, ctx: &StageContext) -> Result<ValidPlan, Problems> {
         let mut problems = self.problems.clone();
-        let mut warnings = Vec::new();
         let node_ctx =
             |node: &Node| StageContext { label: node.label(), node: node.id, closures: Arc::clone(&self.closures), ..ctx.clone() };
+        problems.extend(self.option_problems(registry, &node_ctx));
+        let resolved = self.resolve_edges(registry, &mut problems);
+        if self.nodes.is_empty() && problems.is_empty() {
+            problems.push(Problem::new(Position::default(), "the recipe declares no stages"));
+        }
+        let warnings = self.check_ports(registry, &resolved, &mut problems);
+        if let Some(cycle) = find_cycle(self.nodes.len(), &resolved) {
+            let names: Vec<String> = cycle.iter().map(|&id| self.nodes[id].label()).collect();
+            let position = self.nodes[cycle[0]].position;
+            problems.push(Problem::new(position, format!("the plan has a cycle: {} -> {}", names.join(" -> "), names[0])));
+        }
+        problems.extend(shared_writes(&self.nodes, registry, &node_ctx));
+        problems.extend(self.plan_problems(registry, &resolved));
 
+        if problems.is_empty() {
+            Ok(ValidPlan { recipe: self.recipe, nodes: self.nodes, edges: resolved, closures: self.closures, warnings })
+        } else {
+            problems.sort();
+            problems.dedup();
+            Err(Problems { recipe: self.recipe, list: problems })
+        }
+    }
+
+    /// The stages of the plan whose name the registry knows.
+    fn known_nodes<'a>(&'a self, registry: &'a Registry) -> impl Iterator<Item = (&'a Node, &'a Arc<dyn StageFactory>)> {
+        self.nodes.iter().filter(|n| !n.unknown).filter_map(|n| registry.get(&n.stage).map(|factory| (n, factory)))
+    }
+
+    /// Unknown stages, and what each stage's own check finds wrong with its options.
+    fn option_problems(&self, registry: &Registry, node_ctx: &dyn Fn(&Node) -> StageContext) -> Vec<Problem> {
+        let mut problems = Vec::new();
         for node in self.nodes.iter().filter(|n| !n.unknown) {
             let Some(factory) = registry.get(&node.stage) else {
                 problems.push(Problem::new(node.position, format!("unknown stage `{}`", node.stage)));
@@ -164,7 +193,12 @@ impl Plan {
                 problems.push(Problem::new(node.position, format!("{}: {message}", node.stage)));
             }
         }
+        problems
+    }
 
+    /// Each edge between known stages, its ports picked ([`resolve_edge`]); the ones that
+    /// cannot be resolved become problems.
+    fn resolve_edges(&self, registry: &Registry, problems: &mut Vec<Problem>) -> Vec<ResolvedEdge> {
         let mut resolved = Vec::new();
         for edge in &self.edges {
             let (Some(from), Some(to)) = (self.nodes.get(edge.from.node), self.nodes.get(edge.to.node)) else {
@@ -182,19 +216,21 @@ impl Plan {
                 Err(message) => problems.push(Problem::new(edge.position, message)),
             }
         }
+        resolved
+    }
 
-        if self.nodes.is_empty() && problems.is_empty() {
-            problems.push(Problem::new(Position::default(), "the recipe declares no stages"));
-        }
+    /// Required inputs left unconnected and model inputs fed twice are problems; a stage's
+    /// only records output that nothing reads is a warning (returned).
+    fn check_ports(&self, registry: &Registry, resolved: &[ResolvedEdge], problems: &mut Vec<Problem>) -> Vec<Problem> {
         // Edges by port, so that large plans check in linear time.
         let mut into_ports: BTreeMap<(usize, &str), usize> = BTreeMap::new();
         let mut used_outputs: BTreeSet<(usize, &str)> = BTreeSet::new();
-        for edge in &resolved {
+        for edge in resolved {
             *into_ports.entry((edge.to, edge.to_port)).or_default() += 1;
             used_outputs.insert((edge.from, edge.from_port));
         }
-        for node in self.nodes.iter().filter(|n| !n.unknown) {
-            let Some(factory) = registry.get(&node.stage) else { continue };
+        let mut warnings = Vec::new();
+        for (node, factory) in self.known_nodes(registry) {
             for port in factory.inputs() {
                 let count = into_ports.get(&(node.id, port.name)).copied().unwrap_or(0);
                 if port.required && count == 0 {
@@ -217,36 +253,24 @@ impl Plan {
                 }
             }
         }
+        warnings
+    }
 
-        if let Some(cycle) = find_cycle(self.nodes.len(), &resolved) {
-            let names: Vec<String> = cycle.iter().map(|&id| self.nodes[id].label()).collect();
-            let position = self.nodes[cycle[0]].position;
-            problems.push(Problem::new(position, format!("the plan has a cycle: {} -> {}", names.join(" -> "), names[0])));
-        }
-
-        problems.extend(shared_writes(&self.nodes, registry, &node_ctx));
-
-        // Checks stages make of the plan around them (e.g. a curriculum's chained phases).
+    /// The checks stages make of the plan around them (e.g. a curriculum's chained phases).
+    fn plan_problems(&self, registry: &Registry, resolved: &[ResolvedEdge]) -> Vec<Problem> {
         let view_nodes: Vec<PlanNode> =
             self.nodes.iter().filter(|n| !n.unknown).map(|n| PlanNode { id: n.id, stage: &n.stage, options: &n.options }).collect();
         let view_edges: Vec<PlanEdge> =
             resolved.iter().map(|e| PlanEdge { from: e.from, from_port: e.from_port, to: e.to, to_port: e.to_port }).collect();
         let view = PlanView { nodes: &view_nodes, edges: &view_edges };
-        for node in self.nodes.iter().filter(|n| !n.unknown) {
-            let Some(factory) = registry.get(&node.stage) else { continue };
+        let mut problems = Vec::new();
+        for (node, factory) in self.known_nodes(registry) {
             for (id, message) in factory.check_plan(&view, node.id) {
                 let position = self.nodes.get(id).map_or(node.position, |n| n.position);
                 problems.push(Problem::new(position, message));
             }
         }
-
-        if problems.is_empty() {
-            Ok(ValidPlan { recipe: self.recipe, nodes: self.nodes, edges: resolved, closures: self.closures, warnings })
-        } else {
-            problems.sort();
-            problems.dedup();
-            Err(Problems { recipe: self.recipe, list: problems })
-        }
+        problems
     }
 }
 
