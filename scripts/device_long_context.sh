@@ -12,9 +12,10 @@
 #   here:  scripts/fetch_smollm2.sh                          # once, the GGUF into ~/.cache/longrl
 #          scripts/device_long_context.sh split              # -> .device/smollm2/part-NN-of-MM
 #          scripts/device_check.sh cuda --bundle .device/cuda.tar.xz    # if main moved
-#   there: one `run` call per part, `carry: [".device/smollm2/part-NN-of-MM"]`, command `true`
-#          (the bundle with the first: `carry: [".device/cuda.tar.xz", ...]` where it fits,
-#          else a call of its own); then, with the last part:
+#   there: first the bundle, `carry: [".device/cuda.tar.xz"]` (with it and the committed files
+#          no part fits; the device check's call does it), then one `run` call per part,
+#          `carry: [".device/smollm2/part-NN-of-MM"]`, command `true`, each within 30 s of the
+#          last; with the last part the command is
 #          LC_DEADLINE=420 scripts/device_long_context.sh run [--set NAME=VALUE ...]
 #
 # `run` unpacks the bundle's longrl (or uses $LONGRL), joins the parts, checks the GGUF's
