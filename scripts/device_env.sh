@@ -15,29 +15,43 @@ unpack_archive() {
   fi
 }
 
-# On CUDA: the driver and NVRTC libraries cudarc loads at run time. One the loader finds
-# neither in its cache nor on LD_LIBRARY_PATH (a driver mounted outside the cache, a toolkit
-# outside it, PyTorch's pip wheels) is looked for in the usual places, and its folder joins
-# LD_LIBRARY_PATH; the summary says where each came from.
+# On CUDA: the driver and NVRTC libraries cudarc loads at run time, by the unversioned name or
+# the one ending in the major version it was built for (libcuda.so.1, libnvrtc.so.13 for
+# CUDA 13); it would also take an older NVRTC (.so.12) that does not match its bindings, so
+# only the wanted major counts as found. One the loader finds neither in its cache nor on
+# LD_LIBRARY_PATH (a driver mounted outside the cache, a toolkit outside it, PyTorch's pip
+# wheels) is looked for in the usual places, and its folder joins LD_LIBRARY_PATH; the
+# summary says where each came from.
+#
+# library_folder NAME MAJOR DIR...: sets library_from.
 library_folder() {
-  local name="$1" dir found
-  shift
-  if ldconfig -p 2>/dev/null | grep -q "$name"; then library_from="the loader cache"; return; fi
+  local name="$1" major="$2" dir found other
+  shift 2
+  local pattern="^[[:space:]]*${name//./\\.}(\\.${major}[0-9.]*)? "
+  if ldconfig -p 2>/dev/null | grep -qE "$pattern"; then library_from="the loader cache"; return; fi
   local -a dirs=()
   IFS=: read -ra dirs <<<"${LD_LIBRARY_PATH:-}"
   for dir in "${dirs[@]}"; do
-    if compgen -G "$dir/$name*" >/dev/null; then library_from="$dir (LD_LIBRARY_PATH)"; return; fi
+    if compgen -G "$dir/$name" >/dev/null || compgen -G "$dir/$name.$major*" >/dev/null; then
+      library_from="$dir (LD_LIBRARY_PATH)"
+      return
+    fi
   done
-  found="$(find "$@" -maxdepth 9 -name "$name*" 2>/dev/null | grep -v -e stubs -e compat | sort | head -n 1)"
-  if [ -z "$found" ]; then library_from="NOT FOUND"; return; fi
+  found="$(find "$@" -maxdepth 9 \( -name "$name" -o -name "$name.$major*" \) 2>/dev/null | grep -v -e stubs -e compat | sort | head -n 1)"
+  if [ -z "$found" ]; then
+    other="$(find "$@" -maxdepth 9 -name "$name*" 2>/dev/null | grep -v -e stubs -e compat | sort | head -n 1)"
+    library_from="NOT FOUND${other:+ (only $other, not major $major)}"
+    return
+  fi
   export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   library_from="$(dirname "$found") (added to LD_LIBRARY_PATH)"
 }
 cuda_libraries() {
-  library_folder libcuda.so /usr/local/nvidia /usr/lib /usr/lib64 /usr/local/cuda
+  local cuda_major=$((${CUDARC_CUDA_VERSION:-13000} / 1000))
+  library_folder libcuda.so 1 /usr/local/nvidia /usr/lib /usr/lib64 /usr/local/cuda
   echo "- CUDA driver library: $library_from"
-  library_folder libnvrtc.so /usr/local /opt /usr/lib
-  echo "- NVRTC: $library_from"
+  library_folder libnvrtc.so "$cuda_major" /usr/local /opt /usr/lib
+  echo "- NVRTC $cuda_major: $library_from"
   cuda_headers
 }
 
