@@ -211,9 +211,14 @@ rollouts() {
 python="${DEVICE_CHECK_PYTHON:-python3}"
 torch_device=""
 case "$backend" in cpu) torch_device=cpu ;; cuda) torch_device=cuda ;; esac
+twin_found=""  # yes or no once asked: importing torch takes seconds of a lease
 twin_available() {
-  [ -n "$torch_device" ] && "$python" -c "import sys, torch, transformers
-sys.exit(0 if '$torch_device' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null
+  if [ -z "$twin_found" ]; then
+    twin_found=no
+    if [ -n "$torch_device" ] && "$python" -c "import sys, torch, transformers
+sys.exit(0 if '$torch_device' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null; then twin_found=yes; fi
+  fi
+  [ "$twin_found" = yes ]
 }
 torch_twin() {
   local precision="$1" peak="$2"
