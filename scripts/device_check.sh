@@ -322,6 +322,10 @@ unpack() {
     echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
   fi
   if [ "$backend" = cuda ] && [ "$mode" = prebuilt ]; then cuda_libraries; fi
+  if [ "$backend" != cpu ]; then
+    # How hard cubecl tunes each new kernel shape before using it (minimal saves a lease's time).
+    echo "- cubecl autotune level: ${CUBECL_AUTOTUNE_LEVEL:-balanced (the default)}"
+  fi
   echo
 } >"$summary"
 
