@@ -39,17 +39,21 @@ PRESETS = {
 }
 
 
-def synchronize():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def timed(fn):
-    synchronize()
+def timed(device, fn):
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
-    synchronize()
+    synchronize(device)
     return out, time.perf_counter() - start
+
+
+def median_seconds(device, fn, runs=3):
+    return sorted(timed(device, fn)[1] for _ in range(runs))[runs // 2]
 
 
 def train_flops_per_token(params, config, seq):
@@ -58,6 +62,51 @@ def train_flops_per_token(params, config, seq):
     attention's 12 * layers * width * seq / 2."""
     width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
     return 6.0 * params + 6.0 * config.num_hidden_layers * width * seq
+
+
+def inference(generator, device, args):
+    """Prefill and decode rates, after a warm-up at the timed shapes (as longrl's bench does).
+    The group's prefill is timed on its own: transformers prefills the prompt once per row."""
+    prompt = torch.tensor([[(i * 7919 + 13) % args.vocab for i in range(args.prompt_len)]], device=device)
+    rows = prompt.repeat(args.group, 1)
+    gen = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0, eos_token_id=None)
+
+    def generate(new_tokens, group=1):
+        return generator.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  num_return_sequences=group, **gen)
+
+    with torch.no_grad():
+        generate(2, args.group)
+        generate(2)
+        prefill = median_seconds(device, lambda: generator(prompt, use_cache=True, logits_to_keep=1))
+        group_prefill = median_seconds(device, lambda: generator(rows, use_cache=True, logits_to_keep=1))
+        _, one = timed(device, lambda: generate(args.new_tokens))
+        _, group = timed(device, lambda: generate(args.new_tokens, args.group))
+    return {
+        "prefill": args.prompt_len / prefill,
+        "decode_batch1": (args.new_tokens - 1) / max(one - prefill, 1e-9),
+        "decode_group": args.group * (args.new_tokens - 1) / max(group - group_prefill, 1e-9),
+        "group_wall_s": group,
+    }
+
+
+def training(model, device, mixed, args):
+    """Forward+backward rate of the log-probs of each sequence's second half (the logits only
+    where they are scored, as longrl's `score_batch`), median of three after a warm-up."""
+    model.train()
+    ids = torch.tensor([[(i * 31 + b * 17 + 5) % args.vocab for i in range(args.train_seq)] for b in range(args.train_batch)],
+                       device=device)
+    half = args.train_seq // 2
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+            logits = model(ids, logits_to_keep=half + 1).logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, half:].unsqueeze(-1))
+        (-logp.sum()).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    return args.train_batch * args.train_seq / median_seconds(device, step)
 
 
 def main():
@@ -78,72 +127,45 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config_cls, model_cls, shape = PRESETS[args.preset]
-    config = config_cls(vocab_size=args.vocab, max_position_embeddings=131072, **shape)
+    config = config_cls(vocab_size=args.vocab, max_position_embeddings=131072, attn_implementation="sdpa", **shape)
     device = torch.device(args.device)
-    model = model_cls(config).to(device).eval()
+    with device:  # initialised where it runs: a 0.5B model's init on the host costs seconds
+        model = model_cls(config).eval()
     params = sum(p.numel() for p in model.parameters())
     mixed = args.precision == "bf16-mixed"
     generator = copy.deepcopy(model).to(torch.bfloat16) if mixed else model
-    prompt = torch.tensor([[(i * 7919 + 13) % args.vocab for i in range(args.prompt_len)]], device=device)
-    gen = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
-        generator.generate(prompt[:, :16], max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
-        _, prefill = timed(lambda: generator(prompt, use_cache=True, logits_to_keep=1))
-        _, one = timed(lambda: generator.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                  **gen))
-        _, group = timed(lambda: generator.generate(prompt, max_new_tokens=args.new_tokens,
-                                                    min_new_tokens=args.new_tokens, num_return_sequences=args.group,
-                                                    **gen))
-    del generator
     figures = {
         "tool": "transformers",
         "preset": args.preset,
         "vocab": args.vocab,
         "device": args.device,
         "precision": args.precision,
+        # "highest" is true f32 products; "high" would let CUDA use TF32.
+        "f32_matmul_precision": torch.get_float32_matmul_precision(),
         "torch": torch.__version__,
         "threads": args.threads,
         "parameters": params,
-        "prefill": args.prompt_len / prefill,
-        "decode_batch1": (args.new_tokens - 1) / max(one - prefill, 1e-9),
-        # transformers repeats the prompt for each sequence of a group: its prefill is G prompts.
-        "decode_group": args.group * (args.new_tokens - 1) / max(group - args.group * prefill, 1e-9),
-        "group_wall_s": group,
     }
-    if not args.json:
-        print(f"transformers bench: preset {args.preset}, vocab {args.vocab}, torch {torch.__version__}, "
-              f"{args.device}, {args.precision}, {args.threads} threads")
-        print(f"  parameters {params}")
-        print(f"  prefill {args.prompt_len} tokens, batch 1: {figures['prefill']:.1f} tokens/s")
-        print(f"  decode, batch 1: {figures['decode_batch1']:.1f} tokens/s")
-        print(f"  decode, group of {args.group} (prompt repeated): {figures['decode_group']:.1f} tokens/s")
-        print(f"  group of {args.group}: prompt + {args.new_tokens} tokens each, wall: {group:.2f} s")
-
-    model.train()
-    ids = torch.tensor([[(i * 31 + b * 17 + 5) % args.vocab for i in range(args.train_seq)] for b in range(args.train_batch)],
-                       device=device)
-    half = args.train_seq // 2
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
-            logits = model(ids).logits[:, half - 1:-1]
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, half:].unsqueeze(-1))
-        (-logp.sum()).backward()
-        model.zero_grad(set_to_none=True)
-
-    step()
-    times = sorted(timed(step)[1] for _ in range(3))
-    figures["train"] = args.train_batch * args.train_seq / times[1]
+    figures.update(inference(generator, device, args))
+    del generator
+    figures["train"] = training(model, device, mixed, args)
     figures["train_gflops"] = figures["train"] * train_flops_per_token(params, config, args.train_seq) / 1e9
     if args.peak_tflops:
         figures["mfu_percent"] = figures["train_gflops"] / args.peak_tflops / 10.0
     if args.json:
         print(json.dumps(figures))
-    else:
-        print(f"  forward+backward, batch {args.train_batch} x {args.train_seq} tokens: {figures['train']:.1f} tokens/s")
-        print(f"  forward+backward model FLOP rate: {figures['train_gflops']:.1f} GFLOP/s")
-        if args.peak_tflops:
-            print(f"  model FLOP utilisation: {figures['mfu_percent']:.2f} %")
+        return
+    print(f"transformers bench: preset {args.preset}, vocab {args.vocab}, torch {torch.__version__}, "
+          f"{args.device}, {args.precision} (f32 products: {figures['f32_matmul_precision']}), {args.threads} threads")
+    print(f"  parameters {params}")
+    print(f"  prefill {args.prompt_len} tokens, batch 1: {figures['prefill']:.1f} tokens/s")
+    print(f"  decode, batch 1: {figures['decode_batch1']:.1f} tokens/s")
+    print(f"  decode, group of {args.group} (prompt repeated): {figures['decode_group']:.1f} tokens/s")
+    print(f"  group of {args.group}: prompt + {args.new_tokens} tokens each, wall: {figures['group_wall_s']:.2f} s")
+    print(f"  forward+backward, batch {args.train_batch} x {args.train_seq} tokens: {figures['train']:.1f} tokens/s")
+    print(f"  forward+backward model FLOP rate: {figures['train_gflops']:.1f} GFLOP/s")
+    if args.peak_tflops:
+        print(f"  model FLOP utilisation: {figures['mfu_percent']:.2f} %")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,18 @@ pub(crate) fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (out, started.elapsed().as_secs_f64())
 }
 
+/// The median wall time of `runs` calls of `f`, or its first error.
+fn median_seconds<T, E>(runs: usize, mut f: impl FnMut() -> Result<T, E>) -> Result<f64, E> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let (out, seconds) = timed(&mut f);
+        out?;
+        times.push(seconds);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[runs / 2])
+}
+
 /// Model FLOPs of one training token (forward + backward) at sequence length `seq`: 6 per
 /// parameter of the matmuls (the embedding lookup is not one, a tied or untied LM head is),
 /// plus the attention scores and weighted sum, 12 * layers * heads * head_dim * seq / 2
@@ -101,11 +113,15 @@ impl ModelBench {
         use longrl_stdlib::model::generate::{SamplingConfig, generate_group};
         let prompt: Vec<u32> = (0..self.prompt_len).map(|i| ((i * 7919 + 13) % self.vocab) as u32).collect();
         let sampling = |n: usize| SamplingConfig { temperature: 1.0, max_new_tokens: n, ..SamplingConfig::default() };
-        // Warm-up (allocators, thread pools, kernel autotuning).
-        generate_group(model, &prompt[..prompt.len().min(16)], 1, &sampling(2)).map_err(|e| e.to_string())?;
-        let (_, prefill) = timed(|| generate_group(model, &prompt, 1, &sampling(1)));
-        let (_, one) = timed(|| generate_group(model, &prompt, 1, &sampling(self.new_tokens)));
-        let (_, group) = timed(|| generate_group(model, &prompt, self.group, &sampling(self.new_tokens)));
+        let run = |rows: usize, new_tokens: usize| generate_group(model, &prompt, rows, &sampling(new_tokens)).map_err(|e| e.to_string());
+        // Warm-up at the timed shapes (allocators, thread pools, a GPU's kernel compilation and
+        // autotuning), so that no timing below pays a first use.
+        run(self.group, 2)?;
+        run(1, 2)?;
+        let prefill = median_seconds(3, || run(1, 1))?;
+        let (one, one_s) = timed(|| run(1, self.new_tokens));
+        let (group, group_s) = timed(|| run(self.group, self.new_tokens));
+        let (one, group) = (one.map(|_| one_s)?, group.map(|_| group_s)?);
         let (decode_one, decode_group) = ((one - prefill).max(1e-9), (group - prefill).max(1e-9));
         Ok(vec![
             Figure {
@@ -161,19 +177,13 @@ impl ModelBench {
             Ok(())
         };
         step()?;
-        let mut times = Vec::new();
-        for _ in 0..3 {
-            let (result, t) = timed(step);
-            result?;
-            times.push(t);
-        }
-        times.sort_by(f64::total_cmp);
+        let seconds = median_seconds(3, step)?;
         let tokens = (self.train_batch * self.train_seq) as f64;
-        let gflops = tokens * train_flops_per_token(config, self.train_seq) / times[1] / 1e9;
+        let gflops = tokens * train_flops_per_token(config, self.train_seq) / seconds / 1e9;
         let mut figures = vec![
             Figure {
                 name: format!("forward+backward, batch {} x {} tokens", self.train_batch, self.train_seq),
-                value: tokens / times[1],
+                value: tokens / seconds,
                 unit: "tokens/s",
                 key: "train",
             },
