@@ -211,12 +211,16 @@ rollouts() {
 python="${DEVICE_CHECK_PYTHON:-python3}"
 torch_device=""
 case "$backend" in cpu) torch_device=cpu ;; cuda) torch_device=cuda ;; esac
-twin_found=""  # yes or no once asked: importing torch takes seconds of a lease
+# The twin runs with the library path as it was before the script changed it: PyTorch brings
+# its own CUDA libraries.
+twin_found="" twin_error=""  # asked once: importing torch takes seconds of a lease
 twin_available() {
   if [ -z "$twin_found" ]; then
     twin_found=no
-    if [ -n "$torch_device" ] && "$python" -c "import sys, torch, transformers
-sys.exit(0 if '$torch_device' == 'cpu' or torch.cuda.is_available() else 1)" 2>/dev/null; then twin_found=yes; fi
+    if [ -n "$torch_device" ] && twin_error="$(restore_library_path; "$python" -c "import sys, torch, transformers
+sys.exit(0 if '$torch_device' == 'cpu' or torch.cuda.is_available() else 'torch sees no CUDA device')" 2>&1)"; then
+      twin_found=yes
+    fi
   fi
   [ "$twin_found" = yes ]
 }
@@ -224,10 +228,14 @@ torch_twin() {
   local precision="$1" peak="$2"
   if ! twin_available; then
     echo "no $python with torch, transformers and $torch_device here: the twin cannot run"
+    echo "$twin_error" | tail -n 3
     return 1
   fi
-  bounded "$python" "$root/examples/bench/transformers_bench.py" "${bench_args[@]}" --device "$torch_device" \
-    --precision "$precision" ${peak:+--peak-tflops "$peak"}
+  (
+    restore_library_path
+    bounded "$python" "$root/examples/bench/transformers_bench.py" "${bench_args[@]}" --device "$torch_device" \
+      --precision "$precision" ${peak:+--peak-tflops "$peak"}
+  )
 }
 
 # The short RL run at one precision, then its SFT loss and RL reward by step.

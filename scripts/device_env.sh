@@ -4,47 +4,77 @@
 # finding the CUDA driver, NVRTC and the toolkit's headers where the loader and cubecl would
 # not look.
 
+# The library path as it was before cuda_libraries changed it, for programs that bring their
+# own CUDA libraries (PyTorch's wheels): restore_library_path, in a subshell.
+original_ld_library_path="${LD_LIBRARY_PATH-unset}"
+restore_library_path() {
+  if [ "$original_ld_library_path" = unset ]; then unset LD_LIBRARY_PATH; else export LD_LIBRARY_PATH="$original_ld_library_path"; fi
+}
+
 # unpack_archive ARCHIVE DIR: a .tar.xz or .tar.gz into DIR (made if missing).
 unpack_archive() {
   mkdir -p "$2" || return 1
   if [[ "$1" == *.tar.xz ]] && ! command -v xz >/dev/null; then
     # No xz program (a minimal image): Python's lzma reads it.
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$1" "$2"
+    python3 -c 'import sys, tarfile
+archive = tarfile.open(sys.argv[1], "r:xz")
+try:
+    archive.extractall(sys.argv[2], filter="tar")
+except TypeError:  # a Python without extraction filters
+    archive.extractall(sys.argv[2])' "$1" "$2"
   else
     tar xf "$1" -C "$2"
   fi
 }
 
-# On CUDA: the driver and NVRTC libraries cudarc loads at run time, by the unversioned name or
-# the one ending in the major version it was built for (libcuda.so.1, libnvrtc.so.13 for
-# CUDA 13); it would also take an older NVRTC (.so.12) that does not match its bindings, so
-# only the wanted major counts as found. One the loader finds neither in its cache nor on
-# LD_LIBRARY_PATH (a driver mounted outside the cache, a toolkit outside it, PyTorch's pip
-# wheels) is looked for in the usual places, and its folder joins LD_LIBRARY_PATH; the
-# summary says where each came from.
-#
-# library_folder NAME MAJOR DIR...: sets library_from.
-library_folder() {
-  local name="$1" major="$2" dir found other
-  shift 2
-  local pattern="^[[:space:]]*${name//./\\.}(\\.${major}[0-9.]*)? "
-  if ldconfig -p 2>/dev/null | grep -qE "$pattern"; then library_from="the loader cache"; return; fi
+# On CUDA: the driver and NVRTC libraries cudarc loads at run time. It asks the loader for the
+# unversioned name first (libcuda.so, libnvrtc.so), then for versioned ones down to .so.12 and
+# .so.1, so a stub, a 32-bit copy or another toolkit's NVRTC under the plain name would be
+# taken before the right one. The right one ends in the major version the bundle was built for
+# (libcuda.so.1; libnvrtc.so.13 for CUDA 13): it is looked up as the loader would (its cache,
+# LD_LIBRARY_PATH), else in the usual places (a driver mounted outside the cache, a toolkit
+# outside it, PyTorch's pip wheels); where the plain name would not reach that file, a link
+# under /tmp/longrl-libs makes it, and that folder and the file's own lead LD_LIBRARY_PATH.
+# The summary says what was found where.
+
+# loader_path NAME: the file the loader opens for NAME (LD_LIBRARY_PATH, then its cache's
+# 64-bit entry), links resolved; nothing if none.
+loader_path() {
+  local dir entry
   local -a dirs=()
   IFS=: read -ra dirs <<<"${LD_LIBRARY_PATH:-}"
   for dir in "${dirs[@]}"; do
-    if compgen -G "$dir/$name" >/dev/null || compgen -G "$dir/$name.$major*" >/dev/null; then
-      library_from="$dir (LD_LIBRARY_PATH)"
-      return
-    fi
+    if [ -n "$dir" ] && [ -e "$dir/$1" ]; then readlink -f "$dir/$1"; return; fi
   done
-  found="$(find "$@" -maxdepth 9 \( -name "$name" -o -name "$name.$major*" \) 2>/dev/null | grep -v -e stubs -e compat | sort | head -n 1)"
-  if [ -z "$found" ]; then
-    other="$(find "$@" -maxdepth 9 -name "$name*" 2>/dev/null | grep -v -e stubs -e compat | sort | head -n 1)"
-    library_from="NOT FOUND${other:+ (only $other, not major $major)}"
+  entry="$(ldconfig -p 2>/dev/null | awk -v name="$1" '$1 == name && /x86-64/ { print $NF; exit }')"
+  if [ -n "$entry" ]; then readlink -f "$entry"; fi
+}
+
+# is_64bit FILE: an ELF file of the 64-bit class (the byte after the magic number is 2).
+is_64bit() {
+  [ "$(od -An -tx1 -j4 -N1 "$1" 2>/dev/null | tr -d ' ')" = 02 ]
+}
+
+# library_folder NAME MAJOR DIR...: finds NAME.MAJOR, makes NAME reach it; sets library_from.
+library_folder() {
+  local name="$1" major="$2" plain wanted candidate
+  shift 2
+  plain="$(loader_path "$name")"
+  wanted="$(loader_path "$name.$major")"
+  if [ -z "$wanted" ] || ! is_64bit "$wanted"; then
+    wanted=""
+    while IFS= read -r candidate; do
+      if is_64bit "$candidate"; then wanted="$(readlink -f "$candidate")"; break; fi
+    done < <(find "$@" -maxdepth 9 -name "$name.$major*" 2>/dev/null | grep -v -e stubs -e compat | sort)
+  fi
+  if [ -z "$wanted" ]; then
+    library_from="NOT FOUND${plain:+ (the plain name reaches $plain, not a .so.$major)}"
     return
   fi
-  export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  library_from="$(dirname "$found") (added to LD_LIBRARY_PATH)"
+  if [ "$plain" = "$wanted" ]; then library_from="$wanted (through the loader)"; return; fi
+  mkdir -p /tmp/longrl-libs && ln -sf "$wanted" "/tmp/longrl-libs/$name" && ln -sf "$wanted" "/tmp/longrl-libs/$name.$major" || return 1
+  export LD_LIBRARY_PATH="/tmp/longrl-libs:$(dirname "$wanted")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  library_from="$wanted (linked in /tmp/longrl-libs${plain:+; the plain name reached $plain})"
 }
 cuda_libraries() {
   local cuda_major=$((${CUDARC_CUDA_VERSION:-13000} / 1000))
