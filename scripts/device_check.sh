@@ -42,7 +42,8 @@
 # is cut at it, and the steps after it are marked SKIPPED; default none), CUDARC_CUDA_VERSION
 # (the CUDA version a bundle is built for where this machine has no nvcc; default 13000),
 # DEVICE_CHECK_PYTHON (the Python with torch and transformers for the torch-* steps; default
-# python3), CARGO_TARGET_DIR.
+# python3), DEVICE_CHECK_KERNEL_CACHE=1 (share compiled kernels between the steps, below),
+# CARGO_TARGET_DIR.
 set -uo pipefail
 
 usage="usage: scripts/device_check.sh cpu|wgpu|cuda [--bundle ARCHIVE.tar.xz|.tar.gz | --prebuilt ARCHIVE|DIR]"
@@ -321,6 +322,21 @@ unpack() {
   "$bin" --version || return 1
 }
 
+# Every step is its own process, and each compiles the same kernels again (NVRTC on CUDA).
+# cubecl keeps compiled kernels across processes only when its config (cubecl.toml, looked for
+# in the working directory and its parents) names a cache. With DEVICE_CHECK_KERNEL_CACHE=1,
+# where the checkout has none, one is written for the check's duration, the cache under
+# $out/cubecl-cache. Off by default: cubecl's CUDA kernel cache has not run here yet, and a
+# lease is too short to find out with every step; the first GPU run's step times say whether
+# compiling is worth saving.
+share_compiled_kernels() {
+  if [ -e "$root/cubecl.toml" ]; then echo "- compiled kernels: as $root/cubecl.toml says"; return; fi
+  printf '# Written by scripts/device_check.sh for its run; removed when it ends.\n[compilation]\ncache = { file = "%s" }\n' \
+    "$out/cubecl-cache" >"$root/cubecl.toml" || return
+  trap 'rm -f "$root/cubecl.toml"' EXIT
+  echo "- compiled kernels: shared between the steps through $out/cubecl-cache"
+}
+
 {
   echo "# Device check: $backend ($mode)"
   echo
@@ -333,6 +349,7 @@ unpack() {
   if [ "$backend" != cpu ]; then
     # How hard cubecl tunes each new kernel shape before using it (minimal saves a lease's time).
     echo "- cubecl autotune level: ${CUBECL_AUTOTUNE_LEVEL:-balanced (the default)}"
+    if [ "$mode" != bundle ] && [ "${DEVICE_CHECK_KERNEL_CACHE:-0}" = 1 ]; then share_compiled_kernels; fi
   fi
   echo
 } >"$summary"
