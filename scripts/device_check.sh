@@ -175,7 +175,7 @@ figures() {
     build*) grep -E '^(error|warning: unused)|Finished|could not compile' "$out/$1.log" ;;
     golden*) grep -E -A1 'max \||worst|test result|panicked|FAILED|skipping|No such file|error while loading' "$out/$1.log" | grep -vE '^(--|stack backtrace:)?$' ;;
     pack | unpack) cat "$out/$1.log" ;;
-    rl*) grep -E '^(sft|rl_phase|evaluate)#[0-9]+ |^total wall|^  (sft|rl_phase)#[0-9]+: |by step: |ERROR|^(error|Error)' "$out/$1.log" ;;
+    rl*) { run_report_lines "$out/$1.log"; grep -E 'by step: ' "$out/$1.log"; } ;;
     *) grep -vE '^\s*$|^\s*(Compiling|Running|Finished)' "$out/$1.log" ;;
   esac
 }

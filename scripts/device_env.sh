@@ -97,3 +97,8 @@ cuda_headers() {
   echo "- CUDA headers: $CUDA_PATH/include (CUDA_PATH set)"
 }
 
+# run_report_lines LOG: what a `longrl run` log says worth keeping in a summary: the stage
+# table, the total wall time, each training stage's figures, errors.
+run_report_lines() {
+  grep -E '^[a-z_]+#[0-9]+ |^total wall|^  (sft|rl_phase)#[0-9]+: |ERROR|^(error|Error)' "$1"
+}

@@ -133,8 +133,7 @@ summarize() {
     echo "### seed $seed"
     echo
     echo '```'
-    grep -E '^(sft|rl_phase|hard_buffer|evaluate)#[0-9]+ |^total wall|^  (sft|rl_phase)#[0-9]+: |ERROR|^(error|Error)' \
-      "$runs/lc-smol-s$seed.log" | tail -n 40
+    run_report_lines "$runs/lc-smol-s$seed.log" | tail -n 40
     if [ -f "$dir/sft/items.jsonl" ] && [ -f "$dir/rl/items.jsonl" ]; then
       python3 scripts/paired_gain.py "$dir/sft/items.jsonl" "$dir/rl/items.jsonl"
       python3 scripts/answer_sources.py "$dir/held_out.jsonl" "$dir/sft/items.jsonl" "$dir/rl/items.jsonl"
